@@ -1,0 +1,134 @@
+"""Conversation templates and tokenisation of a `Sample` into model inputs with supervised-only labels.
+
+Placeholders are expanded here, so the model sees final lengths: `<image>` becomes
+`<im_start>` + `num_image_tokens` x `<image>` + `<im_end>` (LLaVA-1.5 with `mm_use_im_start_end`), and each
+`<region></region>` becomes `<region><region_feat></region>`; the model writes the image and region features into
+those positions. Truncation drops text from the end but never splits an image block or a region triple, and
+reports how many regions and target masks survive so their tensors can be trimmed to match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from medplib import constants as C
+from medplib.data.schema import Turn
+from medplib.tokenizer import SpecialIds
+
+
+@dataclass(frozen=True)
+class Template:
+    system: str
+    user_prefix: str
+    user_suffix: str
+    assistant_prefix: str
+    assistant_suffix: str  # closes a supervised answer; "{eos}" is the tokenizer's EOS
+
+
+TEMPLATES = {
+    # LLaVA v1 (SeparatorStyle.TWO), what upstream MedPLIB trains with (research notes 4.4).
+    "llava_v1": Template(
+        system="A chat between a curious human and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+        user_prefix=" USER: ",
+        user_suffix="",
+        assistant_prefix=" ASSISTANT: ",
+        assistant_suffix="{eos}",
+    ),
+    # ChatML, what SmolLM2-Instruct was tuned with (the `small` preset).
+    "chatml": Template(
+        system="<|im_start|>system\nYou are a helpful medical imaging assistant.<|im_end|>\n",
+        user_prefix="<|im_start|>user\n",
+        user_suffix="<|im_end|>\n",
+        assistant_prefix="<|im_start|>assistant\n",
+        assistant_suffix="<|im_end|>\n",
+    ),
+}
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+    num_regions: int  # regions whose feature token survived truncation
+    num_masks: int  # `<SEG>` tokens that survived truncation (their masks are kept, in order)
+
+
+def expand_placeholders(text: str, num_image_tokens: int) -> str:
+    image_block = C.IMAGE_START_TOKEN + C.IMAGE_TOKEN * num_image_tokens + C.IMAGE_END_TOKEN
+    region = C.REGION_START_TOKEN + C.REGION_FEATURE_TOKEN + C.REGION_END_TOKEN
+    return text.replace(C.IMAGE_TOKEN, image_block).replace(C.REGION_START_TOKEN + C.REGION_END_TOKEN, region)
+
+
+def _segments(turns: list[Turn], template: Template, eos: str, for_generation: bool) -> list[tuple[str, bool]]:
+    """(text, supervised) pieces; only assistant answers and their closing suffix are supervised."""
+    pieces: list[tuple[str, bool]] = [(template.system, False)]
+    for turn in turns:
+        if turn.role == "human":
+            pieces.append((template.user_prefix + turn.text + template.user_suffix + template.assistant_prefix, False))
+        else:
+            pieces.append((turn.text + template.assistant_suffix.format(eos=eos), True))
+    if for_generation and turns and turns[-1].role == "gpt":
+        raise ValueError("a generation prompt must end with a human turn")
+    return pieces
+
+
+def tokenize_conversation(
+    turns: list[Turn],
+    tokenizer: PreTrainedTokenizerBase,
+    template_name: str,
+    num_image_tokens: int,
+    max_length: int,
+    *,
+    for_generation: bool = False,
+    sample_id: str = "?",
+) -> Tokenized:
+    """Tokenise a conversation; labels are IGNORE_INDEX everywhere except assistant answers."""
+    if template_name not in TEMPLATES:
+        raise ValueError(f"unknown conv_template {template_name!r}; known: {', '.join(TEMPLATES)}")
+    template = TEMPLATES[template_name]
+    ids = SpecialIds.of(tokenizer)
+    input_ids: list[int] = []
+    labels: list[int] = []
+    if tokenizer.bos_token_id is not None and template_name == "llava_v1":
+        input_ids.append(tokenizer.bos_token_id)
+        labels.append(C.IGNORE_INDEX)
+    for text, supervised in _segments(turns, template, tokenizer.eos_token, for_generation):
+        piece = tokenizer(expand_placeholders(text, num_image_tokens), add_special_tokens=False).input_ids
+        input_ids += piece
+        labels += piece if supervised else [C.IGNORE_INDEX] * len(piece)
+    # Placeholders are inputs the model fills in, never prediction targets.
+    placeholder_ids = {ids.image, ids.image_start, ids.image_end, ids.region_feature}
+    labels = [C.IGNORE_INDEX if t in placeholder_ids else lab for t, lab in zip(input_ids, labels, strict=True)]
+    if len(input_ids) > max_length:
+        cut = _safe_cut(input_ids, max_length, ids)
+        if cut <= 0 or (ids.image in input_ids and input_ids.index(ids.image) >= cut):
+            raise ValueError(
+                f"sample {sample_id}: max_length {max_length} cannot hold the image block "
+                f"({num_image_tokens} tokens) and the prompt"
+            )
+        input_ids, labels = input_ids[:cut], labels[:cut]
+    return Tokenized(
+        input_ids=input_ids,
+        labels=labels,
+        num_regions=input_ids.count(ids.region_feature),
+        num_masks=input_ids.count(ids.seg),
+    )
+
+
+def _safe_cut(input_ids: list[int], max_length: int, ids: SpecialIds) -> int:
+    """Largest cut <= max_length that does not split an image block or a region triple."""
+    cut = max_length
+    # Inside an image block: move before its start.
+    if ids.image_start in input_ids[:cut]:
+        start = max(i for i in range(cut) if input_ids[i] == ids.image_start)
+        if ids.image_end not in input_ids[start:cut]:
+            cut = start
+    # Inside a region triple (<region> <region_feat> </region>): move before `<region>`.
+    for back in (1, 2):
+        if cut - back >= 0 and input_ids[cut - back] == ids.region_start:
+            cut -= back
+            break
+    return cut

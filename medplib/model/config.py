@@ -1,0 +1,169 @@
+"""Typed configuration of the MedPLIB model, and loading of the presets in `configs/model/*.yaml`.
+
+Every component boundary (LLM, vision tower, SAM image encoder / prompt encoder / mask decoder) is chosen here,
+so a preset swaps real weights in or builds a component at random init without touching model code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LLMConfig(_Strict):
+    """The causal language model (a LLaMA-family decoder)."""
+
+    weights: str | None = Field(None, description="local Hugging Face model directory; None = random init")
+    tokenizer: str = Field("byte", description='"byte" (a byte-level BPE built in code) or a local tokenizer dir')
+    hidden_size: int = Field(64, description="width when built at random init (ignored when weights are given)")
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+
+
+class VisionConfig(_Strict):
+    """The image encoder whose patch features feed the projector and the region adapter."""
+
+    kind: Literal["clip"] = Field("clip", description="a CLIP ViT (transformers CLIPVisionModel)")
+    weights: str | None = Field(None, description="local CLIPVisionModel directory; None = random init")
+    image_size_px: int = 336
+    patch_size_px: int = 14
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    select_layer: int = Field(-2, description="hidden-state index whose patch tokens are used (LLaVA: -2)")
+    pixel_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    pixel_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    pad_value: tuple[int, int, int] = Field((122, 116, 104), description="uint8 fill when padding to square")
+
+    @property
+    def grid(self) -> int:
+        """Side of the patch grid the LLM sees (number of image tokens = grid**2)."""
+        return self.image_size_px // self.patch_size_px
+
+
+class SAMConfig(_Strict):
+    """SAM-style pixel decoder: image encoder, prompt encoder and mask decoder."""
+
+    weights: str | None = Field(None, description="local SAM-layout checkpoint (.pth/.safetensors); None = random init")
+    encoder: Literal["vit", "tinyvit"] = "vit"
+    image_size_px: int = 256
+    pad_mode: Literal["center", "corner"] = Field(
+        "center", description="SAM-Med2D centre-pads the resized image; original SAM and LiteMedSAM pad bottom-right"
+    )
+    encoder_embed_dim: int = 768
+    encoder_depth: int = 12
+    encoder_heads: int = 12
+    encoder_patch_px: int = 16
+    encoder_window_size: int = 14
+    encoder_global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    encoder_use_rel_pos: bool = True
+    encoder_adapters: bool = Field(False, description="SAM-Med2D adapter layers in each encoder block")
+    prompt_embed_dim: int = 256
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_heads: int = 8
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    mask_threshold: float = Field(0.1, description="a pixel is foreground when sigmoid(logit) > this (upstream 0.1)")
+
+
+class RegionConfig(_Strict):
+    """How region prompts become one LLM token each."""
+
+    max_regions: int = Field(4, description="region prompts accepted per sample (upstream allows 1)")
+    max_sample_points: int = Field(512, description="patch cells averaged per region, at most (evenly spaced)")
+    point_square_px: int = Field(41, description="a point prompt becomes a filled square of this side (upstream demo)")
+    min_cell_coverage: float = Field(
+        0.5, description="a patch cell belongs to the region when this fraction of it is covered"
+    )
+
+
+class MoEConfig(_Strict):
+    """Top-k mixture of expert FFNs replacing the LLM's FFN in chosen layers."""
+
+    enabled: bool = False
+    num_experts: int = 2
+    top_k: int = 1
+    layers: Literal["dense", "first_half", "second_half", "sparse"] | list[int] = Field(
+        "dense", description='"dense" = every layer gets an MoE FFN (upstream stage 4); or explicit layer indexes'
+    )
+    capacity_factor: float = Field(1.5, description="training: capacity = ceil(tokens*top_k/experts*factor)")
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 0
+    drop_tokens: bool = Field(True, description="tokens over an expert's capacity get zero FFN output")
+
+    def layer_indexes(self, num_layers: int) -> list[int]:
+        if isinstance(self.layers, list):
+            bad = [i for i in self.layers if not 0 <= i < num_layers]
+            if bad:
+                raise ValueError(f"moe.layers {bad} out of range for an LLM with {num_layers} layers")
+            return sorted(set(self.layers))
+        return {
+            "dense": list(range(num_layers)),
+            "first_half": list(range(num_layers // 2)),
+            "second_half": list(range(num_layers // 2, num_layers)),
+            "sparse": list(range(0, num_layers, 2)),
+        }[self.layers]
+
+
+class MedPLIBConfig(_Strict):
+    """The whole model. Presets live in `configs/model/<name>.yaml`."""
+
+    name: str = "custom"
+    llm: LLMConfig = LLMConfig()
+    vision: VisionConfig = VisionConfig()
+    projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    sam: SAMConfig = SAMConfig()
+    region: RegionConfig = RegionConfig()
+    moe: MoEConfig = MoEConfig()
+    conv_template: Literal["llava_v1", "chatml"] = "llava_v1"
+    max_length: int = Field(2048, description="token budget per sample, image tokens included")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _fits(self) -> MedPLIBConfig:
+        if self.max_length <= self.vision.grid**2 + 8:
+            raise ValueError(
+                f"max_length {self.max_length} leaves no room for text after {self.vision.grid**2} image tokens"
+            )
+        return self
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
+
+
+def configs_dir() -> Path:
+    """The repository's `configs/` folder (`MEDPLIB_CONFIGS` overrides it)."""
+    return Path(os.environ.get("MEDPLIB_CONFIGS", Path(__file__).resolve().parents[2] / "configs"))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in (configs_dir() / "model").glob("*.yaml"))
+
+
+def load_model_config(name_or_path: str | Path) -> MedPLIBConfig:
+    """Read a preset by name (`tiny`) or a YAML/JSON file path into a validated `MedPLIBConfig`."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = configs_dir() / "model" / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise ValueError(f"unknown model preset {str(name_or_path)!r}; known presets: {', '.join(preset_names())}")
+    if not path.exists():
+        raise FileNotFoundError(f"model config {path} does not exist")
+    data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+    return MedPLIBConfig.model_validate(data or {})

@@ -1,0 +1,54 @@
+"""Which parameters a stage trains: LoRA adapters on the LLM (through `peft`) plus fully trained modules.
+
+The vision tower and the SAM image and prompt encoders stay frozen whatever a stage asks (upstream does the
+same); `sft_modules` are name substrings of parameters trained in full (`mm_projector`, `mask_decoder`,
+`text_hidden_fcs`, `region_fea_adapter`, `router`, `lm_head`, `embed_tokens`, `norm`, ...).
+"""
+
+from __future__ import annotations
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from pydantic import BaseModel, Field
+from torch import nn
+
+ALWAYS_FROZEN = ("vision_tower.", "sam.image_encoder.", "sam.prompt_encoder.")
+
+
+class LoraSettings(BaseModel):
+    """LoRA on the LLM's linear layers whose names end with one of `target_modules`."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+def is_lora(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "llm", None), PeftModel)
+
+
+def prepare_trainable(model: nn.Module, lora: LoraSettings | None, sft_modules: list[str]) -> dict[str, int]:
+    """Freeze everything, add LoRA (if given), then unfreeze `sft_modules`; returns parameter counts."""
+    model.requires_grad_(False)
+    if lora is not None:
+        config = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=lora.target_modules, bias="none",
+        )  # fmt: skip
+        model.llm = get_peft_model(model.llm, config)  # marks only the adapters trainable
+    unknown = [m for m in sft_modules if not any(m in name for name, _ in model.named_parameters())]
+    if unknown:
+        raise ValueError(f"sft_modules {unknown} match no parameter of the model")
+    for name, param in model.named_parameters():
+        if any(m in name for m in sft_modules) and not name.startswith(ALWAYS_FROZEN) and "lora_" not in name:
+            param.requires_grad_(True)
+    if hasattr(model.llm, "gradient_checkpointing_enable") and getattr(model, "gradient_checkpointing", False):
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold the LoRA deltas into the base weights and drop the peft wrapper (for export / the next stage)."""
+    if is_lora(model):
+        model.llm = model.llm.merge_and_unload()

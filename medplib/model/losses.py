@@ -1,0 +1,59 @@
+"""Training losses: next-token CE on assistant tokens, mask BCE + Dice + focal + IoU regression, MoE aux."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+
+from medplib.constants import IGNORE_INDEX
+
+
+class LossWeights(BaseModel):
+    """Weight of each loss term; each stage config sets its own (upstream table, research notes 3)."""
+
+    ce: float = 1.0
+    bce: float = Field(2.0, description="pixel BCE-with-logits")
+    dice: float = 0.5
+    focal: float = 0.0
+    iou: float = Field(0.0, description="MSE between the soft IoU and SAM's IoU head")
+    moe_aux: float = Field(0.0, description="router load-balancing loss (upstream stage 4 uses 0.0)")
+
+
+def next_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean CE over supervised (non-ignored) next tokens of the whole batch; 0 when there are none."""
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1)
+    if (shift_labels != IGNORE_INDEX).sum() == 0:
+        return shift_logits.sum() * 0.0
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    p = torch.sigmoid(logits).flatten()
+    t = target.flatten()
+    return 1 - (2 * (p * t).sum() + eps) / (p.sum() + t.sum() + eps)
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = p * target + (1 - p) * (1 - target)
+    alpha_t = alpha * target + (1 - alpha) * (1 - target)
+    return (alpha_t * ce * (1 - p_t) ** gamma).mean()
+
+
+def mask_losses(pred_logits: list[torch.Tensor], pred_iou: list[torch.Tensor], targets: list[torch.Tensor]) -> dict:
+    """Per-mask losses at the original image size, averaged over masks. Empty input gives zeros."""
+    if not pred_logits:
+        return {}
+    parts: dict[str, list[torch.Tensor]] = {"bce": [], "dice": [], "focal": [], "iou": []}
+    for logits, iou_hat, target in zip(pred_logits, pred_iou, targets, strict=True):
+        logits, target = logits.float(), target.float().to(logits.device)
+        parts["bce"].append(F.binary_cross_entropy_with_logits(logits, target))
+        parts["dice"].append(dice_loss(logits, target))
+        parts["focal"].append(focal_loss(logits, target))
+        p = torch.sigmoid(logits)
+        soft_iou = (p * target).sum() / (p + target - p * target).sum().clamp_min(1e-6)
+        parts["iou"].append(F.mse_loss(iou_hat.float(), soft_iou.detach()))
+    return {name: torch.stack(v).mean() for name, v in parts.items()}

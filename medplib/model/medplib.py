@@ -1,0 +1,358 @@
+"""The MedPLIB model: LLaVA-style LLM + vision tower + projector, region adapter, `<SEG>` -> SAM mask decoder,
+and optional top-k MoE FFNs. One file holds the whole forward pass; components live beside it.
+
+Data flow of `forward(batch)`:
+  token ids -> embeddings; `<image>` positions <- projector(vision patch features);
+  `<region_feat>` positions <- region_fea_adapter(mean of the patch features under each region mask);
+  LLM decoder -> last hidden states -> lm_head -> CE on assistant tokens;
+  hidden state that predicts each `<SEG>` -> text_hidden_fcs -> sparse prompt -> SAM mask decoder on the frozen
+  SAM image embedding -> mask logits, un-padded to the original image size -> BCE/Dice/focal/IoU losses.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import (
+    AutoTokenizer,
+    CLIPVisionConfig,
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
+
+from medplib.data.transforms import Geometry, region_cells, unpad_mask_logits
+from medplib.model.config import MedPLIBConfig
+from medplib.model.losses import LossWeights, mask_losses, next_token_ce
+from medplib.model.moe import convert_to_moe, moe_layers
+from medplib.model.sam import SAM
+from medplib.model.vision import ClipVisionTower, build_projector
+from medplib.tokenizer import SpecialIds, build_tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# transformers renamed `past_key_values` to `cache` in 5.2x; use whichever this version takes.
+_CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+@dataclass
+class Generation:
+    """One generated answer: the tokens, the text, and a mask per `<SEG>` at the original image size."""
+
+    token_ids: list[int]
+    text: str
+    mask_logits: list[torch.Tensor] = field(default_factory=list)  # (H, W) float each
+    mask_scores: list[float] = field(default_factory=list)  # SAM's IoU prediction per mask
+
+
+def _build_llm(cfg: MedPLIBConfig, llm_config: LlamaConfig | None) -> LlamaForCausalLM:
+    if llm_config is None and cfg.llm.weights:
+        return LlamaForCausalLM.from_pretrained(cfg.llm.weights, local_files_only=True, dtype=torch.float32)
+    if llm_config is None:
+        c = cfg.llm
+        llm_config = LlamaConfig(
+            vocab_size=32000,  # resized to the tokenizer right after
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_layers,
+            num_attention_heads=c.num_heads,
+            num_key_value_heads=c.num_kv_heads,
+            max_position_embeddings=c.max_position_embeddings,
+            rope_theta=c.rope_theta,
+            tie_word_embeddings=c.tie_word_embeddings,
+        )
+    return LlamaForCausalLM(llm_config)
+
+
+class MedPLIB(nn.Module):
+    def __init__(
+        self,
+        cfg: MedPLIBConfig,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        *,
+        llm_config: LlamaConfig | None = None,
+        vision_config: CLIPVisionConfig | None = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.llm.tokenizer)
+        self.ids = SpecialIds.of(self.tokenizer)
+        self.llm = _build_llm(cfg, llm_config)
+        self.llm.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+        self.llm.config.pad_token_id = self.ids.pad
+        hidden = self.llm.config.hidden_size
+        self.vision_tower = ClipVisionTower(cfg.vision, vision_config)
+        self.vision_tower.requires_grad_(False)
+        vdim = self.vision_tower.hidden_size
+        self.mm_projector = build_projector(cfg.projector, vdim, hidden)
+        # Region features are pooled from pre-projector patch features (upstream: Linear(1024, 4096)).
+        self.region_fea_adapter = nn.Linear(vdim, hidden)
+        self.text_hidden_fcs = nn.Sequential(
+            nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, cfg.sam.prompt_embed_dim), nn.Dropout(0.0)
+        )
+        self.sam = SAM(cfg.sam)
+        if cfg.sam.weights:
+            from medplib.model.weights import load_sam_checkpoint
+
+            load_sam_checkpoint(self.sam, cfg.sam.weights)
+        self.sam.image_encoder.requires_grad_(False)
+        self.sam.prompt_encoder.requires_grad_(False)
+        if cfg.moe.enabled:
+            self.enable_moe()
+        self.to(DTYPES[cfg.dtype])
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.llm.get_decoder().layers
+
+    def enable_moe(self) -> list[int]:
+        """Turn the chosen layers' FFNs into MoE FFNs whose experts start as copies of the FFN."""
+        self.cfg = self.cfg.model_copy(update={"moe": self.cfg.moe.model_copy(update={"enabled": True})})
+        return convert_to_moe(self.decoder_layers, self.llm.config.hidden_size, self.cfg.moe)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mm_projector[0].weight.device if isinstance(self.mm_projector, nn.Sequential) else (
+            self.mm_projector.weight.device
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.region_fea_adapter.weight.dtype
+
+    # ------------------------------------------------------------------ inputs
+
+    def embed(self, batch: dict) -> torch.Tensor:
+        """Token embeddings with image and region features written into their placeholder positions."""
+        ids = batch["input_ids"].to(self.device)
+        emb = self.llm.get_input_embeddings()(ids)
+        has_image = batch["has_image"]
+        if not has_image.any():
+            return emb
+        with torch.no_grad():
+            feats = self.vision_tower(batch["pixel_values"][has_image].to(self.device, self.dtype))
+        image_pos = ids == self.ids.image
+        projected = self.mm_projector(feats.to(self.dtype))
+        if int(image_pos.sum()) != projected.shape[0] * projected.shape[1]:
+            raise ValueError(
+                f"{int(image_pos.sum())} image placeholder tokens for {projected.shape[0]} images of "
+                f"{projected.shape[1]} tokens: inputs were not built by medplib.data.batch.encode_sample"
+            )
+        emb = emb.masked_scatter(image_pos[..., None], projected.to(emb.dtype))
+        region_feats = self._region_features(batch, feats)
+        if region_feats is not None:
+            region_pos = ids == self.ids.region_feature
+            if int(region_pos.sum()) != region_feats.shape[0]:
+                raise ValueError(f"{int(region_pos.sum())} region tokens but {region_feats.shape[0]} region masks")
+            emb = emb.masked_scatter(region_pos[..., None], region_feats.to(emb.dtype))
+        return emb
+
+    def _region_features(self, batch: dict, feats: torch.Tensor) -> torch.Tensor | None:
+        image_row = torch.cumsum(batch["has_image"].long(), 0) - 1
+        pooled = []
+        grid, rc = self.cfg.vision.grid, self.cfg.region
+        for row, masks in enumerate(batch["region_masks"]):
+            for mask in masks:
+                cells = region_cells(mask, grid, rc.min_cell_coverage, rc.max_sample_points).to(self.device)
+                pooled.append(feats[image_row[row]].index_select(0, cells).mean(0))
+        if not pooled:
+            return None
+        # The adapter is linear, so adapting the mean equals averaging adapted features (and is cheaper).
+        return self.region_fea_adapter(torch.stack(pooled).to(self.dtype))
+
+    # ------------------------------------------------------------------ training forward
+
+    def forward(self, batch: dict, loss_weights: LossWeights | None = None) -> dict[str, torch.Tensor]:
+        w = loss_weights or LossWeights()
+        ids = batch["input_ids"].to(self.device)
+        emb = self.embed(batch)
+        hidden = self.llm.get_decoder()(
+            inputs_embeds=emb, attention_mask=batch["attention_mask"].to(self.device), use_cache=False
+        ).last_hidden_state
+        logits = self.llm.get_output_embeddings()(hidden)
+        out: dict[str, torch.Tensor] = {"ce": next_token_ce(logits, batch["labels"].to(self.device))}
+        zero = out["ce"] * 0.0
+        out.update(self._grounding_losses(batch, ids, hidden) or {k: zero for k in ("bce", "dice", "focal", "iou")})
+        aux = [m.aux_loss for m in moe_layers(self.llm) if m.aux_loss is not None]
+        out["moe_aux"] = torch.stack(aux).sum() if aux else zero
+        out["loss"] = (
+            w.ce * out["ce"] + w.bce * out["bce"] + w.dice * out["dice"] + w.focal * out["focal"]
+            + w.iou * out["iou"] + w.moe_aux * out["moe_aux"]
+        )  # fmt: skip
+        out["logits"] = logits
+        return out
+
+    def _grounding_losses(self, batch: dict, ids: torch.Tensor, hidden: torch.Tensor) -> dict | None:
+        # The hidden state at p predicts the token at p+1; the one predicting `<SEG>` prompts the decoder.
+        rows, positions, targets = [], [], []
+        for row in range(ids.shape[0]):
+            seg_at = torch.nonzero(ids[row, 1:] == self.ids.seg).flatten().tolist()
+            row_targets = batch["target_masks"][row]
+            for p, target in zip(seg_at, row_targets, strict=False):
+                rows.append(row)
+                positions.append(p)
+                targets.append(target)
+        if not rows:
+            return None
+        prompts = self.text_hidden_fcs(hidden[rows, positions])
+        logits, iou = self.segment(batch["sam_pixel_values"], batch["sam_geometry"], rows, prompts)
+        return mask_losses(logits, list(iou), targets)
+
+    def segment(
+        self, sam_pixel_values: torch.Tensor, sam_geometry: torch.Tensor, rows: list[int], prompts: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Mask logits at original size for prompt k on image `rows[k]`; SAM's encoder runs once per image."""
+        unique = sorted(set(rows))
+        with torch.no_grad():
+            emb = self.sam.image_encoder(sam_pixel_values[unique].to(self.device, self.dtype))
+        index = torch.tensor([unique.index(r) for r in rows], device=self.device)
+        low_res, iou = self.sam.decode(emb.index_select(0, index), prompts[:, None].to(self.dtype))
+        masks = [unpad_mask_logits(low_res[k], Geometry.from_tensor(sam_geometry[r])) for k, r in enumerate(rows)]
+        return masks, iou
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        batch: dict,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        segment: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> list[Generation]:
+        """Greedy (temperature 0) or sampled decoding with a KV cache, then one mask per generated `<SEG>`.
+
+        `batch` holds right-padded prompts (from `collate`); they are left-aligned here so every row's next
+        token sits at the last position. With `segment=True` a row whose answer has no `<SEG>` is grounded
+        from the hidden state that produced its last token (upstream eval's fallback).
+        """
+        am = batch["attention_mask"].to(self.device)
+        emb = self.embed(batch)
+        lengths = am.sum(1)
+        total = am.shape[1]
+        # Right padding -> left padding: roll each row so that its last prompt token is at the end.
+        shifts = (total - lengths).tolist()
+        emb = torch.stack([torch.roll(e, s, dims=0) for e, s in zip(emb, shifts, strict=True)])
+        am = torch.stack([torch.roll(m, s, dims=0) for m, s in zip(am, shifts, strict=True)])
+        positions = (am.cumsum(1) - 1).clamp_min(0)
+        decoder, head = self.llm.get_decoder(), self.llm.get_output_embeddings()
+        cache = DynamicCache()
+        b = emb.shape[0]
+        tokens: list[list[int]] = [[] for _ in range(b)]
+        seg_hidden: list[list[torch.Tensor]] = [[] for _ in range(b)]
+        last_hidden: list[torch.Tensor | None] = [None] * b
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        step_emb, step_pos = emb, positions
+        for _ in range(max_new_tokens):
+            h = decoder(
+                inputs_embeds=step_emb, attention_mask=am, position_ids=step_pos, use_cache=True, **{_CACHE_KW: cache}
+            ).last_hidden_state[:, -1]
+            logits = head(h).float()
+            nxt = self._pick(logits, temperature, top_p, generator)
+            for i in range(b):
+                if done[i]:
+                    continue
+                t = int(nxt[i])
+                last_hidden[i] = h[i]
+                if t == self.ids.eos:
+                    done[i] = True
+                    continue
+                tokens[i].append(t)
+                if t == self.ids.seg:
+                    seg_hidden[i].append(h[i])
+            if bool(done.all()):
+                break
+            nxt = torch.where(done, torch.full_like(nxt, self.ids.pad), nxt)
+            step_emb = self.llm.get_input_embeddings()(nxt)[:, None]
+            am = torch.cat([am, (~done).long()[:, None]], dim=1)
+            step_pos = step_pos[:, -1:] + 1
+        results = [Generation(t, self.tokenizer.decode(t, skip_special_tokens=False)) for t in tokens]
+        rows, hiddens = [], []
+        for i in range(b):
+            if not seg_hidden[i] and segment and last_hidden[i] is not None:
+                seg_hidden[i].append(last_hidden[i])
+            rows += [i] * len(seg_hidden[i])
+            hiddens += seg_hidden[i]
+        if rows and batch["has_image"][rows].all():
+            masks, iou = self.segment(
+                batch["sam_pixel_values"], batch["sam_geometry"], rows, self.text_hidden_fcs(torch.stack(hiddens))
+            )
+            for k, r in enumerate(rows):
+                results[r].mask_logits.append(masks[k].float().cpu())
+                results[r].mask_scores.append(float(iou[k]))
+        return results
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
+        if temperature <= 1e-5:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_p, order = probs.sort(-1, descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < top_p
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    def binarize(self, mask_logits: torch.Tensor) -> np.ndarray:
+        return (torch.sigmoid(mask_logits) > self.cfg.sam.mask_threshold).cpu().numpy()
+
+    # ------------------------------------------------------------------ persistence
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """`config.json` + `model.safetensors` + `llm_config.json` + `vision_config.json` + `tokenizer/`."""
+        from medplib.model.lora import is_lora
+
+        if is_lora(self):
+            raise ValueError("the model still has unmerged LoRA adapters: call medplib.model.lora.merge_lora first")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.cfg.save(path / "config.json")
+        (path / "llm_config.json").write_text(self.llm.config.to_json_string())
+        (path / "vision_config.json").write_text(self.vision_tower.clip.config.to_json_string())
+        self.tokenizer.save_pretrained(path / "tokenizer")
+        save_model(self, str(path / "model.safetensors"), metadata={"format": "pt", "medplib": "1"})
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str | None = None) -> MedPLIB:
+        """Load a directory written by `save_pretrained` (safetensors only; nothing is unpickled)."""
+        path = Path(path)
+        if not (path / "config.json").exists() or not (path / "model.safetensors").exists():
+            raise FileNotFoundError(f"{path} is not a MedPLIB model directory (config.json + model.safetensors)")
+        cfg = MedPLIBConfig.model_validate(json.loads((path / "config.json").read_text()))
+        # The weights file holds every component, so build each at random init instead of from its source.
+        cfg = cfg.model_copy(
+            update={
+                "llm": cfg.llm.model_copy(update={"weights": None}),
+                "vision": cfg.vision.model_copy(update={"weights": None}),
+                "sam": cfg.sam.model_copy(update={"weights": None}),
+            }
+        )
+        if dtype:
+            cfg = cfg.model_copy(update={"dtype": dtype})
+        model = cls(
+            cfg,
+            AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True),
+            llm_config=LlamaConfig.from_json_file(path / "llm_config.json"),
+            vision_config=CLIPVisionConfig.from_json_file(path / "vision_config.json"),
+        )
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}/model.safetensors does not match the config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        return model.to(DTYPES[cfg.dtype])

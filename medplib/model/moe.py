@@ -1,0 +1,93 @@
+"""Top-k mixture of expert FFNs, in plain PyTorch (no DeepSpeed launcher, process group or port at inference).
+
+Router: `router` = Linear(hidden, E, bias=False) in fp32, softmax, top-k. At top-1 the output of a token is
+`p_chosen * expert(x)` with the probability not renormalised (DeepSpeed TopKGate, which upstream used); at
+top-k > 1 the k probabilities are renormalised to sum to 1. Capacity per expert is
+`max(min_capacity, ceil(tokens * k / E * factor))`; when `drop_tokens` is on, tokens past an expert's capacity
+(in sequence order; DeepSpeed picks them at random) get zero FFN output, so only the residual carries them.
+Aux loss (Switch/GShard): `E * sum_e mean_prob_e * fraction_routed_e`. Every token runs exactly its top-k experts:
+the dispatch gathers each expert's tokens and scatters the results back.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from medplib.model.config import MoEConfig
+
+
+class MoEFeedForward(nn.Module):
+    def __init__(self, experts: list[nn.Module], hidden_size: int, cfg: MoEConfig):
+        super().__init__()
+        if not 1 <= cfg.top_k <= len(experts):
+            raise ValueError(f"moe.top_k must be in 1..{len(experts)}, got {cfg.top_k}")
+        self.experts = nn.ModuleList(experts)
+        self.router = nn.Linear(hidden_size, len(experts), bias=False)
+        self.cfg = cfg
+        # Filled by every forward, read by the loss and by tests.
+        self.aux_loss: torch.Tensor | None = None
+        self.expert_counts: torch.Tensor | None = None
+        self.dropped_tokens = 0
+
+    @classmethod
+    def from_ffn(cls, ffn: nn.Module, hidden_size: int, cfg: MoEConfig) -> MoEFeedForward:
+        """Each expert starts as a copy of the dense FFN it replaces."""
+        moe = cls([copy.deepcopy(ffn) for _ in range(cfg.num_experts)], hidden_size, cfg)
+        nn.init.normal_(moe.router.weight, std=0.02)
+        ref = next(ffn.parameters())
+        return moe.to(device=ref.device, dtype=ref.dtype)
+
+    def capacity(self, num_tokens: int) -> int:
+        factor = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
+        e = len(self.experts)
+        return max(self.cfg.min_capacity, math.ceil(num_tokens * self.cfg.top_k / e * factor))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])
+        n, e, k = x.shape[0], len(self.experts), self.cfg.top_k
+        # The router runs in fp32 whatever the model dtype, as upstream's gate does.
+        probs = torch.softmax(nn.functional.linear(x.float(), self.router.weight.float()), dim=-1)
+        top_p, top_i = probs.topk(k, dim=-1)
+        if k > 1:
+            top_p = top_p / top_p.sum(-1, keepdim=True)
+        routed = torch.zeros(n, e, device=x.device).scatter_(1, top_i, 1.0)
+        self.aux_loss = e * (probs.mean(0) * routed.mean(0)).sum()
+
+        out = torch.zeros_like(x)
+        cap = self.capacity(n)
+        counts = torch.zeros(e, dtype=torch.long)
+        dropped = 0
+        flat_i, flat_p = top_i.reshape(-1), top_p.reshape(-1)
+        token_of = torch.arange(n, device=x.device).repeat_interleave(k)
+        for j, expert in enumerate(self.experts):
+            slots = torch.nonzero(flat_i == j).flatten()
+            if self.cfg.drop_tokens and slots.numel() > cap:
+                dropped += slots.numel() - cap
+                slots = slots[:cap]
+            if slots.numel() == 0:
+                continue
+            tokens = token_of[slots]
+            counts[j] = tokens.numel()
+            y = expert(x.index_select(0, tokens)) * flat_p[slots].unsqueeze(-1).to(x.dtype)
+            out.index_add_(0, tokens, y)
+        self.expert_counts, self.dropped_tokens = counts, dropped
+        return out.reshape(shape)
+
+
+def convert_to_moe(decoder_layers: nn.ModuleList, hidden_size: int, cfg: MoEConfig) -> list[int]:
+    """Replace `layer.mlp` by an MoE FFN in the layers `cfg.layers` names; returns their indexes."""
+    indexes = cfg.layer_indexes(len(decoder_layers))
+    for i in indexes:
+        layer = decoder_layers[i]
+        if not isinstance(layer.mlp, MoEFeedForward):
+            layer.mlp = MoEFeedForward.from_ffn(layer.mlp, hidden_size, cfg)
+    return indexes
+
+
+def moe_layers(module: nn.Module) -> list[MoEFeedForward]:
+    return [m for m in module.modules() if isinstance(m, MoEFeedForward)]

@@ -51,7 +51,11 @@ class Geometry:
 
 
 def to_square(
-    image: np.ndarray, size: int, pad_mode: str, pad_value: tuple[int, int, int] | int = 0, nearest: bool = False
+    image: np.ndarray,
+    size: int,
+    pad_mode: str,
+    pad_value: tuple[int, int, int] | int = 0,
+    nearest: bool = False,
 ) -> tuple[np.ndarray, Geometry]:
     """Resize so the longest side is `size`, then pad to size x size (uint8 HxWx3 or bool HxW)."""
     geo = Geometry.fit(image.shape[0], image.shape[1], size, pad_mode)
@@ -69,20 +73,30 @@ def to_square(
     return out, geo
 
 
-def normalize(view: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...], scale: float) -> torch.Tensor:
+def normalize(
+    view: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...], scale: float
+) -> torch.Tensor:
     """uint8 HxWx3 -> float CHW, (x*scale - mean)/std."""
     x = torch.from_numpy(np.ascontiguousarray(view)).permute(2, 0, 1).float() * scale
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
 def region_to_mask(
-    region: RegionPrompt, hw: tuple[int, int], point_square_px: int, data_root: Path | None = None
+    region: RegionPrompt | np.ndarray,
+    hw: tuple[int, int],
+    point_square_px: int,
+    data_root: Path | None = None,
 ) -> np.ndarray:
     """A region prompt -> a bool mask of the original image size, the way the upstream demo draws them:
-    a point becomes a filled square of side `point_square_px` around it, a box the filled box."""
+    a point becomes a filled square of side `point_square_px` around it, a box the filled box; a mask is a
+    `MaskRef` PNG or an in-memory array (nonzero = inside)."""
     h, w = hw
     mask = np.zeros((h, w), dtype=bool)
-    if isinstance(region, Point):
+    if isinstance(region, np.ndarray):
+        mask = region.astype(bool) if region.ndim == 2 else region.any(axis=-1)
+        if mask.shape != (h, w):
+            raise ValueError(f"region mask is {mask.shape[1]}x{mask.shape[0]}, the image is {w}x{h}")
+    elif isinstance(region, Point):
         if not (0 <= region.x < w and 0 <= region.y < h):
             raise ValueError(f"point ({region.x}, {region.y}) lies outside the {w}x{h} image")
         half = point_square_px // 2
@@ -106,7 +120,8 @@ def region_to_mask(
     else:  # pragma: no cover - pydantic guarantees the union
         raise TypeError(f"unknown region prompt {region!r}")
     if not mask.any():
-        raise ValueError(f"region prompt {region!r} is empty: it covers no pixel of the {w}x{h} image")
+        what = "mask array" if isinstance(region, np.ndarray) else repr(region)
+        raise ValueError(f"region prompt {what} is empty: it covers no pixel of the {w}x{h} image")
     return mask
 
 
@@ -138,5 +153,7 @@ def unpad_mask_logits(logits: torch.Tensor, geo: Geometry) -> torch.Tensor:
     x = logits.reshape(-1, 1, *logits.shape[-2:]).float()
     x = torch.nn.functional.interpolate(x, size=(geo.size, geo.size), mode="bilinear", align_corners=False)
     x = x[..., geo.pad_top : geo.pad_top + geo.resized_h, geo.pad_left : geo.pad_left + geo.resized_w]
-    x = torch.nn.functional.interpolate(x, size=(geo.orig_h, geo.orig_w), mode="bilinear", align_corners=False)
+    x = torch.nn.functional.interpolate(
+        x, size=(geo.orig_h, geo.orig_w), mode="bilinear", align_corners=False
+    )
     return x.reshape(*lead, geo.orig_h, geo.orig_w)

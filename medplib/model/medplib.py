@@ -118,7 +118,8 @@ class MedPLIB(nn.Module):
         return self.llm.get_decoder().layers
 
     def enable_moe(self) -> list[int]:
-        """Turn the chosen layers' FFNs into MoE FFNs whose experts start as copies of the FFN."""
+        """Turn the chosen layers' FFNs into MoE FFNs whose experts start as copies of the FFN (see
+        `moe.init_experts_from_stages` for the stage-3 initialisation from two trained models)."""
         self.cfg = self.cfg.model_copy(update={"moe": self.cfg.moe.model_copy(update={"enabled": True})})
         return convert_to_moe(self.decoder_layers, self.llm.config.hidden_size, self.cfg.moe)
 

@@ -91,3 +91,25 @@ def convert_to_moe(decoder_layers: nn.ModuleList, hidden_size: int, cfg: MoEConf
 
 def moe_layers(module: nn.Module) -> list[MoEFeedForward]:
     return [m for m in module.modules() if isinstance(m, MoEFeedForward)]
+
+
+def init_experts_from_stages(vl_model: nn.Module, grounding_model: nn.Module, cfg: MoEConfig) -> nn.Module:
+    """Build the stage-3 MoE model in place of `vl_model` (research notes 2.5).
+
+    Expert 0 of every MoE layer takes the grounding stage's FFN, expert 1 (and any further expert) the VL
+    stage's; attention, embeddings, lm_head, projector and region adapter stay the VL model's; the grounding
+    head (`text_hidden_fcs`, `sam.mask_decoder`) comes from the grounding model. Both inputs must be merged
+    (no LoRA) and of the same architecture.
+    """
+    if cfg.num_experts < 2:
+        raise ValueError("an MoE built from two stages needs moe.num_experts >= 2")
+    cfg = cfg.model_copy(update={"enabled": True})
+    vl_model.cfg = vl_model.cfg.model_copy(update={"moe": cfg})
+    ffn_sources = [layer.mlp for layer in grounding_model.decoder_layers]
+    indexes = convert_to_moe(vl_model.decoder_layers, vl_model.llm.config.hidden_size, cfg)
+    for i in indexes:
+        moe = vl_model.decoder_layers[i].mlp
+        moe.experts[0].load_state_dict(ffn_sources[i].state_dict())
+    vl_model.text_hidden_fcs.load_state_dict(grounding_model.text_hidden_fcs.state_dict())
+    vl_model.sam.mask_decoder.load_state_dict(grounding_model.sam.mask_decoder.state_dict())
+    return vl_model

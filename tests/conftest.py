@@ -1,0 +1,46 @@
+"""Shared fixtures: the random-init `tiny` model and small real images written to disk."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medplib.data.batch import collate, encode_sample
+from medplib.model.config import load_model_config
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return load_model_config("tiny")
+
+
+@pytest.fixture()
+def tiny_model(tiny_cfg):
+    from medplib.model.medplib import MedPLIB
+
+    torch.manual_seed(0)
+    return MedPLIB(tiny_cfg)
+
+
+@pytest.fixture()
+def make_batch(tiny_cfg):
+    """Encode (sample, image, masks[, regions]) items with the model's tokenizer and collate them; `regions`
+    overrides the sample's own (e.g. in-memory mask arrays)."""
+
+    def _make(model, items):
+        encoded = [
+            encode_sample(item[0], item[1], model.tokenizer, tiny_cfg, target_masks=item[2],
+                          regions=item[3] if len(item) > 3 else None)
+            for item in items
+        ]  # fmt: skip
+        return collate(encoded, tiny_cfg, model.ids.pad)
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def rng_image():
+    """A deterministic non-square uint8 RGB image (48 x 80), odd aspect ratio on purpose."""
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)

@@ -1,0 +1,33 @@
+"""Helpers every bench script shares: a timing loop and the closing JSON line(s)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak_flops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an n^3 matmul measured now, on this machine: the denominator of MFU."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / median_seconds(lambda: a @ b, repeats)
+
+
+def print_figures(figures: list[dict]) -> None:
+    """The closing line: one JSON array of {name, value, goal} (goal None where there is none), so runs can
+    be compared by reading the last line of any bench script."""
+    print(json.dumps([{"name": f["name"], "value": f["value"], "goal": f.get("goal")} for f in figures]), flush=True)

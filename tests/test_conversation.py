@@ -1,0 +1,72 @@
+"""Conversation template, placeholder expansion, label masking and truncation."""
+
+from __future__ import annotations
+
+import pytest
+
+from medplib import constants as C
+from medplib.data.conversation import tokenize_conversation
+from medplib.data.schema import Turn
+from medplib.tokenizer import SpecialIds, build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer("byte")
+
+
+TURNS = [
+    Turn(role="human", text="<image>\nWhat is in <region></region>?"),
+    Turn(role="gpt", text="The left putamen."),
+    Turn(role="human", text="Segment it."),
+    Turn(role="gpt", text="Sure, <SEG>."),
+]
+
+
+def test_llava_v1_prompt_and_labels_supervise_only_answers(tok):
+    out = tokenize_conversation(TURNS, tok, "llava_v1", num_image_tokens=16, max_length=1024)
+    ids = SpecialIds.of(tok)
+    text = tok.decode(out.input_ids)
+    assert text.startswith("<s>A chat between a curious human")
+    assert " USER: <im_start>" in text and " ASSISTANT: The left putamen.</s> USER: Segment it." in text
+    assert out.input_ids.count(ids.image) == 16 and out.num_regions == 1 and out.num_masks == 1
+    supervised = tok.decode([t for t, lab in zip(out.input_ids, out.labels, strict=True) if lab != C.IGNORE_INDEX])
+    assert supervised == "The left putamen.</s>Sure, <SEG>.</s>"
+
+
+def test_generation_prompt_ends_with_the_assistant_prefix(tok):
+    out = tokenize_conversation(TURNS[:1], tok, "llava_v1", 4, 512, for_generation=True)
+    assert tok.decode(out.input_ids).endswith(" ASSISTANT: ")
+    assert all(lab == C.IGNORE_INDEX for lab in out.labels)
+    with pytest.raises(ValueError, match="end with a human turn"):
+        tokenize_conversation(TURNS[:2], tok, "llava_v1", 4, 512, for_generation=True)
+
+
+def test_chatml_template(tok):
+    out = tokenize_conversation(TURNS[:2], tok, "chatml", 4, 512)
+    assert "<|im_start|>assistant\nThe left putamen.<|im_end|>\n" in tok.decode(out.input_ids)
+
+
+def test_truncation_never_splits_an_image_block_or_a_region(tok):
+    ids = SpecialIds.of(tok)
+    full = tokenize_conversation(TURNS, tok, "llava_v1", 16, 4096)
+    region_at = full.input_ids.index(ids.region_feature)
+    # Cut right after `<region>`: the whole triple goes, so no region token is left dangling.
+    cut = tokenize_conversation(TURNS, tok, "llava_v1", 16, region_at)
+    assert ids.region_start not in cut.input_ids and cut.num_regions == 0
+    # Cut after the region and part of the answer: the `<SEG>` is gone, so no mask is kept for it.
+    answer = tokenize_conversation(TURNS, tok, "llava_v1", 16, region_at + 20)
+    assert answer.num_regions == 1 and answer.num_masks == 0 and len(answer.input_ids) <= region_at + 20
+    image_at = full.input_ids.index(ids.image)
+    with pytest.raises(ValueError, match="cannot hold the image block"):
+        tokenize_conversation(TURNS, tok, "llava_v1", 16, image_at + 5)
+
+
+def test_unknown_template_is_named(tok):
+    with pytest.raises(ValueError, match="unknown conv_template 'vicuna'"):
+        tokenize_conversation(TURNS, tok, "vicuna", 4, 512)
+
+
+def test_special_tokens_are_single_tokens(tok):
+    for token in C.SPECIAL_TOKENS:
+        assert len(tok(token, add_special_tokens=False).input_ids) == 1, token

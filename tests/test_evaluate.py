@@ -1,0 +1,367 @@
+"""Batch evaluation (workflows/evaluate.py) and its report (workflows/report.py).
+
+Fast tests run the evaluator in-process (`engine="local"`) on a small prepared MeCoVQA-mini split with the
+random-init `tiny` model; the slow one runs `medplib eval` on a local Ray cluster (one per module, 2 CPUs,
+no dashboard) and checks that the actor pool gives the same predictions. The report is opened in headless
+Chromium where it is installed (`make system-deps`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medplib.constants import IGNORE_INDEX
+from medplib.data.prepared import iter_prepared_rows
+from medplib.data.rows import png_array, png_bytes, row_to_encoded
+from medplib.metrics import mask_dice
+from workflows.evaluate import (
+    EvalConfig,
+    evaluate,
+    flatten_metrics,
+    generation_prompt,
+    log_to_mlflow,
+    predict_rows,
+    split_metrics,
+)
+from workflows.report import write_comparison_report
+
+UPSTREAM_KEYS = {"question_id", "image_path", "prompt", "gt", "text", "answer_id", "model_id", "answer_type", "metadata"}
+OUR_KEYS = {"task", "modality", "split", "pred_masks", "seg_counts", "iou", "dice"}
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+# ------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """MeCoVQA-mini capped at 60 rows, prepared in-process: splits test (17 rows) and test_xsubject (10)."""
+    from medplib.data.mini import build_mini
+    from workflows.preprocess import PrepareConfig, prepare
+
+    root = tmp_path_factory.mktemp("eval-data")
+    build_mini(root / "mini", seed=0, max_samples=60, progress=False)
+    cfg = PrepareConfig(model_preset="tiny", splits=["test", "test_xsubject"])
+    prepare(root / "mini", root / "prepared", cfg, engine="local")
+    return root / "prepared"
+
+
+@pytest.fixture(scope="module")
+def rows(prepared: Path) -> list[dict]:
+    return list(iter_prepared_rows(prepared, "test"))
+
+
+@pytest.fixture()
+def model(tiny_cfg):
+    from medplib.model.medplib import MedPLIB
+
+    torch.manual_seed(0)
+    return MedPLIB(tiny_cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def local_eval(prepared: Path, tmp_path_factory):
+    """One in-process evaluation of both splits, shared by the output, report and MLflow tests."""
+    out = tmp_path_factory.mktemp("eval-local")
+    return evaluate(
+        model="tiny", data=prepared, splits=["test", "test_xsubject"], out=out, engine="local",
+        max_new_tokens=4, batch_size=6, gallery_size=2,
+    )  # fmt: skip
+
+
+def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
+    cmd = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+        "--virtual-time-budget=5000", *args,
+    ]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+
+
+def _body_tag(dom: str) -> str:
+    start = dom.find("<body")
+    assert start >= 0, f"no <body> in the dumped DOM: {dom[:300]!r}"
+    return dom[start : dom.find(">", start) + 1]
+
+
+# ------------------------------------------------------------------------------------------- prompt building
+def test_generation_prompt_is_what_encode_sample_builds_for_generation(prepared: Path, rows, tiny_cfg, model):
+    """Cutting a prepared row at its first answer token gives exactly the generation prompt built from the
+    row's question and image file (so eval needs no image re-read), and keeps the row's region masks."""
+    from medplib.data.batch import encode_sample
+    from medplib.data.image import load_image
+    from medplib.data.prepared import read_manifest
+    from medplib.data.schema import Turn
+
+    data_root = Path(read_manifest(prepared)["data_root"])
+    vqa = next(r for r in rows if r["task"] == "vqa")
+    prompt = generation_prompt(row_to_encoded(vqa, tiny_cfg.vision.image_size_px), model.ids.region_feature)
+    rebuilt = encode_sample(
+        [Turn(role="human", text=vqa["question"])], load_image(data_root / vqa["image_path"]), model.tokenizer,
+        tiny_cfg, for_generation=True,
+    )  # fmt: skip
+    assert prompt.input_ids == rebuilt.input_ids
+    assert set(prompt.labels) == {IGNORE_INDEX}
+    assert model.tokenizer.decode(prompt.input_ids).endswith("ASSISTANT: ")
+
+    region_row = next(r for r in rows if r["task"] == "region_vqa")
+    enc = row_to_encoded(region_row, tiny_cfg.vision.image_size_px)
+    region_prompt = generation_prompt(enc, model.ids.region_feature)
+    assert region_prompt.input_ids.count(model.ids.region_feature) == 1
+    assert region_prompt.region_masks.shape[0] == 1
+    assert np.array_equal(region_prompt.region_masks, enc.region_masks)
+    assert len(region_prompt.input_ids) < len(enc.input_ids)
+
+
+def test_region_prompts_reach_the_model(rows, model):
+    """Upstream bug 8.3-4 (eval drops region masks) must not exist: every region row's mask is pooled by the
+    region adapter, and moving the region changes the decoder input exactly at the region-feature token."""
+    region_rows = [r for r in rows if r["task"] == "region_vqa"][:3]
+    assert region_rows, "the fixture split has no region_vqa row"
+    adapter_rows: list[int] = []
+    model.region_fea_adapter.register_forward_hook(lambda _m, args, _out: adapter_rows.append(args[0].shape[0]))
+    results = predict_rows(model, region_rows, max_new_tokens=2, model_id="tiny")
+    assert sum(adapter_rows) == len(region_rows)  # one pooled feature per region, in the first decoder step
+    for result in results:
+        assert result.record["metadata"]["num_regions"] == 1
+        assert result.record["metadata"]["num_region_tokens"] == 1
+
+    first_inputs: list[torch.Tensor] = []
+
+    def keep_first(_module, _args, kwargs):
+        if kwargs.get("inputs_embeds") is not None and kwargs["inputs_embeds"].shape[1] > 1:
+            first_inputs.append(kwargs["inputs_embeds"].detach().clone())
+
+    model.llm.get_decoder().register_forward_pre_hook(keep_first, with_kwargs=True)
+    row = region_rows[0]
+    size = model.cfg.vision.image_size_px
+    mask = png_array(row["region_masks_png"], as_mask=True)
+    moved = {**row, "region_masks_png": png_bytes(np.roll(mask, size // 2, axis=1) | np.roll(mask, size // 2, axis=0))}
+    predict_rows(model, [row], max_new_tokens=1, model_id="tiny")
+    predict_rows(model, [moved], max_new_tokens=1, model_id="tiny")
+    with_region, with_moved = first_inputs
+    differs = (with_region != with_moved).any(-1)[0]
+    region_pos = torch.tensor(generation_prompt(row_to_encoded(row, size), model.ids.region_feature).input_ids)
+    assert differs.nonzero().flatten().tolist() == (region_pos == model.ids.region_feature).nonzero().flatten().tolist()
+
+
+def test_every_grounding_row_gets_a_scored_mask(rows, model):
+    grounding = [r for r in rows if r["task"] == "grounding"]
+    results = predict_rows(model, grounding, max_new_tokens=3, model_id="tiny", batch_size=2)
+    for row, result in zip(grounding, results, strict=True):
+        gt = png_array(row["target_masks_png"][0], as_mask=True)
+        assert result.record["question_id"] == row["sample_id"]
+        assert result.masks and result.masks[0].shape == gt.shape  # segment=True: a mask even without <SEG>
+        assert result.record["metadata"]["segment"] is True
+        assert result.record["dice"] == pytest.approx(mask_dice(result.masks[0], gt))
+        intersection, union = result.record["seg_counts"][0]
+        assert union == int((result.masks[0] | gt).sum()) and intersection == int((result.masks[0] & gt).sum())
+
+
+# -------------------------------------------------------------------------------------------------- metrics
+def _record(task, modality, answer_type="open", gt="", text="", counts=()):
+    return {"task": task, "modality": modality, "answer_type": answer_type, "gt": gt, "text": text,
+            "seg_counts": [list(c) for c in counts], "metadata": {"emitted_seg": False, "generate_s": 0.5,
+                                                                  "num_generated_tokens": 3}}  # fmt: skip
+
+
+def test_split_metrics_by_task_and_modality_by_hand():
+    records = [
+        _record("grounding", "ct", counts=[(5, 10)]),  # IoU 0.5, Dice 2/3
+        _record("grounding", "mri", counts=[(0, 4)]),  # IoU 0, Dice 0
+        _record("vqa", "ct", "closed", "Yes.", "yes"),  # correct
+        _record("region_vqa", "mri", "closed", "Left.", "right"),  # wrong
+        _record("vqa", "mri", "open", "the left lingual gyrus", "lingual gyrus"),  # P 1, R 2/3
+    ]
+    m = split_metrics(records, "zero_shot")
+    assert m["kind"] == "zero_shot" and m["rows"] == 5
+    assert m["grounding"]["mIoU"] == pytest.approx(0.25)
+    assert m["grounding"]["mDice"] == pytest.approx(1 / 3)
+    assert m["grounding"]["cIoU"] == pytest.approx(5 / 14)
+    assert m["vqa"]["n"] == 3 and m["vqa"]["closed_accuracy"] == pytest.approx(0.5)
+    assert m["vqa"]["open_f1"] == pytest.approx(0.8)
+    assert set(m["by_task"]) == {"grounding", "vqa", "region_vqa"}
+    assert m["by_task"]["grounding"]["vqa"] is None and m["by_task"]["vqa"]["grounding"] is None
+    assert m["by_task"]["region_vqa"]["vqa"]["closed_accuracy"] == 0.0
+    assert m["by_modality"]["ct"]["grounding"]["mDice"] == pytest.approx(2 / 3)
+    assert m["by_modality"]["ct"]["vqa"]["closed_accuracy"] == 1.0
+    assert m["by_modality"]["mri"]["vqa"]["n"] == 2
+    flat = flatten_metrics({"splits": {"test_xsubject": m}})
+    assert flat["eval/test_xsubject/grounding/mDice"] == pytest.approx(1 / 3)
+    assert flat["eval/test_xsubject/by_modality/mri/vqa/open_f1"] == pytest.approx(0.8)
+    assert not any(key.endswith("/kind") for key in flat)
+
+
+def test_zero_shot_splits_are_told_apart():
+    cfg = EvalConfig(model="tiny", data=Path("."))
+    assert cfg.split_kind("test") == "in_distribution"
+    assert cfg.split_kind("test_xsubject") == "zero_shot"
+    assert cfg.split_kind("test_heldout_ultrasound") == "zero_shot"
+
+
+def test_unknown_split_fails_before_building_a_model(prepared: Path, tmp_path: Path):
+    with pytest.raises(ValueError, match="prepared splits: test, test_xsubject"):
+        evaluate(model="tiny", data=prepared, splits=["val"], out=tmp_path, engine="local")
+
+
+# ------------------------------------------------------------------------------------------ files and report
+def test_local_eval_writes_predictions_metrics_and_plots(local_eval, prepared: Path):
+    out = local_eval.out
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == local_eval.rows == 27
+    for record in records:
+        assert UPSTREAM_KEYS | OUR_KEYS <= set(record)
+    assert [r["split"] for r in records] == ["test"] * 17 + ["test_xsubject"] * 10
+    grounding = [r for r in records if r["task"] == "grounding"]
+    assert grounding and all(r["pred_masks"] and r["dice"] is not None for r in grounding)
+    for r in grounding:
+        mask = np.asarray(Image.open(out / r["pred_masks"][0]["png"]))
+        assert list(mask.shape) == r["pred_masks"][0]["size"]
+
+    metrics = json.loads((out / "metrics.json").read_text())  # strict JSON: NaN was written as null
+    assert list(metrics["splits"]) == ["test", "test_xsubject"]
+    test, xsubject = metrics["splits"]["test"], metrics["splits"]["test_xsubject"]
+    assert test["kind"] == "in_distribution" and xsubject["kind"] == "zero_shot"
+    assert set(test["by_task"]) == {"vqa", "region_vqa", "grounding"}
+    assert set(test["by_modality"]) == {"mri", "microscopy", "ct"}
+    assert 0.0 <= test["grounding"]["mDice"] <= 1.0 and test["grounding"]["n"] == 5
+    assert test["vqa"]["n"] == 12 and "by_answer_type" in test["vqa"]
+    for split in ("test", "test_xsubject"):
+        chart = out / "plots" / f"{split}_per_modality.png"
+        assert chart in local_eval.plots and Image.open(chart).size[0] > 300
+    assert any(p.parent.name == "gallery" for p in local_eval.plots)
+    html = local_eval.report_path.read_text()
+    assert "Zero-shot" in html and html.index('id="split-test"') < html.index('id="split-test_xsubject"')
+    assert "src=\"http" not in html and "src=\"file" not in html  # self-contained
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make system-deps installs it from Debian)")
+def test_report_renders_in_headless_chromium(local_eval, tmp_path: Path):
+    html = local_eval.report_path.read_text()
+    expected = html.count("<img")
+    assert expected == len(local_eval.plots)  # every PNG written is also inlined
+
+    done = _chromium(["--dump-dom", local_eval.report_path.as_uri()], tmp_path / "profile")
+    body = _body_tag(done.stdout)
+    assert 'data-images-loaded="true"' in body, (body, done.stderr[-2000:])
+    assert f'data-image-count="{expected}"' in body
+
+    broken = tmp_path / "broken.html"  # the check must be able to fail: one image that does not decode
+    broken.write_text(html.replace("data:image/png;base64,iVBOR", "data:image/png;base64,AAAA", 1))
+    assert 'data-images-loaded="false"' in _body_tag(_chromium(["--dump-dom", broken.as_uri()], tmp_path / "p2").stdout)
+
+    shot = tmp_path / "report.png"
+    _chromium(["--hide-scrollbars", "--window-size=1280,2400", f"--screenshot={shot}", local_eval.report_path.as_uri()],
+              tmp_path / "p3")  # fmt: skip
+    assert shot.is_file() and Image.open(shot).size == (1280, 2400)
+
+
+def test_comparison_report_before_and_after(local_eval, tmp_path: Path):
+    from workflows.cli import main
+
+    before = tmp_path / "before"
+    before.mkdir()
+    metrics = json.loads(local_eval.metrics_path.read_text())
+    metrics["model_id"] = "untrained"
+    metrics["splits"]["test"]["grounding"]["mDice"] = 0.0
+    del metrics["splits"]["test_xsubject"]
+    (before / "metrics.json").write_text(json.dumps(metrics))
+
+    html_path = write_comparison_report(before, local_eval.out, tmp_path / "cmp", labels=("untrained", "trained"))
+    comparison = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert list(comparison["splits"]) == ["test"] and comparison["only_in_one"] == ["test_xsubject"]
+    row = next(r for r in comparison["splits"]["test"]["rows"] if r["label"] == "Grounding mDice")
+    after_dice = local_eval.metrics["splits"]["test"]["grounding"]["mDice"]
+    assert row["before"] == 0.0 and row["delta"] == pytest.approx(after_dice)
+    assert any(r["label"].startswith("mri: ") for r in comparison["splits"]["test"]["rows"])
+    assert (tmp_path / "cmp" / "plots" / "comparison_test.png").is_file()
+    assert "untrained" in html_path.read_text() and "base64," in html_path.read_text()
+
+    assert main(["eval-compare", "--before", str(before), "--after", str(local_eval.out),
+                 "--out", str(tmp_path / "cli")]) == 0  # fmt: skip
+    assert (tmp_path / "cli" / "comparison.html").is_file()
+    assert main(["eval-compare", "--before", str(tmp_path), "--after", str(local_eval.out), "--out",
+                 str(tmp_path / "x")]) == 2  # no metrics.json: one clear error line  # fmt: skip
+
+
+def test_metrics_and_report_go_to_the_mlflow_run(local_eval, tmp_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("eval-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = client.create_run(experiment)
+    cfg = EvalConfig(model="tiny", data=Path("."), out=local_eval.out, mlflow_run_id=run.info.run_id,
+                     tracking_uri=uri)  # fmt: skip
+    log_to_mlflow(local_eval, cfg)
+    logged = client.get_run(run.info.run_id).data.metrics
+    assert logged["eval/test/grounding/mDice"] == pytest.approx(local_eval.metrics["splits"]["test"]["grounding"]["mDice"])
+    assert "eval/test_xsubject/by_modality/mri/grounding/mIoU" in logged
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/report.html", "eval/metrics.json", "eval/predictions.jsonl", "eval/plots", "eval/gallery"} <= names
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "eval/plots")}
+    assert "eval/plots/test_per_modality.png" in plots
+
+
+def test_model_from_an_mlflow_run_uri(prepared: Path, model, tmp_path: Path):
+    """`--model runs:/ID/model` is downloaded and the MedPLIB folder found inside it (however the registry nests
+    it); the predictions equal those of the same model loaded from its folder."""
+    from mlflow.tracking import MlflowClient
+
+    saved = model.save_pretrained(tmp_path / "saved" / "artifacts" / "medplib")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("models", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = client.create_run(experiment)
+    client.log_artifacts(run.info.run_id, str(tmp_path / "saved"), "model")
+    common = {"data": prepared, "splits": ["test"], "engine": "local", "max_rows": 3, "max_new_tokens": 3,
+              "gallery_size": 0, "examples_per_split": 0}  # fmt: skip
+    from_uri = evaluate(model=f"runs:/{run.info.run_id}/model", tracking_uri=uri, out=tmp_path / "a", **common)
+    from_dir = evaluate(model=str(saved), out=tmp_path / "b", **common)
+    texts = [json.loads(line)["text"] for line in from_uri.predictions_path.read_text().splitlines()]
+    assert len(texts) == 3
+    assert texts == [json.loads(line)["text"] for line in from_dir.predictions_path.read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------- Ray, CLI
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_cli_eval_on_a_ray_actor_pool(ray_cluster, prepared: Path, local_eval, tmp_path: Path, capsys):
+    """`medplib eval` on the actor pool: all files, both split sections, region rows with their region token,
+    and the same predictions as the in-process run (every actor seeds the random-init preset alike)."""
+    from workflows.cli import main
+
+    out = tmp_path / "ray"
+    code = main(["eval", "--model", "tiny", "--data", str(prepared), "--split", "test", "--split", "test_xsubject",
+                 "--out", str(out), "--max-rows", "8", "--max-new-tokens", "4", "--batch-size", "4",
+                 "--cpus-per-actor", "0.5", "--gallery-size", "2"])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "test (in_distribution)" in printed and "test_xsubject (zero_shot)" in printed
+    for name in ("predictions.jsonl", "metrics.json", "report.html", "plots/test_per_modality.png",
+                 "plots/test_xsubject_per_modality.png"):  # fmt: skip
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 16 and all(UPSTREAM_KEYS | OUR_KEYS <= set(r) for r in records)
+    for r in records:
+        if r["task"] == "region_vqa":
+            assert r["metadata"]["num_region_tokens"] == r["metadata"]["num_regions"] == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"by_task", "by_modality", "grounding", "vqa"} <= set(metrics["splits"]["test_xsubject"])
+    local = {r["question_id"]: r for r in map(json.loads, local_eval.predictions_path.read_text().splitlines())}
+    for r in records:
+        assert r["text"] == local[r["question_id"]]["text"]
+        assert r["seg_counts"] == local[r["question_id"]]["seg_counts"]

@@ -1,0 +1,101 @@
+"""`medplib eval` (batch evaluation on Ray Data, see workflows/evaluate.py) and `medplib eval-compare`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "eval",
+        help="evaluate a model on prepared splits (Ray Data actor pool): predictions, metrics, HTML report",
+        description=(
+            "Greedy batch inference over one or more splits of a prepared dataset on a Ray Data actor pool (one "
+            "model per actor; one GPU per actor when the cluster has GPUs), then predictions.jsonl (upstream "
+            "record format + masks), metrics.json (per split, task, modality) and report.html with charts and "
+            "the best/worst grounding cases. Splits named like test_xsubject / *heldout* are reported as "
+            "zero-shot. Uses the Ray cluster at RAY_ADDRESS, or starts a local one."
+        ),
+    )
+    p.add_argument("--model", required=True, help="model directory, MLflow model URI (models:/NAME@ALIAS, "
+                   "runs:/ID/model) or preset name (tiny: random init)")  # fmt: skip
+    p.add_argument("--data", required=True, help="prepared dataset folder (`medplib data prepare --output`)")
+    p.add_argument("--split", action="append", dest="splits", metavar="SPLIT",
+                   help="split to evaluate (repeatable; default: test)")  # fmt: skip
+    p.add_argument("--out", default="eval", help="output folder (default: ./eval)")
+    p.add_argument("--max-rows", type=_positive, help="at most N rows per split (file order)")
+    p.add_argument("--max-new-tokens", type=_positive, default=64, help="decoding length limit (default 64)")
+    p.add_argument("--batch-size", type=_positive, default=8, help="rows per generate call (default 8)")
+    p.add_argument("--concurrency", type=_positive, help="actors, one model each (default: one per GPU, or 1)")
+    p.add_argument("--gpus", choices=("auto", "yes", "no"), default="auto",
+                   help="one GPU per actor: auto (when the cluster has GPUs), yes (require), no (CPU)")  # fmt: skip
+    p.add_argument("--cpus-per-actor", type=float, default=0.5, help="CPUs per actor without GPUs (default 0.5)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="override the model's dtype")
+    p.add_argument("--seed", type=int, default=0, help="torch seed before building the model (default 0)")
+    p.add_argument("--model-id", help="label of the model in records and the report (default: --model)")
+    p.add_argument("--engine", choices=("ray", "local"), default="ray",
+                   help="ray: actor pool (default); local: this process, no Ray (debugging)")  # fmt: skip
+    p.add_argument("--gallery-size", type=int, default=4, help="best and worst grounding cases per split")
+    p.add_argument("--mlflow-run-id", help="log the metrics and the report to this MLflow run")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--compare-with", metavar="EVAL_DIR", help="an earlier eval folder: add a before/after section")
+    p.set_defaults(handler=_eval)
+
+    c = commands.add_parser(
+        "eval-compare",
+        help="metrics of two eval folders side by side (before/after training)",
+        description="Write OUT/comparison.html (+ comparison.json, plots/comparison_<split>.png) comparing the "
+        "metrics.json of two `medplib eval` output folders, per split both evaluated.",
+    )
+    c.add_argument("--before", required=True, help="eval folder of the baseline (e.g. the untrained model)")
+    c.add_argument("--after", required=True, help="eval folder to compare with it (e.g. the trained model)")
+    c.add_argument("--out", required=True, help="folder to write comparison.html into")
+    c.add_argument("--labels", default="before,after", help="names of the two sides (default: before,after)")
+    c.set_defaults(handler=_compare)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from workflows.evaluate import EvalConfig, evaluate
+
+    cfg = EvalConfig(
+        model=args.model, data=Path(args.data), splits=args.splits or ["test"], out=Path(args.out),
+        max_rows=args.max_rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        concurrency=args.concurrency, use_gpu=args.gpus, cpus_per_actor=args.cpus_per_actor, dtype=args.dtype,
+        seed=args.seed, model_id=args.model_id, engine=args.engine, gallery_size=args.gallery_size,
+        mlflow_run_id=args.mlflow_run_id, tracking_uri=args.tracking_uri,
+        compare_with=Path(args.compare_with) if args.compare_with else None,
+    )  # fmt: skip
+    result = evaluate(cfg)
+    for split, section in result.metrics["splits"].items():
+        g, v = section.get("grounding") or {}, section.get("vqa") or {}
+        parts = [f"{split} ({section['kind']}): {section['rows']} rows"]
+        if g:
+            parts.append(f"mDice {100 * (g.get('mDice') or 0):.1f} mIoU {100 * (g.get('mIoU') or 0):.1f} "
+                         f"(n={g.get('n')})")  # fmt: skip
+        if v:
+            closed, f1 = v.get("closed_accuracy"), v.get("open_f1")
+            parts.append(f"closed acc {'-' if closed is None else f'{100 * closed:.1f}'} "
+                         f"open F1 {'-' if f1 is None else f'{100 * f1:.1f}'}")  # fmt: skip
+        print(" | ".join(parts))
+    print(f"wrote {result.predictions_path}, {result.metrics_path}, {result.report_path} "
+          f"({result.rows} rows in {result.elapsed_s:.1f} s)")  # fmt: skip
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from workflows.report import write_comparison_report
+
+    labels = [part.strip() for part in args.labels.split(",")]
+    if len(labels) != 2 or not all(labels):
+        raise ValueError(f"--labels takes two comma-separated names, got {args.labels!r}")
+    path = write_comparison_report(args.before, args.after, args.out, labels=labels)
+    print(f"wrote {path}")
+    return 0

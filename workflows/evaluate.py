@@ -1,0 +1,677 @@
+"""`medplib eval`: batch inference over prepared splits on a Ray Data actor pool, then metrics and a report.
+
+    medplib eval --model MODEL_URI_OR_DIR --data PREPARED_DIR --split test [--split test_xsubject] [--out DIR]
+                 [--max-rows N] [--max-new-tokens N] [--batch-size N] [--concurrency N] [--mlflow-run-id ID]
+
+Python (what the pipeline's `eval` step calls)::
+
+    from workflows.evaluate import evaluate
+    result = evaluate(model="runs:/ID/model", data="work/prepared", splits=["val"], out="work/eval/after",
+                      max_rows=8, max_new_tokens=16, mlflow_run_id=ID, compare_with="work/eval/before")
+    result.metrics["splits"]["val"]["grounding"]["mDice"]; result.report_path
+
+Pipeline, per run:
+
+1. Ray Data reads the Parquet shards of every requested split (`workflows.preprocess.load_prepared`), each cut to
+   `max_rows` (file order), and unions them, so one actor pool serves all splits.
+2. `map_batches(EvalWorker, concurrency=N)`: each actor builds the model once (`num_gpus=1` per actor when the
+   cluster has GPUs, a fraction of a CPU otherwise) and, per batch of `batch_size` rows, rebuilds each row's
+   generation prompt from its stored tokens (`generation_prompt`: the tokens before the first supervised answer
+   token are exactly the prompt of a single-turn row), keeps the row's region masks (so Region-VQA rows see their
+   region feature: upstream bug 8.3-4 does not exist here), decodes greedily, and scores grounding masks against
+   the row's targets. Grounding rows decode with `segment=True` (upstream eval: every grounding row gets a mask,
+   from the last hidden state when no `<SEG>` is emitted); VQA rows with `segment=False`.
+3. The driver streams the results: `predictions.jsonl` (upstream record keys `question_id, image_path, prompt,
+   gt, text, answer_id, model_id, answer_type, metadata`, plus `task, modality, split`, predicted masks as PNG
+   files under `masks/<split>/` and per-row `iou`/`dice`), `metrics.json` (per split: overall, per task, per
+   modality and per answer type; `medplib.metrics`), and the report (`workflows.report`): `report.html`
+   (self-contained), `plots/*.png`, `gallery/*.png`.
+4. Optionally: everything (but the mask PNGs) and the flattened metrics go to the MLflow run of the model
+   (`mlflow_run_id`), and a before/after comparison against an earlier eval folder is written (`compare_with`).
+
+Splits whose name contains one of `zero_shot_markers` (`test_xsubject`: other subjects; `heldout`: a modality
+absent from training) are reported in their own section as zero-shot grounding, as the paper reports it, never
+averaged with the in-distribution splits.
+
+A preset model (`tiny`) is random-initialised: every actor seeds torch with `seed` before building it, so all
+actors hold the same weights. `engine="local"` runs the same worker in this process without Ray (debugging, the
+fast tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from medplib.constants import IGNORE_INDEX
+from medplib.data.batch import Encoded
+from medplib.metrics import (
+    group_indices,
+    mask_intersection_union,
+    segmentation_scores_from_counts,
+    vqa_scores,
+)
+
+logger = logging.getLogger(__name__)
+
+PREDICTIONS_NAME = "predictions.jsonl"
+METRICS_NAME = "metrics.json"
+REPORT_NAME = "report.html"
+MLFLOW_URI_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
+ZERO_SHOT_MARKERS = ("xsubject", "heldout", "held_out", "zeroshot", "zero_shot")
+# What one actor returns per row: the JSON record and the predicted masks as PNG bytes (the driver writes them).
+OUTPUT_SCHEMA = pa.schema([("record_json", pa.string()), ("pred_masks_png", pa.list_(pa.binary()))])
+# Columns the worker reads; the rest of a prepared row stays in the Parquet files.
+WORKER_COLUMNS = (
+    "sample_id", "task", "modality", "split", "answer_type", "image_path", "question", "answer", "input_ids",
+    "labels", "vision_view_png", "sam_view_png", "sam_geometry", "num_regions", "region_masks_png",
+    "target_masks_png",
+)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+class EvalConfig(BaseModel):
+    """Everything `evaluate` needs; `medplib eval` flags map one to one onto these fields."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="model directory, MLflow model URI (models:/NAME@ALIAS, runs:/ID/model) or preset")
+    data: Path = Field(description="prepared dataset folder (the output of `medplib data prepare`)")
+    splits: list[str] = Field(default_factory=lambda: ["test"], min_length=1, description="splits to evaluate")
+    out: Path = Field(Path("eval"), description="output folder (created; files of the same name are replaced)")
+    max_rows: int | None = Field(None, ge=1, description="evaluate at most this many rows per split (file order)")
+    max_new_tokens: int = Field(64, ge=1, description="greedy decoding length limit (upstream eval: 1024)")
+    batch_size: int = Field(8, ge=1, description="rows per generate call inside an actor")
+    concurrency: int | None = Field(
+        None, ge=1, description="actors (one model each); default: one per GPU, or 1 on a CPU-only cluster"
+    )
+    use_gpu: Literal["auto", "yes", "no"] = Field(
+        "auto", description="auto: one GPU per actor when the Ray cluster has GPUs; yes: require them; no: CPU"
+    )
+    cpus_per_actor: float = Field(0.5, gt=0, description="CPUs an actor reserves on a CPU-only cluster")
+    dtype: str | None = Field(None, description="override the model's dtype (float32, bfloat16)")
+    seed: int = Field(0, description="torch seed set before building the model (random-init presets)")
+    model_id: str | None = Field(None, description="label in the records and the report; default: `model`")
+    engine: Literal["ray", "local"] = Field("ray", description="ray: actor pool; local: this process, no Ray")
+    gallery_size: int = Field(4, ge=0, description="best and worst grounding cases shown per split")
+    examples_per_split: int = Field(6, ge=0, description="VQA predictions shown per split in the report")
+    zero_shot_markers: list[str] = Field(
+        default_factory=lambda: list(ZERO_SHOT_MARKERS),
+        description="a split whose name contains one of these is reported as zero-shot (cross-subject/held-out)",
+    )
+    mlflow_run_id: str | None = Field(None, description="log metrics and artifacts to this MLflow run")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: MLflow's own resolution")
+    mlflow_artifact_path: str = Field("eval", description="artifact folder inside the run")
+    mlflow_prefix: str = Field("eval", description="prefix of the logged metric names: PREFIX/SPLIT/...")
+    mlflow_step: int = Field(0, ge=0, description="step of the logged metrics")
+    compare_with: Path | None = Field(None, description="an earlier eval folder: write a before/after comparison")
+    compare_labels: tuple[str, str] = Field(("before", "after"), description="names of the two sides")
+
+    @field_validator("splits")
+    @classmethod
+    def _unique_splits(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"splits must be distinct, got {value}")
+        return value
+
+    @property
+    def label(self) -> str:
+        return self.model_id or self.model
+
+    def split_kind(self, split: str) -> Literal["in_distribution", "zero_shot"]:
+        name = split.lower()
+        return "zero_shot" if any(marker in name for marker in self.zero_shot_markers) else "in_distribution"
+
+
+class EvalResult(BaseModel):
+    """What `evaluate` returns: the paths it wrote and the metrics (also in `metrics.json`)."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    out: Path
+    predictions_path: Path
+    metrics_path: Path
+    report_path: Path
+    plots: list[Path] = Field(description="every PNG written (charts and gallery)")
+    comparison_path: Path | None = None
+    metrics: dict[str, Any]
+    elapsed_s: float
+    rows: int
+
+    def flat_metrics(self, prefix: str = "eval") -> dict[str, float]:
+        """`{"eval/test/grounding/mDice": 0.41, ...}`: see `flatten_metrics`."""
+        return flatten_metrics(self.metrics, prefix)
+
+
+# ------------------------------------------------------------------------------------------- model resolution
+def find_model_dir(path: Path, max_depth: int = 3) -> Path:
+    """The MedPLIB model folder (config.json + model.safetensors) at or below `path` (a downloaded MLflow model
+    keeps it in a sub-folder); `path` itself when none is found (the loader then names what is missing)."""
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return path
+    for depth in range(1, max_depth + 1):
+        pattern = "/".join(["*"] * depth) + "/model.safetensors"
+        for weights in sorted(path.glob(pattern)):
+            if (weights.parent / "config.json").is_file():
+                return weights.parent
+    return path
+
+
+def resolve_model(source: str, tracking_uri: str | None = None) -> str:
+    """A model directory or preset passes through; an MLflow URI is downloaded (into MLflow's cache)."""
+    from medplib.inference import resolve_model_source
+
+    if tracking_uri and source.startswith(MLFLOW_URI_PREFIXES):
+        import mlflow.artifacts
+
+        resolved = mlflow.artifacts.download_artifacts(
+            artifact_uri=source, tracking_uri=tracking_uri, registry_uri=tracking_uri
+        )
+    else:
+        resolved = resolve_model_source(source)
+    path = Path(resolved)
+    return str(find_model_dir(path)) if path.is_dir() else resolved
+
+
+# ------------------------------------------------------------------------------------------------ one batch
+def generation_prompt(enc: Encoded, region_feature_id: int) -> Encoded:
+    """The generation prompt of a prepared (training) row: its tokens up to the first supervised answer token.
+
+    For a single-turn row these are exactly the tokens `encode_sample(..., for_generation=True)` builds (system,
+    `<image>` block, question with `<region><region_feat></region>` triples, assistant prefix): each template
+    piece is tokenised on its own, so the prefix does not depend on the answer. A row whose answer was truncated
+    away entirely keeps all its tokens. Region masks are trimmed to the region tokens left in the prompt (regions
+    of later turns of a multi-turn row); target masks are kept for scoring.
+    """
+    first_answer = next((i for i, label in enumerate(enc.labels) if label != IGNORE_INDEX), len(enc.labels))
+    ids = list(enc.input_ids[:first_answer])
+    num_region_tokens = ids.count(region_feature_id)
+    if num_region_tokens > enc.region_masks.shape[0]:
+        raise ValueError(
+            f"row {enc.sample_id}: the prompt has {num_region_tokens} region tokens but the row stores "
+            f"{enc.region_masks.shape[0]} region masks; prepare the data again"
+        )
+    return Encoded(
+        input_ids=ids,
+        labels=[IGNORE_INDEX] * len(ids),
+        vision_view=enc.vision_view,
+        sam_view=enc.sam_view,
+        sam_geometry=enc.sam_geometry,
+        region_masks=enc.region_masks[:num_region_tokens],
+        target_masks=enc.target_masks,
+        sample_id=enc.sample_id,
+    )
+
+
+@dataclass
+class RowResult:
+    """One evaluated row: its prediction record (JSON-ready) and the predicted masks (bool, original size)."""
+
+    record: dict[str, Any]
+    masks: list[np.ndarray] = field(default_factory=list)
+
+
+def answer_id(model_id: str, split: str, question_id: str) -> str:
+    """A stable id of one answer (upstream uses a random shortuuid; ours repeats across identical runs)."""
+    return hashlib.sha1(f"{model_id}\0{split}\0{question_id}".encode()).hexdigest()[:22]
+
+
+def is_grounding(row: dict[str, Any]) -> bool:
+    return row.get("task") == "grounding" or bool(row.get("target_masks_png"))
+
+
+def predict_rows(
+    model: Any, rows: Sequence[dict[str, Any]], *, max_new_tokens: int, model_id: str, batch_size: int | None = None
+) -> list[RowResult]:
+    """Generate (greedy) and score prepared rows (dicts with `rows.COLUMNS`); results in input order.
+
+    Grounding rows and the rest are decoded in separate `generate` calls (segment=True resp. False), at most
+    `batch_size` rows each. Grounding masks are paired with the row's targets in order; a target without a
+    predicted mask is scored against an empty mask. No Ray here: `EvalWorker` and `engine="local"` call it.
+    """
+    import torch
+
+    from medplib.data.batch import collate
+    from medplib.data.rows import row_to_encoded
+
+    cfg = model.cfg
+    results: list[RowResult | None] = [None] * len(rows)
+    groups = group_indices(is_grounding(row) for row in rows)
+    for grounding, positions in groups.items():
+        step = batch_size or len(positions)
+        for start in range(0, len(positions), step):
+            chunk = positions[start : start + step]
+            prompts = [
+                generation_prompt(row_to_encoded(rows[i], cfg.vision.image_size_px), model.ids.region_feature)
+                for i in chunk
+            ]
+            batch = collate(prompts, cfg, model.ids.pad)
+            began = time.perf_counter()
+            with torch.inference_mode():
+                generations = model.generate(batch, max_new_tokens=max_new_tokens, temperature=0.0, segment=grounding)
+            per_row_s = (time.perf_counter() - began) / len(chunk)
+            for i, prompt, gen in zip(chunk, prompts, generations, strict=True):
+                masks = [model.binarize(logits) for logits in gen.mask_logits]
+                results[i] = _row_result(
+                    rows[i], prompt, gen, masks, model, model_id, max_new_tokens, bool(grounding), per_row_s, len(chunk)
+                )
+    return [r for r in results if r is not None]
+
+
+def _row_result(
+    row: dict[str, Any],
+    prompt: Encoded,
+    gen: Any,
+    masks: list[np.ndarray],
+    model: Any,
+    model_id: str,
+    max_new_tokens: int,
+    segment: bool,
+    generate_s: float,
+    batch_rows: int,
+) -> RowResult:
+    eos = model.tokenizer.eos_token or ""
+    text = gen.text.replace(eos, "").strip() if eos else gen.text.strip()
+    split = str(row.get("split") or "")
+    question_id = str(row["sample_id"])
+    seg_counts: list[list[int]] = []
+    for k, target in enumerate(prompt.target_masks if segment else []):
+        try:
+            intersection, union = mask_intersection_union(masks[k] if k < len(masks) else None, target)
+        except ValueError as err:
+            raise ValueError(f"row {question_id} ({split}), mask {k}: {err}") from err
+        seg_counts.append([intersection, union])
+    ious = [i / u if u else 0.0 for i, u in seg_counts]
+    dices = [2 * i / (i + u) if u else 0.0 for i, u in seg_counts]
+    record = {
+        # upstream MedPLIB / LLaVA-Med answer record
+        "question_id": question_id,
+        "image_path": row.get("image_path"),
+        "prompt": row.get("question"),
+        "gt": row.get("answer"),
+        "text": text,
+        "answer_id": answer_id(model_id, split, question_id),
+        "model_id": model_id,
+        "answer_type": row.get("answer_type") or "open",
+        "metadata": {
+            "num_generated_tokens": len(gen.token_ids),
+            "emitted_seg": model.ids.seg in gen.token_ids,
+            "prompt_tokens": len(prompt.input_ids),
+            "num_regions": int(row.get("num_regions") or 0),
+            "num_region_tokens": int(prompt.region_masks.shape[0]),
+            "segment": segment,
+            "max_new_tokens": max_new_tokens,
+            "temperature": 0.0,
+            "batch_rows": batch_rows,
+            "generate_s": round(generate_s, 6),
+        },
+        # ours
+        "task": row.get("task"),
+        "modality": row.get("modality"),
+        "split": split,
+        "pred_masks": [
+            {"png": None, "size": [int(m.shape[0]), int(m.shape[1])], "pixels": int(m.sum()), "score": float(s)}
+            for m, s in zip(masks, gen.mask_scores, strict=True)
+        ],
+        "seg_counts": seg_counts,
+        "iou": float(np.mean(ious)) if ious else None,
+        "dice": float(np.mean(dices)) if dices else None,
+    }
+    return RowResult(record, masks)
+
+
+# ------------------------------------------------------------------------------------------------ the worker
+class EvalWorker:
+    """A Ray Data actor (`map_batches(EvalWorker, concurrency=N)`): builds one model, then predicts batches.
+
+    Input: an Arrow batch of prepared rows; output: `OUTPUT_SCHEMA` (record JSON + predicted mask PNGs).
+    """
+
+    def __init__(
+        self, model: str, *, seed: int, dtype: str | None, use_gpu: bool, max_new_tokens: int, model_id: str,
+        batch_size: int, tracking_uri: str | None = None,
+    ) -> None:  # fmt: skip
+        import torch
+
+        from medplib.inference import Predictor
+
+        logging.basicConfig(level=logging.INFO)  # a fresh Ray worker has no handler; a no-op elsewhere
+        device = "cuda" if use_gpu and torch.cuda.is_available() else None
+        source = resolve_model(model, tracking_uri)
+        torch.manual_seed(seed)  # a random-init preset builds the same weights in every actor
+        began = time.perf_counter()
+        self.model = Predictor.from_pretrained(source, dtype=dtype, device=device).model
+        logger.info("eval actor: model %s on %s in %.1f s", model, device or "cpu", time.perf_counter() - began)
+        self.max_new_tokens, self.model_id, self.batch_size = max_new_tokens, model_id, batch_size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from medplib.data.rows import png_bytes
+
+        results = predict_rows(
+            self.model, batch.to_pylist(), max_new_tokens=self.max_new_tokens, model_id=self.model_id,
+            batch_size=self.batch_size,
+        )  # fmt: skip
+        return pa.Table.from_pylist(
+            [
+                {"record_json": json.dumps(r.record), "pred_masks_png": [png_bytes(m) for m in r.masks]}
+                for r in results
+            ],
+            schema=OUTPUT_SCHEMA,
+        )
+
+
+def _want_gpus(cfg: EvalConfig) -> bool:
+    if cfg.use_gpu == "no":
+        return False
+    if cfg.engine == "local":
+        import torch
+
+        if cfg.use_gpu == "yes" and not torch.cuda.is_available():
+            raise ValueError("use_gpu=yes but torch sees no CUDA device in this process")
+        return torch.cuda.is_available()
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.use_gpu == "yes" and gpus < 1:
+        raise ValueError("use_gpu=yes but the Ray cluster has no GPU (an actor asking for one would wait forever)")
+    return gpus >= 1
+
+
+def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
+    import ray
+
+    from workflows.preprocess import load_prepared
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)  # or the cluster named by RAY_ADDRESS
+    gpus = _want_gpus(cfg)
+    tracking_uri = cfg.tracking_uri
+    if tracking_uri is None and cfg.model.startswith(MLFLOW_URI_PREFIXES):
+        import mlflow
+
+        tracking_uri = mlflow.get_tracking_uri()  # what this process uses (set_tracking_uri is not inherited)
+    concurrency = cfg.concurrency or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 1)
+    datasets = []
+    for split in cfg.splits:
+        # Ray Data touch-point: the split's Parquet shards, lazily; `limit` stops reading after max_rows.
+        ds = load_prepared(cfg.data, split).select_columns(list(WORKER_COLUMNS))
+        datasets.append(ds.limit(cfg.max_rows) if cfg.max_rows else ds)
+    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    # Ray Data touch-point: an actor pool of `concurrency` EvalWorkers, each holding one model (one GPU each
+    # when there are GPUs; a fraction of a CPU otherwise, leaving CPU to the read tasks: stack.md 9.2).
+    predicted = ds.map_batches(
+        EvalWorker,
+        fn_constructor_kwargs={
+            "model": cfg.model, "seed": cfg.seed, "dtype": cfg.dtype, "use_gpu": gpus,
+            "max_new_tokens": cfg.max_new_tokens, "model_id": cfg.label, "batch_size": cfg.batch_size,
+            "tracking_uri": tracking_uri,
+        },  # fmt: skip
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        concurrency=concurrency,
+        num_gpus=1 if gpus else 0,
+        num_cpus=1 if gpus else cfg.cpus_per_actor,
+    )
+    logger.info("eval: %d actor(s) on %s, splits %s", concurrency, "GPU" if gpus else "CPU", ", ".join(cfg.splits))
+    # Ray Data touch-point: results stream back to the driver batch by batch (records are small; masks are PNG).
+    for row in predicted.iter_rows():
+        yield row["record_json"], list(row["pred_masks_png"] or [])
+
+
+def _iter_outputs_local(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
+    from medplib.data.prepared import iter_prepared_rows
+
+    worker = EvalWorker(
+        cfg.model, seed=cfg.seed, dtype=cfg.dtype, use_gpu=_want_gpus(cfg), max_new_tokens=cfg.max_new_tokens,
+        model_id=cfg.label, batch_size=cfg.batch_size, tracking_uri=cfg.tracking_uri,
+    )  # fmt: skip
+    for split in cfg.splits:
+        rows = iter_prepared_rows(cfg.data, split, columns=WORKER_COLUMNS, batch_rows=cfg.batch_size)
+        taken = 0
+        while cfg.max_rows is None or taken < cfg.max_rows:
+            room = cfg.batch_size if cfg.max_rows is None else min(cfg.batch_size, cfg.max_rows - taken)
+            chunk = [row for _, row in zip(range(room), rows, strict=False)]
+            if not chunk:
+                break
+            taken += len(chunk)
+            table = worker(pa.Table.from_pylist(chunk))
+            for row in table.to_pylist():
+                yield row["record_json"], row["pred_masks_png"] or []
+
+
+# -------------------------------------------------------------------------------------------------- metrics
+def _finite(value: Any) -> Any:
+    """NaN/inf -> None, recursively (strict JSON; NaN means "no such rows")."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _is_grounding_record(record: dict[str, Any]) -> bool:
+    return record["task"] == "grounding" or bool(record["seg_counts"])
+
+
+def _seg_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    pairs = [pair for r in records for pair in r["seg_counts"]]
+    if not records:
+        return None
+    scores = segmentation_scores_from_counts([p[0] for p in pairs], [p[1] for p in pairs])
+    scores["rows"] = len(records)
+    scores["unscored_rows"] = sum(1 for r in records if not r["seg_counts"])
+    scores["seg_token_rate"] = float(np.mean([bool(r["metadata"]["emitted_seg"]) for r in records]))
+    return scores
+
+
+def _vqa_summary(records: Sequence[dict[str, Any]], keep_modality: bool = False) -> dict[str, Any] | None:
+    if not records:
+        return None
+    scores = vqa_scores(records)
+    if not keep_modality:
+        scores.pop("by_modality", None)
+    return scores
+
+
+def split_metrics(records: Sequence[dict[str, Any]], kind: str = "in_distribution") -> dict[str, Any]:
+    """Metrics of one split's prediction records (NaN where a group has no rows; `_finite` turns it into null).
+
+    `grounding`: `medplib.metrics.segmentation_scores` over every (predicted, target) mask pair of the grounding
+    rows (mIoU, mDice, gIoU, cIoU, n pairs) plus `rows`, `unscored_rows` (no target mask) and `seg_token_rate`
+    (rows where the model emitted `<SEG>` itself rather than the segment=True fallback). `vqa`: `vqa_scores` of
+    the other rows (VQA and region VQA), with `by_answer_type`. `by_task` and `by_modality` repeat both.
+    """
+    def sections(subset: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "rows": len(subset),
+            "grounding": _seg_summary([r for r in subset if _is_grounding_record(r)]),
+            "vqa": _vqa_summary([r for r in subset if not _is_grounding_record(r)]),
+        }
+
+    overall = sections(records)
+    by_task = {
+        str(task): sections([records[i] for i in idx])
+        for task, idx in group_indices(str(r["task"]) for r in records).items()
+    }
+    by_modality = {
+        str(modality): sections([records[i] for i in idx])
+        for modality, idx in group_indices(str(r["modality"]) for r in records).items()
+    }
+    generate_s = sum(float(r["metadata"]["generate_s"]) for r in records)
+    tokens = sum(int(r["metadata"]["num_generated_tokens"]) for r in records)
+    return {
+        "kind": kind,
+        **overall,
+        "by_task": by_task,
+        "by_modality": by_modality,
+        "generation": {
+            "generate_s": round(generate_s, 3),
+            "generated_tokens": tokens,
+            "rows_per_generate_s": round(len(records) / generate_s, 3) if generate_s > 0 else None,
+            "tokens_per_generate_s": round(tokens / generate_s, 1) if generate_s > 0 else None,
+        },
+    }
+
+
+def compute_metrics(records: Sequence[dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
+    """`metrics.json`: run description plus `splits: {split: split_metrics}` in the order asked for."""
+    by_split = group_indices(r["split"] for r in records)
+    splits = {}
+    for split in cfg.splits:
+        subset = [records[i] for i in by_split.get(split, [])]
+        splits[split] = split_metrics(subset, cfg.split_kind(split))
+    return _finite(
+        {
+            "model": cfg.model,
+            "model_id": cfg.label,
+            "data": str(cfg.data),
+            "splits_order": list(cfg.splits),
+            "max_rows": cfg.max_rows,
+            "max_new_tokens": cfg.max_new_tokens,
+            "decoding": "greedy",
+            "scale": "fractions in [0, 1] (the report shows x100)",
+            "splits": splits,
+        }
+    )
+
+
+_METRIC_NAME_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+def flatten_metrics(metrics: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
+    """Numbers of `metrics.json` as MLflow metric names: `PREFIX/SPLIT/grounding/mDice`,
+    `PREFIX/SPLIT/by_modality/mri/vqa/closed_accuracy`, ...; nulls are left out."""
+    flat: dict[str, float] = {}
+
+    def walk(node: Any, path: list[str]) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, [*path, str(key)])
+        elif isinstance(node, (int, float)) and not isinstance(node, bool) and math.isfinite(node):
+            flat[_METRIC_NAME_BAD.sub("_", "/".join(path))] = float(node)
+
+    for split, section in metrics.get("splits", {}).items():
+        walk({k: v for k, v in section.items() if k != "kind"}, [prefix, split])
+    return flat
+
+
+# --------------------------------------------------------------------------------------------------- driver
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:150]
+
+
+def _write_outputs(
+    cfg: EvalConfig, outputs: Iterable[tuple[str, list[bytes]]]
+) -> list[dict[str, Any]]:
+    """Mask PNGs to `masks/<split>/`, records collected and sorted (split order asked for, then id)."""
+    records = []
+    for record_json, mask_pngs in outputs:
+        record = json.loads(record_json)
+        for k, data in enumerate(mask_pngs):
+            relative = Path("masks") / _safe_name(record["split"]) / f"{_safe_name(record['question_id'])}_{k}.png"
+            (cfg.out / relative).parent.mkdir(parents=True, exist_ok=True)
+            (cfg.out / relative).write_bytes(data)
+            record["pred_masks"][k]["png"] = relative.as_posix()
+        records.append(record)
+        if len(records) % 100 == 0:
+            logger.info("eval: %d rows predicted", len(records))
+    order = {split: i for i, split in enumerate(cfg.splits)}
+    records.sort(key=lambda r: (order.get(r["split"], len(order)), r["question_id"]))
+    return records
+
+
+def evaluate(config: EvalConfig | None = None, **fields: Any) -> EvalResult:
+    """Evaluate a model on prepared splits; see the module docstring. Pass an `EvalConfig` or its fields."""
+    cfg = config.model_copy(update=fields) if config is not None else EvalConfig(**fields)
+    cfg = EvalConfig.model_validate(cfg.model_dump())
+    began = time.perf_counter()
+    from medplib.data.prepared import read_manifest, shard_files
+
+    read_manifest(cfg.data)
+    for split in cfg.splits:
+        shard_files(cfg.data, split)  # ValueError naming the prepared splits, before any model is built
+    if cfg.compare_with is not None and not (cfg.compare_with / METRICS_NAME).is_file():
+        raise FileNotFoundError(f"compare_with: {cfg.compare_with / METRICS_NAME} not found (an eval output folder)")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+
+    outputs = _iter_outputs_ray(cfg) if cfg.engine == "ray" else _iter_outputs_local(cfg)
+    records = _write_outputs(cfg, outputs)
+    predictions_path = cfg.out / PREDICTIONS_NAME
+    with predictions_path.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    inference_s = time.perf_counter() - began
+
+    metrics = compute_metrics(records, cfg)
+    metrics["elapsed_s"] = round(inference_s, 3)
+    metrics["rows_per_s"] = round(len(records) / inference_s, 3) if inference_s > 0 else None
+    metrics_path = cfg.out / METRICS_NAME
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+
+    from workflows.report import write_comparison_report, write_report
+
+    comparison_path = None
+    comparison = None
+    if cfg.compare_with is not None:
+        comparison_path = write_comparison_report(cfg.compare_with, cfg.out, cfg.out, labels=cfg.compare_labels)
+        comparison = json.loads((cfg.out / "comparison.json").read_text())
+    report = write_report(cfg, metrics, records, comparison=comparison)
+    elapsed = time.perf_counter() - began
+    result = EvalResult(
+        out=cfg.out,
+        predictions_path=predictions_path,
+        metrics_path=metrics_path,
+        report_path=report.html,
+        plots=report.pngs + ([p for p in (cfg.out / "plots").glob("comparison_*.png")] if comparison else []),
+        comparison_path=comparison_path,
+        metrics=metrics,
+        elapsed_s=round(elapsed, 3),
+        rows=len(records),
+    )
+    logger.info("eval: %d rows in %.1f s (%.2f rows/s); wrote %s", len(records), elapsed,
+                metrics["rows_per_s"] or 0.0, report.html)
+    if cfg.mlflow_run_id:
+        log_to_mlflow(result, cfg)
+    return result
+
+
+def log_to_mlflow(result: EvalResult, cfg: EvalConfig) -> None:
+    """Flattened metrics and the report files (not the mask PNGs) to run `cfg.mlflow_run_id`.
+
+    Uses `MlflowClient` on the run id, so it works whether or not that run is the active one in this process.
+    """
+    import mlflow
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.tracking_uri) if cfg.tracking_uri else MlflowClient()
+    run_id = cfg.mlflow_run_id
+    assert run_id is not None
+    now_ms = int(time.time() * 1000)
+    metrics = [Metric(k, v, now_ms, cfg.mlflow_step) for k, v in result.flat_metrics(cfg.mlflow_prefix).items()]
+    for start in range(0, len(metrics), 1000):  # log_batch takes at most 1000 metrics
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+    files = [result.report_path, result.metrics_path, result.predictions_path]
+    if result.comparison_path is not None:
+        files += [result.comparison_path, result.out / "comparison.json"]
+    for path in files:
+        client.log_artifact(run_id, str(path), cfg.mlflow_artifact_path)
+    for folder in ("plots", "gallery"):
+        if (result.out / folder).is_dir():
+            client.log_artifacts(run_id, str(result.out / folder), f"{cfg.mlflow_artifact_path}/{folder}")
+    logger.info("eval: logged %d metrics and the report to MLflow run %s (%s)", len(metrics), run_id,
+                mlflow.get_tracking_uri() if not cfg.tracking_uri else cfg.tracking_uri)

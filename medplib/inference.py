@@ -42,6 +42,16 @@ class Request:
     regions: list[Region] = field(default_factory=list)
 
 
+def resolve_model_source(source: str) -> str:
+    """An MLflow model URI (`models:/medplib@champion`, `runs:/ID/model`) is downloaded to a local directory;
+    anything else (a model directory, a preset name) passes through. mlflow is imported only when needed."""
+    if source.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        import mlflow
+
+        return mlflow.artifacts.download_artifacts(artifact_uri=source)
+    return source
+
+
 def question_with_regions(question: str, num_regions: int) -> str:
     """Normalise region markers to `<region></region>`; append one per region when the text has none."""
     found = len(_REGION_MARK.findall(question))

@@ -26,9 +26,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="answer a question about an image, with an optional region prompt, and save the masks",
         description="Run the model on one image. The answer and the masks (one PNG per <SEG>, next to --out) "
         "are written to --out. --model takes a model directory, an MLflow model URI (models:/medplib@champion, "
-        "runs:/ID/model) or a preset name (tiny builds at random init).",
+        "runs:/ID/model) or a preset name (tiny builds at random init). With --endpoint URL the question goes to a "
+        "running `medplib serve` server instead (API key from $MEDPLIB_API_KEY).",
     )
-    p.add_argument("--model", required=True, help="model directory, MLflow model URI, or preset name")
+    p.add_argument("--model", help="model directory, MLflow model URI, or preset name")
+    p.add_argument("--endpoint", metavar="URL", help="a MedPLIB server (http://127.0.0.1:8000) instead of --model")
     p.add_argument("--image", required=True, help="PNG/JPEG, DICOM (.dcm) or NIfTI (.nii/.nii.gz: middle slice)")
     p.add_argument("--question", required=True, help='the question; mark regions with "<region>" (optional)')
     p.add_argument("--point", action="append", default=[], metavar="X,Y", help="point prompt (pixels; repeatable)")
@@ -47,28 +49,38 @@ def register(commands: argparse._SubParsersAction) -> None:
     s.set_defaults(handler=_summary)
 
 
-def resolve_model_source(source: str) -> str:
-    """An MLflow model URI is downloaded to a local directory; anything else passes through."""
-    if source.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
-        import mlflow
-
-        return mlflow.artifacts.download_artifacts(artifact_uri=source)
-    return source
-
-
 def _predict(args: argparse.Namespace) -> int:
     from medplib.data.rows import png_bytes
-    from medplib.data.schema import Box, MaskRef, Point
-    from medplib.inference import Predictor
 
-    regions = [Point(x=x, y=y) for x, y in (_floats(v, 2, "--point") for v in args.point)]
-    regions += [Box(x0=a, y0=b, x1=c, y1=d) for a, b, c, d in (_floats(v, 4, "--box") for v in args.box)]
-    regions += [MaskRef(path=str(Path(m).resolve())) for m in args.mask]
-    predictor = Predictor.from_pretrained(resolve_model_source(args.model))
-    pred = predictor.predict(
-        args.image, args.question, regions,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, segment=args.segment,
-    )  # fmt: skip
+    if (args.model is None) == (args.endpoint is None):
+        raise ValueError("predict needs exactly one of --model (run the model here) or --endpoint (ask a server)")
+    points = [_floats(v, 2, "--point") for v in args.point]
+    boxes = [_floats(v, 4, "--box") for v in args.box]
+    if args.endpoint:
+        import httpx
+
+        from serve.client import MedPLIBAPIError, MedPLIBClient
+
+        try:
+            with MedPLIBClient(args.endpoint) as client:
+                pred = client.predict(
+                    args.image, args.question, point=points, box=boxes, mask=list(args.mask),
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, segment=args.segment,
+                )  # fmt: skip
+        except (MedPLIBAPIError, httpx.HTTPError) as err:
+            raise ValueError(f"{args.endpoint}: {err}") from err
+    else:
+        from medplib.data.schema import Box, MaskRef, Point
+        from medplib.inference import Predictor, resolve_model_source
+
+        regions = [Point(x=x, y=y) for x, y in points]
+        regions += [Box(x0=a, y0=b, x1=c, y1=d) for a, b, c, d in boxes]
+        regions += [MaskRef(path=str(Path(m).resolve())) for m in args.mask]
+        predictor = Predictor.from_pretrained(resolve_model_source(args.model))
+        pred = predictor.predict(
+            args.image, args.question, regions,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, segment=args.segment,
+        )  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     mask_files = []

@@ -1,0 +1,350 @@
+"""The HTTP API: a FastAPI app built per replica around a `Backend` (Ray Serve's replica, or `LocalBackend`).
+
+`create_api(backend)` returns the app. Routes: `POST /v1/chat/completions` (OpenAI-compatible, SSE streaming),
+`POST /v1/predict` (native), `GET /v1/models`, `GET /healthz`, plus FastAPI's `/docs` and `/openapi.json`.
+
+Before a route sees a request, `GuardMiddleware` checks, in this order: the API key (401), the content type of a
+POST (415), the body size (413, from Content-Length before any byte is read, and while reading). Every error is
+OpenAI's `{"error": {"message", "type", "param", "code"}}`; client mistakes are 4xx naming the field, and an
+unexpected exception is a 500 whose `error_id` is logged with the traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve.schemas import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    ErrorBody,
+    ErrorResponse,
+    Health,
+    ImagePart,
+    ModelList,
+    PredictRequest,
+    PredictResponse,
+)
+from serve.service import APIError, Job, JobResult, MedPLIBService
+
+logger = logging.getLogger("ray.serve.medplib")
+
+PUBLIC_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+ROUTES = frozenset({"/v1/chat/completions", "/v1/predict", "/v1/models", "/healthz"})
+INLINE_DECODE_CHARS = 512 * 1024  # base64 characters of image data decoded on the event loop
+
+
+class Backend(Protocol):
+    """What the API needs from whoever runs the model."""
+
+    service: MedPLIBService
+    api_key: str | None
+    arriving: int  # requests being parsed, not yet handed to `generate`
+
+    async def generate(self, job: Job) -> JobResult: ...
+
+    def record_request(self, route: str, status: int, latency_s: float) -> None: ...
+
+    def record_error(self, kind: str) -> None: ...
+
+    def record_result(self, result: JobResult, masks_returned: int) -> None: ...
+
+
+class LocalBackend:
+    """Runs jobs one at a time in a thread, no Ray: for tests and for debugging the API in one process."""
+
+    def __init__(self, service: MedPLIBService, api_key: str | None = None) -> None:
+        self.service = service
+        self.api_key = api_key
+        self.arriving = 0
+        self.errors: dict[str, int] = {}
+
+    async def generate(self, job: Job) -> JobResult:
+        return (await asyncio.to_thread(self.service.run_batch, [job]))[0]
+
+    def record_request(self, route: str, status: int, latency_s: float) -> None:
+        pass
+
+    def record_error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def record_result(self, result: JobResult, masks_returned: int) -> None:
+        pass
+
+
+def error_json(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(
+        ErrorResponse(error=body).model_dump(exclude_none=True), status_code=status, headers=headers
+    )
+
+
+def api_error_response(err: APIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return error_json(err.status, ErrorBody(message=err.message, type=err.type, param=err.param, code=err.code),
+                      headers)  # fmt: skip
+
+
+def internal_error(backend: Backend | None, exc: BaseException, where: str) -> ErrorBody:
+    """Log `exc` with a fresh error id and return the body the client gets (the id, no internals)."""
+    error_id = uuid.uuid4().hex[:16]
+    logger.error("error_id=%s: %s failed: %s: %s", error_id, where, type(exc).__name__, exc, exc_info=exc)
+    if backend is not None:
+        backend.record_error("internal")
+    return ErrorBody(message=f"internal server error (error_id {error_id}); the server log has the details",
+                     type="server_error", code="internal_error", error_id=error_id)  # fmt: skip
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised while reading a body past the limit; an HTTPException so FastAPI's body parser lets it through."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(status_code=413, detail=message)
+
+
+class GuardMiddleware:
+    """API key, content type and body size checks, request metrics, and the last-resort 500 (pure ASGI)."""
+
+    def __init__(self, app: ASGIApp, backend: Backend, max_request_bytes: int) -> None:
+        self.app = app
+        self.backend = backend
+        self.max_bytes = max_request_bytes
+
+    def _check(self, scope: Scope, path: str) -> APIError | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        key = self.backend.api_key
+        if key and path not in PUBLIC_PATHS:
+            auth = headers.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            if not auth:
+                return APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                                "Authorization", "missing_api_key")  # fmt: skip
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+                return APIError(401, "invalid API key in the Authorization header", "Authorization")
+        if scope["method"] == "POST":
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return APIError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}",
+                                "Content-Type")  # fmt: skip
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                return APIError(400, f"Content-Length {length!r} is not a number", "Content-Length")
+            if int(length) > self.max_bytes:
+                return self._too_large(int(length))
+        return None
+
+    def _too_large(self, size: int | None) -> APIError:
+        what = f"{size} bytes" if size is not None else "larger than that"
+        return APIError(413, f"request body is {what}; this server takes at most {self.max_bytes} bytes "
+                             "(limits.max_request_bytes)", "body", "request_too_large")  # fmt: skip
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        root = scope.get("root_path", "")
+        path = scope["path"]
+        path = path[len(root) :] if root and path.startswith(root) else path
+        route = path if path in ROUTES else "other"
+        started = time.perf_counter()
+        state = {"status": 0}
+
+        async def send_tracked(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+            await send(message)
+
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge(self._too_large(None).message)
+            return message
+
+        try:
+            problem = self._check(scope, path)
+            if problem is not None:
+                self.backend.record_error(problem.code or "client")
+                await api_error_response(problem)(scope, receive, send_tracked)
+                return
+            await self.app(scope, receive_limited, send_tracked)
+        except _BodyTooLarge:
+            if not state["status"]:
+                self.backend.record_error("request_too_large")
+                await api_error_response(self._too_large(None))(scope, receive, send_tracked)
+        except Exception as exc:  # noqa: BLE001 - the one place an unexpected error becomes a 500
+            body = internal_error(self.backend, exc, f"{scope['method']} {path}")
+            if not state["status"]:
+                await error_json(500, body)(scope, receive, send_tracked)
+        finally:
+            self.backend.record_request(route, state["status"] or 500, time.perf_counter() - started)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "body"
+
+
+def _sse(payload: Any) -> str:
+    text = payload if isinstance(payload, str) else payload.model_dump_json(exclude_none=True)
+    return f"data: {text}\n\n"
+
+
+def create_api(backend: Backend) -> FastAPI:
+    """The FastAPI app around `backend` (one per replica)."""
+    service = backend.service
+    limits = service.args.limits
+    api = FastAPI(
+        title="MedPLIB",
+        version="1",
+        description="Biomedical VQA with region prompts and pixel-level grounding. OpenAI-compatible chat "
+        "completions (masks in the `medplib` object) and a native /v1/predict.",
+    )
+    errors = {
+        code: {"model": ErrorResponse, "description": text}
+        for code, text in [(400, "bad request: the message names the field"), (401, "missing or wrong API key"),
+                           (413, "body or image too large"), (415, "not JSON, or not an image"),
+                           (422, "a field failed validation"), (500, "server error (with error_id)"),
+                           (504, "the model did not answer in time")]
+    }  # fmt: skip
+
+    @api.exception_handler(APIError)
+    async def _api_error(_: Request, err: APIError) -> JSONResponse:
+        backend.record_error(err.code or "client")
+        return api_error_response(err)
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation(_: Request, err: RequestValidationError) -> JSONResponse:
+        problems = err.errors()
+        first = problems[0] if problems else {"loc": ("body",), "msg": "invalid request", "type": "invalid"}
+        if first.get("type") == "json_invalid":
+            backend.record_error("invalid_json")
+            detail = first.get("ctx", {}).get("error", first["msg"])
+            body = ErrorBody(message=f"request body is not valid JSON: {detail}", type="invalid_request_error",
+                             param="body", code="invalid_json")  # fmt: skip
+            return error_json(400, body)
+        messages = [
+            f"{_loc(tuple(p['loc']))}: {p['msg'].removeprefix('Value error, ')}" for p in problems[:5]
+        ]
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        backend.record_error("validation")
+        return error_json(422, ErrorBody(message="; ".join(messages) + more, type="invalid_request_error",
+                                         param=_loc(tuple(first["loc"])), code="invalid_value"))  # fmt: skip
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(err.status_code)
+        backend.record_error(code or f"http_{err.status_code}")
+        return error_json(
+            err.status_code,
+            ErrorBody(
+                message=str(err.detail),
+                type="invalid_request_error",
+                param="body" if err.status_code == 413 else None,
+                code=code,
+            ),
+        )
+
+    api.add_middleware(GuardMiddleware, backend=backend, max_request_bytes=limits.max_request_bytes)
+
+    async def parse(build: Any, body: Any, payload_chars: int) -> Job:
+        # Decoding a small image (~1 ms) inline is cheaper than a thread hop, which waits for the GIL while the
+        # model thread runs; a big one goes to a thread so the event loop keeps taking requests.
+        backend.arriving += (
+            1  # requests on their way to the batch queue (the deployment's batch wait reads it)
+        )
+        try:
+            if payload_chars <= INLINE_DECODE_CHARS:
+                return build(body)
+            return await asyncio.to_thread(build, body)
+        finally:
+            backend.arriving -= 1
+
+    async def run(job: Job) -> JobResult:
+        try:
+            result = await asyncio.wait_for(backend.generate(job), timeout=limits.request_timeout_s)
+        except asyncio.TimeoutError as err:
+            raise APIError(504, f"the model did not answer within {limits.request_timeout_s:g} s "
+                                "(limits.request_timeout_s)", code="timeout") from err  # fmt: skip
+        if result.error is not None:
+            raise result.error
+        backend.record_result(result, len(result.masks) if job.return_masks else 0)
+        return result
+
+    stream_doc = {
+        "content": {"text/event-stream": {}},
+        "description": "a completion, or SSE chunks with stream",
+    }
+
+    @api.post("/v1/chat/completions", response_model=ChatCompletion, responses={**errors, 200: stream_doc})
+    async def chat_completions(body: ChatCompletionRequest) -> Any:
+        """OpenAI chat completion; the `medplib` object of the request carries region prompts, of the response the
+        masks. With `stream: true` the answer comes as server-sent events ending in `data: [DONE]`."""
+        size = sum(len(p.image_url.url) for m in body.messages for p in m.content if isinstance(p, ImagePart))
+        job = await parse(service.job_from_chat, body, size)
+        if not body.stream:
+            return service.chat_response(job, await run(job))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def events() -> AsyncIterator[str]:
+            yield _sse(service.chat_first_chunk(job))
+            try:
+                result = await run(job)
+                for chunk in service.chat_chunks(job, result, include_usage):
+                    yield _sse(chunk)
+            except APIError as err:
+                backend.record_error(err.code or "client")
+                yield _sse(ErrorResponse(error=ErrorBody(message=err.message, type=err.type, param=err.param,
+                                                         code=err.code)))  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream
+                yield _sse(
+                    ErrorResponse(error=internal_error(backend, exc, "POST /v1/chat/completions (stream)"))
+                )
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+
+    @api.post("/v1/predict", response_model=PredictResponse, responses=errors)
+    async def predict(body: PredictRequest) -> PredictResponse:
+        """Native prediction: image (base64), question, region prompts -> answer, masks, timings."""
+        job = await parse(service.job_from_predict, body, len(body.image))
+        return service.predict_response(job, await run(job))
+
+    @api.get("/v1/models", response_model=ModelList, responses={401: errors[401]})
+    async def models() -> ModelList:
+        """The model this deployment serves (OpenAI's list format)."""
+        return service.models()
+
+    @api.get("/healthz", response_model=Health, responses={503: {"model": Health}})
+    async def healthz() -> Any:
+        """Liveness without running the model (Serve's own health check runs a probe); no API key needed."""
+        ago = None if service.last_success_s is None else time.monotonic() - service.last_success_s
+        if service.last_failure is not None:
+            detail = f"last model call failed: {type(service.last_failure).__name__}"
+            return JSONResponse(Health(status="unhealthy", model=service.name, last_success_s_ago=ago,
+                                       detail=detail).model_dump(), status_code=503)  # fmt: skip
+        return Health(status="ok", model=service.name, last_success_s_ago=ago)
+
+    return api

@@ -1,0 +1,177 @@
+"""A small Python client for the MedPLIB server's native API (no Ray, no torch: httpx, numpy, Pillow).
+
+    from serve.client import MedPLIBClient
+    client = MedPLIBClient("http://127.0.0.1:8000")          # API key: api_key= or $MEDPLIB_API_KEY
+    result = client.predict("scan.png", "Please segment the liver.", box=(10, 20, 120, 140), segment=True)
+    result.answer, result.masks[0].shape                    # masks are bool numpy arrays at the image size
+    result.save_masks("out/scan")                           # out/scan_mask0.png, ...
+
+For the OpenAI-compatible route use any OpenAI client with `base_url=URL + "/v1"` and
+`extra_body={"medplib": {...}}` (see serve/schemas.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from serve.masks import b64decode, decode_rle, encode_rle, png_decode, png_encode
+
+Pair = tuple[float, float]
+Quad = tuple[float, float, float, float]
+
+
+class MedPLIBAPIError(RuntimeError):
+    """The server refused or failed a request; `status`, `param` (the field at fault) and `error_id` say why."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, error_id: str | None = None
+    ) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+        self.param = param
+        self.error_id = error_id
+
+
+@dataclass
+class PredictResult:
+    """The answer and one bool (H, W) mask per `<SEG>`, with the server's scores and timings."""
+
+    answer: str
+    masks: list[np.ndarray] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    num_generated_tokens: int = 0
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        """The answer (the name `medplib.inference.Prediction` uses)."""
+        return self.answer
+
+    def save_masks(self, prefix: str | Path) -> list[Path]:
+        """Write `<prefix>_mask<i>.png` (0/255) for each mask; returns the paths."""
+        prefix = Path(prefix)
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, mask in enumerate(self.masks):
+            path = prefix.with_name(f"{prefix.name}_mask{i}.png")
+            path.write_bytes(png_encode(mask))
+            paths.append(path)
+        return paths
+
+
+def _image_bytes(image: str | Path | bytes | np.ndarray | Image.Image) -> bytes:
+    if isinstance(image, (str, Path)):
+        return Path(image).read_bytes()  # sent as is: the server reads PNG, JPEG, DICOM and NIfTI
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image.astype(np.uint8) * 255 if image.dtype == bool else image)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _many(value: Any, arity: int) -> list[Sequence[float]]:
+    """One pair/quad or a list of them -> a list."""
+    if value is None:
+        return []
+    if len(value) == arity and all(isinstance(v, (int, float)) for v in value):
+        return [value]
+    return list(value)
+
+
+def _mask_region(mask: str | Path | np.ndarray) -> dict[str, Any]:
+    if isinstance(mask, (str, Path)):
+        return {"kind": "mask", "png_base64": base64.b64encode(Path(mask).read_bytes()).decode("ascii")}
+    return {"kind": "mask", "rle": encode_rle(np.asarray(mask).astype(bool))}
+
+
+def decode_mask(item: dict[str, Any]) -> np.ndarray:
+    """A `MaskOut` of a response -> bool (H, W)."""
+    if item.get("rle"):
+        return decode_rle(item["rle"])
+    if item.get("png_base64"):
+        return png_decode(b64decode(item["png_base64"], "png_base64"))
+    raise ValueError("the response mask carries neither 'rle' nor 'png_base64' (mask_encoding)")
+
+
+class MedPLIBClient:
+    """Talks to `POST /v1/predict`, `GET /v1/models` and `GET /healthz` of a MedPLIB server."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 120.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        key = api_key if api_key is not None else os.environ.get("MEDPLIB_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> MedPLIBClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check(self, response: httpx.Response) -> dict[str, Any]:
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        if response.status_code >= 400:
+            err = body.get("error", {}) if isinstance(body, dict) else {}
+            raise MedPLIBAPIError(response.status_code, err.get("message", response.text[:500]), err.get("param"),
+                                  err.get("error_id"))  # fmt: skip
+        return body
+
+    def predict(
+        self,
+        image: str | Path | bytes | np.ndarray | Image.Image,
+        question: str,
+        *,
+        point: Pair | Sequence[Pair] | None = None,
+        box: Quad | Sequence[Quad] | None = None,
+        mask: str | Path | np.ndarray | Sequence[str | Path | np.ndarray] | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        segment: bool = False,
+    ) -> PredictResult:
+        """Ask `question` about `image` with optional region prompts (pixels; one or a list of each kind; used in
+        the order points, boxes, masks). A mask is a PNG path or a bool array of the image's size."""
+        regions: list[dict[str, Any]] = [{"kind": "point", "x": x, "y": y} for x, y in _many(point, 2)]
+        regions += [{"kind": "box", "x0": a, "y0": b, "x1": c, "y1": d} for a, b, c, d in _many(box, 4)]
+        masks = [] if mask is None else [mask] if isinstance(mask, (str, Path, np.ndarray)) else list(mask)
+        regions += [_mask_region(m) for m in masks]
+        payload = {
+            "image": base64.b64encode(_image_bytes(image)).decode("ascii"),
+            "question": question,
+            "regions": regions,
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "segment": segment,
+            "mask_encoding": "rle",
+        }
+        body = self._check(self._http.post("/v1/predict", json=payload))
+        return PredictResult(
+            answer=body["answer"], masks=[decode_mask(m) for m in body["masks"]],
+            scores=[m["score"] for m in body["masks"]], timings=body.get("timings", {}),
+            num_generated_tokens=body.get("num_generated_tokens", 0), raw=body,
+        )  # fmt: skip
+
+    def models(self) -> list[str]:
+        return [m["id"] for m in self._check(self._http.get("/v1/models"))["data"]]
+
+    def health(self) -> dict[str, Any]:
+        return self._check(self._http.get("/healthz"))

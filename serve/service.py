@@ -1,0 +1,488 @@
+"""What a replica does, without Ray: turn API requests into model jobs, run jobs in batches, build responses.
+
+`MedPLIBService` holds the `Predictor`. Every check that can fail because of the client (the image, the regions,
+the limits, the question) happens in `job_from_chat` / `job_from_predict`, before a request joins a batch, so one
+bad request never fails its batch-mates; each raises `APIError` with the HTTP status, the field at fault and a
+message saying what was expected. `run_batch` is the one place the model runs (Serve's `@serve.batch` calls it
+with up to `max_batch_size` jobs).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from serve.config import AppArgs
+from serve.masks import MaskFormatError, b64decode, b64encode, decode_rle, encode_rle, png_decode, png_encode
+from serve.schemas import (
+    AssistantMessage,
+    BoxPrompt,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ImagePart,
+    MaskEncoding,
+    MaskOut,
+    MaskPrompt,
+    MaskRLE,
+    MedPLIBResult,
+    ModelCard,
+    ModelList,
+    PointPrompt,
+    PredictRequest,
+    PredictResponse,
+    TextPart,
+    Timings,
+    Usage,
+)
+
+logger = logging.getLogger(__name__)
+
+# Media types a data URL may carry: images Pillow reads, DICOM, NIfTI (often sent as octet-stream or gzip).
+_ACCEPTED_MEDIA = ("image/", "application/dicom", "application/octet-stream", "application/gzip",
+                   "application/x-gzip", "application/x-nifti")  # fmt: skip
+_DATA_URL = re.compile(r"^data:(?P<media>[^;,]*)(?P<params>(;[^;,]*)*),(?P<data>.*)$", re.DOTALL)
+
+
+class APIError(Exception):
+    """A request the server will not run; becomes an OpenAI-style error body with this HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code or {400: "invalid_request", 401: "invalid_api_key", 404: "not_found",
+                             413: "too_large", 415: "unsupported_media_type", 422: "invalid_value",
+                             503: "unavailable", 504: "timeout"}.get(status, "error")  # fmt: skip
+        self.type = type_ or (
+            "authentication_error"
+            if status == 401
+            else "invalid_request_error"
+            if status < 500
+            else "server_error"
+        )
+
+
+@dataclass
+class Job:
+    """One validated request, ready for the model."""
+
+    image: np.ndarray  # uint8 (H, W, 3)
+    question: str  # with one <region></region> per region
+    regions: list[Any]  # Point | Box | bool (H, W) arrays
+    max_new_tokens: int
+    temperature: float
+    segment: bool
+    prompt_tokens: int
+    return_masks: bool = True
+    mask_encoding: MaskEncoding = "both"
+    created_s: float = field(default_factory=time.perf_counter)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+
+
+@dataclass
+class JobResult:
+    """What the model made of one job, or the error that stopped it."""
+
+    text: str = ""
+    masks: list[np.ndarray] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    num_generated_tokens: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 1
+    started_s: float = 0.0  # time.perf_counter() when its model pass began
+    error: BaseException | None = None
+
+
+def parse_data_url(url: str, param: str) -> bytes:
+    """`data:<media>;base64,<data>` -> bytes. Remote URLs are refused (400), non-image media types get 415."""
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url):
+        raise APIError(
+            400,
+            f"{param}: only data URLs are accepted (data:image/png;base64,...); this server does not fetch "
+            f"remote URLs ({url.split('://', 1)[0]}://...). Send the image inline.",
+            param,
+            "remote_url_not_supported",
+        )
+    match = _DATA_URL.match(url)
+    if not match:
+        raise APIError(400, f"{param}: not a data URL; expected data:image/png;base64,<base64 data>", param)
+    media = match["media"].strip().lower()
+    if "base64" not in [p.strip().lower() for p in match["params"].split(";") if p]:
+        raise APIError(400, f"{param}: the data URL must be base64-encoded (data:{media or 'image/png'};base64,...)",
+                       param)  # fmt: skip
+    if media and not media.startswith(_ACCEPTED_MEDIA):
+        raise APIError(
+            415, f"{param}: media type {media!r} is not an image; send image/png, image/jpeg, application/dicom, ...",
+            param,
+        )  # fmt: skip
+    return _b64(match["data"], param)
+
+
+def _b64(text: str, param: str) -> bytes:
+    try:
+        data = b64decode(text, param)
+    except MaskFormatError as err:
+        raise APIError(400, str(err), param) from err
+    if not data:
+        raise APIError(400, f"{param}: no data", param)
+    return data
+
+
+class MedPLIBService:
+    """The model plus everything between HTTP bodies and `Predictor.predict_batch` (see the module docstring)."""
+
+    def __init__(self, args: AppArgs, predictor: Any | None = None, num_cpus: float = 1.0) -> None:
+        import torch
+
+        from medplib.inference import Predictor, resolve_model_source
+
+        self.args = args
+        threads = args.torch_threads or max(1, int(num_cpus))
+        torch.set_num_threads(threads)
+        if predictor is None:
+            device = args.device
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            t0 = time.perf_counter()
+            predictor = Predictor.from_pretrained(
+                resolve_model_source(args.model), dtype=args.dtype, device=device
+            )
+            logger.info("loaded %s on %s in %.1f s (%d torch threads)", args.model, device,
+                        time.perf_counter() - t0, threads)  # fmt: skip
+        self.predictor = predictor
+        self.model_cfg = predictor.cfg
+        self.name = args.served_name()
+        self.created = int(time.time())
+        self.max_regions = min(args.limits.max_regions or 10**9, self.model_cfg.region.max_regions)
+        self._lock = threading.Lock()
+        self.last_success_s: float | None = None  # time.monotonic() of the last model call that worked
+        self.last_failure: BaseException | None = None
+        probe = np.zeros((32, 32, 3), dtype=np.uint8)
+        probe[8:24, 8:24] = 200
+        self._probe = probe
+
+    # --- requests -> jobs ------------------------------------------------------------------------------------------
+    def job_from_chat(self, req: ChatCompletionRequest) -> Job:
+        if req.model and req.model not in (self.name, "default"):
+            raise APIError(404, f"model: {req.model!r} is not served here; GET /v1/models lists {self.name!r}",
+                           "model", "model_not_found")  # fmt: skip
+        users = [i for i, m in enumerate(req.messages) if m.role == "user"]
+        if not users:
+            raise APIError(
+                400, "messages: no user message; the last user message holds the question", "messages"
+            )
+        last = users[-1]
+        question = "\n".join(p.text for p in req.messages[last].content if isinstance(p, TextPart)).strip()
+        if not question:
+            raise APIError(400, f"messages[{last}].content: the last user message has no text (the question)",
+                           f"messages[{last}].content")  # fmt: skip
+        images = [
+            (i, j, p)
+            for i in users
+            for j, p in enumerate(req.messages[i].content)
+            if isinstance(p, ImagePart)
+        ]
+        if not images:
+            raise APIError(
+                400,
+                "messages: no image; add an image_url content part with a data URL "
+                '({"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}})',
+                "messages",
+                "missing_image",
+            )
+        in_last = [im for im in images if im[0] == last]
+        if len(in_last) > 1:
+            raise APIError(400, f"messages[{last}].content: {len(in_last)} images; MedPLIB takes one per question",
+                           f"messages[{last}].content")  # fmt: skip
+        i, j, part = in_last[0] if in_last else images[-1]
+        param = f"messages[{i}].content[{j}].image_url.url"
+        image = self._decode_image(parse_data_url(part.image_url.url, param), param)
+        opts = req.medplib
+        regions: list[tuple[str, Any]] = []
+        if opts:
+            regions += [(f"medplib.points[{k}]", p) for k, p in enumerate(opts.points)]
+            regions += [(f"medplib.boxes[{k}]", b) for k, b in enumerate(opts.boxes)]
+            regions += [(f"medplib.masks[{k}]", m) for k, m in enumerate(opts.masks)]
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        return self._job(
+            image, question, regions, max_tokens, req.temperature or 0.0,
+            segment=bool(opts and opts.segment), return_masks=opts.return_masks if opts else True,
+            mask_encoding=opts.mask_encoding if opts else "both", tokens_param="max_tokens", regions_param="medplib",
+            question_param=f"messages[{last}].content",
+        )  # fmt: skip
+
+    def job_from_predict(self, req: PredictRequest) -> Job:
+        raw = (
+            parse_data_url(req.image, "image") if req.image.startswith("data:") else _b64(req.image, "image")
+        )
+        image = self._decode_image(raw, "image")
+        regions = [(f"regions[{k}]", r) for k, r in enumerate(req.regions)]
+        return self._job(
+            image, req.question, regions, req.max_new_tokens, req.temperature, segment=req.segment,
+            return_masks=req.return_masks, mask_encoding=req.mask_encoding, tokens_param="max_new_tokens",
+            regions_param="regions", question_param="question",
+        )  # fmt: skip
+
+    def _decode_image(self, data: bytes, param: str) -> np.ndarray:
+        from PIL import Image
+
+        from medplib.data.image import ImageReadError, load_image
+
+        limit = self.args.limits.max_image_pixels
+        try:  # header only: refuse an oversized image before decoding its pixels
+            with Image.open(io.BytesIO(data)) as peek:
+                w, h = peek.size
+        except Image.DecompressionBombError as err:
+            raise APIError(413, f"{param}: image too large to decode ({err})", param) from err
+        except Exception:  # not a Pillow format (DICOM, NIfTI) or not an image: load_image decides
+            w = h = 0
+        if w * h > limit:
+            raise APIError(413, f"{param}: image is {w}x{h} = {w * h} pixels; this server takes at most {limit} "
+                                "(limits.max_image_pixels)", param)  # fmt: skip
+        try:
+            image = load_image(data)
+        except ImageReadError as err:
+            raise APIError(
+                400, f"{param}: not a readable image: {err.detail}", param, "invalid_image"
+            ) from err
+        except Image.DecompressionBombError as err:
+            raise APIError(413, f"{param}: image too large to decode ({err})", param) from err
+        h, w = image.shape[:2]
+        if w * h > limit:
+            raise APIError(413, f"{param}: image is {w}x{h} = {w * h} pixels; this server takes at most {limit} "
+                                "(limits.max_image_pixels)", param)  # fmt: skip
+        return image
+
+    def _region(self, prompt: Any, hw: tuple[int, int], param: str) -> Any:
+        from medplib.data.schema import Box, Point
+        from medplib.data.transforms import region_to_mask
+
+        if isinstance(prompt, PointPrompt):
+            region: Any = Point(x=prompt.x, y=prompt.y)
+        elif isinstance(prompt, BoxPrompt):
+            region = Box(x0=prompt.x0, y0=prompt.y0, x1=prompt.x1, y1=prompt.y1)
+        elif isinstance(prompt, MaskPrompt):
+            try:
+                if prompt.rle is not None:
+                    region = decode_rle(prompt.rle.model_dump())
+                else:
+                    region = png_decode(_b64(prompt.png_base64 or "", f"{param}.png_base64"))
+            except MaskFormatError as err:
+                raise APIError(400, f"{param}: {err}", param, "invalid_mask") from err
+        else:  # pragma: no cover - pydantic guarantees the union
+            raise APIError(400, f"{param}: unknown region prompt", param)
+        try:
+            region_to_mask(region, hw, self.model_cfg.region.point_square_px)
+        except ValueError as err:
+            raise APIError(400, f"{param}: {err}", param, "invalid_region") from err
+        return region
+
+    def _job(
+        self,
+        image: np.ndarray,
+        question: str,
+        prompts: list[tuple[str, Any]],
+        max_tokens: int | None,
+        temperature: float,
+        *,
+        segment: bool,
+        return_masks: bool,
+        mask_encoding: MaskEncoding,
+        tokens_param: str,
+        regions_param: str,
+        question_param: str,
+    ) -> Job:
+        from medplib.data.conversation import tokenize_conversation
+        from medplib.data.schema import Turn
+        from medplib.inference import question_with_regions
+
+        limits = self.args.limits
+        if len(prompts) > self.max_regions:
+            raise APIError(400, f"{regions_param}: {len(prompts)} region prompts; this model takes at most "
+                                f"{self.max_regions}", regions_param, "too_many_regions")  # fmt: skip
+        max_new = max_tokens or limits.default_max_tokens
+        if max_new > limits.max_tokens:
+            raise APIError(400, f"{tokens_param}: {max_new} exceeds this server's limit of {limits.max_tokens}",
+                           tokens_param)  # fmt: skip
+        regions = [self._region(p, image.shape[:2], param) for param, p in prompts]
+        try:
+            text = question_with_regions(question, len(regions))
+            cfg = self.model_cfg
+            tok = tokenize_conversation(
+                [Turn(role="human", text="<image>\n" + text)], self.predictor.model.tokenizer, cfg.conv_template,
+                cfg.vision.grid**2, cfg.max_length, for_generation=True, sample_id="request",
+            )  # fmt: skip
+        except ValueError as err:
+            raise APIError(400, f"{question_param}: {err}", question_param) from err
+        return Job(
+            image=image, question=question, regions=regions, max_new_tokens=max_new, temperature=temperature,
+            segment=segment, prompt_tokens=len(tok.input_ids), return_masks=return_masks, mask_encoding=mask_encoding,
+        )  # fmt: skip
+
+    # --- the model --------------------------------------------------------------------------------------------------
+    def run_batch(self, jobs: list[Job]) -> list[JobResult]:
+        """Run jobs; those with the same generation settings share one `predict_batch` pass."""
+        from medplib.inference import Request
+
+        results: list[JobResult | None] = [None] * len(jobs)
+        groups: dict[tuple[int, float, bool], list[int]] = defaultdict(list)
+        for i, job in enumerate(jobs):
+            groups[(job.max_new_tokens, job.temperature, job.segment)].append(i)
+        with self._lock:  # one model call at a time per replica (the probe shares the model)
+            for (max_new, temperature, segment), idx in groups.items():
+                requests = [Request(jobs[i].image, jobs[i].question, jobs[i].regions) for i in idx]
+                started = time.perf_counter()
+                kwargs = {"max_new_tokens": max_new, "temperature": temperature, "segment": segment}
+                try:
+                    preds = self.predictor.predict_batch(requests, **kwargs)
+                except ValueError:
+                    # A client problem the checks missed: run one by one so it fails alone.
+                    preds = []
+                    for request in requests:
+                        try:
+                            preds.append(self.predictor.predict_batch([request], **kwargs)[0])
+                        except ValueError as err:
+                            preds.append(APIError(400, str(err)))
+                        except Exception as err:  # noqa: BLE001 - reported per job, as a 500
+                            self.last_failure = err
+                            preds.append(err)
+                except Exception as err:  # noqa: BLE001 - the model cannot run: every job of the group fails
+                    self.last_failure = err
+                    preds = [err] * len(idx)
+                for i, pred in zip(idx, preds, strict=True):
+                    if isinstance(pred, BaseException):
+                        results[i] = JobResult(error=pred, batch_size=len(idx), started_s=started)
+                    else:
+                        self.last_success_s = time.monotonic()
+                        self.last_failure = None
+                        results[i] = JobResult(
+                            text=pred.text, masks=pred.masks, scores=[float(s) for s in pred.scores],
+                            num_generated_tokens=pred.num_generated_tokens, timings=dict(pred.timings),
+                            batch_size=len(idx), started_s=started,
+                        )  # fmt: skip
+        return [r if r is not None else JobResult(error=RuntimeError("job not run")) for r in results]
+
+    def probe(self) -> None:
+        """A one-token prediction with a box prompt on a cached image; raises when the model cannot run."""
+        from medplib.data.schema import Box
+        from medplib.inference import Request
+
+        with self._lock:
+            self.predictor.predict_batch(
+                [Request(self._probe, "probe", [Box(x0=8, y0=8, x1=24, y1=24)])],
+                max_new_tokens=1,
+                segment=True,
+            )
+            self.last_success_s = time.monotonic()
+            self.last_failure = None
+
+    def needs_probe(self) -> bool:
+        recent = (
+            self.last_success_s is not None
+            and time.monotonic() - self.last_success_s < self.args.health_probe_interval_s
+        )
+        return self.last_failure is not None or not recent
+
+    # --- results -> responses ---------------------------------------------------------------------------------------
+    def _masks(self, job: Job, result: JobResult) -> list[MaskOut]:
+        if not job.return_masks:
+            return []
+        out = []
+        for k, (mask, score) in enumerate(zip(result.masks, result.scores, strict=True)):
+            h, w = mask.shape
+            out.append(
+                MaskOut(
+                    index=k,
+                    size=[h, w],
+                    score=score,
+                    area=int(mask.sum()),
+                    rle=MaskRLE(**encode_rle(mask)) if job.mask_encoding in ("rle", "both") else None,
+                    png_base64=b64encode(png_encode(mask)) if job.mask_encoding in ("png", "both") else None,
+                )  # fmt: skip
+            )
+        return out
+
+    def _timings(self, job: Job, result: JobResult) -> Timings:
+        t = result.timings
+        return Timings(
+            queue_s=max(0.0, result.started_s - job.created_s), preprocess_s=t.get("preprocess_s", 0.0),
+            generate_s=t.get("generate_s", 0.0), model_s=t.get("total_s", 0.0),
+            server_s=time.perf_counter() - job.created_s, batch_size=result.batch_size,
+        )  # fmt: skip
+
+    @staticmethod
+    def _finish(job: Job, result: JobResult) -> str:
+        return "length" if result.num_generated_tokens >= job.max_new_tokens else "stop"
+
+    def _usage(self, job: Job, result: JobResult) -> Usage:
+        return Usage(prompt_tokens=job.prompt_tokens, completion_tokens=result.num_generated_tokens,
+                     total_tokens=job.prompt_tokens + result.num_generated_tokens)  # fmt: skip
+
+    def chat_response(self, job: Job, result: JobResult) -> ChatCompletion:
+        return ChatCompletion(
+            id=f"chatcmpl-{job.id}", created=int(time.time()), model=self.name,
+            choices=[Choice(message=AssistantMessage(content=result.text), finish_reason=self._finish(job, result))],
+            usage=self._usage(job, result),
+            medplib=MedPLIBResult(masks=self._masks(job, result), timings=self._timings(job, result)),
+        )  # fmt: skip
+
+    def chat_first_chunk(self, job: Job) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=f"chatcmpl-{job.id}", created=int(time.time()), model=self.name,
+                                   choices=[ChunkChoice(delta=Delta(role="assistant", content=""))])  # fmt: skip
+
+    def chat_chunks(self, job: Job, result: JobResult, include_usage: bool) -> Iterator[ChatCompletionChunk]:
+        """The answer in word-sized pieces, then the chunk with `finish_reason` and the masks, then usage."""
+        cid, created = f"chatcmpl-{job.id}", int(time.time())
+        for piece in re.findall(r"\s*\S+\s*|\s+", result.text):
+            yield ChatCompletionChunk(id=cid, created=created, model=self.name,
+                                      choices=[ChunkChoice(delta=Delta(content=piece))])  # fmt: skip
+        yield ChatCompletionChunk(
+            id=cid, created=created, model=self.name,
+            choices=[ChunkChoice(delta=Delta(), finish_reason=self._finish(job, result))],
+            medplib=MedPLIBResult(masks=self._masks(job, result), timings=self._timings(job, result)),
+        )  # fmt: skip
+        if include_usage:
+            yield ChatCompletionChunk(id=cid, created=created, model=self.name, choices=[],
+                                      usage=self._usage(job, result))  # fmt: skip
+
+    def predict_response(self, job: Job, result: JobResult) -> PredictResponse:
+        return PredictResponse(
+            id=f"pred-{job.id}", model=self.name, answer=result.text, masks=self._masks(job, result),
+            num_generated_tokens=result.num_generated_tokens, prompt_tokens=job.prompt_tokens,
+            timings=self._timings(job, result),
+        )  # fmt: skip
+
+    def models(self) -> ModelList:
+        return ModelList(
+            data=[
+                ModelCard(
+                    id=self.name,
+                    created=self.created,
+                    source=self.args.model,
+                    max_regions=self.max_regions,
+                    max_tokens=self.args.limits.max_tokens,
+                )
+            ]
+        )

@@ -271,9 +271,8 @@ def create_api(backend: Backend) -> FastAPI:
     async def parse(build: Any, body: Any, payload_chars: int) -> Job:
         # Decoding a small image (~1 ms) inline is cheaper than a thread hop, which waits for the GIL while the
         # model thread runs; a big one goes to a thread so the event loop keeps taking requests.
-        backend.arriving += (
-            1  # requests on their way to the batch queue (the deployment's batch wait reads it)
-        )
+        # Requests on their way to the batch queue; the deployment's batch wait reads the count.
+        backend.arriving += 1
         try:
             if payload_chars <= INLINE_DECODE_CHARS:
                 return build(body)

@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 WORKDIR ?= work
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps run test test-fast lint clean
+.PHONY: install system-deps run test test-fast lint infra clean
 
 install: $(STAMP)
 
@@ -24,11 +24,12 @@ $(STAMP): pyproject.toml Makefile
 	$(MAKE) --no-print-directory system-deps
 	touch $(STAMP)
 
-# Debian packages with real images (head CT, a real-subject T1) for MeCoVQA-mini, and Chromium for the
-# report test. Skipped without root or apt; the dataset builder and tests say what they miss.
+# Debian packages with real images (head CT, a real-subject T1) for MeCoVQA-mini, Chromium for the
+# report test, and PostgreSQL for the MLflow-on-a-database-server test (tests/test_infra.py). Skipped without
+# root or apt; the dataset builder and tests say what they miss.
 system-deps:
 	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	  missing=""; for p in invesalius-examples insighttoolkit5-examples chromium; do \
+	  missing=""; for p in invesalius-examples insighttoolkit5-examples chromium postgresql; do \
 	    dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi; \
 	else echo "system-deps: not root or no apt-get; skipping Debian data packages and Chromium"; fi
@@ -43,6 +44,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Regenerate infra/kuberay/rayjob.yaml and rayservice.yaml from raycluster.yaml and serve/config.gpu.yaml.
+infra: install
+	$(BIN)/medplib infra render
 
 lint: install
 	$(BIN)/ruff check medplib workflows serve tests bench

@@ -11,6 +11,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     _add_build_mini(sub)
     _add_synth(sub)
     _add_show(sub)
+    _add_prepare(sub)
 
 
 def _add_build_mini(sub: argparse._SubParsersAction) -> None:
@@ -113,3 +114,38 @@ def _run_show(args: argparse.Namespace) -> int:
 
     print(contact_sheet(args.path, args.out, n=args.n, seed=args.seed, task=args.task, split=args.split))
     return 0
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "prepare",
+        help="validate and encode a MeCoVQA-format dataset into Parquet shards per split (Ray Data)",
+        description=(
+            "Read JSON/JSONL rows, validate them (bad rows go to OUTPUT/quarantine.jsonl with their line and "
+            "reason), decode images, build the model preset's views, region masks and token ids, and write "
+            "OUTPUT/<split>/*.parquet plus OUTPUT/manifest.json. A second run on the same input and config "
+            "reuses the output. Uses the Ray cluster in RAY_ADDRESS, or starts a local one."
+        ),
+    )
+    parser.add_argument("--input", required=True, metavar="DIR_OR_JSON", help="annotation file or folder")
+    parser.add_argument("--output", required=True, metavar="DIR", help="prepared dataset folder to write")
+    parser.add_argument("--config", default=None, metavar="PREP.yaml", help="PrepareConfig YAML (flags override)")
+    parser.add_argument("--model-preset", default=None, help="model preset or config path (default: tiny)")
+    parser.add_argument("--data-root", default=None, metavar="DIR", help="images/masks root (default: input folder)")
+    parser.add_argument("--max-rows", type=int, default=None, metavar="N", help="only the first N rows")
+    parser.add_argument("--splits", default=None, metavar="A,B", help="comma-separated splits (default: all)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
+    parser.set_defaults(handler=_run_prepare)
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    from workflows.preprocess import PrepareConfig, prepare_from_cli
+
+    cfg = PrepareConfig.from_yaml(args.config) if args.config else PrepareConfig()
+    cfg = cfg.with_overrides(
+        model_preset=args.model_preset,
+        data_root=args.data_root,
+        max_rows=args.max_rows,
+        splits=args.splits.split(",") if args.splits else None,
+    )
+    return prepare_from_cli(args.input, args.output, cfg, force=args.force)

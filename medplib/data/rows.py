@@ -8,12 +8,13 @@ bytes at the original resolution, so a row round-trips to exactly the pixels `en
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from medplib.data.batch import Encoded
-from medplib.data.transforms import Geometry
+if TYPE_CHECKING:  # torch-free at import: readers of the format (the preprocessing driver) need no torch
+    from medplib.data.batch import Encoded
 
 SCHEMA_VERSION = 1
 
@@ -32,7 +33,7 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 
 def png_array(data: bytes, as_mask: bool = False) -> np.ndarray:
-    arr = np.asarray(Image.open(io.BytesIO(data)))
+    arr = np.array(Image.open(io.BytesIO(data)))  # a writable copy: torch.from_numpy warns on read-only arrays
     return arr > 127 if as_mask else arr
 
 
@@ -59,6 +60,9 @@ def encoded_to_row(enc: Encoded, meta: dict) -> dict:
 
 
 def row_to_encoded(row: dict, vision_size: int) -> Encoded:
+    from medplib.data.batch import Encoded
+    from medplib.data.transforms import Geometry
+
     r = int(row["num_regions"])
     regions = (
         png_array(row["region_masks_png"], as_mask=True).reshape(r, vision_size, vision_size)

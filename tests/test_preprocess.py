@@ -1,0 +1,303 @@
+"""`medplib data prepare` (workflows/preprocess.py) on a local 2-CPU Ray cluster.
+
+- round trip: MeCoVQA-mini rows -> prepare -> Parquet -> `row_to_encoded` -> `collate` give the source mask pixels
+  and, for box/point prompts, region masks exactly where the source prompt lies in the vision view;
+- bad rows: quarantine counts and reasons are exact and equal to the sequential validator's, the CLI exits 0;
+- reuse: a second run with the same input and config says so and leaves the files untouched;
+- the Ray engine and the single-process engine write the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medplib.data.batch import collate
+from medplib.data.image import load_mask
+from medplib.data.prepared import iter_prepared_rows, read_manifest
+from medplib.data.rows import SCHEMA_VERSION, row_to_encoded
+from medplib.data.transforms import Geometry
+from medplib.data.validate import Accepted, Rejection, read_and_validate
+from medplib.model.config import load_model_config
+from medplib.tokenizer import build_tokenizer
+from workflows.preprocess import PrepareConfig, prepare, split_from_filename
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_model_config("tiny")
+
+
+# ------------------------------------------------------------------------------------------------- round trip
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory) -> Path:
+    from medplib.data.mini import build_mini
+
+    root = tmp_path_factory.mktemp("mini")
+    build_mini(root, seed=0, max_samples=40, progress=False)
+    return root
+
+
+def _source_rows(root: Path) -> dict[str, dict]:
+    rows = {}
+    for path in sorted(root.glob("MeCoVQA-mini_*.json")):
+        rows.update({row["id"]: row for row in json.loads(path.read_text())})
+    return rows
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) with exclusive ends of a non-empty bool mask."""
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def test_round_trip_mini_masks_and_region_boxes(ray_cluster, mini: Path, tmp_path: Path, cfg) -> None:
+    out = tmp_path / "prepared"
+    result = prepare(mini, out, PrepareConfig(batch_size=8))
+    source = _source_rows(mini)
+    counts = result.manifest["counts"]
+    assert not result.reused and counts["rejected"] == 0 and counts["accepted"] == len(source)
+    assert (out / "quarantine.jsonl").read_text() == ""
+
+    size = cfg.vision.image_size_px
+    tok = build_tokenizer(cfg.llm.tokenizer)
+    checked = Counter()
+    for split in result.manifest["splits"]:
+        rows = list(iter_prepared_rows(out, split))
+        assert len(rows) == result.manifest["splits"][split]["accepted"] > 0
+        encoded = [row_to_encoded(row, size) for row in rows]
+        batch = collate(encoded, cfg, tok.pad_token_id)  # what a training step receives
+        assert batch["pixel_values"].shape == (len(rows), 3, size, size)
+        for i, row in enumerate(rows):
+            src = source[row["sample_id"]]
+            assert row["split"] == split == src["split"] and row["task"] == src["task"]
+            # Target masks: the same pixels as the source PNG, at full resolution.
+            mask_paths = [seg.split("</mask>")[0] for seg in src["conversations"][1]["value"].split("<mask>")[1:]]
+            for path, got in zip(mask_paths, batch["target_masks"][i], strict=True):
+                assert np.array_equal(got.numpy(), load_mask(mini / path))
+                checked["target_mask"] += 1
+            # Region prompts: the box/point mapped into the vision view (resize longest side + centre pad).
+            height, width = Image.open(mini / src["image"]).size[::-1]
+            geo = Geometry.fit(height, width, size, "center")
+            scale = geo.resized_w / width
+            question = src["conversations"][0]["value"]
+            inline = [{"mask": p.split("</region>")[0]} for p in question.split("<region>")[1:] if "</region>" in p]
+            for region, view in zip(src.get("regions") or inline, batch["region_masks"][i], strict=True):
+                if "box" in region:  # the box itself
+                    kind, (x0, y0, x1, y1) = "box", region["box"]
+                elif "point" in region:  # a square of side point_square_px around the point, clipped to the image
+                    kind, (x, y), half = "point", region["point"], cfg.region.point_square_px // 2
+                    x0, y0 = max(0, int(x) - half), max(0, int(y) - half)
+                    x1, y1 = min(width, int(x) + half + 1), min(height, int(y) + half + 1)
+                else:  # the mask's own bounding box
+                    kind, (x0, y0, x1, y1) = "mask", _bbox(load_mask(mini / region["mask"]))
+                want = (x0 * scale + geo.pad_left, y0 * scale + geo.pad_top,
+                        x1 * scale + geo.pad_left, y1 * scale + geo.pad_top)
+                got = _bbox(view.numpy())
+                assert np.allclose(got, want, atol=1.0), (row["sample_id"], kind, got, want)
+                checked[kind] += 1
+    assert all(checked[k] > 0 for k in ("target_mask", "box", "point", "mask")), checked
+
+
+# ---------------------------------------------------------------------------------------------- bad rows
+H, W = 24, 40
+
+
+def _png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _row(rid: str | None, question: str, answer: str, image: str | None = "images/ct.png", **extra) -> dict:
+    row: dict = {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+    if rid is not None:
+        row["id"] = rid
+    if image is not None:
+        row["image"] = image
+    return row | extra
+
+
+@pytest.fixture()
+def bad_input(tmp_path: Path) -> tuple[Path, dict[str, int]]:
+    """A data root plus a JSONL (train/val via the `split` field), a JSON array (`*_test.json`) and a broken
+    array file; returns (root, expected rejections per reason)."""
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    _png(root / "images/ct.png", rng.integers(0, 256, (H, W), dtype=np.uint8))
+    _png(root / "images/xr.png", rng.integers(0, 256, (H, W), dtype=np.uint8))  # referenced without ".png"
+    good = rng.integers(0, 256, (H, W), dtype=np.uint8)
+    _png(root / "images/cut.png", good)
+    (root / "images/cut.png").write_bytes((root / "images/cut.png").read_bytes()[:80])  # header ok, data cut
+    organ = np.zeros((H, W), dtype=np.uint8)
+    organ[5:15, 8:30] = 255
+    _png(root / "masks/organ.png", organ)
+    _png(root / "masks/zero.png", np.zeros((H, W), dtype=np.uint8))
+    _png(root / "masks/small.png", organ[:10, :10])
+    seg = "Here: <SEG><mask>masks/organ.png</mask>"
+    jsonl_rows: list[dict | str] = [
+        _row("g1", "<image>\nWhat is shown?", "A CT.", split="train"),
+        _row("g2", "Segment the organ.", seg, split="train"),
+        '{"id": "broken", "conversations": [',  # malformed_json
+        _row("dup", "<image>\nHi", "Hi", image="images/nope.png", split="train"),  # image_missing, loses dup
+        _row("dup", "<image>\nHi", "Hi", split="train"),  # first accepted "dup": wins
+        _row("g3", "What is <region>?", "The organ.", regions=[{"box": [8, 5, 30, 15]}], split="val"),
+        _row("dup", "<image>\nAgain", "Again", split="val"),  # duplicate_id
+        _row("cut", "<image>\nHi", "Hi", image="images/cut.png", split="train"),  # image_unreadable (decode)
+        _row("zero", "Segment.", "<SEG><mask>masks/zero.png</mask>", split="train"),  # mask_empty
+        _row("small", "Segment.", "<SEG><mask>masks/small.png</mask>", split="val"),  # mask_size_mismatch
+        _row("esc", "Segment.", "<SEG><mask>../outside.png</mask>", split="train"),  # path_escapes_root
+        _row("seg", "Segment.", "Here: <SEG>", split="train"),  # seg_without_mask
+        _row("split", "<image>\nHi", "Hi", split="../up"),  # invalid_field (split becomes a folder)
+        _row("fix", "<image>\nAny fracture?", "No.", image="images/xr", split="val"),  # repaired suffix
+        _row("oob", "What is <region>?", "Nothing.", regions=[{"point": [W + 2, 3]}], split="val"),
+    ]
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in jsonl_rows]
+    lines.insert(2, "")  # a blank line is skipped, yet line numbers stay the file's
+    (tmp_path / "ann").mkdir()
+    data = ("\ufeff" + "".join(line + "\n" for line in lines)).encode()  # with a BOM, as some editors write
+    data += b'{"id": "latin-1", "conversations": "caf\xe9"}\n'  # not UTF-8: malformed_json
+    (tmp_path / "ann/rows.jsonl").write_bytes(data)
+    array_rows = [
+        _row(None, "<image>\nDescribe.", "Normal."),  # default id "rows_test:0", split "test" from the name
+        "just a string",  # invalid_field
+        _row("t2", "Segment.", seg),
+        {"id": "no-conv", "image": "images/ct.png"},  # missing_field
+    ]
+    (tmp_path / "ann/rows_test.json").write_text(json.dumps(array_rows, indent=1))
+    (tmp_path / "ann/zz_broken_val.json").write_text('[{"id": "a", "conversations": []}, {')  # malformed_json
+    expected = {"malformed_json": 3, "image_missing": 1, "duplicate_id": 1, "image_unreadable": 1,
+                "mask_empty": 1, "mask_size_mismatch": 1, "path_escapes_root": 1, "seg_without_mask": 1,
+                "invalid_field": 2, "region_out_of_bounds": 1, "missing_field": 1}
+    return root, expected
+
+
+def test_bad_rows_quarantined_exactly_like_the_validator(ray_cluster, bad_input, tmp_path: Path) -> None:
+    from workflows.cli import main
+
+    root, expected = bad_input
+    out = tmp_path / "prepared"
+    assert main(["data", "prepare", "--input", str(tmp_path / "ann"), "--output", str(out), "--data-root",
+                 str(root)]) == 0
+    manifest = read_manifest(out)
+    counts = manifest["counts"]
+    quarantine = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+
+    # The oracle: the sequential contract validator over the same files.
+    # Preprocessing adds one check of its own: a `split` must be usable as a folder name.
+    results = list(read_and_validate(tmp_path / "ann", root))
+    split_row = next(r for r in results if isinstance(r, Accepted) and r.sample.id == "split")
+    results = [r for r in results if r is not split_row]
+    results.append(Rejection(source=split_row.source, line=split_row.line, reason="invalid_field", message="",
+                             raw=""))
+    want_rejected = Counter(r.reason.value for r in results if isinstance(r, Rejection))
+    want_accepted = {r.sample.id for r in results if isinstance(r, Accepted)}
+    got_reasons = Counter(r["reason"] for r in quarantine)
+    assert got_reasons == want_rejected == Counter(counts["reason"])
+    assert {(r["source"], r["line"], r["reason"]) for r in quarantine} == {
+        (r.source, r.line, r.reason.value) for r in results if isinstance(r, Rejection)
+    }
+    for reason, n in expected.items():
+        assert got_reasons[reason] >= n, reason
+    assert counts["rejected"] == len(quarantine) == sum(want_rejected.values())
+
+    accepted = {split: [r["sample_id"] for r in iter_prepared_rows(out, split)] for split in manifest["splits"]}
+    assert {i for ids in accepted.values() for i in ids} == want_accepted
+    assert counts["accepted"] == len(want_accepted) == sum(len(v) for v in accepted.values())
+    assert sorted(accepted["train"]) == ["dup", "g1", "g2"]  # the second "dup" (first accepted) won
+    assert sorted(accepted["test"]) == ["rows_test:0", "t2"]
+    assert sorted(accepted["val"]) == ["fix", "g3"]
+    assert counts["fixed_suffix"] == 1
+    assert counts["split"] == {"train": 3, "val": 2, "test": 2}
+    dup_line = next(r for r in quarantine if r["reason"] == "duplicate_id")
+    assert json.loads(dup_line["raw"])["conversations"][0]["value"] == "<image>\nAgain"
+    assert {"source", "line", "reason", "message", "raw", "split"} <= set(dup_line)
+
+    # Manifest fields.
+    for key in ("schema_version", "input_hash", "config_hash", "model_preset", "counts", "splits", "inputs"):
+        assert key in manifest, key
+    assert manifest["schema_version"] == SCHEMA_VERSION and manifest["model_preset"] == "tiny"
+    for key in ("split", "task", "modality", "reason", "fixed_suffix", "accepted", "rejected"):
+        assert key in counts, key
+    assert counts["task"] == {"vqa": 4, "grounding": 2, "region_vqa": 1}
+
+    # The single-process engine writes the same rows and the same quarantine.
+    local = tmp_path / "prepared-local"
+    prepare(tmp_path / "ann", local, PrepareConfig(data_root=root), engine="local")
+    assert (local / "quarantine.jsonl").read_text() == (out / "quarantine.jsonl").read_text()
+    for split in manifest["splits"]:
+        by_id = {r["sample_id"]: r for r in iter_prepared_rows(out, split)}
+        for row in iter_prepared_rows(local, split):
+            assert row == by_id[row["sample_id"]]
+
+    # Ray Data reader for training.
+    from workflows.preprocess import load_prepared
+
+    assert load_prepared(out, "train").count() == 3
+
+
+def test_second_run_reuses_the_output(ray_cluster, bad_input, tmp_path: Path, caplog) -> None:
+    root, _ = bad_input
+    out = tmp_path / "prepared"
+    cfg = PrepareConfig(data_root=root, batch_size=4)
+    first = prepare(tmp_path / "ann", out, cfg)
+    files = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*")}
+    with caplog.at_level(logging.INFO, logger="workflows.preprocess"):
+        second = prepare(tmp_path / "ann", out, cfg.with_overrides(batch_size=16))  # execution-only knob
+    assert not first.reused and second.reused
+    assert "reusing" in caplog.text
+    assert second.manifest == first.manifest
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*")} == files
+
+    # A change of input bytes or of a row-shaping knob rebuilds, atomically replacing the folder.
+    third = prepare(tmp_path / "ann", out, cfg.with_overrides(max_rows=5), engine="local")
+    assert not third.reused and third.manifest["counts"]["rows_read"] == 5
+    assert third.manifest["config_hash"] != first.manifest["config_hash"]
+    with open(tmp_path / "ann/rows.jsonl", "a") as f:
+        f.write(json.dumps(_row("new", "<image>\nNew?", "Yes.")) + "\n")
+    fourth = prepare(tmp_path / "ann", out, cfg.with_overrides(max_rows=5), engine="local")
+    assert not fourth.reused and fourth.manifest["input_hash"] != third.manifest["input_hash"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".prepared")]  # no temp folders left
+
+
+def test_config_and_split_names(tmp_path: Path) -> None:
+    assert split_from_filename("MeCoVQA-mini_test.json", "train") == "test"
+    assert split_from_filename("MeCoVQA-mini_test_xsubject.json", "train") == "test_xsubject"
+    assert split_from_filename("MeCoVQA_Grounding_val.jsonl", "train") == "val"
+    assert split_from_filename("annotations.jsonl", "train") == "train"
+    path = tmp_path / "prep.yaml"
+    path.write_text("model_preset: tiny\nbatch_size: 0\n")
+    with pytest.raises(ValueError, match="(?s)prep.yaml.*batch_size"):
+        PrepareConfig.from_yaml(path)
+    with pytest.raises(ValueError, match="split name"):
+        PrepareConfig(splits=["../x"])
+    default = Path(__file__).resolve().parents[1] / "configs/prepare/default.yaml"
+    assert PrepareConfig.from_yaml(default) == PrepareConfig()
+    assert "medplib data prepare" in default.read_text().splitlines()[2]
+
+
+def test_refuses_to_replace_a_foreign_folder(bad_input, tmp_path: Path) -> None:
+    root, _ = bad_input
+    out = tmp_path / "not-prepared"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a prepared dataset"):
+        prepare(tmp_path / "ann", out, PrepareConfig(data_root=root), engine="local")
+    assert (out / "precious.txt").exists()
+    assert os.listdir(tmp_path).count("not-prepared") == 1

@@ -27,10 +27,15 @@ def _byte_level_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
-    """`"byte"` or a local tokenizer directory -> a tokenizer with MedPLIB's special tokens added."""
+    """`"byte"`, a local tokenizer directory or a `pkg:` reference (`pkg:smollm2`) -> a tokenizer with MedPLIB's
+    special tokens added."""
     if str(source) == "byte":
         tok = _byte_level_tokenizer()
     else:
+        from medplib.model.packaged import is_packaged, resolve_weights
+
+        if is_packaged(source):
+            source = resolve_weights(source)
         path = Path(source)
         if not path.is_dir():
             raise FileNotFoundError(f"tokenizer directory {path} does not exist (nothing is downloaded)")

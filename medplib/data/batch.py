@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from medplib.constants import IGNORE_INDEX
 from medplib.data.conversation import tokenize_conversation
 from medplib.data.schema import RegionPrompt, Sample, Turn
-from medplib.data.transforms import Geometry, normalize, region_to_mask, to_square
+from medplib.data.transforms import Geometry, normalize_view, region_to_mask, to_square
 from medplib.model.config import MedPLIBConfig
 
 
@@ -112,8 +112,14 @@ def collate(items: list[Encoded], cfg: MedPLIBConfig, pad_id: int) -> dict:
     for i, it in enumerate(items):
         if it.vision_view is None:
             continue
-        pixel_values[i] = normalize(it.vision_view, cfg.vision.pixel_mean, cfg.vision.pixel_std, 1 / 255)
-        sam_pixel_values[i] = normalize(it.sam_view, cfg.sam.pixel_mean, cfg.sam.pixel_std, 1.0)
+        geo = it.sam_geometry
+        vision_geo = Geometry.fit(geo.orig_h, geo.orig_w, v, "center")  # where encode_sample put the image
+        pixel_values[i] = normalize_view(
+            it.vision_view, vision_geo, cfg.vision.normalization, cfg.vision.pixel_mean, cfg.vision.pixel_std, 1 / 255
+        )
+        sam_pixel_values[i] = normalize_view(
+            it.sam_view, geo, cfg.sam.normalization, cfg.sam.pixel_mean, cfg.sam.pixel_std, 1.0
+        )
         sam_geometry[i] = it.sam_geometry.as_tensor()
     return {
         "input_ids": input_ids,

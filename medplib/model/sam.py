@@ -83,15 +83,32 @@ class EncoderAttention(nn.Module):
 
 
 class Adapter(nn.Module):
-    """SAM-Med2D's bottleneck adapter (down, GELU, up) added to the block's MLP branch."""
+    """SAM-Med2D's adapter, a branch parallel to the block's MLP (both read `norm2(x)`; their outputs add).
+
+    Channel attention (global average pool -> Linear(C, C/4) -> ReLU -> Linear(C/4, C) -> sigmoid, no biases)
+    rescales the channels; a spatial branch (3x3 stride-2 conv -> ReLU -> 4x4 stride-2 transposed conv -> ReLU,
+    no biases) is added back to the rescaled map, and a LayerNorm closes it. Parameter names and shapes are
+    SAM-Med2D's (`Adapter.channel.{0,2}`, `Adapter.spatial.{0,2}`, `Adapter.norm`), so `sam-med2d_b.pth` loads by
+    name: about 15.0 M parameters per ViT-B block, 180 M over 12 blocks (SAM-Med2D ViT-B at 256: 271 M in all).
+    """
 
     def __init__(self, dim: int, ratio: float = 0.25):
         super().__init__()
         hidden = int(dim * ratio)
-        self.channel = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.channel = nn.Sequential(
+            nn.Linear(dim, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, dim, bias=False), nn.Sigmoid()
+        )
+        self.spatial = nn.Sequential(
+            nn.Conv2d(dim, dim, 3, stride=2, padding=1, bias=False), nn.ReLU(),
+            nn.ConvTranspose2d(dim, dim, 4, stride=2, padding=1, bias=False), nn.ReLU(),
+        )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.channel(x)
+        x = x.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+        scaled = x * self.channel(x.mean(dim=(2, 3)))[:, :, None, None]
+        x = x + self.spatial(scaled)
+        return self.norm(x.permute(0, 2, 3, 1))
 
 
 class EncoderBlock(nn.Module):
@@ -104,7 +121,8 @@ class EncoderBlock(nn.Module):
         self.mlp.lin1 = nn.Linear(dim, dim * 4)
         self.mlp.act = nn.GELU()
         self.mlp.lin2 = nn.Linear(dim * 4, dim)
-        self.adapter = Adapter(dim) if adapter else None
+        # Capitalised as in SAM-Med2D so its checkpoint keys (`blocks.N.Adapter.*`) load unchanged.
+        self.Adapter = Adapter(dim) if adapter else None
         self.window = window
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,8 +137,8 @@ class EncoderBlock(nn.Module):
         x = shortcut + x
         y = self.norm2(x)
         out = self.mlp(y)
-        if self.adapter is not None:
-            out = out + self.adapter(y)
+        if self.Adapter is not None:
+            out = out + self.Adapter(y)
         return x + out
 
 
@@ -201,15 +219,17 @@ class PromptEncoder(nn.Module):
         dim = cfg.prompt_embed_dim
         self.embed_dim = dim
         self.image_size = cfg.image_size_px
-        self.embedding_size = cfg.image_size_px // 16
+        self.embedding_size = cfg.embedding_size
         self.pe_layer = PositionEmbeddingRandom(dim // 2)
         # 0/1: negative/positive point, 2/3: box corners (SAM's order).
         self.point_embeddings = nn.ModuleList(nn.Embedding(1, dim) for _ in range(4))
         self.not_a_point_embed = nn.Embedding(1, dim)
+        # SAM's mask_in_chans is 16 at dim 256 (SAM, SAM-Med2D, LiteMedSAM): 1 -> 4 -> 16 -> dim channels.
+        mask_in = max(4, dim // 16)
         self.mask_downscaling = nn.Sequential(
-            nn.Conv2d(1, dim // 16, 2, 2), LayerNorm2d(dim // 16), nn.GELU(),
-            nn.Conv2d(dim // 16, dim // 4, 2, 2), LayerNorm2d(dim // 4), nn.GELU(),
-            nn.Conv2d(dim // 4, dim, 1),
+            nn.Conv2d(1, mask_in // 4, 2, 2), LayerNorm2d(mask_in // 4), nn.GELU(),
+            nn.Conv2d(mask_in // 4, mask_in, 2, 2), LayerNorm2d(mask_in), nn.GELU(),
+            nn.Conv2d(mask_in, dim, 1),
         )  # fmt: skip
         self.no_mask_embed = nn.Embedding(1, dim)
 

@@ -1,12 +1,19 @@
-"""Vision tower (CLIP ViT, frozen) and the `mlp2x_gelu` projector into the LLM's embedding space."""
+"""Vision towers (frozen) and the `mlp2x_gelu` projector into the LLM's embedding space.
+
+* `ClipVisionTower`: LLaVA-1.5's CLIP ViT patch features (the paper's `7b` preset).
+* `SamEncoderVisionTower`: the SAM image encoder's embedding average-pooled to a token grid; it owns no weights
+  and borrows `sam.image_encoder` (the `small` preset, where no CLIP ships offline but LiteMedSAM does).
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from medplib.model.config import VisionConfig
+from medplib.model.config import MedPLIBConfig, VisionConfig
+from medplib.model.packaged import resolve_weights
 
 
 class ClipVisionTower(nn.Module):
@@ -18,7 +25,7 @@ class ClipVisionTower(nn.Module):
         if clip_config is not None:
             self.clip = CLIPVisionModel(clip_config)
         elif cfg.weights:
-            self.clip = CLIPVisionModel.from_pretrained(cfg.weights, local_files_only=True)
+            self.clip = CLIPVisionModel.from_pretrained(resolve_weights(cfg.weights), local_files_only=True)
         else:
             self.clip = CLIPVisionModel(
                 CLIPVisionConfig(
@@ -36,6 +43,36 @@ class ClipVisionTower(nn.Module):
         dtype = next(self.clip.parameters()).dtype
         out = self.clip(pixel_values.to(dtype), output_hidden_states=True)
         return out.hidden_states[self.cfg.select_layer][:, 1:]
+
+
+class SamEncoderVisionTower(nn.Module):
+    """(B, grid*grid, C) tokens: the frozen SAM image embedding (B, C, e, e), average-pooled to grid x grid.
+
+    The encoder is held by reference, not registered as a submodule, so its weights live (and are saved,
+    counted and moved) once, under `sam.image_encoder`; both users keep it frozen, as upstream freezes CLIP and
+    the SAM encoder in every stage. The tower sees its own view (`vision.*`: centre-padded, with the vision
+    normalisation), so region masks keep their meaning in the vision grid.
+    """
+
+    def __init__(self, cfg: VisionConfig, encoder: nn.Module, embed_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self._encoder = (encoder,)  # a tuple hides it from nn.Module registration
+        self.hidden_size = embed_dim
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        encoder = self._encoder[0]
+        dtype = next(encoder.parameters()).dtype
+        emb = encoder(pixel_values.to(dtype))
+        return F.adaptive_avg_pool2d(emb, self.cfg.grid).flatten(2).transpose(1, 2)
+
+
+def build_vision_tower(
+    cfg: MedPLIBConfig, sam_encoder: nn.Module, clip_config: CLIPVisionConfig | None = None
+) -> nn.Module:
+    if cfg.vision.kind == "sam_encoder":
+        return SamEncoderVisionTower(cfg.vision, sam_encoder, cfg.sam.prompt_embed_dim)
+    return ClipVisionTower(cfg.vision, clip_config)
 
 
 def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:

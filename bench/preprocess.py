@@ -7,7 +7,9 @@ single-process engine (`engine="local"`) runs the chunk function in this process
 Ray engine runs it as Ray Data tasks on a local cluster of `--cpus` CPUs. Runs are interleaved (ray, local, ray,
 local, ...) and the best of `--repeats` is kept for each, since the machine is shared; the load average is
 printed. Before timing, a warm-up run lets each Ray worker import torch/transformers and build the tokenizer
-once (what a long run amortises); the cold first run is printed as well. Goal: ratio >= 1.7 on 2 cores.
+once (what a long run amortises); the cold first run is printed as well. Goal: ratio >= 1.7 on 2 cores. Each
+run also prints the CPU it used (this process and its Ray cluster, via psutil) and the cores other processes
+kept busy meanwhile (/proc/stat): on a shared machine the ratio is only meaningful when the latter is near 0.
 
 Ray workers run at nice 0 here, like the single-process engine (Ray's default is 15, which on a shared machine
 gives the CPU to other users' processes first). Driver memory: a sampler thread reads this process's resident set size (/proc/self/statm) every 10 ms during a
@@ -73,11 +75,43 @@ class PeakRSS:
         return self.peak / 2**20
 
 
-def timed_prepare(data: Path, out: Path, cfg: PrepareConfig, engine: str) -> tuple[float, int]:
-    """(seconds, accepted rows) of one forced run."""
+def machine_busy_s() -> float:
+    """CPU seconds all processes of the machine have spent busy since boot (/proc/stat), 0 without procfs."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except OSError:
+        return 0.0
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process and its descendants (the local Ray cluster: raylet, workers, ...)."""
+    import psutil
+
+    total = 0.0
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:  # a process that ended meanwhile
+            pass
+    return total
+
+
+def timed_prepare(data: Path, out: Path, cfg: PrepareConfig, engine: str) -> tuple[float, int, float, float]:
+    """(seconds, accepted rows, our CPU seconds, other processes' CPU seconds) of one forced run.
+
+    The machine is shared: the CPU seconds other processes used during the run say how much of the machine the
+    run actually had (on 2 cores, 1.0 core used by others halves what Ray can gain)."""
+    busy0, own0 = machine_busy_s(), own_cpu_s()
     started = time.perf_counter()
     result = prepare(data, out, cfg, engine=engine, force=True)
-    return time.perf_counter() - started, result.manifest["counts"]["accepted"]
+    seconds = time.perf_counter() - started
+    own = own_cpu_s() - own0
+    return seconds, result.manifest["counts"]["accepted"], own, max(0.0, machine_busy_s() - busy0 - own)
 
 
 def main() -> None:
@@ -109,18 +143,19 @@ def main() -> None:
     print(f"ray.init: {time.perf_counter() - started:.1f} s, {args.cpus} CPUs; load average {os.getloadavg()}")
     ray.data.DataContext.get_current().enable_progress_bars = False  # bars would only add driver work here
     try:
-        cold_s, _ = timed_prepare(work / "warmup", work / "out-warmup", cfg.with_overrides(batch_size=8), "ray")
+        cold_s, *_ = timed_prepare(work / "warmup", work / "out-warmup", cfg.with_overrides(batch_size=8), "ray")
         print(f"warm-up (cold workers, {4 * args.cpus * 8} rows): {cold_s:.1f} s")
 
         data = work / f"synth-{args.rows}"
         best = {"ray": float("inf"), "local": float("inf")}
         for i in range(args.repeats):
             for engine in ("ray", "local"):
-                seconds, accepted = timed_prepare(data, work / f"out-{engine}", cfg, engine)
+                seconds, accepted, own, others = timed_prepare(data, work / f"out-{engine}", cfg, engine)
                 assert accepted == args.rows, f"{engine}: {accepted} of {args.rows} rows accepted"
                 best[engine] = min(best[engine], seconds)
                 print(f"run {i + 1} {engine:>5}: {args.rows} rows in {seconds:.2f} s = {args.rows / seconds:.0f} "
-                      f"rows/s (load average {os.getloadavg()[0]:.1f})")
+                      f"rows/s; CPU: ours {own:.1f} s ({own / seconds:.2f} cores), other processes "
+                      f"{others / seconds:.2f} cores; load average {os.getloadavg()[0]:.1f}")
         ray_rps, local_rps = args.rows / best["ray"], args.rows / best["local"]
         ratio = ray_rps / local_rps
         print(f"Ray Data {ray_rps:.0f} rows/s, single process {local_rps:.0f} rows/s: ratio {ratio:.2f} "
@@ -129,7 +164,7 @@ def main() -> None:
         peaks: dict[int, float] = {}
         for n in memory_rows:
             with PeakRSS() as sampler:
-                seconds, accepted = timed_prepare(work / f"synth-{n}", work / f"out-mem-{n}", cfg, "ray")
+                seconds, accepted, *_ = timed_prepare(work / f"synth-{n}", work / f"out-mem-{n}", cfg, "ray")
             peaks[n] = sampler.peak_mb
             print(f"driver RSS, Ray run of {n} rows ({accepted} accepted, {n / seconds:.0f} rows/s): "
                   f"start {sampler.start_rss / 2**20:.0f} MB, peak {sampler.peak_mb:.0f} MB")

@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
+from pydicom.data import get_testdata_file
 
 from medplib.data.batch import collate
 from medplib.data.image import load_mask
@@ -150,6 +153,10 @@ def bad_input(tmp_path: Path) -> tuple[Path, dict[str, int]]:
     _png(root / "masks/organ.png", organ)
     _png(root / "masks/zero.png", np.zeros((H, W), dtype=np.uint8))
     _png(root / "masks/small.png", organ[:10, :10])
+    # Other formats medplib.data.image decodes: JPEG, DICOM (pydicom's bundled CT), a NIfTI volume (middle slice).
+    Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(root / "images/photo.jpg")
+    shutil.copy(get_testdata_file("CT_small.dcm"), root / "images/ct_small.dcm")
+    nib.save(nib.Nifti1Image(rng.random((W, H, 5)).astype(np.float32), np.eye(4)), root / "images/mr.nii.gz")
     seg = "Here: <SEG><mask>masks/organ.png</mask>"
     jsonl_rows: list[dict | str] = [
         _row("g1", "<image>\nWhat is shown?", "A CT.", split="train"),
@@ -167,6 +174,9 @@ def bad_input(tmp_path: Path) -> tuple[Path, dict[str, int]]:
         _row("split", "<image>\nHi", "Hi", split="../up"),  # invalid_field (split becomes a folder)
         _row("fix", "<image>\nAny fracture?", "No.", image="images/xr", split="val"),  # repaired suffix
         _row("oob", "What is <region>?", "Nothing.", regions=[{"point": [W + 2, 3]}], split="val"),
+        _row("jpeg", "<image>\nWhat is shown?", "A photo.", image="images/photo.jpg", split="train"),
+        _row("dicom", "<image>\nWhich modality?", "CT.", image="images/ct_small.dcm", split="train"),
+        _row("nifti", "Segment the organ.", seg, image="images/mr.nii.gz", split="train"),  # H x W slice
     ]
     lines = [r if isinstance(r, str) else json.dumps(r) for r in jsonl_rows]
     lines.insert(2, "")  # a blank line is skipped, yet line numbers stay the file's
@@ -220,11 +230,14 @@ def test_bad_rows_quarantined_exactly_like_the_validator(ray_cluster, bad_input,
     accepted = {split: [r["sample_id"] for r in iter_prepared_rows(out, split)] for split in manifest["splits"]}
     assert {i for ids in accepted.values() for i in ids} == want_accepted
     assert counts["accepted"] == len(want_accepted) == sum(len(v) for v in accepted.values())
-    assert sorted(accepted["train"]) == ["dup", "g1", "g2"]  # the second "dup" (first accepted) won
+    assert sorted(accepted["train"]) == ["dicom", "dup", "g1", "g2", "jpeg", "nifti"]  # 2nd "dup" won
     assert sorted(accepted["test"]) == ["rows_test:0", "t2"]
     assert sorted(accepted["val"]) == ["fix", "g3"]
     assert counts["fixed_suffix"] == 1
-    assert counts["split"] == {"train": 3, "val": 2, "test": 2}
+    assert counts["split"] == {"train": 6, "val": 2, "test": 2}
+    views = {r["sample_id"]: r for r in iter_prepared_rows(out, "train") if r["sample_id"] in ("dicom", "nifti")}
+    assert list(views["dicom"]["sam_geometry"][:2]) == [128, 128]  # CT_small.dcm is 128 x 128
+    assert list(views["nifti"]["sam_geometry"][:2]) == [H, W]
     dup_line = next(r for r in quarantine if r["reason"] == "duplicate_id")
     assert json.loads(dup_line["raw"])["conversations"][0]["value"] == "<image>\nAgain"
     assert {"source", "line", "reason", "message", "raw", "split"} <= set(dup_line)
@@ -235,7 +248,7 @@ def test_bad_rows_quarantined_exactly_like_the_validator(ray_cluster, bad_input,
     assert manifest["schema_version"] == SCHEMA_VERSION and manifest["model_preset"] == "tiny"
     for key in ("split", "task", "modality", "reason", "fixed_suffix", "accepted", "rejected"):
         assert key in counts, key
-    assert counts["task"] == {"vqa": 4, "grounding": 2, "region_vqa": 1}
+    assert counts["task"] == {"vqa": 6, "grounding": 3, "region_vqa": 1}
 
     # The single-process engine writes the same rows and the same quarantine.
     local = tmp_path / "prepared-local"
@@ -249,7 +262,7 @@ def test_bad_rows_quarantined_exactly_like_the_validator(ray_cluster, bad_input,
     # Ray Data reader for training.
     from workflows.preprocess import load_prepared
 
-    assert load_prepared(out, "train").count() == 3
+    assert load_prepared(out, "train").count() == 6
 
 
 def test_second_run_reuses_the_output(ray_cluster, bad_input, tmp_path: Path, caplog) -> None:

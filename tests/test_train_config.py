@@ -16,6 +16,7 @@ from workflows.train import (
     deepspeed_config,
     fail_hook_steps,
     lr_factor,
+    parameter_anchor,
     plan_steps,
     save_model_atomic,
     window_shuffle,
@@ -162,3 +163,24 @@ def test_moe_starting_model_takes_experts_from_grounding_and_vl(tmp_path: Path) 
     again = MedPLIB.from_pretrained(save_model_atomic(moe, tmp_path / "moe"))
     assert torch.equal(again.decoder_layers[1].mlp.experts[0].down_proj.weight,
                        grounding.decoder_layers[1].mlp.down_proj.weight)
+
+
+def test_parameter_anchor_makes_gradient_order_independent_of_usage() -> None:
+    """DeepSpeed reduces gradients in hook order and needs the same order on every rank, even when a rank's
+    micro-batch leaves a module unused (an expert without tokens)."""
+
+    def hook_order(use_middle: bool) -> list[str]:
+        torch.manual_seed(0)
+        m = torch.nn.ModuleDict({"a": torch.nn.Linear(4, 4), "b": torch.nn.Linear(4, 4), "c": torch.nn.Linear(4, 4)})
+        names = {id(p): n for n, p in m.named_parameters()}
+        order: list[str] = []
+        for p in m.parameters():
+            p.register_post_accumulate_grad_hook(lambda p: order.append(names[id(p)]))
+        anchor = parameter_anchor(list(m.parameters()))
+        h = m["a"](torch.randn(2, 4))
+        h = m["b"](h) if use_middle else h
+        (m["c"](h).sum() + anchor).backward()
+        assert all(p.grad is not None for p in m.parameters())
+        return order
+
+    assert hook_order(True) == hook_order(False)

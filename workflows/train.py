@@ -80,6 +80,8 @@ class StagePlan(BaseModel):
     precision: str
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
+    report_every_step: bool = False
+    """Also `ray.train.report` the metrics (without a checkpoint) after every step: sweeps need them in Tune."""
     fail_after_steps: int | None = None
     """TEST HOOK (env MEDPLIB_TEST_FAIL="<stage>:<steps>"): raise after this many steps, once checkpointed.
     Kept out of the fingerprint, so a rerun without the variable resumes the failed run."""
@@ -283,6 +285,22 @@ def save_model_atomic(model, out_dir: str | Path) -> Path:
 # ---------------------------------------------------------------------------------------------- the worker loop
 
 
+def parameter_anchor(params: list):
+    """0 x one element of every trainable parameter; build it BEFORE the forward pass and add it to the loss.
+
+    A micro-batch need not use every trainable module (an expert that got no token, the region adapter without
+    region rows, the mask decoder without grounding rows). DeepSpeed ZeRO-2 reduces gradients in the order its
+    per-parameter hooks fire, and assumes that order is the same on every rank; an unused parameter gets no
+    gradient at all. Either way the ranks' gradient buckets differ and the all-reduce fails ("Received data size
+    doesn't match") or, worse, sums different parameters. With the anchor every parameter gets a (zero)
+    gradient, and because the anchor's nodes are older than the forward's, autograd runs them last: every
+    parameter's hook fires after the whole forward graph, in the anchor's (parameter list) order, on every rank
+    alike (tests/test_train_config.py checks the order). Cost: no overlap of the reduction with the backward."""
+    import torch
+
+    return torch.stack([p.reshape(-1)[0].float() for p in params]).sum() * 0.0
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data))
@@ -377,6 +395,7 @@ def train_loop_per_worker(config: dict) -> None:
                          checkpoint_dir_name=f"checkpoint_{state.step:08d}")
         shutil.rmtree(local, ignore_errors=True)
 
+    unflushed: list = []  # asynchronous MLflow logging operations not yet confirmed
     progress(state.step)
     # Ray Train touch point: this worker's shard of the "train" dataset (split with preserve_order, so the
     # same rows reach the same rank in the same order on every attempt).
@@ -404,8 +423,9 @@ def train_loop_per_worker(config: dict) -> None:
                 continue
             batch = collate([row_to_encoded(plain_row(r), vision_size) for r in pending], model.cfg, model.ids.pad)
             pending = []
+            anchor = parameter_anchor(params)  # before the forward: see its docstring
             out = engine(batch, stage.loss_weights)
-            engine.backward(out["loss"])
+            engine.backward(out["loss"] + anchor)
             engine.step()  # steps the optimiser and scheduler only at accumulation boundaries
             for k in sums:
                 sums[k] += float(out[k].detach())
@@ -417,7 +437,10 @@ def train_loop_per_worker(config: dict) -> None:
                 continue
             # ---- one optimiser step done
             state.step += 1
-            elapsed = time.perf_counter() - step_started
+            now = time.perf_counter()
+            # Wall time since the previous step ended: data, forward/backward/update, and this loop's own
+            # bookkeeping of the previous step (metric logging, checkpoints), so the bench sees every overhead.
+            elapsed, step_started = now - step_started, now
             stats = torch.tensor([sums[k] / ga for k in sums] + [float(sum(seq_lens)), float(mb * ga)],
                                  dtype=torch.float64, device=device)
             dist.all_reduce(stats)  # mean losses, total tokens and samples over the workers
@@ -437,8 +460,9 @@ def train_loop_per_worker(config: dict) -> None:
                 from mlflow.entities import Metric
 
                 ts = int(time.time() * 1000)
-                tracker.log_batch(plan.mlflow_run_id, metrics=[Metric(k, float(v), ts, state.step)
-                                                               for k, v in metrics.items()])
+                # Asynchronous: the step does not wait for the store; flushed before every checkpoint.
+                unflushed.append(tracker.log_batch(plan.mlflow_run_id, synchronous=False,
+                                                 metrics=[Metric(k, float(v), ts, state.step) for k, v in metrics.items()]))
             if rank == 0:
                 log.info("%s step %d/%d loss %.4f lr %.2e %.0f tok/s %.2f samples/s mfu %.3f", stage.stage,
                          state.step, plan.total_steps, metrics["loss"], metrics["lr"], metrics["tokens_per_s"],
@@ -446,12 +470,17 @@ def train_loop_per_worker(config: dict) -> None:
             hook = plan.fail_after_steps is not None and state.step >= plan.fail_after_steps
             last = state.step >= plan.total_steps or state.micro_batches_in_epoch >= micro_per_epoch
             if state.step % stage.checkpoint_every_steps == 0 or state.step >= plan.total_steps or hook:
+                for op in unflushed:  # the metrics of every checkpointed step are in the store
+                    if op is not None:
+                        op.wait()
+                unflushed.clear()
                 save_and_report({"step": state.step, **metrics})
+            elif plan.report_every_step:
+                ray.train.report({"step": state.step, **metrics})  # a barrier too: every rank calls it
             if hook:
                 raise RuntimeError(f"{FAIL_HOOK_ENV}: {stage.stage} fails on purpose after step {state.step}")
             sums = dict.fromkeys(sums, 0.0)
             seq_lens, images = [], 0
-            step_started = time.perf_counter()
             if last:
                 break
         if state.step < plan.total_steps and state.epoch == epoch and state.micro_batches_in_epoch < micro_per_epoch:
@@ -506,7 +535,8 @@ def select_rows(stage: StageConfig, dataset):
 
 
 def fit_stage(
-    plan: StagePlan, train_dataset, *, name: str, storage_path: str, cpus_per_worker: float, max_failures: int
+    plan: StagePlan, train_dataset, *, name: str, storage_path: str, cpus_per_worker: float, max_failures: int,
+    callbacks: list | None = None,
 ) -> StageRun:
     """Run the stage's `TorchTrainer`; `storage_path/name` is the stage's Ray run directory (checkpoints)."""
     import ray.train
@@ -527,6 +557,7 @@ def fit_stage(
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=plan.stage.keep_checkpoints),
+            callbacks=callbacks,  # e.g. Tune's TuneReportCallback in a sweep trial
         ),
         # Ray Data touch point: each worker gets an equal shard, in a deterministic order (preserve_order).
         datasets={"train": train_dataset},

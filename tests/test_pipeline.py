@@ -1,0 +1,233 @@
+"""The training pipeline end to end on the `tiny` preset, on one local Ray cluster (2 CPUs), checked through the
+MLflow client: a full run, a rerun that trains nothing, a failure injected in `moe` (test hook
+MEDPLIB_TEST_FAIL="moe:<steps>") and the rerun that starts at `moe`, and a training worker killed mid-stage.
+
+About 5 minutes on 2 shared cores (each stage is one Ray Train run of ~30-60 s, mostly worker start-up).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+ray = pytest.importorskip("ray")
+mlflow = pytest.importorskip("mlflow")
+
+from medplib.model.config import configs_dir  # noqa: E402
+from medplib.model.medplib import MedPLIB  # noqa: E402
+from workflows.pipeline import run_pipeline  # noqa: E402
+from workflows.toy_data import write_toy_prepared  # noqa: E402
+from workflows.tracking import PARENT_TAG, STAGE_TAG, child_runs  # noqa: E402
+from workflows.train_config import PipelineConfig, load_pipeline_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # One local cluster for the module ("local": never join another developer's running cluster).
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    # MEDPLIB_PIPELINE_TEST_DIR keeps the work between runs while debugging (the first run is then a rerun).
+    keep = os.environ.get("MEDPLIB_PIPELINE_TEST_DIR")
+    return Path(keep) if keep else tmp_path_factory.mktemp("pipeline")
+
+
+@pytest.fixture(scope="module")
+def base_cfg(workdir: Path) -> PipelineConfig:
+    prepared = workdir / "prepared"
+    if not (prepared / "manifest.json").exists():
+        write_toy_prepared(prepared, "tiny", {"train": 24, "val": 6})
+    cfg = load_pipeline_config(configs_dir() / "pipeline" / "tiny.yaml", workdir=str(workdir / "run"))
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"prepared": str(prepared), "input": None})})
+
+
+def _with_moe(cfg: PipelineConfig, **update) -> PipelineConfig:
+    stages = {**cfg.stages, "moe": cfg.stages["moe"].model_copy(update=update)}
+    return PipelineConfig.model_validate({**cfg.model_dump(), "stages": {k: v.model_dump() for k, v in stages.items()}})
+
+
+def _client(cfg: PipelineConfig):
+    return mlflow.MlflowClient(cfg.resolved_tracking_uri(), registry_uri=cfg.resolved_tracking_uri())
+
+
+def _experiment(cfg: PipelineConfig) -> str:
+    return _client(cfg).get_experiment_by_name(cfg.experiment).experiment_id
+
+
+@pytest.fixture(scope="module")
+def first_run(cluster, base_cfg: PipelineConfig):
+    started = time.perf_counter()
+    result = run_pipeline(base_cfg)
+    return result, time.perf_counter() - started
+
+
+def test_full_pipeline_tracked_in_mlflow(base_cfg: PipelineConfig, first_run) -> None:
+    result, seconds = first_run
+    print(f"full tiny pipeline: {seconds:.0f} s")
+    client = _client(base_cfg)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    children = child_runs(client, _experiment(base_cfg), result.parent_run_id)
+    by_stage = {r.data.tags[STAGE_TAG]: r for r in children}
+    assert sorted(by_stage) == ["grounding", "moe", "vl"] and len(children) == 3
+    for stage, run in by_stage.items():
+        assert run.info.status == "FINISHED", stage
+        assert run.data.tags[PARENT_TAG] == result.parent_run_id
+        history = client.get_metric_history(run.info.run_id, "loss")
+        assert len({m.step for m in history}) > 1, f"{stage}: step metrics need more than one point"
+        for key in ("lr", "tokens_per_s", "samples_per_s", "mfu", "ce", "dice"):
+            assert key in run.data.metrics, f"{stage} run lacks metric {key}"
+        assert run.data.params["stage"] == stage and "lora.r" in run.data.params
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"model", "samples", "config"} <= artifacts
+        samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+        assert any(p.endswith(".png") for p in samples) and "samples/predictions.jsonl" in samples
+    # Registered models with their aliases; the final one is the first champion.
+    for stage, name in (("vl", "medplib-vl"), ("grounding", "medplib-grounding"), ("moe", "medplib")):
+        model = client.get_registered_model(name)
+        assert str(model.aliases["latest-tiny"]) == result.stages[stage].version
+        version = client.get_model_version(name, result.stages[stage].version)
+        assert version.run_id == by_stage[stage].info.run_id
+    assert str(client.get_registered_model("medplib").aliases["champion"]) == result.stages["moe"].version
+    assert result.champion and "score" in result.eval
+
+
+def test_moe_experts_are_the_grounding_and_vl_ffns(base_cfg: PipelineConfig, first_run, tmp_path: Path) -> None:
+    result, _ = first_run
+    uri = base_cfg.resolved_tracking_uri()
+    models = {
+        name: MedPLIB.from_pretrained(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}@latest-tiny", dst_path=str(tmp_path / name), tracking_uri=uri,
+            registry_uri=uri))
+        for name in ("medplib-vl", "medplib-grounding", "medplib")
+    }  # fmt: skip
+    vl, grounding, final = models["medplib-vl"], models["medplib-grounding"], models["medplib"]
+    init = MedPLIB.from_pretrained(result.stages["moe"].stage_dir / "init_model")  # what the moe stage started from
+    for i, layer in enumerate(init.decoder_layers):
+        for expert, source in zip(layer.mlp.experts, (grounding, vl), strict=True):
+            ref = dict(source.decoder_layers[i].mlp.named_parameters())
+            for name, p in expert.named_parameters():
+                assert torch.equal(p, ref[name]), f"layer {i} {name}"
+        assert torch.equal(layer.self_attn.o_proj.weight, vl.decoder_layers[i].self_attn.o_proj.weight)
+    assert torch.equal(init.text_hidden_fcs[2].weight, grounding.text_hidden_fcs[2].weight)
+    assert torch.equal(init.region_fea_adapter.weight, vl.region_fea_adapter.weight)
+    # The registered final model is an MoE model, and its LoRA-merged experts moved away from the start.
+    assert final.cfg.moe.enabled and len(final.decoder_layers[0].mlp.experts) == 2
+    assert not torch.equal(final.decoder_layers[0].mlp.experts[0].gate_proj.weight,
+                           init.decoder_layers[0].mlp.experts[0].gate_proj.weight)
+
+
+def test_rerun_of_a_finished_pipeline_trains_nothing(base_cfg: PipelineConfig, first_run) -> None:
+    result, _ = first_run
+    client = _client(base_cfg)
+    runs_before = len(client.search_runs([_experiment(base_cfg)]))
+    started = time.perf_counter()
+    again = run_pipeline(base_cfg)
+    seconds = time.perf_counter() - started
+    assert {s: o.status for s, o in again.stages.items()} == {"vl": "skipped", "grounding": "skipped",
+                                                              "moe": "skipped"}
+    assert again.parent_run_id == result.parent_run_id
+    assert len(client.search_runs([_experiment(base_cfg)])) == runs_before
+    assert client.get_run(again.parent_run_id).info.status == "FINISHED"
+    assert seconds < 30, f"a rerun with nothing to do took {seconds:.0f} s"
+
+
+def test_failure_in_moe_leaves_earlier_stages_and_rerun_starts_at_moe(
+    base_cfg: PipelineConfig, first_run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result, _ = first_run
+    cfg = _with_moe(base_cfg, seed=7).model_copy(update={"max_failures": 0})  # a new moe fingerprint
+    monkeypatch.setenv("MEDPLIB_TEST_FAIL", "moe:2")
+    with pytest.raises(Exception, match="fails on purpose|MEDPLIB_TEST_FAIL|Training"):
+        run_pipeline(cfg)
+    client = _client(cfg)
+    parents = client.search_runs([_experiment(cfg)], filter_string="attributes.status = 'FAILED'")
+    assert len(parents) >= 2  # the pipeline run and its moe run
+    failed_moe = [r for r in parents if r.data.tags.get(STAGE_TAG) == "moe"]
+    assert len(failed_moe) == 1 and "fails on purpose" in failed_moe[0].data.tags["error"]
+    # vl and grounding are untouched: still registered, still FINISHED.
+    for stage, name in (("vl", "medplib-vl"), ("grounding", "medplib-grounding")):
+        assert str(client.get_registered_model(name).aliases["latest-tiny"]) == result.stages[stage].version
+        assert client.get_run(result.stages[stage].run_id).info.status == "FINISHED"
+
+    monkeypatch.delenv("MEDPLIB_TEST_FAIL")
+    again = run_pipeline(cfg.model_copy(update={"max_failures": 2}))
+    assert again.stages["vl"].status == "skipped" and again.stages["grounding"].status == "skipped"
+    moe = again.stages["moe"]
+    assert moe.status == "trained" and moe.run_id == failed_moe[0].info.run_id  # the same run, continued
+    run = client.get_run(moe.run_id)
+    assert run.info.status == "FINISHED" and "error" not in run.data.tags and "previous_error" in run.data.tags
+    progress = json.loads((moe.stage_dir / "progress" / "rank0.json").read_text())
+    assert progress["resumed_from"] == 2  # resumed from the checkpoint written before the failure
+    assert client.get_run(again.parent_run_id).info.status == "FINISHED"
+
+
+def test_killed_worker_resumes_from_its_checkpoint(base_cfg: PipelineConfig, first_run) -> None:
+    # A longer moe run (8 epochs of 6 steps, capped at 40) so the kill lands mid-stage.
+    cfg = _with_moe(base_cfg, seed=11, epochs=8, checkpoint_every_steps=4).model_copy(update={"max_steps": 40})
+    killed: dict[str, int] = {}
+    stop = threading.Event()
+    started = time.time()
+
+    def committed_step(stage_dir: Path) -> int:
+        # A checkpoint counts once Ray has registered it (after every worker reported it): its snapshot says so.
+        try:
+            snapshot = json.loads((stage_dir / "checkpoint_manager_snapshot.json").read_text())
+            return int(snapshot["latest_checkpoint_result"]["checkpoint_dir_name"].split("_")[-1])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    def killer() -> None:
+        # Watch this run's progress files (newer than the test); SIGKILL rank 1 once it has gone past a
+        # committed checkpoint.
+        while not stop.is_set():
+            for path in Path(cfg.workdir_path / "stages").glob("moe-*/progress/rank1.json"):
+                try:
+                    info = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    continue
+                fresh = info["time"] > started and info["resumed_from"] == 0
+                if fresh and 0 < committed_step(path.parent.parent) < info["step"] < 40:
+                    try:
+                        os.kill(info["pid"], signal.SIGKILL)
+                    except ProcessLookupError:
+                        continue
+                    killed.update(info)
+                    return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        result = run_pipeline(cfg)
+    finally:
+        stop.set()
+        thread.join()
+    assert killed, "the worker was never killed (the stage finished before the watcher saw step 5)"
+    moe = result.stages["moe"]
+    client = _client(cfg)
+    runs = [r for r in child_runs(client, _experiment(cfg), result.parent_run_id) if r.data.tags[STAGE_TAG] == "moe"]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    progress = json.loads((moe.stage_dir / "progress" / "rank1.json").read_text())
+    assert progress["pid"] != killed["pid"] and progress["step"] == 40
+    assert 4 <= progress["resumed_from"] <= killed["step"]  # the last checkpoint, not step 0
+    history = client.get_metric_history(moe.run_id, "loss")
+    steps = [m.step for m in history]
+    assert max(steps) == 40 and len(set(steps)) == 40
+    # Only the steps between the last checkpoint and the kill ran (and were logged) twice.
+    assert len(steps) <= 40 + killed["step"] + 1 - progress["resumed_from"]
+    assert runs[0].data.tags["final_step"] == "40"

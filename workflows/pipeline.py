@@ -1,0 +1,445 @@
+"""The whole training pipeline: data prepare -> vl -> grounding -> moe -> eval -> register.
+
+    medplib pipeline run --config configs/pipeline/tiny.yaml [--workdir DIR] [--from-stage vl|grounding|moe]
+    medplib train --stage grounding --config configs/pipeline/tiny.yaml      (one stage)
+
+Each step's output is keyed by a fingerprint of its inputs and config (`workflows.train_config.fingerprint`):
+
+* prepare: `workflows.preprocess.prepare` reuses its output when the input and config hashes match (it says
+  "reusing"); with `data.prepared` the folder is used as it is. The data fingerprint is the manifest's hashes.
+* stage S: fingerprint(S's config, the model preset, the data, the input stages' fingerprints, num_workers,
+  max_steps). Outputs live in `<workdir>/stages/<S>-<fp12>/` (the Ray run directory: checkpoints; plus
+  `init_model/`, `export/`, `mlflow_run.json`, `done.json`). A stage is skipped ("skipped: done") when `done.json`
+  matches and its model version is registered; a stage that stopped half-way resumes from its last checkpoint
+  (same Ray run name) and continues its MLflow run. Changing anything upstream changes every later fingerprint.
+  Code changes do not: use `--from-stage S` to redo S and every later stage (their old directories are moved
+  aside to `<dir>.old-<time>`).
+* eval: `<workdir>/eval/<fp12>/` (`workflows.evaluate` when installed, else `workflows.quick_eval`), then
+  `champion` moves to the new `medplib` version only if its score (`champion_score`) beats the current
+  champion's.
+
+A failing step marks its MLflow run and the parent run FAILED (error tag + error.txt) and re-raises; earlier
+steps stay done and registered, so the next run starts at the failed step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from workflows.tracking import FINGERPRINT_TAG, PIPELINE_TAG, STAGE_TAG, Tracker, latest_alias
+from workflows.train_config import (
+    REGISTERED_MODEL,
+    STAGES,
+    PipelineConfig,
+    StageName,
+    fingerprint,
+    flatten,
+)
+
+log = logging.getLogger(__name__)
+
+DONE_FILE = "done.json"
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {"vl": (), "grounding": ("vl",), "moe": ("vl", "grounding")}
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    status: str  # "trained" | "skipped"
+    fingerprint: str
+    stage_dir: Path
+    run_id: str
+    version: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class PipelineResult:
+    parent_run_id: str
+    experiment_id: str
+    tracking_uri: str
+    stages: dict[str, StageOutcome] = field(default_factory=dict)
+    eval: dict[str, float] = field(default_factory=dict)
+    champion: bool = False
+
+
+@dataclass
+class _Context:
+    cfg: PipelineConfig
+    tracker: Tracker
+    experiment_id: str
+    parent_id: str
+    prepared: Path
+    data_fp: str
+    fps: dict[str, str]
+    use_gpu: bool
+    lengths: list[tuple[str, int]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def ensure_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # Ray touch point: join the given cluster, the running one, or start a local one.
+        ray.init(address=address)
+
+
+def decide_gpu(setting: str) -> bool:
+    """GPUs only when the cluster has them: ScalingConfig(use_gpu=True) without GPUs waits forever."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if setting == "yes" and gpus <= 0:
+        raise ValueError("use_gpu: yes, but the Ray cluster has no GPU (a GPU request would wait forever)")
+    return setting != "no" and gpus > 0
+
+
+def prepare_data(cfg: PipelineConfig) -> tuple[Path, str]:
+    """The prepared folder and its fingerprint (running `medplib data prepare` when `data.input` is given)."""
+    if cfg.data.prepared:
+        folder = Path(cfg.data.prepared).resolve()
+        log.info("== data: using the prepared folder %s (data.prepared)", folder)
+    else:
+        from workflows.preprocess import PrepareConfig, prepare
+
+        prep = PrepareConfig.model_validate({**cfg.data.prepare, "model_preset": cfg.preset})
+        result = prepare(Path(cfg.data.input), cfg.workdir_path / "data" / "prepared", prep)
+        folder = Path(result.output).resolve()
+        log.info("== data: %s %s", "reused (same input and config)" if result.reused else "prepared", folder)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} not found: data.prepared must be a `medplib data prepare` output")
+    manifest = json.loads(manifest_path.read_text())
+    preset = manifest.get("model_preset")
+    if preset is not None and preset != cfg.preset:
+        raise ValueError(f"{manifest_path}: prepared for model preset {preset!r}, the pipeline's preset is "
+                         f"{cfg.preset!r}; its image views and token ids would not fit the model")
+    data_fp = fingerprint(manifest.get("input_hash"), manifest.get("config_hash"), manifest.get("schema_version"),
+                          cfg.data.train_split)
+    return folder, data_fp
+
+
+def load_split(prepared: Path, split: str):
+    """A prepared split as a Ray Dataset (the prepare module's reader when present)."""
+    import ray
+
+    try:
+        from workflows.preprocess import load_prepared
+
+        return load_prepared(prepared, split)
+    except ImportError:
+        files = sorted((prepared / split).glob("*.parquet"))
+        if not files:
+            raise ValueError(f"{prepared} has no Parquet files for split {split!r}") from None
+        return ray.data.read_parquet([str(f) for f in files])
+
+
+def row_lengths(prepared: Path, split: str) -> list[tuple[str, int]]:
+    """(task, token count) of every row of a split, read on the driver with pyarrow (two columns only; a Ray Data
+    job here would cost a worker start-up for a few kilobytes)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    files = sorted((prepared / split).glob("*.parquet"))
+    if not files:
+        raise ValueError(f"{prepared} has no Parquet files for split {split!r} (data.train_split)")
+    out: list[tuple[str, int]] = []
+    for path in files:
+        table = pq.read_table(path, columns=["task", "input_ids"])
+        out += zip(table.column("task").to_pylist(), pc.list_value_length(table.column("input_ids")).to_pylist(),
+                   strict=True)
+    return out
+
+
+def stage_fingerprints(cfg: PipelineConfig, data_fp: str, lengths: list[tuple[str, int]]) -> dict[str, str]:
+    """Each stage's fingerprint: its config, the model preset, the data, its input stages' fingerprints, the
+    number of workers and the steps it will actually run (so raising max_steps past a stage's own length does
+    not redo it)."""
+    from medplib.model.config import load_model_config
+    from workflows.train import plan_steps
+
+    model_fp = fingerprint(load_model_config(cfg.preset))
+    fps: dict[str, str] = {}
+    for name in STAGES:
+        steps = plan_steps(cfg.stages[name], lengths, cfg.num_workers, cfg.max_steps)["total_steps"]
+        fps[name] = fingerprint(name, cfg.stages[name], model_fp, data_fp, [fps[s] for s in STAGE_INPUTS[name]],
+                                cfg.num_workers, steps)
+    fps["eval"] = fingerprint("eval", fps["moe"], cfg.eval, cfg.data.eval_split, data_fp)
+    return fps
+
+
+def _stage_dir(ctx: _Context, name: str) -> Path:
+    return ctx.cfg.workdir_path / "stages" / f"{name}-{ctx.fps[name][:12]}"
+
+
+def _done(ctx: _Context, name: str) -> dict | None:
+    """done.json of the stage if it matches the fingerprint and its model version is still registered."""
+    path = _stage_dir(ctx, name) / DONE_FILE
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    if done.get("fingerprint") != ctx.fps[name]:
+        return None
+    version = ctx.tracker.version_for(REGISTERED_MODEL[name], ctx.fps[name])
+    if version is None:
+        return None
+    return {**done, "version": str(version.version)}
+
+
+# ---------------------------------------------------------------------------------------------- one stage
+
+
+def _init_model(ctx: _Context, name: StageName, stage_dir: Path) -> Path:
+    """The stage's starting model in `stage_dir/init_model` (built once; inputs come through the registry)."""
+    import torch
+
+    from medplib.model.config import load_model_config
+    from medplib.model.medplib import MedPLIB
+    from workflows.train import build_moe_init, save_model_atomic
+
+    stage = ctx.cfg.stages[name]
+    init = stage_dir / "init_model"
+    if (init / "model.safetensors").exists():
+        return init
+    alias = latest_alias(ctx.cfg.name)
+    if name == "vl":
+        torch.manual_seed(stage.seed)  # the same random-init weights for every worker (and every rerun)
+        return save_model_atomic(MedPLIB(load_model_config(stage.preset)), init)
+    inputs = stage_dir / "inputs"
+    downloaded = {}
+    for source in STAGE_INPUTS[name]:
+        # Registry touch point: the input is whatever `latest-<pipeline>` points to, checked by fingerprint.
+        downloaded[source] = ctx.tracker.download_by_alias(REGISTERED_MODEL[source], alias, inputs / source,
+                                                           ctx.fps[source])
+    if name == "grounding":
+        os.replace(downloaded["vl"], init)
+    else:
+        save_model_atomic(build_moe_init(downloaded["vl"], downloaded["grounding"], stage), init)
+    shutil.rmtree(inputs, ignore_errors=True)
+    return init
+
+
+def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
+    from workflows.quick_eval import read_rows, sample_predictions
+    from workflows.train import (
+        StagePlan,
+        export_stage_model,
+        fail_hook_steps,
+        fit_stage,
+        plan_steps,
+        resolve_precision,
+        select_rows,
+    )
+
+    cfg, tracker = ctx.cfg, ctx.tracker
+    stage, fp = cfg.stages[name], ctx.fps[name]
+    stage_dir = _stage_dir(ctx, name)
+    model_name = REGISTERED_MODEL[name]
+    started = time.perf_counter()
+    log.info("== stage %s: starting (fingerprint %s, %s)", name, fp[:12], stage_dir)
+    params = {**flatten(stage), "fingerprint": fp, "data_fingerprint": ctx.data_fp, "num_workers": str(cfg.num_workers),
+              "max_steps": str(cfg.max_steps), **{f"input.{s}": ctx.fps[s] for s in STAGE_INPUTS[name]}}
+    run_id = tracker.stage_run(ctx.experiment_id, ctx.parent_id, cfg.name, name, stage_dir, fp, params)
+    try:
+        export = stage_dir / "export"
+        metrics: dict[str, Any] = {}
+        if not (export / "model.safetensors").exists():
+            init = _init_model(ctx, name, stage_dir)
+            arithmetic = plan_steps(stage, ctx.lengths, cfg.num_workers, cfg.max_steps)
+            train_ds = select_rows(stage, load_split(ctx.prepared, cfg.data.train_split))
+            plan = StagePlan(
+                stage=stage, fingerprint=fp, init_dir=str(init), stage_dir=str(stage_dir), world_size=cfg.num_workers,
+                use_gpu=ctx.use_gpu, precision=resolve_precision(stage, ctx.use_gpu),
+                tracking_uri=tracker.uri, mlflow_run_id=run_id, fail_after_steps=fail_hook_steps(name), **arithmetic,
+            )  # fmt: skip
+            log.info("== stage %s: %d rows, %d steps (%d per epoch x %d epochs, max_steps %s), global batch %d",
+                     name, plan.rows, plan.total_steps, plan.steps_per_epoch, stage.epochs, cfg.max_steps,
+                     stage.global_batch(cfg.num_workers))
+            run = fit_stage(plan, train_ds, name=stage_dir.name, storage_path=str(stage_dir.parent),
+                            cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures)
+            metrics = run.metrics
+            export_stage_model(plan, run.checkpoint_dir, export)
+            tracker.set_tags(run_id, {"checkpoint": str(run.checkpoint_dir), "final_step": str(metrics.get("step"))})
+        # Artifacts: the config, the exported model, sample predictions.
+        tracker.client.log_text(run_id, yaml.safe_dump(stage.model_dump(mode="json"), sort_keys=False),
+                                "config/stage.yaml")
+        version = tracker.version_for(model_name, fp)
+        if version is None or version.run_id != run_id:  # not yet registered by this run (--from-stage reruns)
+            tracker.log_artifacts(run_id, export, "model")
+            version = tracker.register(model_name, run_id, "model",
+                                       {STAGE_TAG: name, FINGERPRINT_TAG: fp, PIPELINE_TAG: cfg.name})
+        tracker.set_alias(model_name, latest_alias(cfg.name), version.version)
+        if cfg.eval.sample_predictions:
+            rows = read_rows(ctx.prepared, cfg.data.eval_split, set(stage.tasks), cfg.eval.sample_predictions)
+            samples = stage_dir / "samples"
+            shutil.rmtree(samples, ignore_errors=True)
+            if sample_predictions(export, rows, samples, cfg.eval.max_new_tokens):
+                tracker.log_artifacts(run_id, samples, "samples")
+        _write_json_atomic(stage_dir / DONE_FILE, {"fingerprint": fp, "run_id": run_id, "version": str(version.version),
+                                                   "model": model_name, "finished": time.time()})
+        tracker.finish(run_id)
+    except BaseException as err:
+        log.error("== stage %s: FAILED (%s: %s); MLflow run %s marked FAILED", name, type(err).__name__, err, run_id)
+        tracker.fail(run_id, err)
+        raise
+    seconds = time.perf_counter() - started
+    log.info("== stage %s: done in %.0f s, registered models:/%s/%s (@%s)", name, seconds, model_name,
+             version.version, latest_alias(cfg.name))
+    return StageOutcome(name, "trained", fp, stage_dir, run_id, str(version.version), metrics, seconds)
+
+
+def _stage_step(ctx: _Context, name: StageName) -> StageOutcome:
+    done = _done(ctx, name)
+    if done is not None:
+        model_name = REGISTERED_MODEL[name]
+        ctx.tracker.set_alias(model_name, latest_alias(ctx.cfg.name), done["version"])
+        ctx.tracker.set_tags(ctx.parent_id, {f"stage.{name}.run_id": done["run_id"]})
+        log.info("== stage %s: skipped, done for fingerprint %s (MLflow run %s, models:/%s/%s)", name,
+                 ctx.fps[name][:12], done["run_id"], model_name, done["version"])
+        return StageOutcome(name, "skipped", ctx.fps[name], _stage_dir(ctx, name), done["run_id"], done["version"])
+    outcome = _train_stage(ctx, name)
+    ctx.tracker.set_tags(ctx.parent_id, {f"stage.{name}.run_id": outcome.run_id})
+    return outcome
+
+
+# ---------------------------------------------------------------------------------------------- eval + register
+
+
+def champion_score(split_metrics: dict[str, Any]) -> float:
+    """The number `champion` compares: the mean of the available grounding mDice, closed-question accuracy and
+    open-question token F1 (each in [0, 1]) of one split's `workflows.evaluate` metrics."""
+    import math
+
+    seg, vqa = split_metrics.get("grounding") or {}, split_metrics.get("vqa") or {}
+    parts = [seg.get("mDice"), vqa.get("closed_accuracy"), vqa.get("open_f1")]
+    parts = [float(p) for p in parts if isinstance(p, int | float) and not math.isnan(p)]
+    return sum(parts) / len(parts) if parts else float("nan")
+
+
+def _evaluate(ctx: _Context, moe: StageOutcome, out: Path) -> dict[str, float]:
+    """Score the final model on the eval split: `workflows.evaluate` (Ray Data batch inference, report, logged
+    into the moe run) when that module is installed, else `workflows.quick_eval` (single process)."""
+    cfg = ctx.cfg
+    split = cfg.data.eval_split
+    try:
+        from workflows.evaluate import evaluate
+    except ImportError:
+        evaluate = None
+    if evaluate is not None:
+        result = evaluate(model=str(moe.stage_dir / "export"), data=ctx.prepared, splits=[split], out=out,
+                          max_rows=cfg.eval.max_samples, max_new_tokens=cfg.eval.max_new_tokens,
+                          mlflow_run_id=moe.run_id, tracking_uri=ctx.tracker.uri,
+                          engine="ray" if ctx.use_gpu else "local", model_id=f"{REGISTERED_MODEL['moe']}/{moe.version}")
+        section = result.metrics["splits"][split]
+        metrics = {k.replace("/", "_"): v for k, v in result.flat_metrics("eval").items()
+                   if "/by_" not in k and "/generation/" not in k}
+        metrics["score"] = champion_score(section)
+        return metrics
+    from medplib.model.medplib import MedPLIB
+    from workflows.quick_eval import evaluate_rows, read_rows
+
+    model = MedPLIB.from_pretrained(moe.stage_dir / "export").eval()
+    rows = read_rows(ctx.prepared, split, None, cfg.eval.max_samples)
+    if not rows:
+        raise ValueError(f"split {split!r} of {ctx.prepared} has no rows (data.eval_split)")
+    metrics = {f"eval_{k}": v for k, v in evaluate_rows(model, rows, cfg.eval.max_new_tokens).items()}
+    metrics["score"] = metrics.pop("eval_score")
+    ctx.tracker.log_metrics(moe.run_id, metrics)
+    return metrics
+
+
+def _eval_and_register(ctx: _Context, moe: StageOutcome) -> tuple[dict[str, float], bool]:
+    cfg, tracker = ctx.cfg, ctx.tracker
+    out = cfg.workdir_path / "eval" / ctx.fps["eval"][:12]
+    metrics_file = out / "pipeline_metrics.json"
+    if metrics_file.is_file():
+        metrics = json.loads(metrics_file.read_text())
+        log.info("== eval: skipped, scored before for fingerprint %s (score %.4f)", ctx.fps["eval"][:12],
+                 metrics["score"])
+    else:
+        log.info("== eval: scoring models:/%s/%s on <= %d rows of split %s", REGISTERED_MODEL["moe"], moe.version,
+                 cfg.eval.max_samples, cfg.data.eval_split)
+        out.mkdir(parents=True, exist_ok=True)
+        metrics = _evaluate(ctx, moe, out)
+        tracker.log_metrics(ctx.parent_id, metrics)
+        tracker.client.set_model_version_tag(REGISTERED_MODEL["moe"], moe.version, "eval_split", cfg.data.eval_split)
+        _write_json_atomic(metrics_file, metrics)
+        log.info("== eval: score %.4f (%s)", metrics["score"], ", ".join(
+            f"{k} {v:.4f}" for k, v in metrics.items() if k != "score" and not k.endswith("_n"))[:400])
+    promoted, previous = tracker.promote_champion(REGISTERED_MODEL["moe"], moe.version, metrics["score"])
+    tracker.set_tags(ctx.parent_id, {"champion": "yes" if promoted else "no"})
+    if promoted:
+        log.info("== register: models:/%s/%s is @%s and @champion (previous champion score %s)",
+                 REGISTERED_MODEL["moe"], moe.version, latest_alias(cfg.name), previous)
+    else:
+        log.info("== register: models:/%s/%s is @%s; @champion stays (its score %.4f >= %.4f)",
+                 REGISTERED_MODEL["moe"], moe.version, latest_alias(cfg.name), previous, metrics["score"])
+    return metrics, promoted
+
+
+# ---------------------------------------------------------------------------------------------- the pipeline
+
+
+def run_pipeline(cfg: PipelineConfig, *, from_stage: StageName | None = None,
+                 only_stage: StageName | None = None) -> PipelineResult:
+    """Run (or resume, or skip through) the pipeline; see the module docstring."""
+    workdir = cfg.workdir_path
+    workdir.mkdir(parents=True, exist_ok=True)
+    ensure_ray(cfg.ray_address)
+    use_gpu = decide_gpu(cfg.use_gpu)
+    tracker = Tracker(cfg.resolved_tracking_uri(), workdir)
+    experiment_id = tracker.experiment_id(cfg.experiment)
+    log.info("== pipeline %s: workdir %s, MLflow %s (experiment %s), %d workers x %s CPU%s", cfg.name, workdir,
+             tracker.uri, cfg.experiment, cfg.num_workers, cfg.cpus_per_worker, ", GPUs" if use_gpu else "")
+    prepared, data_fp = prepare_data(cfg)
+    lengths = row_lengths(prepared, cfg.data.train_split)
+    fps = stage_fingerprints(cfg, data_fp, lengths)
+    pipeline_fp = fingerprint(cfg.name, fps["eval"])
+    params = {**flatten(cfg.model_dump(mode="json", exclude={"stages"})),
+              **{f"fingerprint.{k}": v for k, v in fps.items()}, "data_fingerprint": data_fp}  # fmt: skip
+    parent_id = tracker.parent_run(experiment_id, cfg.name, pipeline_fp, params)
+    tracker.client.log_text(parent_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
+                            "config/pipeline.yaml")
+    ctx = _Context(cfg, tracker, experiment_id, parent_id, prepared, data_fp, fps, use_gpu, lengths)
+    result = PipelineResult(parent_id, experiment_id, tracker.uri)
+    try:
+        if from_stage is not None:
+            for name in STAGES[STAGES.index(from_stage):]:
+                stage_dir = _stage_dir(ctx, name)
+                if stage_dir.exists():
+                    aside = stage_dir.with_name(f"{stage_dir.name}.old-{int(time.time())}")
+                    log.info("== stage %s: --from-stage %s: moving %s aside to %s", name, from_stage, stage_dir, aside)
+                    os.replace(stage_dir, aside)
+        for name in STAGES:
+            if only_stage is not None and name != only_stage:
+                continue
+            result.stages[name] = _stage_step(ctx, name)
+        if only_stage is None:
+            result.eval, result.champion = _eval_and_register(ctx, result.stages["moe"])
+        tracker.finish(parent_id)
+    except BaseException as err:
+        tracker.fail(parent_id, err)
+        raise
+    trained = [s for s, o in result.stages.items() if o.status == "trained"]
+    log.info("== pipeline %s: done (trained: %s; skipped: %s); MLflow parent run %s", cfg.name,
+             ", ".join(trained) or "none", ", ".join(s for s in result.stages if s not in trained) or "none", parent_id)
+    return result

@@ -108,11 +108,13 @@ def test_full_pipeline_tracked_in_mlflow(base_cfg: PipelineConfig, first_run) ->
 
 def test_moe_experts_are_the_grounding_and_vl_ffns(base_cfg: PipelineConfig, first_run, tmp_path: Path) -> None:
     result, _ = first_run
-    uri = base_cfg.resolved_tracking_uri()
+    uri, client = base_cfg.resolved_tracking_uri(), _client(base_cfg)
+    # models:/NAME@latest-tiny, resolved with this store's client (MLflow 3.17's download_artifacts ignores its
+    # registry_uri argument for models:/ URIs and would look in the process-wide default store).
     models = {
         name: MedPLIB.from_pretrained(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}@latest-tiny", dst_path=str(tmp_path / name), tracking_uri=uri,
-            registry_uri=uri))
+            artifact_uri=client.get_model_version_by_alias(name, "latest-tiny").source,
+            dst_path=str(tmp_path / name), tracking_uri=uri))
         for name in ("medplib-vl", "medplib-grounding", "medplib")
     }  # fmt: skip
     vl, grounding, final = models["medplib-vl"], models["medplib-grounding"], models["medplib"]

@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from workflows import convert_cli, data_cli, eval_cli, infra_cli, model_cli, serve_cli, train_cli
+from workflows import convert_cli, data_cli, eval_cli, infra_cli, model_cli, serve_cli, submit_cli, train_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (data_cli, model_cli, eval_cli, serve_cli, infra_cli, convert_cli, train_cli):
+    for module in (data_cli, model_cli, eval_cli, serve_cli, infra_cli, convert_cli, train_cli, submit_cli):
         module.register(commands)
     return parser
 

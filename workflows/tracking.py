@@ -222,8 +222,10 @@ class Tracker:
         tmp = dst.with_name(f".{dst.name}.download-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp), tracking_uri=self.uri,
-                                                         registry_uri=self.uri))
+        # The alias is resolved above with this tracker's client; MLflow's own `models:/` resolution would use the
+        # process-wide registry URI instead (download_artifacts ignores its registry_uri argument for them).
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp),
+                                                         tracking_uri=self.uri))
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(local, dst)

@@ -22,8 +22,8 @@ import torch
 from bench.common import matmul_peak_flops, median_seconds, print_figures
 from medplib.data.batch import collate, encode_sample
 from medplib.data.schema import Sample, Turn
-from medplib.model.config import load_model_config
-from medplib.model.lora import LoraSettings, prepare_trainable
+from medplib.model.config import LoraSettings, load_model_config
+from medplib.model.lora import prepare_trainable
 from medplib.model.medplib import DTYPES, MedPLIB
 from medplib.model.moe import moe_layers
 

@@ -11,9 +11,8 @@ import torch
 
 from medplib.data.schema import Box, Point, Sample, Turn
 from medplib.data.transforms import Geometry, region_cells, unpad_mask_logits
-from medplib.model.config import MoEConfig, load_model_config
-from medplib.model.lora import LoraSettings, merge_lora, prepare_trainable
-from medplib.model.losses import LossWeights
+from medplib.model.config import LoraSettings, LossWeights, MoEConfig, load_model_config
+from medplib.model.lora import merge_lora, prepare_trainable
 from medplib.model.moe import MoEFeedForward, init_experts_from_stages, moe_layers
 
 

@@ -21,9 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from medplib.model.config import MoEConfig, configs_dir
-from medplib.model.lora import LoraSettings
-from medplib.model.losses import LossWeights
+from medplib.model.config import LoraSettings, LossWeights, MoEConfig, configs_dir
 
 StageName = Literal["vl", "grounding", "moe"]
 STAGES: tuple[StageName, ...] = ("vl", "grounding", "moe")

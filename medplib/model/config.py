@@ -180,6 +180,26 @@ class MoEConfig(_Strict):
         }[self.layers]
 
 
+class LoraSettings(_Strict):
+    """LoRA on the LLM's linear layers whose names end with one of `target_modules`."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+class LossWeights(_Strict):
+    """Weight of each loss term; each stage config sets its own (upstream table, research notes 3)."""
+
+    ce: float = 1.0
+    bce: float = Field(2.0, description="pixel BCE-with-logits")
+    dice: float = 0.5
+    focal: float = 0.0
+    iou: float = Field(0.0, description="MSE between the soft IoU and SAM's IoU head")
+    moe_aux: float = Field(0.0, description="router load-balancing loss (upstream stage 4 uses 0.0)")
+
+
 class MedPLIBConfig(_Strict):
     """The whole model. Presets live in `configs/model/<name>.yaml`."""
 

@@ -8,19 +8,11 @@ same); `sft_modules` are name substrings of parameters trained in full (`mm_proj
 from __future__ import annotations
 
 from peft import LoraConfig, PeftModel, get_peft_model
-from pydantic import BaseModel, Field
 from torch import nn
 
+from medplib.model.config import LoraSettings
+
 ALWAYS_FROZEN = ("vision_tower.", "sam.image_encoder.", "sam.prompt_encoder.")
-
-
-class LoraSettings(BaseModel):
-    """LoRA on the LLM's linear layers whose names end with one of `target_modules`."""
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
 def is_lora(model: nn.Module) -> bool:

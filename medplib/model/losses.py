@@ -4,20 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
 
 from medplib.constants import IGNORE_INDEX
-
-
-class LossWeights(BaseModel):
-    """Weight of each loss term; each stage config sets its own (upstream table, research notes 3)."""
-
-    ce: float = 1.0
-    bce: float = Field(2.0, description="pixel BCE-with-logits")
-    dice: float = 0.5
-    focal: float = 0.0
-    iou: float = Field(0.0, description="MSE between the soft IoU and SAM's IoU head")
-    moe_aux: float = Field(0.0, description="router load-balancing loss (upstream stage 4 uses 0.0)")
 
 
 def next_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

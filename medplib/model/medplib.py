@@ -31,8 +31,8 @@ from transformers import (
 )
 
 from medplib.data.transforms import Geometry, region_cells, unpad_mask_logits
-from medplib.model.config import MedPLIBConfig
-from medplib.model.losses import LossWeights, mask_losses, next_token_ce
+from medplib.model.config import LossWeights, MedPLIBConfig
+from medplib.model.losses import mask_losses, next_token_ce
 from medplib.model.moe import convert_to_moe, moe_layers
 from medplib.model.packaged import resolve_weights
 from medplib.model.sam import SAM

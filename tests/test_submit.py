@@ -62,6 +62,10 @@ def head(tmp_path_factory):
         proc.wait(60)
     except subprocess.TimeoutExpired:
         proc.kill()
+    # `ray start` recorded this head as the machine's current cluster; a later plain `ray.init()` would try it.
+    current = Path("/tmp/ray/ray_current_cluster")
+    if current.exists() and current.read_text().strip().endswith(f":{ports['port']}"):
+        current.unlink()
 
 
 def test_submit_runs_the_tiny_pipeline(head: str, tmp_path: Path) -> None:

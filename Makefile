@@ -34,10 +34,11 @@ system-deps:
 	  if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi; \
 	else echo "system-deps: not root or no apt-get; skipping Debian data packages and Chromium"; fi
 
+# The main job on embedded defaults: MeCoVQA-mini from real images, then the three-stage pipeline on the `small`
+# preset (SmolLM2-135M + LiteMedSAM, offline) with a local Ray cluster and MLflow in $(WORKDIR)/pipeline-small.
 run: install
 	$(BIN)/medplib data build-mini --output $(WORKDIR)/mecovqa-mini
-	$(BIN)/medplib predict --model tiny --image $$(ls $(WORKDIR)/mecovqa-mini/images/*.png | head -1) \
-	  --question "Please segment the brain." --segment --out $(WORKDIR)/predict/result.json
+	$(BIN)/medplib pipeline run --config configs/pipeline/small.yaml --workdir $(WORKDIR)/pipeline-small
 
 test: install
 	$(BIN)/python -m pytest -q

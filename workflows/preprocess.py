@@ -71,7 +71,7 @@ from medplib.data.image import ImageReadError, load_image, load_mask
 from medplib.data.parse import default_sample_id
 from medplib.data.prepared import MANIFEST_NAME, QUARANTINE_NAME, ROW_SCHEMA, read_manifest, rows_to_table
 from medplib.data.rows import SCHEMA_VERSION
-from medplib.data.validate import Accepted, Limits, Reason, Rejection, validate_row
+from medplib.data.validate import Accepted, Limits, Reason, Rejection, is_json_array, validate_row
 from medplib.model.config import MedPLIBConfig, load_model_config
 
 logger = logging.getLogger(__name__)
@@ -445,16 +445,6 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _is_json_array(path: Path) -> bool:
-    """True when the first non-whitespace byte (after a BOM) is '['."""
-    with path.open("rb") as f:
-        while chunk := f.read(4096):
-            text = chunk.lstrip(b"\xef\xbb\xbf \t\r\n")
-            if text:
-                return text.startswith(b"[")
-    return False
-
-
 def array_to_jsonl(source: str, out_path: str) -> dict[str, Any] | None:
     """Rewrite a JSON-array file as JSONL (one element per line). Returns a quarantine record if the file is not
     a valid JSON array (then no row of it is read), else None. Runs as one Ray task per file."""
@@ -690,7 +680,7 @@ def prepare(
     model = load_model_config(cfg.model_preset)
 
     files = [
-        InputFile(index=i, source=str(p), kind="array" if _is_json_array(p) else "jsonl", read_path=str(p),
+        InputFile(index=i, source=str(p), kind="array" if is_json_array(p) else "jsonl", read_path=str(p),
                   default_split=split_from_filename(p.name, cfg.default_split), size_bytes=p.stat().st_size,
                   sha256=_sha256_file(p))
         for i, p in enumerate(paths)

@@ -342,7 +342,7 @@ def _input_files(path: Path) -> list[Path]:
     return [path]
 
 
-def _is_json_array(path: Path) -> bool:
+def is_json_array(path: Path) -> bool:
     """True when the first non-whitespace character (after a BOM) is '['."""
     with path.open("rb") as f:
         while chunk := f.read(4096):
@@ -380,7 +380,7 @@ def _iter_array_file(
             raw="",
         )
         return
-    # _is_json_array saw '[' first, so a successful load is a list
+    # is_json_array saw '[' first, so a successful load is a list
     for index, row in enumerate(rows):
         if isinstance(row, str):  # validate_row would take a string for a JSONL line
             yield Rejection(
@@ -439,7 +439,7 @@ def read_and_validate(
     seen = set() if seen_ids is None else seen_ids
     for path in _input_files(Path(path_or_dir)):
         summary = ValidationSummary()
-        reader = _iter_array_file if _is_json_array(path) else _iter_jsonl_file
+        reader = _iter_array_file if is_json_array(path) else _iter_jsonl_file
         for result in reader(path, root, limits, seen):
             summary.add(result)
             yield result

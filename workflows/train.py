@@ -534,7 +534,8 @@ def plan_steps(stage: StageConfig, rows: list[tuple[str, int]], world: int, max_
         "rows_per_worker": per_worker,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total,
-        "warmup_steps": int(stage.warmup_ratio * steps_per_epoch),
+        # upstream: int(0.01 * steps_per_epoch); a max_steps-capped quick run warms up over its own length
+        "warmup_steps": int(stage.warmup_ratio * min(steps_per_epoch, total)),
     }
 
 
@@ -598,7 +599,7 @@ def export_stage_model(plan: StagePlan, checkpoint_dir: str | Path, out_dir: str
     trained = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DS_TAG, exclude_frozen_parameters=True)
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(expected - set(trained))
-    unexpected = sorted(set(trained) - {n for n, _ in model.named_parameters()} - {n for n, _ in model.named_buffers()})
+    unexpected = sorted(set(trained) - set(model.state_dict()))  # state_dict keeps tied names (lm_head)
     if missing or unexpected:
         raise ValueError(f"checkpoint {checkpoint_dir} does not match stage {stage.stage}'s trainable parameters: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -198,17 +198,9 @@ class MedPLIB(nn.Module):
         out["loss"] = (
             w.ce * out["ce"] + w.bce * out["bce"] + w.dice * out["dice"] + w.focal * out["focal"]
             + w.iou * out["iou"] + w.moe_aux * out["moe_aux"]
-        ) + 0.0 * self._trainable_heads_anchor(zero)  # fmt: skip
+        )  # fmt: skip
         out["logits"] = logits
         return out
-
-    def _trainable_heads_anchor(self, zero: torch.Tensor) -> torch.Tensor:
-        """A term touching every trainable head, added with weight 0. A batch without an image, a region or a
-        `<SEG>` leaves some heads out of the graph, and data-parallel gradient reduction (DDP buckets, ZeRO-2
-        partitions) breaks when ranks disagree on which parameters have gradients."""
-        heads = (self.mm_projector, self.region_fea_adapter, self.text_hidden_fcs, self.sam.mask_decoder)
-        params = [p for m in heads for p in m.parameters() if p.requires_grad]
-        return torch.stack([p.sum() for p in params]).sum() if params else zero
 
     def _grounding_losses(self, batch: dict, ids: torch.Tensor, hidden: torch.Tensor) -> dict | None:
         # The hidden state at p predicts the token at p+1; the one predicting `<SEG>` prompts the decoder.

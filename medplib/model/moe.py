@@ -69,8 +69,8 @@ class MoEFeedForward(nn.Module):
             if self.cfg.drop_tokens and slots.numel() > cap:
                 dropped += slots.numel() - cap
                 slots = slots[:cap]
-            # An expert with no tokens still runs (on zero rows): data-parallel gradient reduction needs the same
-            # parameters in the graph on every rank, whatever the routing did there.
+            # An expert with no tokens still runs (on zero rows), so the autograd graph has the same parameters on
+            # every data-parallel rank whatever the routing did there.
             tokens = token_of[slots]
             counts[j] = tokens.numel()
             y = expert(x.index_select(0, tokens)) * flat_p[slots].unsqueeze(-1).to(x.dtype)

@@ -104,6 +104,27 @@ def test_full_pipeline_tracked_in_mlflow(base_cfg: PipelineConfig, first_run) ->
         assert version.run_id == by_stage[stage].info.run_id
     assert str(client.get_registered_model("medplib").aliases["champion"]) == result.stages["moe"].version
     assert result.champion and "score" in result.eval
+    # The untrained starting model was scored on the same split and rows; the report compares both sides.
+    before, after = result.before_dir, result.eval_dir
+    assert before is not None and after is not None and before != after
+    before_metrics = json.loads((before / "metrics.json").read_text())
+    after_metrics = json.loads((after / "metrics.json").read_text())
+    assert list(before_metrics["splits"]) == list(after_metrics["splits"]) == [base_cfg.data.eval_split]
+    assert before_metrics["splits"]["val"]["rows"] == after_metrics["splits"]["val"]["rows"] > 0
+    comparison = json.loads((after / "comparison.json").read_text())
+    rows = comparison["splits"]["val"]["rows"]
+    assert rows and all(r["before"] is not None and r["after"] is not None for r in rows if ":" not in r["label"])
+    assert (after / "comparison.html").is_file() and "before training" in (after / "report.html").read_text()
+    assert any(k.startswith("eval_before/val/") for k in parent.data.metrics)
+    assert {"eval/comparison.html", "eval/report.html"} <= {
+        a.path for a in client.list_artifacts(result.parent_run_id, "eval")}
+    from workflows.train_cli import summary_text
+
+    text = summary_text(result)
+    print(text)
+    for needle in (result.parent_run_id, "grounding mDice", "closed accuracy", "open F1", "report.html",
+                   "mlflow ui --backend-store-uri", "medplib serve run --model", "medplib predict --endpoint"):
+        assert needle in text, needle
 
 
 def test_moe_experts_are_the_grounding_and_vl_ffns(base_cfg: PipelineConfig, first_run, tmp_path: Path) -> None:
@@ -137,7 +158,7 @@ def test_rerun_of_a_finished_pipeline_trains_nothing(base_cfg: PipelineConfig, f
     result, _ = first_run
     client = _client(base_cfg)
     runs_before = len(client.search_runs([_experiment(base_cfg)]))
-    started = time.perf_counter()
+    started, started_wall = time.perf_counter(), time.time()
     again = run_pipeline(base_cfg)
     seconds = time.perf_counter() - started
     assert {s: o.status for s, o in again.stages.items()} == {"vl": "skipped", "grounding": "skipped",
@@ -146,6 +167,9 @@ def test_rerun_of_a_finished_pipeline_trains_nothing(base_cfg: PipelineConfig, f
     assert len(client.search_runs([_experiment(base_cfg)])) == runs_before
     assert client.get_run(again.parent_run_id).info.status == "FINISHED"
     assert seconds < 30, f"a rerun with nothing to do took {seconds:.0f} s"
+    # Neither eval ran again: the same folders, untouched.
+    assert again.before_dir == result.before_dir and again.eval_dir == result.eval_dir
+    assert (again.before_dir / "pipeline_metrics.json").stat().st_mtime < started_wall
 
 
 def test_failure_in_moe_leaves_earlier_stages_and_rerun_starts_at_moe(

@@ -14,7 +14,11 @@ Each step's output is keyed by a fingerprint of its inputs and config (`workflow
   (same Ray run name) and continues its MLflow run. Changing anything upstream changes every later fingerprint.
   Code changes do not: use `--from-stage S` to redo S and every later stage (their old directories are moved
   aside to `<dir>.old-<time>`).
-* eval: `<workdir>/eval/<fp12>/` (`workflows.evaluate` when installed, else `workflows.quick_eval`), then
+* eval: first the untrained starting model (the preset at random-init heads, built with the vl stage's seed,
+  exactly what `vl` starts from) in `<workdir>/eval/before-<fp12>/`, then the trained model in
+  `<workdir>/eval/<fp12>/` on the same split and row cap (`workflows.evaluate` when installed, else
+  `workflows.quick_eval`, which has no before side); the trained side's folder holds `comparison.html`/`.json`
+  (before vs after) and its `report.html` shows both. Both are logged to the parent MLflow run. Then
   `champion` moves to the new `medplib` version only if its score (`champion_score`) beats the current
   champion's.
 
@@ -48,6 +52,7 @@ from workflows.train_config import (
 log = logging.getLogger(__name__)
 
 DONE_FILE = "done.json"
+COMPARE_LABELS = ("before training", "after training")
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {"vl": (), "grounding": ("vl",), "moe": ("vl", "grounding")}
 
 
@@ -71,6 +76,12 @@ class PipelineResult:
     stages: dict[str, StageOutcome] = field(default_factory=dict)
     eval: dict[str, float] = field(default_factory=dict)
     champion: bool = False
+    pipeline: str = ""
+    eval_split: str = ""
+    eval_rows: int = 0
+    eval_dir: Path | None = None  # the trained model's eval folder (report.html, comparison.html)
+    before_dir: Path | None = None  # the untrained model's eval folder
+    data_input: str | None = None
 
 
 @dataclass
@@ -184,6 +195,9 @@ def stage_fingerprints(cfg: PipelineConfig, data_fp: str, lengths: list[tuple[st
         fps[name] = fingerprint(name, cfg.stages[name], model_fp, data_fp, [fps[s] for s in STAGE_INPUTS[name]],
                                 cfg.num_workers, steps)
     fps["eval"] = fingerprint("eval", fps["moe"], cfg.eval, cfg.data.eval_split, data_fp)
+    # The untrained side: what `vl` starts from (the preset, torch seeded with the vl seed) on the same rows.
+    fps["before"] = fingerprint("before", model_fp, cfg.stages["vl"].preset, cfg.stages["vl"].seed, cfg.eval,
+                                cfg.data.eval_split, data_fp)
     return fps
 
 
@@ -335,7 +349,36 @@ def champion_score(split_metrics: dict[str, Any]) -> float:
     return sum(parts) / len(parts) if parts else float("nan")
 
 
-def _evaluate(ctx: _Context, moe: StageOutcome, out: Path) -> dict[str, float]:
+def _evaluate_before(ctx: _Context) -> Path | None:
+    """Score the untrained starting model (the vl stage's: the preset built after `torch.manual_seed(vl.seed)`)
+    on the eval split with the same row cap, into `<workdir>/eval/before-<fp12>/`; skipped when done for the same
+    fingerprint. Its metrics go to the parent run (prefix `eval_before`). None without `workflows.evaluate`."""
+    try:
+        from workflows.evaluate import evaluate
+    except ImportError:
+        return None
+    cfg, vl = ctx.cfg, ctx.cfg.stages["vl"]
+    out = cfg.workdir_path / "eval" / f"before-{ctx.fps['before'][:12]}"
+    done = out / "pipeline_metrics.json"
+    if done.is_file() and (out / "metrics.json").is_file():
+        log.info("== eval before training: skipped, scored before for fingerprint %s (%s)", ctx.fps["before"][:12],
+                 out)
+        return out
+    log.info("== eval before training: scoring the untrained %s model (seed %d) on <= %d rows of split %s",
+             vl.preset, vl.seed, cfg.eval.max_samples, cfg.data.eval_split)
+    out.mkdir(parents=True, exist_ok=True)
+    result = evaluate(model=vl.preset, seed=vl.seed, data=ctx.prepared, splits=[cfg.data.eval_split], out=out,
+                      max_rows=cfg.eval.max_samples, max_new_tokens=cfg.eval.max_new_tokens,
+                      mlflow_run_id=ctx.parent_id, tracking_uri=ctx.tracker.uri, mlflow_prefix="eval_before",
+                      mlflow_artifact_path="eval_before", engine="ray" if ctx.use_gpu else "local",
+                      model_id=f"{vl.preset} (untrained)")
+    score = champion_score(result.metrics["splits"][cfg.data.eval_split])
+    _write_json_atomic(done, {"fingerprint": ctx.fps["before"], "score": score})
+    log.info("== eval before training: score %.4f (%s)", score, out)
+    return out
+
+
+def _evaluate(ctx: _Context, moe: StageOutcome, out: Path, before: Path | None = None) -> dict[str, float]:
     """Score the final model on the eval split: `workflows.evaluate` (Ray Data batch inference, report, logged
     into the moe run) when that module is installed, else `workflows.quick_eval` (single process)."""
     cfg = ctx.cfg
@@ -348,7 +391,8 @@ def _evaluate(ctx: _Context, moe: StageOutcome, out: Path) -> dict[str, float]:
         result = evaluate(model=str(moe.stage_dir / "export"), data=ctx.prepared, splits=[split], out=out,
                           max_rows=cfg.eval.max_samples, max_new_tokens=cfg.eval.max_new_tokens,
                           mlflow_run_id=moe.run_id, tracking_uri=ctx.tracker.uri,
-                          engine="ray" if ctx.use_gpu else "local", model_id=f"{REGISTERED_MODEL['moe']}/{moe.version}")
+                          engine="ray" if ctx.use_gpu else "local", model_id=f"{REGISTERED_MODEL['moe']}/{moe.version}",
+                          compare_with=before, compare_labels=COMPARE_LABELS)
         section = result.metrics["splits"][split]
         metrics = {k.replace("/", "_"): v for k, v in result.flat_metrics("eval").items()
                    if "/by_" not in k and "/generation/" not in k}
@@ -367,7 +411,16 @@ def _evaluate(ctx: _Context, moe: StageOutcome, out: Path) -> dict[str, float]:
     return metrics
 
 
-def _eval_and_register(ctx: _Context, moe: StageOutcome) -> tuple[dict[str, float], bool]:
+def _log_comparison(ctx: _Context, out: Path) -> None:
+    """The trained side's report and the before/after comparison, as artifacts of the parent run."""
+    for name in ("report.html", "comparison.html", "comparison.json"):
+        if (out / name).is_file():
+            ctx.tracker.log_file(ctx.parent_id, out / name, "eval")
+    for chart in sorted((out / "plots").glob("comparison_*.png")):
+        ctx.tracker.log_file(ctx.parent_id, chart, "eval/plots")
+
+
+def _eval_and_register(ctx: _Context, moe: StageOutcome, before: Path | None = None) -> tuple[dict[str, float], bool]:
     cfg, tracker = ctx.cfg, ctx.tracker
     out = cfg.workdir_path / "eval" / ctx.fps["eval"][:12]
     metrics_file = out / "pipeline_metrics.json"
@@ -375,12 +428,20 @@ def _eval_and_register(ctx: _Context, moe: StageOutcome) -> tuple[dict[str, floa
         metrics = json.loads(metrics_file.read_text())
         log.info("== eval: skipped, scored before for fingerprint %s (score %.4f)", ctx.fps["eval"][:12],
                  metrics["score"])
+        if before is not None and (out / "metrics.json").is_file() and not (out / "comparison.json").is_file():
+            # Scored by an older pipeline without the before side: add the comparison (no inference).
+            from workflows.report import write_comparison_report
+
+            write_comparison_report(before, out, out, labels=COMPARE_LABELS)
+            _log_comparison(ctx, out)
+            log.info("== eval: wrote the before/after comparison %s", out / "comparison.html")
     else:
         log.info("== eval: scoring models:/%s/%s on <= %d rows of split %s", REGISTERED_MODEL["moe"], moe.version,
                  cfg.eval.max_samples, cfg.data.eval_split)
         out.mkdir(parents=True, exist_ok=True)
-        metrics = _evaluate(ctx, moe, out)
+        metrics = _evaluate(ctx, moe, out, before)
         tracker.log_metrics(ctx.parent_id, metrics)
+        _log_comparison(ctx, out)
         tracker.client.set_model_version_tag(REGISTERED_MODEL["moe"], moe.version, "eval_split", cfg.data.eval_split)
         _write_json_atomic(metrics_file, metrics)
         log.info("== eval: score %.4f (%s)", metrics["score"], ", ".join(
@@ -420,7 +481,8 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: StageName | None = None,
     tracker.client.log_text(parent_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
                             "config/pipeline.yaml")
     ctx = _Context(cfg, tracker, experiment_id, parent_id, prepared, data_fp, fps, use_gpu, lengths)
-    result = PipelineResult(parent_id, experiment_id, tracker.uri)
+    result = PipelineResult(parent_id, experiment_id, tracker.uri, pipeline=cfg.name, eval_split=cfg.data.eval_split,
+                            eval_rows=cfg.eval.max_samples, data_input=cfg.data.input)
     try:
         if from_stage is not None:
             for name in STAGES[STAGES.index(from_stage):]:
@@ -434,7 +496,9 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: StageName | None = None,
                 continue
             result.stages[name] = _stage_step(ctx, name)
         if only_stage is None:
-            result.eval, result.champion = _eval_and_register(ctx, result.stages["moe"])
+            result.before_dir = _evaluate_before(ctx)
+            result.eval, result.champion = _eval_and_register(ctx, result.stages["moe"], result.before_dir)
+            result.eval_dir = cfg.workdir_path / "eval" / fps["eval"][:12]
         tracker.finish(parent_id)
     except BaseException as err:
         tracker.fail(parent_id, err)
@@ -443,3 +507,26 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: StageName | None = None,
     log.info("== pipeline %s: done (trained: %s; skipped: %s); MLflow parent run %s", cfg.name,
              ", ".join(trained) or "none", ", ".join(s for s in result.stages if s not in trained) or "none", parent_id)
     return result
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+HEADLINE = (("grounding", "mDice", "grounding mDice"), ("grounding", "mIoU", "grounding mIoU"),
+            ("vqa", "closed_accuracy", "closed accuracy"), ("vqa", "open_f1", "open F1"))
+
+
+def before_after_rows(before_dir: Path | None, after_dir: Path | None) -> list[tuple[str, str, Any, Any]]:
+    """(split, metric, before, after) of the headline metrics per split, from the two eval folders' metrics.json
+    (None where a side or a value is missing)."""
+    def load(folder: Path | None) -> dict[str, Any]:
+        path = None if folder is None else folder / "metrics.json"
+        return json.loads(path.read_text())["splits"] if path is not None and path.is_file() else {}
+
+    before, after = load(before_dir), load(after_dir)
+    rows = []
+    for split in list(after) + [s for s in before if s not in after]:
+        for section, key, label in HEADLINE:
+            values = [((side.get(split) or {}).get(section) or {}).get(key) for side in (before, after)]
+            if any(v is not None for v in values):
+                rows.append((split, label, *values))
+    return rows

@@ -59,16 +59,68 @@ def _load(args: argparse.Namespace):
                                 max_steps=args.max_steps)
 
 
-def _summary(result) -> None:
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def summary_text(result) -> str:
+    """What `medplib pipeline run` prints at the end: runs, model, before/after metrics, report, how to look."""
+    from pathlib import Path
+
+    from workflows.pipeline import before_after_rows
+
+    names = {"vl": "medplib-vl", "grounding": "medplib-grounding", "moe": "medplib"}
+    uri = result.tracking_uri
+    lines = [f"== MedPLIB pipeline {result.pipeline}: done", f"MLflow ({uri}):",
+             f"  pipeline   run {result.parent_run_id}"]
     for name, outcome in result.stages.items():
-        log.info("%-9s %-7s run %s  models:/%s/%s  %s", name, outcome.status, outcome.run_id,
-                 {"vl": "medplib-vl", "grounding": "medplib-grounding", "moe": "medplib"}[name], outcome.version,
-                 outcome.stage_dir)
-    if result.eval:
-        log.info("eval: %s%s", ", ".join(f"{k} {v:.4f}" for k, v in result.eval.items()),
-                 " (new champion)" if result.champion else "")
-    log.info("MLflow: %s  parent run %s  (mlflow ui --backend-store-uri %s)", result.tracking_uri,
-             result.parent_run_id, result.tracking_uri)
+        lines.append(f"  {name:<10} run {outcome.run_id}  {outcome.status:<7}  models:/{names[name]}/{outcome.version}"
+                     f"  {outcome.stage_dir}")
+    moe = result.stages.get("moe")
+    if moe is None:
+        return "\n".join(lines)
+    export = moe.stage_dir / "export"
+    alias = "champion" if result.champion else f"latest-{result.pipeline}"
+    lines.append(f"Model: models:/medplib/{moe.version} (@latest-{result.pipeline}"
+                 f"{', @champion' if result.champion else ''}); files: {export}")
+    rows = before_after_rows(result.before_dir, result.eval_dir)
+    if rows:
+        lines.append(f"Eval on split {result.eval_split} (<= {result.eval_rows} rows), untrained start vs trained:")
+        lines.append(f"  {'split':<10} {'metric':<17} {'before':>8} {'after':>8} {'change':>8}")
+        for split, label, before, after in rows:
+            change = "-" if before is None or after is None else f"{after - before:+.4f}"
+            lines.append(f"  {split:<10} {label:<17} {_fmt(before):>8} {_fmt(after):>8} {change:>8}")
+    elif result.eval:
+        lines.append("Eval: " + ", ".join(f"{k} {v:.4f}" for k, v in result.eval.items()))
+    if "score" in result.eval:
+        lines.append(f"  champion score {result.eval['score']:.4f}" + (" (new champion)" if result.champion else
+                                                                        " (champion unchanged)"))
+    if result.eval_dir is not None:
+        report = result.eval_dir / "report.html"
+        comparison = result.eval_dir / "comparison.html"
+        lines.append(f"Report: {report}" + (f"  (before vs after: {comparison})" if comparison.is_file() else ""))
+    if result.before_dir is not None:
+        lines.append(f"        untrained model's report: {result.before_dir / 'report.html'}")
+    lines.append(f"MLflow UI: mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")
+    lines.append(f"Serve:  MLFLOW_TRACKING_URI={uri} medplib serve run --model models:/medplib@{alias}")
+    lines.append(f"        or: medplib serve run --model {export}")
+    image = "IMAGE.png"
+    predictions = None if result.eval_dir is None else result.eval_dir / "predictions.jsonl"
+    if result.data_input and predictions is not None and predictions.is_file():
+        import json
+
+        with predictions.open() as f:
+            first = json.loads(f.readline() or "{}")
+        candidate = Path(result.data_input) / str(first.get("image_path") or "")
+        if first.get("image_path") and candidate.is_file():
+            image = str(candidate)
+    lines.append(f"Query:  medplib predict --endpoint http://127.0.0.1:8000 --image {image} "
+                 "--question 'What imaging modality was used to acquire this image?'")
+    return "\n".join(lines)
+
+
+def _summary(result) -> None:
+    print("\n" + summary_text(result), flush=True)
 
 
 def _pipeline_run(args: argparse.Namespace) -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -44,3 +47,14 @@ def rng_image():
     """A deterministic non-square uint8 RGB image (48 x 80), odd aspect ratio on purpose."""
     rng = np.random.default_rng(0)
     return rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_tracking_uri():
+    """`mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI to the whole process: put back what was there
+    before each test, so one test's MLflow server never becomes the next test's default store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") != before and "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(before)
+

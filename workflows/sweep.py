@@ -284,7 +284,9 @@ def run_sweep(cfg: SweepConfig, workdir: str | None = None) -> dict[str, Any]:
 
 
 def _close_trial_runs(tracker, sweep_dir: Path, results, cfg: SweepConfig) -> list[dict[str, Any]]:
-    """Trials ASHA stopped were killed with their run still RUNNING: end those KILLED, tagged stopped_early."""
+    """Trials ASHA stopped end KILLED, tagged stopped_early. Their run is still RUNNING, or FAILED when the stop
+    removed the trial's placement group before the trainable returned (its TrainController dies with an
+    ActorDiedError): Tune records no error for a trial it stopped, so such a FAILED run is a stop too."""
     trials = []
     by_id = {r.metrics.get("trial_id"): r for r in results}
     for path in sorted((sweep_dir / "trials").glob("*.json")):
@@ -293,7 +295,8 @@ def _close_trial_runs(tracker, sweep_dir: Path, results, cfg: SweepConfig) -> li
         result = by_id.get(trial_id)
         steps = int(result.metrics.get("training_iteration", 0)) if result and result.metrics else 0
         status = tracker.run_status(info["run_id"])
-        if status == "RUNNING":
+        stopped_by_tune = status == "FAILED" and result is not None and result.error is None
+        if status == "RUNNING" or stopped_by_tune:
             tracker.set_tags(info["run_id"], {"stopped_early": f"ASHA after {steps} steps"})
             tracker.client.set_terminated(info["run_id"], "KILLED", end_time=int(time.time() * 1000))
             status = "KILLED"

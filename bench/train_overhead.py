@@ -92,7 +92,7 @@ def main() -> None:
     from medplib.model.config import configs_dir, load_model_config
     from medplib.model.medplib import MedPLIB
     from workflows.pipeline import row_lengths
-    from workflows.quick_eval import read_rows
+    from workflows.sample_predictions import read_rows
     from workflows.toy_data import write_toy_prepared
     from workflows.train import StagePlan, fit_stage, plan_steps, save_model_atomic, select_rows
     from workflows.train_config import fingerprint, load_stage_config

@@ -16,8 +16,7 @@ Each step's output is keyed by a fingerprint of its inputs and config (`workflow
   aside to `<dir>.old-<time>`).
 * eval: first the untrained starting model (the preset at random-init heads, built with the vl stage's seed,
   exactly what `vl` starts from) in `<workdir>/eval/before-<fp12>/`, then the trained model in
-  `<workdir>/eval/<fp12>/` on the same split and row cap (`workflows.evaluate` when installed, else
-  `workflows.quick_eval`, which has no before side); the trained side's folder holds `comparison.html`/`.json`
+  `<workdir>/eval/<fp12>/` on the same split and row cap (`workflows.evaluate`); the trained side's folder holds `comparison.html`/`.json`
   (before vs after) and its `report.html` shows both. Both are logged to the parent MLflow run. Then
   `champion` moves to the new `medplib` version only if its score (`champion_score`) beats the current
   champion's.
@@ -150,18 +149,10 @@ def prepare_data(cfg: PipelineConfig) -> tuple[Path, str]:
 
 
 def load_split(prepared: Path, split: str):
-    """A prepared split as a Ray Dataset (the prepare module's reader when present)."""
-    import ray
+    """A prepared split as a Ray Dataset."""
+    from workflows.preprocess import load_prepared
 
-    try:
-        from workflows.preprocess import load_prepared
-
-        return load_prepared(prepared, split)
-    except ImportError:
-        files = sorted((prepared / split).glob("*.parquet"))
-        if not files:
-            raise ValueError(f"{prepared} has no Parquet files for split {split!r}") from None
-        return ray.data.read_parquet([str(f) for f in files])
+    return load_prepared(prepared, split)
 
 
 def row_lengths(prepared: Path, split: str) -> list[tuple[str, int]]:
@@ -253,7 +244,7 @@ def _init_model(ctx: _Context, name: StageName, stage_dir: Path) -> Path:
 
 
 def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
-    from workflows.quick_eval import read_rows, sample_predictions
+    from workflows.sample_predictions import read_rows, sample_predictions
     from workflows.train import (
         StagePlan,
         export_stage_model,
@@ -352,11 +343,9 @@ def champion_score(split_metrics: dict[str, Any]) -> float:
 def _evaluate_before(ctx: _Context) -> Path | None:
     """Score the untrained starting model (the vl stage's: the preset built after `torch.manual_seed(vl.seed)`)
     on the eval split with the same row cap, into `<workdir>/eval/before-<fp12>/`; skipped when done for the same
-    fingerprint. Its metrics go to the parent run (prefix `eval_before`). None without `workflows.evaluate`."""
-    try:
-        from workflows.evaluate import evaluate
-    except ImportError:
-        return None
+    fingerprint. Its metrics go to the parent run (prefix `eval_before`)."""
+    from workflows.evaluate import evaluate
+
     cfg, vl = ctx.cfg, ctx.cfg.stages["vl"]
     out = cfg.workdir_path / "eval" / f"before-{ctx.fps['before'][:12]}"
     done = out / "pipeline_metrics.json"
@@ -379,35 +368,21 @@ def _evaluate_before(ctx: _Context) -> Path | None:
 
 
 def _evaluate(ctx: _Context, moe: StageOutcome, out: Path, before: Path | None = None) -> dict[str, float]:
-    """Score the final model on the eval split: `workflows.evaluate` (Ray Data batch inference, report, logged
-    into the moe run) when that module is installed, else `workflows.quick_eval` (single process)."""
+    """Score the final model on the eval split with `workflows.evaluate` (batch inference and report, logged into
+    the moe run), compared with the untrained model's scores when `before` is given."""
+    from workflows.evaluate import evaluate
+
     cfg = ctx.cfg
     split = cfg.data.eval_split
-    try:
-        from workflows.evaluate import evaluate
-    except ImportError:
-        evaluate = None
-    if evaluate is not None:
-        result = evaluate(model=str(moe.stage_dir / "export"), data=ctx.prepared, splits=[split], out=out,
-                          max_rows=cfg.eval.max_samples, max_new_tokens=cfg.eval.max_new_tokens,
-                          mlflow_run_id=moe.run_id, tracking_uri=ctx.tracker.uri,
-                          engine="ray" if ctx.use_gpu else "local", model_id=f"{REGISTERED_MODEL['moe']}/{moe.version}",
-                          compare_with=before, compare_labels=COMPARE_LABELS)
-        section = result.metrics["splits"][split]
-        metrics = {k.replace("/", "_"): v for k, v in result.flat_metrics("eval").items()
-                   if "/by_" not in k and "/generation/" not in k}
-        metrics["score"] = champion_score(section)
-        return metrics
-    from medplib.model.medplib import MedPLIB
-    from workflows.quick_eval import evaluate_rows, read_rows
-
-    model = MedPLIB.from_pretrained(moe.stage_dir / "export").eval()
-    rows = read_rows(ctx.prepared, split, None, cfg.eval.max_samples)
-    if not rows:
-        raise ValueError(f"split {split!r} of {ctx.prepared} has no rows (data.eval_split)")
-    metrics = {f"eval_{k}": v for k, v in evaluate_rows(model, rows, cfg.eval.max_new_tokens).items()}
-    metrics["score"] = metrics.pop("eval_score")
-    ctx.tracker.log_metrics(moe.run_id, metrics)
+    result = evaluate(model=str(moe.stage_dir / "export"), data=ctx.prepared, splits=[split], out=out,
+                      max_rows=cfg.eval.max_samples, max_new_tokens=cfg.eval.max_new_tokens,
+                      mlflow_run_id=moe.run_id, tracking_uri=ctx.tracker.uri,
+                      engine="ray" if ctx.use_gpu else "local", model_id=f"{REGISTERED_MODEL['moe']}/{moe.version}",
+                      compare_with=before, compare_labels=COMPARE_LABELS)
+    section = result.metrics["splits"][split]
+    metrics = {k.replace("/", "_"): v for k, v in result.flat_metrics("eval").items()
+               if "/by_" not in k and "/generation/" not in k}
+    metrics["score"] = champion_score(section)
     return metrics
 
 

@@ -1,12 +1,4 @@
-"""The pipeline's own small evaluation and the per-stage sample predictions (until `workflows/evaluate.py`, the
-full Ray Data batch evaluator, lands; the pipeline then only needs a different `score` source).
-
-`evaluate_rows`: the first N prepared rows of the eval split, single process. Each row's prompt is its token ids up
-to the first supervised (answer) token, so the model sees exactly what training fed it; answers are generated
-greedily. Grounding rows are generated with `segment=True` (a mask even without `<SEG>`, upstream eval's rule) and
-scored with `medplib.metrics.segmentation_scores` against the row's first target mask; VQA and region-VQA rows
-with `medplib.metrics.vqa_scores` against the `answer` column. `score` (what `champion` compares) is the mean of
-the available mDice, closed-question accuracy and open-question token F1.
+"""Per-stage sample predictions logged to each stage's MLflow run (scores come from `workflows/evaluate.py`).
 
 `sample_predictions`: a few rows through `medplib.inference.Predictor` (the serving code path), rendered as PNGs:
 the image rebuilt from the row's SAM view, the predicted mask in red, the reference mask outlined in green,
@@ -17,74 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 log = logging.getLogger(__name__)
-
-
-def prompt_of(row: dict, vision_size: int):
-    """The row as a generation prompt (`Encoded` without the answer) and its reference masks."""
-    from medplib.constants import IGNORE_INDEX
-    from medplib.data.rows import row_to_encoded
-    from workflows.train import plain_row
-
-    enc = row_to_encoded(plain_row(row), vision_size)
-    supervised = [i for i, t in enumerate(enc.labels) if t != IGNORE_INDEX]
-    cut = supervised[0] if supervised else len(enc.input_ids)
-    targets = enc.target_masks
-    enc.input_ids, enc.labels, enc.target_masks = enc.input_ids[:cut], [IGNORE_INDEX] * cut, []
-    return enc, targets
-
-
-def _clean(text: str, tokenizer) -> str:
-    return text.replace(tokenizer.eos_token or "", "").strip()
-
-
-def evaluate_rows(model, rows: list[dict], max_new_tokens: int, batch_size: int = 4) -> dict[str, float]:
-    """Scores of `model` (a MedPLIB in eval mode) on prepared rows; see the module docstring."""
-    import torch
-
-    from medplib.data.batch import collate
-    from medplib.metrics import segmentation_scores, vqa_scores
-
-    vision_size = model.cfg.vision.image_size_px
-    seg_preds, seg_gts, records = [], [], []
-    for grounding in (True, False):
-        chosen = [r for r in rows if (r["task"] == "grounding") == grounding]
-        for i in range(0, len(chosen), batch_size):
-            chunk = chosen[i : i + batch_size]
-            prompts = [prompt_of(r, vision_size) for r in chunk]
-            batch = collate([p[0] for p in prompts], model.cfg, model.ids.pad)
-            with torch.inference_mode():
-                gens = model.generate(batch, max_new_tokens=max_new_tokens, segment=grounding)
-            for row, (_, targets), gen in zip(chunk, prompts, gens, strict=True):
-                if grounding:
-                    if not targets:
-                        continue
-                    seg_gts.append(targets[0])
-                    seg_preds.append(model.binarize(gen.mask_logits[0]) if gen.mask_logits else None)
-                else:
-                    records.append({"text": _clean(gen.text, model.tokenizer), "gt": row.get("answer") or "",
-                                    "answer_type": row.get("answer_type") or "open"})
-    out: dict[str, float] = {}
-    if seg_gts:
-        for k, v in segmentation_scores(seg_preds, seg_gts).items():
-            out[f"seg_{k}"] = float(v)
-    if records:
-        summary = vqa_scores(records)
-        for k in ("n", "closed_accuracy", "open_f1", "open_exact_match", "open_bleu"):
-            out[f"vqa_{k}"] = float(summary[k])
-    parts = [out.get("seg_mDice"), out.get("vqa_closed_accuracy"), out.get("vqa_open_f1")]
-    parts = [p for p in parts if p is not None and not math.isnan(p)]
-    out["score"] = float(np.mean(parts)) if parts else float("nan")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- sample PNGs
 
 
 def _unpad(view: np.ndarray, geo) -> np.ndarray:

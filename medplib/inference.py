@@ -1,7 +1,8 @@
-"""Single-process inference: `Predictor.from_pretrained(dir_or_preset).predict(image, question, regions)`.
+"""Inference in one process, no Ray, no DeepSpeed launcher, no port: `medplib predict`, the serving replicas and
+batch evaluation all go `encode` -> `run`.
 
-No Ray, no DeepSpeed launcher, no port: the serving replicas, the batch evaluator and `medplib predict` all call
-this class.
+    predictor = Predictor.from_pretrained(resolve_model_source("models:/medplib@champion"))
+    predictor.predict("scan.png", "Segment the lesion.", [Box(x0=10, y0=10, x1=40, y1=30)], segment=True)
 """
 
 from __future__ import annotations
@@ -15,24 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from medplib.data.batch import collate, encode_sample
+from medplib.data.batch import Encoded, collate, encode_sample
 from medplib.data.schema import Box, MaskRef, Point, Turn
 from medplib.model.config import load_model_config
 from medplib.model.medplib import MedPLIB
+from medplib.prediction import Prediction
 
 Region = Point | Box | MaskRef | np.ndarray
 _REGION_MARK = re.compile(r"<region>(</region>)?")
-
-
-@dataclass
-class Prediction:
-    """The answer, one binary mask per `<SEG>` (original image size), SAM's IoU score per mask, and timings."""
-
-    text: str
-    masks: list[np.ndarray] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    num_generated_tokens: int = 0
+MLFLOW_URI_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 
 @dataclass
@@ -42,14 +34,39 @@ class Request:
     regions: list[Region] = field(default_factory=list)
 
 
-def resolve_model_source(source: str) -> str:
-    """An MLflow model URI (`models:/medplib@champion`, `runs:/ID/model`) is downloaded to a local directory;
-    anything else (a model directory, a preset name) passes through. mlflow is imported only when needed."""
-    if source.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
-        import mlflow
+class InvalidRequest(ValueError):
+    """A request the model cannot take; `field` is the part at fault (image, question, regions) and `index` the
+    region's position."""
 
-        return mlflow.artifacts.download_artifacts(artifact_uri=source)
-    return source
+    def __init__(self, field: str, detail: str, index: int | None = None) -> None:
+        self.field, self.detail, self.index = field, detail, index
+        super().__init__(f"{field}{'' if index is None else f'[{index}]'}: {detail}")
+
+
+def find_model_dir(path: Path, max_depth: int = 3) -> Path:
+    """The model folder (config.json + model.safetensors) at or below `path`; `path` itself when none is found
+    (the loader then names what is missing)."""
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return path
+    for depth in range(1, max_depth + 1):
+        for weights in sorted(path.glob("/".join(["*"] * depth) + "/model.safetensors")):
+            if (weights.parent / "config.json").is_file():
+                return weights.parent
+    return path
+
+
+def resolve_model_source(source: str, tracking_uri: str | None = None) -> str:
+    """A model directory or a preset name passes through; an MLflow URI (`models:/medplib@champion`,
+    `runs:/ID/model`) is downloaded (into MLflow's cache) from `tracking_uri`, default MLflow's own."""
+    if source.startswith(MLFLOW_URI_PREFIXES):
+        import mlflow.artifacts  # only here: reading a local model needs no MLflow
+
+        source = mlflow.artifacts.download_artifacts(
+            artifact_uri=source, tracking_uri=tracking_uri, registry_uri=tracking_uri
+        )
+    path = Path(source)
+    # A downloaded MLflow model keeps the model folder below the artifact root.
+    return str(find_model_dir(path)) if path.is_dir() else source
 
 
 def question_with_regions(question: str, num_regions: int) -> str:
@@ -83,6 +100,78 @@ class Predictor:
             model = model.to(device)
         return cls(model)
 
+    def encode(self, image: Any, question: str, regions: list[Region] | None = None) -> Encoded:
+        """One request as model input (the generation prompt, both image views, the region masks). Raises
+        `InvalidRequest` naming the field: image, question or regions[k]."""
+        from medplib.data.image import load_image
+        from medplib.data.transforms import region_to_mask
+
+        regions = list(regions or [])
+        if len(regions) > self.cfg.region.max_regions:
+            raise InvalidRequest("regions", f"{len(regions)} region prompts; this model takes at most "
+                                 f"{self.cfg.region.max_regions} (region.max_regions)")  # fmt: skip
+        array = None
+        if image is not None:
+            try:
+                array = load_image(image)
+            except ValueError as err:
+                raise InvalidRequest("image", str(err)) from err
+        try:
+            text = question_with_regions(question, len(regions))
+        except ValueError as err:
+            raise InvalidRequest("question", str(err)) from err
+        masks = []
+        for k, region in enumerate(regions):
+            if array is None:
+                raise InvalidRequest("regions", "a region prompt needs an image", k)
+            try:
+                # Rasterised once here; encode_sample takes the arrays as they are.
+                masks.append(region_to_mask(region, array.shape[:2], self.cfg.region.point_square_px))
+            except ValueError as err:
+                raise InvalidRequest("regions", str(err), k) from err
+        turns = [Turn(role="human", text=text)]
+        try:
+            return encode_sample(turns, array, self.model.tokenizer, self.cfg, regions=masks, for_generation=True)
+        except ValueError as err:  # the prompt does not fit max_length
+            raise InvalidRequest("question", str(err)) from err
+
+    def run(
+        self, encoded: list[Encoded], *, max_new_tokens: int = 64, temperature: float = 0.0, segment: bool = False
+    ) -> list[Prediction]:
+        """Encoded requests in one generation pass (one `generate` call); predictions in input order."""
+        t0 = time.perf_counter()
+        batch = collate(encoded, self.cfg, self.model.ids.pad)
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            gens = self.model.generate(batch, max_new_tokens=max_new_tokens, temperature=temperature, segment=segment)
+        t2 = time.perf_counter()
+        timings = {"preprocess_s": t1 - t0, "generate_s": t2 - t1, "total_s": t2 - t0}
+        eos = self.model.tokenizer.eos_token or ""
+        return [
+            Prediction(
+                text=(gen.text.replace(eos, "") if eos else gen.text).strip(),
+                masks=[self.model.binarize(m) for m in gen.mask_logits],
+                scores=[float(s) for s in gen.mask_scores],
+                timings=dict(timings),
+                num_generated_tokens=len(gen.token_ids),
+                token_ids=list(gen.token_ids),
+            )
+            for gen in gens
+        ]
+
+    def predict_batch(
+        self, requests: list[Request], *, max_new_tokens: int = 64, temperature: float = 0.0, segment: bool = False
+    ) -> list[Prediction]:
+        """`encode` each request, then `run` them together; the encoding time counts as preprocessing."""
+        t0 = time.perf_counter()
+        encoded = [self.encode(r.image, r.question, r.regions) for r in requests]
+        encode_s = time.perf_counter() - t0
+        preds = self.run(encoded, max_new_tokens=max_new_tokens, temperature=temperature, segment=segment)
+        for pred in preds:
+            pred.timings["preprocess_s"] += encode_s
+            pred.timings["total_s"] += encode_s
+        return preds
+
     def predict(
         self,
         image: Any,
@@ -97,38 +186,3 @@ class Predictor:
             [Request(image, question, list(regions or []))],
             max_new_tokens=max_new_tokens, temperature=temperature, segment=segment,
         )[0]  # fmt: skip
-
-    def predict_batch(
-        self, requests: list[Request], *, max_new_tokens: int = 64, temperature: float = 0.0, segment: bool = False
-    ) -> list[Prediction]:
-        """Several requests in one generation pass (what Serve's batching calls)."""
-        from medplib.data.image import load_image
-
-        t0 = time.perf_counter()
-        encoded = []
-        for req in requests:
-            image = None if req.image is None else load_image(req.image)
-            turns = [Turn(role="human", text=question_with_regions(req.question, len(req.regions)))]
-            encoded.append(
-                encode_sample(turns, image, self.model.tokenizer, self.cfg, regions=req.regions, for_generation=True)
-            )
-        batch = collate(encoded, self.cfg, self.model.ids.pad)
-        t1 = time.perf_counter()
-        with torch.inference_mode():
-            gens = self.model.generate(
-                batch, max_new_tokens=max_new_tokens, temperature=temperature, segment=segment
-            )
-        t2 = time.perf_counter()
-        out = []
-        for gen in gens:
-            text = gen.text.replace(self.model.tokenizer.eos_token or "", "").strip()
-            out.append(
-                Prediction(
-                    text=text,
-                    masks=[self.model.binarize(m) for m in gen.mask_logits],
-                    scores=gen.mask_scores,
-                    timings={"preprocess_s": t1 - t0, "generate_s": t2 - t1, "total_s": t2 - t0},
-                    num_generated_tokens=len(gen.token_ids),
-                )
-            )
-        return out

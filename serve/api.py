@@ -288,7 +288,7 @@ def create_api(backend: Backend) -> FastAPI:
                                 "(limits.request_timeout_s)", code="timeout") from err  # fmt: skip
         if result.error is not None:
             raise result.error
-        backend.record_result(result, len(result.masks) if job.return_masks else 0)
+        backend.record_result(result, len(result.prediction.masks) if job.return_masks else 0)
         return result
 
     stream_doc = {

@@ -9,7 +9,7 @@ Ray touch-points, each marked `# Ray:` below:
   (`build_application` applies them; with `serve deploy` the config file's `deployments` entry does).
 * `@serve.ingress()` + `__serve_build_asgi_app__`: the FastAPI app is built inside the replica, around it.
 * `@serve.batch`: concurrent requests are queued and handed to `_generate_batch` as one list, which runs them as
-  one `predict_batch` generation pass on a dedicated model thread (the event loop keeps accepting requests, so
+  one `Predictor.run` generation pass on a dedicated model thread (the event loop keeps accepting requests, so
   the next batch fills while this one runs).
 * `check_health`: Serve calls it every `health_check_period_s`; it raises (and Serve restarts the replica) when
   the model cannot run: after a failed model call, or when no request succeeded for `health_probe_interval_s`, it

@@ -2,9 +2,9 @@
 
     from serve.client import MedPLIBClient
     client = MedPLIBClient("http://127.0.0.1:8000")          # API key: api_key= or $MEDPLIB_API_KEY
-    result = client.predict("scan.png", "Please segment the liver.", box=(10, 20, 120, 140), segment=True)
-    result.answer, result.masks[0].shape                    # masks are bool numpy arrays at the image size
-    result.save_masks("out/scan")                           # out/scan_mask0.png, ...
+    pred = client.predict("scan.png", "Please segment the liver.", box=(10, 20, 120, 140), segment=True)
+    pred.text, pred.masks[0].shape                          # a medplib Prediction: bool masks at the image size
+    pred.save_masks("out/scan")                             # out/scan_mask0.png, ...
 
 For the OpenAI-compatible route use any OpenAI client with `base_url=URL + "/v1"` and
 `extra_body={"medplib": {...}}` (see serve/schemas.py).
@@ -16,7 +16,6 @@ import base64
 import io
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from serve.masks import b64decode, decode_rle, encode_rle, png_decode, png_encode
+from medplib.prediction import Prediction
+from serve.masks import b64decode, decode_rle, encode_rle, png_decode
 
 Pair = tuple[float, float]
 Quad = tuple[float, float, float, float]
@@ -41,34 +41,6 @@ class MedPLIBAPIError(RuntimeError):
         self.message = message
         self.param = param
         self.error_id = error_id
-
-
-@dataclass
-class PredictResult:
-    """The answer and one bool (H, W) mask per `<SEG>`, with the server's scores and timings."""
-
-    answer: str
-    masks: list[np.ndarray] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    num_generated_tokens: int = 0
-    raw: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def text(self) -> str:
-        """The answer (the name `medplib.inference.Prediction` uses)."""
-        return self.answer
-
-    def save_masks(self, prefix: str | Path) -> list[Path]:
-        """Write `<prefix>_mask<i>.png` (0/255) for each mask; returns the paths."""
-        prefix = Path(prefix)
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for i, mask in enumerate(self.masks):
-            path = prefix.with_name(f"{prefix.name}_mask{i}.png")
-            path.write_bytes(png_encode(mask))
-            paths.append(path)
-        return paths
 
 
 def _image_bytes(image: str | Path | bytes | np.ndarray | Image.Image) -> bytes:
@@ -147,7 +119,7 @@ class MedPLIBClient:
         max_new_tokens: int | None = None,
         temperature: float = 0.0,
         segment: bool = False,
-    ) -> PredictResult:
+    ) -> Prediction:
         """Ask `question` about `image` with optional region prompts (pixels; one or a list of each kind; used in
         the order points, boxes, masks). A mask is a PNG path or a bool array of the image's size."""
         regions: list[dict[str, Any]] = [{"kind": "point", "x": x, "y": y} for x, y in _many(point, 2)]
@@ -164,10 +136,10 @@ class MedPLIBClient:
             "mask_encoding": "rle",
         }
         body = self._check(self._http.post("/v1/predict", json=payload))
-        return PredictResult(
-            answer=body["answer"], masks=[decode_mask(m) for m in body["masks"]],
+        return Prediction(
+            text=body["answer"], masks=[decode_mask(m) for m in body["masks"]],
             scores=[m["score"] for m in body["masks"]], timings=body.get("timings", {}),
-            num_generated_tokens=body.get("num_generated_tokens", 0), raw=body,
+            num_generated_tokens=body.get("num_generated_tokens", 0),
         )  # fmt: skip
 
     def models(self) -> list[str]:

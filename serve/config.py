@@ -65,7 +65,7 @@ class Limits(_Strict):
 
 
 class Batching(_Strict):
-    """`@serve.batch`: concurrent requests on one replica are generated together in one `predict_batch` pass.
+    """`@serve.batch`: concurrent requests on one replica are generated together in one `Predictor.run` pass.
 
     Requests that differ in `max_tokens`, `temperature` or `segment` share a batch slot but run as separate
     passes. `max_batch_size: 1` turns batching off.

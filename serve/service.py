@@ -1,10 +1,10 @@
 """What a replica does, without Ray: turn API requests into model jobs, run jobs in batches, build responses.
 
 `MedPLIBService` holds the `Predictor`. Every check that can fail because of the client (the image, the regions,
-the limits, the question) happens in `job_from_chat` / `job_from_predict`, before a request joins a batch, so one
-bad request never fails its batch-mates; each raises `APIError` with the HTTP status, the field at fault and a
-message saying what was expected. `run_batch` is the one place the model runs (Serve's `@serve.batch` calls it
-with up to `max_batch_size` jobs).
+the limits, the question) happens in `job_from_chat` / `job_from_predict`, which end in `Predictor.encode`, before
+a request joins a batch, so one bad request never fails its batch-mates; each raises `APIError` with the HTTP
+status, the field at fault and a message saying what was expected. `run_batch` is the one place the model runs
+(`Predictor.run`; Serve's `@serve.batch` calls it with up to `max_batch_size` jobs).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from medplib.prediction import Prediction
 from serve.config import AppArgs
 from serve.masks import MaskFormatError, b64decode, b64encode, decode_rle, encode_rle, png_decode, png_encode
 from serve.schemas import (
@@ -86,33 +87,35 @@ class APIError(Exception):
 
 @dataclass
 class Job:
-    """One validated request, ready for the model."""
+    """One validated request, encoded once for the model (`Predictor.encode`), with its generation settings."""
 
-    image: np.ndarray  # uint8 (H, W, 3)
-    question: str  # with one <region></region> per region
-    regions: list[Any]  # Point | Box | bool (H, W) arrays
+    encoded: Any  # medplib.data.batch.Encoded: the generation prompt, image views and region masks
     max_new_tokens: int
     temperature: float
     segment: bool
-    prompt_tokens: int
+    encode_s: float = 0.0
     return_masks: bool = True
     mask_encoding: MaskEncoding = "both"
     created_s: float = field(default_factory=time.perf_counter)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
 
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.encoded.input_ids)
+
 
 @dataclass
 class JobResult:
-    """What the model made of one job, or the error that stopped it."""
+    """What the model made of one job (a `Prediction`), or the error that stopped it, and its batch."""
 
-    text: str = ""
-    masks: list[np.ndarray] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
-    num_generated_tokens: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
+    prediction: Prediction | None = None
     batch_size: int = 1
     started_s: float = 0.0  # time.perf_counter() when its model pass began
     error: BaseException | None = None
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return self.prediction.num_generated_tokens if self.prediction is not None else 0
 
 
 def parse_data_url(url: str, param: str) -> bytes:
@@ -151,7 +154,7 @@ def _b64(text: str, param: str) -> bytes:
 
 
 class MedPLIBService:
-    """The model plus everything between HTTP bodies and `Predictor.predict_batch` (see the module docstring)."""
+    """The model plus everything between HTTP bodies and `Predictor.run` (see the module docstring)."""
 
     def __init__(self, args: AppArgs, predictor: Any | None = None, num_cpus: float = 1.0) -> None:
         import torch
@@ -179,9 +182,11 @@ class MedPLIBService:
         self._lock = threading.Lock()
         self.last_success_s: float | None = None  # time.monotonic() of the last model call that worked
         self.last_failure: BaseException | None = None
+        from medplib.data.schema import Box
+
         probe = np.zeros((32, 32, 3), dtype=np.uint8)
         probe[8:24, 8:24] = 200
-        self._probe = probe
+        self._probe = predictor.encode(probe, "probe", [Box(x0=8, y0=8, x1=24, y1=24)])
 
     # --- requests -> jobs ------------------------------------------------------------------------------------------
     def job_from_chat(self, req: ChatCompletionRequest) -> Job:
@@ -275,29 +280,21 @@ class MedPLIBService:
                                 "(limits.max_image_pixels)", param)  # fmt: skip
         return image
 
-    def _region(self, prompt: Any, hw: tuple[int, int], param: str) -> Any:
+    def _region(self, prompt: Any, param: str) -> Any:
         from medplib.data.schema import Box, Point
-        from medplib.data.transforms import region_to_mask
 
         if isinstance(prompt, PointPrompt):
-            region: Any = Point(x=prompt.x, y=prompt.y)
-        elif isinstance(prompt, BoxPrompt):
-            region = Box(x0=prompt.x0, y0=prompt.y0, x1=prompt.x1, y1=prompt.y1)
-        elif isinstance(prompt, MaskPrompt):
+            return Point(x=prompt.x, y=prompt.y)
+        if isinstance(prompt, BoxPrompt):
+            return Box(x0=prompt.x0, y0=prompt.y0, x1=prompt.x1, y1=prompt.y1)
+        if isinstance(prompt, MaskPrompt):
             try:
                 if prompt.rle is not None:
-                    region = decode_rle(prompt.rle.model_dump())
-                else:
-                    region = png_decode(_b64(prompt.png_base64 or "", f"{param}.png_base64"))
+                    return decode_rle(prompt.rle.model_dump())
+                return png_decode(_b64(prompt.png_base64 or "", f"{param}.png_base64"))
             except MaskFormatError as err:
                 raise APIError(400, f"{param}: {err}", param, "invalid_mask") from err
-        else:  # pragma: no cover - pydantic guarantees the union
-            raise APIError(400, f"{param}: unknown region prompt", param)
-        try:
-            region_to_mask(region, hw, self.model_cfg.region.point_square_px)
-        except ValueError as err:
-            raise APIError(400, f"{param}: {err}", param, "invalid_region") from err
-        return region
+        raise APIError(400, f"{param}: unknown region prompt", param)  # pragma: no cover - pydantic's union
 
     def _job(
         self,
@@ -314,9 +311,7 @@ class MedPLIBService:
         regions_param: str,
         question_param: str,
     ) -> Job:
-        from medplib.data.conversation import tokenize_conversation
-        from medplib.data.schema import Turn
-        from medplib.inference import question_with_regions
+        from medplib.inference import InvalidRequest
 
         limits = self.args.limits
         if len(prompts) > self.max_regions:
@@ -326,43 +321,42 @@ class MedPLIBService:
         if max_new > limits.max_tokens:
             raise APIError(400, f"{tokens_param}: {max_new} exceeds this server's limit of {limits.max_tokens}",
                            tokens_param)  # fmt: skip
-        regions = [self._region(p, image.shape[:2], param) for param, p in prompts]
+        regions = [self._region(p, param) for param, p in prompts]
+        started = time.perf_counter()
         try:
-            text = question_with_regions(question, len(regions))
-            cfg = self.model_cfg
-            tok = tokenize_conversation(
-                [Turn(role="human", text="<image>\n" + text)], self.predictor.model.tokenizer, cfg.conv_template,
-                cfg.vision.grid**2, cfg.max_length, for_generation=True, sample_id="request",
-            )  # fmt: skip
-        except ValueError as err:
-            raise APIError(400, f"{question_param}: {err}", question_param) from err
+            # The one prompt build and region rasterisation of this request; the job carries the result.
+            encoded = self.predictor.encode(image, question, regions)
+        except InvalidRequest as err:
+            if err.field == "regions" and err.index is not None:
+                param, code = prompts[err.index][0], "invalid_region"
+            else:
+                param, code = {"question": question_param}.get(err.field, err.field), None
+            raise APIError(400, f"{param}: {err.detail}", param, code) from err
         return Job(
-            image=image, question=question, regions=regions, max_new_tokens=max_new, temperature=temperature,
-            segment=segment, prompt_tokens=len(tok.input_ids), return_masks=return_masks, mask_encoding=mask_encoding,
+            encoded=encoded, max_new_tokens=max_new, temperature=temperature, segment=segment,
+            encode_s=time.perf_counter() - started, return_masks=return_masks, mask_encoding=mask_encoding,
         )  # fmt: skip
 
     # --- the model --------------------------------------------------------------------------------------------------
     def run_batch(self, jobs: list[Job]) -> list[JobResult]:
-        """Run jobs; those with the same generation settings share one `predict_batch` pass."""
-        from medplib.inference import Request
-
+        """Run jobs; those with the same generation settings share one `Predictor.run` pass."""
         results: list[JobResult | None] = [None] * len(jobs)
         groups: dict[tuple[int, float, bool], list[int]] = defaultdict(list)
         for i, job in enumerate(jobs):
             groups[(job.max_new_tokens, job.temperature, job.segment)].append(i)
         with self._lock:  # one model call at a time per replica (the probe shares the model)
             for (max_new, temperature, segment), idx in groups.items():
-                requests = [Request(jobs[i].image, jobs[i].question, jobs[i].regions) for i in idx]
+                encoded = [jobs[i].encoded for i in idx]
                 started = time.perf_counter()
                 kwargs = {"max_new_tokens": max_new, "temperature": temperature, "segment": segment}
                 try:
-                    preds = self.predictor.predict_batch(requests, **kwargs)
+                    preds = self.predictor.run(encoded, **kwargs)
                 except ValueError:
                     # A client problem the checks missed: run one by one so it fails alone.
                     preds = []
-                    for request in requests:
+                    for one in encoded:
                         try:
-                            preds.append(self.predictor.predict_batch([request], **kwargs)[0])
+                            preds.append(self.predictor.run([one], **kwargs)[0])
                         except ValueError as err:
                             preds.append(APIError(400, str(err)))
                         except Exception as err:  # noqa: BLE001 - reported per job, as a 500
@@ -377,24 +371,13 @@ class MedPLIBService:
                     else:
                         self.last_success_s = time.monotonic()
                         self.last_failure = None
-                        results[i] = JobResult(
-                            text=pred.text, masks=pred.masks, scores=[float(s) for s in pred.scores],
-                            num_generated_tokens=pred.num_generated_tokens, timings=dict(pred.timings),
-                            batch_size=len(idx), started_s=started,
-                        )  # fmt: skip
+                        results[i] = JobResult(pred, batch_size=len(idx), started_s=started)
         return [r if r is not None else JobResult(error=RuntimeError("job not run")) for r in results]
 
     def probe(self) -> None:
-        """A one-token prediction with a box prompt on a cached image; raises when the model cannot run."""
-        from medplib.data.schema import Box
-        from medplib.inference import Request
-
+        """A one-token prediction with a box prompt on an image encoded once; raises when the model cannot run."""
         with self._lock:
-            self.predictor.predict_batch(
-                [Request(self._probe, "probe", [Box(x0=8, y0=8, x1=24, y1=24)])],
-                max_new_tokens=1,
-                segment=True,
-            )
+            self.predictor.run([self._probe], max_new_tokens=1, segment=True)
             self.last_success_s = time.monotonic()
             self.last_failure = None
 
@@ -410,7 +393,8 @@ class MedPLIBService:
         if not job.return_masks:
             return []
         out = []
-        for k, (mask, score) in enumerate(zip(result.masks, result.scores, strict=True)):
+        pred = result.prediction
+        for k, (mask, score) in enumerate(zip(pred.masks, pred.scores, strict=True)):
             h, w = mask.shape
             out.append(
                 MaskOut(
@@ -425,9 +409,9 @@ class MedPLIBService:
         return out
 
     def _timings(self, job: Job, result: JobResult) -> Timings:
-        t = result.timings
+        t = result.prediction.timings
         return Timings(
-            queue_s=max(0.0, result.started_s - job.created_s), preprocess_s=t.get("preprocess_s", 0.0),
+            queue_s=max(0.0, result.started_s - job.created_s), preprocess_s=job.encode_s + t.get("preprocess_s", 0.0),
             generate_s=t.get("generate_s", 0.0), model_s=t.get("total_s", 0.0),
             server_s=time.perf_counter() - job.created_s, batch_size=result.batch_size,
         )  # fmt: skip
@@ -443,7 +427,7 @@ class MedPLIBService:
     def chat_response(self, job: Job, result: JobResult) -> ChatCompletion:
         return ChatCompletion(
             id=f"chatcmpl-{job.id}", created=int(time.time()), model=self.name,
-            choices=[Choice(message=AssistantMessage(content=result.text), finish_reason=self._finish(job, result))],
+            choices=[Choice(message=AssistantMessage(content=result.prediction.text), finish_reason=self._finish(job, result))],
             usage=self._usage(job, result),
             medplib=MedPLIBResult(masks=self._masks(job, result), timings=self._timings(job, result)),
         )  # fmt: skip
@@ -455,7 +439,7 @@ class MedPLIBService:
     def chat_chunks(self, job: Job, result: JobResult, include_usage: bool) -> Iterator[ChatCompletionChunk]:
         """The answer in word-sized pieces, then the chunk with `finish_reason` and the masks, then usage."""
         cid, created = f"chatcmpl-{job.id}", int(time.time())
-        for piece in re.findall(r"\s*\S+\s*|\s+", result.text):
+        for piece in re.findall(r"\s*\S+\s*|\s+", result.prediction.text):
             yield ChatCompletionChunk(id=cid, created=created, model=self.name,
                                       choices=[ChunkChoice(delta=Delta(content=piece))])  # fmt: skip
         yield ChatCompletionChunk(
@@ -469,7 +453,7 @@ class MedPLIBService:
 
     def predict_response(self, job: Job, result: JobResult) -> PredictResponse:
         return PredictResponse(
-            id=f"pred-{job.id}", model=self.name, answer=result.text, masks=self._masks(job, result),
+            id=f"pred-{job.id}", model=self.name, answer=result.prediction.text, masks=self._masks(job, result),
             num_generated_tokens=result.num_generated_tokens, prompt_tokens=job.prompt_tokens,
             timings=self._timings(job, result),
         )  # fmt: skip

@@ -21,6 +21,7 @@ from PIL import Image
 from medplib.constants import IGNORE_INDEX
 from medplib.data.prepared import iter_prepared_rows
 from medplib.data.rows import png_array, png_bytes, row_to_encoded
+from medplib.inference import Predictor
 from medplib.metrics import mask_dice
 from workflows.evaluate import (
     EvalConfig,
@@ -126,7 +127,7 @@ def test_region_prompts_reach_the_model(rows, model):
     assert region_rows, "the fixture split has no region_vqa row"
     adapter_rows: list[int] = []
     model.region_fea_adapter.register_forward_hook(lambda _m, args, _out: adapter_rows.append(args[0].shape[0]))
-    results = predict_rows(model, region_rows, max_new_tokens=2, model_id="tiny")
+    results = predict_rows(Predictor(model), region_rows, max_new_tokens=2, model_id="tiny")
     assert sum(adapter_rows) == len(region_rows)  # one pooled feature per region, in the first decoder step
     for result in results:
         assert result.record["metadata"]["num_regions"] == 1
@@ -143,8 +144,8 @@ def test_region_prompts_reach_the_model(rows, model):
     size = model.cfg.vision.image_size_px
     mask = png_array(row["region_masks_png"], as_mask=True)
     moved = {**row, "region_masks_png": png_bytes(np.roll(mask, size // 2, axis=1) | np.roll(mask, size // 2, axis=0))}
-    predict_rows(model, [row], max_new_tokens=1, model_id="tiny")
-    predict_rows(model, [moved], max_new_tokens=1, model_id="tiny")
+    predict_rows(Predictor(model), [row], max_new_tokens=1, model_id="tiny")
+    predict_rows(Predictor(model), [moved], max_new_tokens=1, model_id="tiny")
     with_region, with_moved = first_inputs
     differs = (with_region != with_moved).any(-1)[0]
     region_pos = torch.tensor(generation_prompt(row_to_encoded(row, size), model.ids.region_feature).input_ids)
@@ -153,7 +154,7 @@ def test_region_prompts_reach_the_model(rows, model):
 
 def test_every_grounding_row_gets_a_scored_mask(rows, model):
     grounding = [r for r in rows if r["task"] == "grounding"]
-    results = predict_rows(model, grounding, max_new_tokens=3, model_id="tiny", batch_size=2)
+    results = predict_rows(Predictor(model), grounding, max_new_tokens=3, model_id="tiny", batch_size=2)
     for row, result in zip(grounding, results, strict=True):
         gt = png_array(row["target_masks_png"][0], as_mask=True)
         assert result.record["question_id"] == row["sample_id"]

@@ -302,15 +302,15 @@ def test_bad_inputs_raise_errors_naming_the_problem(tmp_path, rng_image, tiny_mo
     predictor = Predictor(tiny_model)
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png at all")
-    with pytest.raises(ValueError, match="broken.png"):
+    with pytest.raises(ValueError, match="^image: .*broken.png"):
         predictor.predict(str(bad), "What is this?")
-    with pytest.raises(ValueError, match="outside"):
-        predictor.predict(rng_image, "What is in <region>?", [Box(x0=10, y0=10, x1=500, y1=20)])
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match=r"^regions\[1\]: .*outside"):
+        predictor.encode(rng_image, "<region> or <region>?", [Point(x=1, y=1), Box(x0=10, y0=10, x1=500, y1=20)])
+    with pytest.raises(ValueError, match=r"^regions\[0\]: .*empty"):
         predictor.predict(rng_image, "What is in <region>?", [np.zeros(rng_image.shape[:2], bool)])
     with pytest.raises(ValueError, match="unknown model preset 'huge'"):
         load_model_config("huge")
-    with pytest.raises(ValueError, match="2 <region> markers but 1 region prompts"):
+    with pytest.raises(ValueError, match="^question: .*2 <region> markers but 1 region prompts"):
         predictor.predict(rng_image, "<region> and <region>?", [Point(x=1, y=1)])
 
 

@@ -167,7 +167,7 @@ def test_local_replica_error_is_500_with_logged_id(local_api, image, monkeypatch
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: device-side assert triggered")
 
-    monkeypatch.setattr(backend.service.predictor, "predict_batch", broken)
+    monkeypatch.setattr(backend.service.predictor, "run", broken)
     try:
         r = client.post("/v1/chat/completions", json=_chat_body(image))
         with pytest.raises(RuntimeError, match="CUDA error"):

@@ -57,19 +57,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from medplib.constants import IGNORE_INDEX
 from medplib.data.batch import Encoded
+from medplib.inference import MLFLOW_URI_PREFIXES
 from medplib.metrics import (
     group_indices,
     mask_intersection_union,
     segmentation_scores_from_counts,
     vqa_scores,
 )
+from medplib.prediction import Prediction
 
 logger = logging.getLogger(__name__)
 
 PREDICTIONS_NAME = "predictions.jsonl"
 METRICS_NAME = "metrics.json"
 REPORT_NAME = "report.html"
-MLFLOW_URI_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
 ZERO_SHOT_MARKERS = ("xsubject", "heldout", "held_out", "zeroshot", "zero_shot")
 # What one actor returns per row: the JSON record and the predicted masks as PNG bytes (the driver writes them).
 OUTPUT_SCHEMA = pa.schema([("record_json", pa.string()), ("pred_masks_png", pa.list_(pa.binary()))])
@@ -155,36 +156,6 @@ class EvalResult(BaseModel):
         return flatten_metrics(self.metrics, prefix)
 
 
-# ------------------------------------------------------------------------------------------- model resolution
-def find_model_dir(path: Path, max_depth: int = 3) -> Path:
-    """The MedPLIB model folder (config.json + model.safetensors) at or below `path` (a downloaded MLflow model
-    keeps it in a sub-folder); `path` itself when none is found (the loader then names what is missing)."""
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return path
-    for depth in range(1, max_depth + 1):
-        pattern = "/".join(["*"] * depth) + "/model.safetensors"
-        for weights in sorted(path.glob(pattern)):
-            if (weights.parent / "config.json").is_file():
-                return weights.parent
-    return path
-
-
-def resolve_model(source: str, tracking_uri: str | None = None) -> str:
-    """A model directory or preset passes through; an MLflow URI is downloaded (into MLflow's cache)."""
-    from medplib.inference import resolve_model_source
-
-    if tracking_uri and source.startswith(MLFLOW_URI_PREFIXES):
-        import mlflow.artifacts
-
-        resolved = mlflow.artifacts.download_artifacts(
-            artifact_uri=source, tracking_uri=tracking_uri, registry_uri=tracking_uri
-        )
-    else:
-        resolved = resolve_model_source(source)
-    path = Path(resolved)
-    return str(find_model_dir(path)) if path.is_dir() else resolved
-
-
 # ------------------------------------------------------------------------------------------------ one batch
 def generation_prompt(enc: Encoded, region_feature_id: int) -> Encoded:
     """The generation prompt of a prepared (training) row: its tokens up to the first supervised answer token.
@@ -233,20 +204,18 @@ def is_grounding(row: dict[str, Any]) -> bool:
 
 
 def predict_rows(
-    model: Any, rows: Sequence[dict[str, Any]], *, max_new_tokens: int, model_id: str, batch_size: int | None = None
+    predictor: Any, rows: Sequence[dict[str, Any]], *, max_new_tokens: int, model_id: str, batch_size: int | None = None
 ) -> list[RowResult]:
-    """Generate (greedy) and score prepared rows (dicts with `rows.COLUMNS`); results in input order.
+    """Generate (greedy) and score prepared rows (dicts with `rows.COLUMNS`) through `Predictor.run`, the code
+    that serves; results in input order.
 
-    Grounding rows and the rest are decoded in separate `generate` calls (segment=True resp. False), at most
+    Grounding rows and the rest are decoded in separate `run` calls (segment=True resp. False), at most
     `batch_size` rows each. Grounding masks are paired with the row's targets in order; a target without a
     predicted mask is scored against an empty mask. No Ray here: `EvalWorker` and `engine="local"` call it.
     """
-    import torch
-
-    from medplib.data.batch import collate
     from medplib.data.rows import row_to_encoded
 
-    cfg = model.cfg
+    model = predictor.model
     results: list[RowResult | None] = [None] * len(rows)
     groups = group_indices(is_grounding(row) for row in rows)
     for grounding, positions in groups.items():
@@ -254,18 +223,15 @@ def predict_rows(
         for start in range(0, len(positions), step):
             chunk = positions[start : start + step]
             prompts = [
-                generation_prompt(row_to_encoded(rows[i], cfg.vision.image_size_px), model.ids.region_feature)
+                generation_prompt(row_to_encoded(rows[i], predictor.cfg.vision.image_size_px), model.ids.region_feature)
                 for i in chunk
             ]
-            batch = collate(prompts, cfg, model.ids.pad)
-            began = time.perf_counter()
-            with torch.inference_mode():
-                generations = model.generate(batch, max_new_tokens=max_new_tokens, temperature=0.0, segment=grounding)
-            per_row_s = (time.perf_counter() - began) / len(chunk)
-            for i, prompt, gen in zip(chunk, prompts, generations, strict=True):
-                masks = [model.binarize(logits) for logits in gen.mask_logits]
+            preds = predictor.run(prompts, max_new_tokens=max_new_tokens, temperature=0.0, segment=bool(grounding))
+            for i, prompt, pred in zip(chunk, prompts, preds, strict=True):
+                emitted_seg = model.ids.seg in pred.token_ids
+                per_row_s = pred.timings["generate_s"] / len(chunk)
                 results[i] = _row_result(
-                    rows[i], prompt, gen, masks, model, model_id, max_new_tokens, bool(grounding), per_row_s, len(chunk)
+                    rows[i], prompt, pred, emitted_seg, model_id, max_new_tokens, bool(grounding), per_row_s, len(chunk)
                 )
     return [r for r in results if r is not None]
 
@@ -273,17 +239,15 @@ def predict_rows(
 def _row_result(
     row: dict[str, Any],
     prompt: Encoded,
-    gen: Any,
-    masks: list[np.ndarray],
-    model: Any,
+    pred: Prediction,
+    emitted_seg: bool,
     model_id: str,
     max_new_tokens: int,
     segment: bool,
     generate_s: float,
     batch_rows: int,
 ) -> RowResult:
-    eos = model.tokenizer.eos_token or ""
-    text = gen.text.replace(eos, "").strip() if eos else gen.text.strip()
+    masks = pred.masks
     split = str(row.get("split") or "")
     question_id = str(row["sample_id"])
     seg_counts: list[list[int]] = []
@@ -301,13 +265,13 @@ def _row_result(
         "image_path": row.get("image_path"),
         "prompt": row.get("question"),
         "gt": row.get("answer"),
-        "text": text,
+        "text": pred.text,
         "answer_id": answer_id(model_id, split, question_id),
         "model_id": model_id,
         "answer_type": row.get("answer_type") or "open",
         "metadata": {
-            "num_generated_tokens": len(gen.token_ids),
-            "emitted_seg": model.ids.seg in gen.token_ids,
+            "num_generated_tokens": pred.num_generated_tokens,
+            "emitted_seg": emitted_seg,
             "prompt_tokens": len(prompt.input_ids),
             "num_regions": int(row.get("num_regions") or 0),
             "num_region_tokens": int(prompt.region_masks.shape[0]),
@@ -323,7 +287,7 @@ def _row_result(
         "split": split,
         "pred_masks": [
             {"png": None, "size": [int(m.shape[0]), int(m.shape[1])], "pixels": int(m.sum()), "score": float(s)}
-            for m, s in zip(masks, gen.mask_scores, strict=True)
+            for m, s in zip(masks, pred.scores, strict=True)
         ],
         "seg_counts": seg_counts,
         "iou": float(np.mean(ious)) if ious else None,
@@ -345,14 +309,14 @@ class EvalWorker:
     ) -> None:  # fmt: skip
         import torch
 
-        from medplib.inference import Predictor
+        from medplib.inference import Predictor, resolve_model_source
 
         logging.basicConfig(level=logging.INFO)  # a fresh Ray worker has no handler; a no-op elsewhere
         device = "cuda" if use_gpu and torch.cuda.is_available() else None
-        source = resolve_model(model, tracking_uri)
+        source = resolve_model_source(model, tracking_uri)
         torch.manual_seed(seed)  # a random-init preset builds the same weights in every actor
         began = time.perf_counter()
-        self.model = Predictor.from_pretrained(source, dtype=dtype, device=device).model
+        self.predictor = Predictor.from_pretrained(source, dtype=dtype, device=device)
         logger.info("eval actor: model %s on %s in %.1f s", model, device or "cpu", time.perf_counter() - began)
         self.max_new_tokens, self.model_id, self.batch_size = max_new_tokens, model_id, batch_size
 
@@ -360,7 +324,7 @@ class EvalWorker:
         from medplib.data.rows import png_bytes
 
         results = predict_rows(
-            self.model, batch.to_pylist(), max_new_tokens=self.max_new_tokens, model_id=self.model_id,
+            self.predictor, batch.to_pylist(), max_new_tokens=self.max_new_tokens, model_id=self.model_id,
             batch_size=self.batch_size,
         )  # fmt: skip
         return pa.Table.from_pylist(

@@ -50,8 +50,6 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from medplib.data.rows import png_bytes
-
     if (args.model is None) == (args.endpoint is None):
         raise ValueError("predict needs exactly one of --model (run the model here) or --endpoint (ask a server)")
     points = [_floats(v, 2, "--point") for v in args.point]
@@ -83,11 +81,7 @@ def _predict(args: argparse.Namespace) -> int:
         )  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    mask_files = []
-    for i, mask in enumerate(pred.masks):
-        f = out.with_name(f"{out.stem}_mask{i}.png")
-        f.write_bytes(png_bytes(mask))
-        mask_files.append(str(f))
+    mask_files = [str(f) for f in pred.save_masks(out.with_suffix(""))]
     result = {
         "answer": pred.text,
         "masks": [{"png": f, "height": int(m.shape[0]), "width": int(m.shape[1]), "pixels": int(m.sum()),

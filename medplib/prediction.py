@@ -1,0 +1,36 @@
+"""What the model answered about one image, whichever way it was asked: `medplib predict`, the HTTP API and its
+client, batch evaluation. numpy only, so `serve.client` returns it without importing torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Prediction:
+    """The answer, one bool (H, W) mask per `<SEG>` at the original image size, SAM's IoU score per mask, and
+    timings."""
+
+    text: str
+    masks: list[np.ndarray] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    num_generated_tokens: int = 0
+    # Empty when the prediction came over HTTP: the API sends only their count.
+    token_ids: list[int] = field(default_factory=list)
+
+    def save_masks(self, prefix: str | Path) -> list[Path]:
+        """Write `<prefix>_mask<i>.png` (0/255) for each mask; returns the paths."""
+        from medplib.data.rows import png_bytes
+
+        prefix = Path(prefix)
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, mask in enumerate(self.masks):
+            path = prefix.with_name(f"{prefix.name}_mask{i}.png")
+            path.write_bytes(png_bytes(mask))
+            paths.append(path)
+        return paths

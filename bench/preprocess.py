@@ -1,7 +1,7 @@
 """Preprocessing throughput: the Ray Data pipeline against a single-process loop doing the same work, and the
 Ray driver's peak memory as the input grows.
 
-Both engines run `workflows.preprocess.prepare` on the same synthetic rows (`medplib.data.synth`, shapes on
+Both engines run `workflows.data.preprocess.prepare` on the same synthetic rows (`medplib_datasets.synth`, shapes on
 noise, all three tasks): the same driver scan, validation, image decode, `encode_sample` and Parquet write. The
 single-process engine (`engine="local"`) runs the chunk function in this process one chunk after another; the
 Ray engine runs it as Ray Data tasks on a local cluster of `--cpus` CPUs. Runs are interleaved (ray, local, ray,
@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 from bench.common import print_figures
-from medplib.data.synth import build_synth
-from workflows.preprocess import PrepareConfig, prepare
+from medplib_datasets.synth import build_synth
+from workflows.data.preprocess import PrepareConfig, prepare
 
 
 class PeakRSS:

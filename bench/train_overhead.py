@@ -1,4 +1,4 @@
-"""Step time of a training stage under Ray Train (the real stage: `workflows.train`, DeepSpeed ZeRO-2, Ray Data
+"""Step time of a training stage under Ray Train (the real stage: `workflows.train.stage`, DeepSpeed ZeRO-2, Ray Data
 shard, per-step MLflow logging from rank 0) against a plain PyTorch loop (no Ray, no DeepSpeed, no MLflow) on
 the same starting model, the same trainable parameters, the same rows in the same micro-batches, in one run.
 
@@ -41,7 +41,7 @@ def plain_loop(init_dir: Path, stage, rows: list[dict], steps: int) -> list[floa
     from medplib.data.rows import row_to_encoded
     from medplib.model.lora import prepare_trainable
     from medplib.model.medplib import MedPLIB
-    from workflows.train import lr_factor, plain_row
+    from workflows.train.stage import lr_factor, plain_row
 
     torch.manual_seed(stage.seed)
     model = MedPLIB.from_pretrained(init_dir)
@@ -91,11 +91,10 @@ def main() -> None:
 
     from medplib.model.config import configs_dir, load_model_config
     from medplib.model.medplib import MedPLIB
-    from workflows.pipeline import row_lengths
-    from workflows.sample_predictions import read_rows
-    from workflows.toy_data import write_toy_prepared
-    from workflows.train import StagePlan, fit_stage, plan_steps, save_model_atomic, select_rows
-    from workflows.train_config import fingerprint, load_stage_config
+    from medplib_datasets.toy import write_toy_prepared
+    from workflows.data.prepared import load_prepared, read_rows, row_lengths
+    from workflows.train.config import fingerprint, load_stage_config
+    from workflows.train.stage import StagePlan, fit_stage, plan_steps, save_model_atomic, select_rows
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="train-overhead-"))
     stage = load_stage_config(configs_dir() / "stages" / args.preset / f"{args.stage}.yaml")
@@ -127,7 +126,7 @@ def main() -> None:
     plan = StagePlan(stage=stage, fingerprint=fingerprint(stage, "bench"), init_dir=str(init),
                      stage_dir=str(work / "stage"), world_size=1, use_gpu=False, precision="fp32",
                      tracking_uri=uri, mlflow_run_id=run_id, **arithmetic)  # fmt: skip
-    dataset = select_rows(stage, ray.data.read_parquet(str(prepared / "train")))
+    dataset = select_rows(stage, load_prepared(prepared, "train"))
     fit_stage(plan, dataset, name="stage", storage_path=str(work), cpus_per_worker=float(args.threads),
               max_failures=0)
     history = sorted(client.get_metric_history(run_id, "step_time_s"), key=lambda m: m.step)

@@ -146,13 +146,13 @@ def build_application(cfg: ServeConfig, apply_options: bool = True) -> serve.App
 
 
 def run(cfg: ServeConfig) -> str:
-    """Deploy `cfg` on the connected Ray cluster (starting a local one if none) and return the base URL.
+    """Deploy `cfg` on the Ray cluster this process is connected to and return the base URL.
 
     HTTP listens on `cfg.http.host:port`; `serve.run` returns once the replicas are up.
     """
     if not ray.is_initialized():
-        # Ray: the cluster in $RAY_ADDRESS, else a fresh local one (never a stray `ray start` found in /tmp/ray).
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+        # Serve would otherwise call a plain ray.init(), which joins whatever cluster /tmp/ray records.
+        raise RuntimeError("connect to Ray first (ray.init); `medplib serve run` does it")
     http: dict[str, Any] = {"host": cfg.http.host, "port": cfg.http.port}
     if cfg.http.request_timeout_s:
         http["request_timeout_s"] = cfg.http.request_timeout_s

@@ -1,4 +1,4 @@
-"""Batch evaluation (workflows/evaluate.py) and its report (workflows/report.py).
+"""Batch evaluation (workflows/eval/evaluate.py) and its report (workflows/eval/report.py).
 
 Fast tests run the evaluator in-process (`engine="local"`) on a small prepared MeCoVQA-mini split with the
 random-init `tiny` model; the slow one runs `medplib eval` on a local Ray cluster (one per module, 2 CPUs,
@@ -23,8 +23,8 @@ from medplib.data.prepared import iter_prepared_rows
 from medplib.data.rows import png_array, png_bytes, row_to_encoded
 from medplib.inference import Predictor
 from medplib.metrics import mask_dice
-from workflows.evaluate import (
-    EvalConfig,
+from workflows.eval.config import EvalConfig
+from workflows.eval.evaluate import (
     evaluate,
     flatten_metrics,
     generation_prompt,
@@ -32,7 +32,7 @@ from workflows.evaluate import (
     predict_rows,
     split_metrics,
 )
-from workflows.report import write_comparison_report
+from workflows.eval.report import write_comparison_report
 
 UPSTREAM_KEYS = {"question_id", "image_path", "prompt", "gt", "text", "answer_id", "model_id", "answer_type", "metadata"}
 OUR_KEYS = {"task", "modality", "split", "pred_masks", "seg_counts", "iou", "dice"}
@@ -43,8 +43,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """MeCoVQA-mini capped at 60 rows, prepared in-process: splits test (17 rows) and test_xsubject (10)."""
-    from medplib.data.mini import build_mini
-    from workflows.preprocess import PrepareConfig, prepare
+    from medplib_datasets.mini import build_mini
+    from workflows.data.preprocess import PrepareConfig, prepare
 
     root = tmp_path_factory.mktemp("eval-data")
     build_mini(root / "mini", seed=0, max_samples=60, progress=False)

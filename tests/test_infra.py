@@ -287,7 +287,7 @@ def test_tiny_pipeline_against_postgres_mlflow(
     }
     # tiny.yaml as it is, but on the toy prepared rows that tests/test_pipeline.py trains on (seconds to write,
     # no Ray Data prepare step): this test is about where the runs go, not about the data.
-    from workflows.toy_data import write_toy_prepared
+    from medplib_datasets.toy import write_toy_prepared
 
     prepared = write_toy_prepared(tmp_path / "prepared", "tiny", {"train": 24, "val": 6})
     config = yaml.safe_load((ROOT / "configs" / "pipeline" / "tiny.yaml").read_text())
@@ -359,7 +359,7 @@ def _get(doc: Any, dotted: str, where: str) -> Any:
 
 
 def _image_env() -> dict[str, str]:
-    from workflows.infra_cli import read_image_env
+    from workflows.infra import read_image_env
 
     return read_image_env(INFRA / "image.env")
 
@@ -450,8 +450,8 @@ def test_raycluster_has_the_crd_fields() -> None:
 
 
 def test_rayjob_runs_the_pipeline() -> None:
-    from workflows.infra_cli import IMAGE_PROJECT_DIR
-    from workflows.train_config import load_pipeline_config
+    from workflows.infra import IMAGE_PROJECT_DIR
+    from workflows.train.config import load_pipeline_config
 
     ((path, doc),) = _kind("RayJob")
     where = str(path.relative_to(ROOT))
@@ -521,7 +521,7 @@ def test_rayservice_serve_config_is_a_valid_serve_config() -> None:
 
 def test_generated_manifests_match_a_fresh_render() -> None:
     """rayjob.yaml and rayservice.yaml are `medplib infra render` output of the committed sources."""
-    from workflows.infra_cli import render
+    from workflows.infra import render
 
     for path, text in render(ROOT).items():
         assert path.exists(), f"{path.relative_to(ROOT)} missing: run `medplib infra render` (make infra)"
@@ -617,7 +617,7 @@ def assert_cli_accepts(commands: list[list[str]]) -> None:
         except SystemExit as err:
             raise AssertionError(f"`{shlex.join(argv)}` is not a valid medplib command") from err
     if missing:
-        pytest.skip(f"`medplib {'/'.join(missing)}` is not registered in workflows/cli.py")
+        pytest.skip(f"`medplib {'/'.join(missing)}` is not registered in workflows/cli/__init__.py")
 
 
 def test_deploy_doc_is_linked_and_names_real_files() -> None:

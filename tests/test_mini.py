@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medplib.data import mini
-from medplib.data.mini import (
+from medplib_datasets import mini
+from medplib_datasets.mini import (
     DATASET_NAME,
     SLAB_GAP_SLICES,
     SPLITS,
@@ -228,7 +228,7 @@ def test_build_works_without_the_debian_packages(tmp_path: Path, monkeypatch, ca
         loader.cache_clear()
     monkeypatch.setattr(mini, "deb_file", lambda package, file_name: None)
     try:
-        with caplog.at_level("INFO", logger="medplib.data.mini"):
+        with caplog.at_level("INFO", logger="medplib_datasets.mini"):
             report = build_mini(tmp_path, seed=0, max_samples=60, progress=False)
     finally:
         for loader in deb_loaders:
@@ -248,7 +248,7 @@ def test_build_without_any_source_fails_clearly(tmp_path: Path, monkeypatch):
 # ---------------------------------------------------------------------------------------------- synth and show
 def test_synth_writes_n_rows_fast(tmp_path: Path):
     from medplib.data.parse import parse_row
-    from medplib.data.synth import build_synth
+    from medplib_datasets.synth import build_synth
 
     report = build_synth(tmp_path, rows=2000, seed=0, pool_size=16)
     rows = [row for f in sorted(tmp_path.glob("MeCoVQA-synth_*.json")) for row in json.loads(f.read_text())]
@@ -262,7 +262,7 @@ def test_synth_writes_n_rows_fast(tmp_path: Path):
 
 def test_show_writes_a_png(tmp_path: Path):
     from medplib.data.show import contact_sheet
-    from medplib.data.synth import build_synth
+    from medplib_datasets.synth import build_synth
 
     build_synth(tmp_path / "synth", rows=30, seed=0, pool_size=4)
     out = contact_sheet(tmp_path / "synth", tmp_path / "sheet.png", n=6)

@@ -24,10 +24,10 @@ mlflow = pytest.importorskip("mlflow")
 
 from medplib.model.config import configs_dir  # noqa: E402
 from medplib.model.medplib import MedPLIB  # noqa: E402
+from medplib_datasets.toy import write_toy_prepared  # noqa: E402
 from workflows.pipeline import run_pipeline  # noqa: E402
-from workflows.toy_data import write_toy_prepared  # noqa: E402
 from workflows.tracking import PARENT_TAG, STAGE_TAG, child_runs  # noqa: E402
-from workflows.train_config import PipelineConfig, load_pipeline_config  # noqa: E402
+from workflows.train.config import PipelineConfig, load_pipeline_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_full_pipeline_tracked_in_mlflow(base_cfg: PipelineConfig, first_run) ->
     assert any(k.startswith("eval_before/val/") for k in parent.data.metrics)
     assert {"eval/comparison.html", "eval/report.html"} <= {
         a.path for a in client.list_artifacts(result.parent_run_id, "eval")}
-    from workflows.train_cli import summary_text
+    from workflows.pipeline import summary_text
 
     text = summary_text(result)
     print(text)

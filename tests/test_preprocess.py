@@ -1,4 +1,4 @@
-"""`medplib data prepare` (workflows/preprocess.py) on a local 2-CPU Ray cluster.
+"""`medplib data prepare` (workflows/data/preprocess.py) on a local 2-CPU Ray cluster.
 
 - round trip: MeCoVQA-mini rows -> prepare -> Parquet -> `row_to_encoded` -> `collate` give the source mask pixels
   and, for box/point prompts, region masks exactly where the source prompt lies in the vision view;
@@ -30,7 +30,7 @@ from medplib.data.transforms import Geometry
 from medplib.data.validate import Accepted, Rejection, read_and_validate
 from medplib.model.config import load_model_config
 from medplib.tokenizer import build_tokenizer
-from workflows.preprocess import PrepareConfig, prepare, split_from_filename
+from workflows.data.preprocess import PrepareConfig, prepare, split_from_filename
 
 ray = pytest.importorskip("ray")
 
@@ -51,7 +51,7 @@ def cfg():
 # ------------------------------------------------------------------------------------------------- round trip
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory) -> Path:
-    from medplib.data.mini import build_mini
+    from medplib_datasets.mini import build_mini
 
     root = tmp_path_factory.mktemp("mini")
     build_mini(root, seed=0, max_samples=40, progress=False)
@@ -260,7 +260,7 @@ def test_bad_rows_quarantined_exactly_like_the_validator(ray_cluster, bad_input,
             assert row == by_id[row["sample_id"]]
 
     # Ray Data reader for training.
-    from workflows.preprocess import load_prepared
+    from workflows.data.prepared import load_prepared
 
     assert load_prepared(out, "train").count() == 6
 
@@ -271,7 +271,7 @@ def test_second_run_reuses_the_output(ray_cluster, bad_input, tmp_path: Path, ca
     cfg = PrepareConfig(data_root=root, batch_size=4)
     first = prepare(tmp_path / "ann", out, cfg)
     files = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*")}
-    with caplog.at_level(logging.INFO, logger="workflows.preprocess"):
+    with caplog.at_level(logging.INFO, logger="workflows.data.preprocess"):
         second = prepare(tmp_path / "ann", out, cfg.with_overrides(batch_size=16))  # execution-only knob
     assert not first.reused and second.reused
     assert "reusing" in caplog.text

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.slow
 mlflow = pytest.importorskip("mlflow")
 
 from medplib.model.config import configs_dir  # noqa: E402
+from medplib_datasets.toy import write_toy_prepared  # noqa: E402
 from workflows.cli import main  # noqa: E402
-from workflows.toy_data import write_toy_prepared  # noqa: E402
 
 
 def _free_port() -> int:

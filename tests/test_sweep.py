@@ -15,10 +15,10 @@ ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
 
 from medplib.model.config import configs_dir  # noqa: E402
-from workflows.sweep import load_sweep_config, run_sweep  # noqa: E402
-from workflows.toy_data import write_toy_prepared  # noqa: E402
+from medplib_datasets.toy import write_toy_prepared  # noqa: E402
 from workflows.tracking import PARENT_TAG  # noqa: E402
-from workflows.train_config import load_stage_config  # noqa: E402
+from workflows.train.config import load_stage_config  # noqa: E402
+from workflows.tune.sweep import load_sweep_config, run_sweep  # noqa: E402
 
 
 @pytest.fixture(scope="module")

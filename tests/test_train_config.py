@@ -11,7 +11,14 @@ import torch
 
 from medplib.model.config import configs_dir, load_model_config
 from medplib.model.medplib import MedPLIB
-from workflows.train import (
+from workflows.train.config import (
+    STAGES,
+    fingerprint,
+    flatten,
+    load_pipeline_config,
+    load_stage_config,
+)
+from workflows.train.stage import (
     build_moe_init,
     deepspeed_config,
     fail_hook_steps,
@@ -20,13 +27,6 @@ from workflows.train import (
     plan_steps,
     save_model_atomic,
     window_shuffle,
-)
-from workflows.train_config import (
-    STAGES,
-    fingerprint,
-    flatten,
-    load_pipeline_config,
-    load_stage_config,
 )
 
 CONFIGS = configs_dir()

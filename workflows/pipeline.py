@@ -3,9 +3,9 @@
     medplib pipeline run --config configs/pipeline/tiny.yaml [--workdir DIR] [--from-stage vl|grounding|moe]
     medplib train --stage grounding --config configs/pipeline/tiny.yaml      (one stage)
 
-Each step's output is keyed by a fingerprint of its inputs and config (`workflows.train_config.fingerprint`):
+Each step's output is keyed by a fingerprint of its inputs and config (`workflows.train.config.fingerprint`):
 
-* prepare: `workflows.preprocess.prepare` reuses its output when the input and config hashes match (it says
+* prepare: `workflows.data.preprocess.prepare` reuses its output when the input and config hashes match (it says
   "reusing"); with `data.prepared` the folder is used as it is. The data fingerprint is the manifest's hashes.
 * stage S: fingerprint(S's config, the model preset, the data, the input stages' fingerprints, num_workers,
   max_steps). Outputs live in `<workdir>/stages/<S>-<fp12>/` (the Ray run directory: checkpoints; plus
@@ -16,7 +16,7 @@ Each step's output is keyed by a fingerprint of its inputs and config (`workflow
   aside to `<dir>.old-<time>`).
 * eval: first the untrained starting model (the preset at random-init heads, built with the vl stage's seed,
   exactly what `vl` starts from) in `<workdir>/eval/before-<fp12>/`, then the trained model in
-  `<workdir>/eval/<fp12>/` on the same split and row cap (`workflows.evaluate`); the trained side's folder holds `comparison.html`/`.json`
+  `<workdir>/eval/<fp12>/` on the same split and row cap (`workflows.eval.evaluate`); the trained side's folder holds `comparison.html`/`.json`
   (before vs after) and its `report.html` shows both. Both are logged to the parent MLflow run. Then
   `champion` moves to the new `medplib` version only if its score (`champion_score`) beats the current
   champion's.
@@ -38,8 +38,11 @@ from typing import Any
 
 import yaml
 
+from medplib.data.prepared import MANIFEST_NAME, read_manifest
+from workflows.common import cluster_gpus, decide_gpu, init_ray, write_json_atomic
+from workflows.data.prepared import load_prepared, read_rows, row_lengths
 from workflows.tracking import FINGERPRINT_TAG, PIPELINE_TAG, STAGE_TAG, Tracker, latest_alias
-from workflows.train_config import (
+from workflows.train.config import (
     REGISTERED_MODEL,
     STAGES,
     PipelineConfig,
@@ -99,77 +102,26 @@ class _Context:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def ensure_ray(address: str | None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        # Ray touch point: join the given cluster, the running one, or start a local one.
-        ray.init(address=address)
-
-
-def decide_gpu(setting: str) -> bool:
-    """GPUs only when the cluster has them: ScalingConfig(use_gpu=True) without GPUs waits forever."""
-    import ray
-
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if setting == "yes" and gpus <= 0:
-        raise ValueError("use_gpu: yes, but the Ray cluster has no GPU (a GPU request would wait forever)")
-    return setting != "no" and gpus > 0
-
-
 def prepare_data(cfg: PipelineConfig) -> tuple[Path, str]:
     """The prepared folder and its fingerprint (running `medplib data prepare` when `data.input` is given)."""
     if cfg.data.prepared:
         folder = Path(cfg.data.prepared).resolve()
         log.info("== data: using the prepared folder %s (data.prepared)", folder)
     else:
-        from workflows.preprocess import PrepareConfig, prepare
+        from workflows.data.preprocess import PrepareConfig, prepare
 
         prep = PrepareConfig.model_validate({**cfg.data.prepare, "model_preset": cfg.preset})
         result = prepare(Path(cfg.data.input), cfg.workdir_path / "data" / "prepared", prep)
         folder = Path(result.output).resolve()
         log.info("== data: %s %s", "reused (same input and config)" if result.reused else "prepared", folder)
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} not found: data.prepared must be a `medplib data prepare` output")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(folder)
     preset = manifest.get("model_preset")
     if preset is not None and preset != cfg.preset:
-        raise ValueError(f"{manifest_path}: prepared for model preset {preset!r}, the pipeline's preset is "
+        raise ValueError(f"{folder / MANIFEST_NAME}: prepared for model preset {preset!r}, the pipeline's preset is "
                          f"{cfg.preset!r}; its image views and token ids would not fit the model")
     data_fp = fingerprint(manifest.get("input_hash"), manifest.get("config_hash"), manifest.get("schema_version"),
                           cfg.data.train_split)
     return folder, data_fp
-
-
-def load_split(prepared: Path, split: str):
-    """A prepared split as a Ray Dataset."""
-    from workflows.preprocess import load_prepared
-
-    return load_prepared(prepared, split)
-
-
-def row_lengths(prepared: Path, split: str) -> list[tuple[str, int]]:
-    """(task, token count) of every row of a split, read on the driver with pyarrow (two columns only; a Ray Data
-    job here would cost a worker start-up for a few kilobytes)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    files = sorted((prepared / split).glob("*.parquet"))
-    if not files:
-        raise ValueError(f"{prepared} has no Parquet files for split {split!r} (data.train_split)")
-    out: list[tuple[str, int]] = []
-    for path in files:
-        table = pq.read_table(path, columns=["task", "input_ids"])
-        out += zip(table.column("task").to_pylist(), pc.list_value_length(table.column("input_ids")).to_pylist(),
-                   strict=True)
-    return out
 
 
 def stage_fingerprints(cfg: PipelineConfig, data_fp: str, lengths: list[tuple[str, int]]) -> dict[str, str]:
@@ -177,7 +129,7 @@ def stage_fingerprints(cfg: PipelineConfig, data_fp: str, lengths: list[tuple[st
     number of workers and the steps it will actually run (so raising max_steps past a stage's own length does
     not redo it)."""
     from medplib.model.config import load_model_config
-    from workflows.train import plan_steps
+    from workflows.train.stage import plan_steps
 
     model_fp = fingerprint(load_model_config(cfg.preset))
     fps: dict[str, str] = {}
@@ -219,7 +171,7 @@ def _init_model(ctx: _Context, name: StageName, stage_dir: Path) -> Path:
 
     from medplib.model.config import load_model_config
     from medplib.model.medplib import MedPLIB
-    from workflows.train import build_moe_init, save_model_atomic
+    from workflows.train.stage import build_moe_init, save_model_atomic
 
     stage = ctx.cfg.stages[name]
     init = stage_dir / "init_model"
@@ -244,8 +196,8 @@ def _init_model(ctx: _Context, name: StageName, stage_dir: Path) -> Path:
 
 
 def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
-    from workflows.sample_predictions import read_rows, sample_predictions
-    from workflows.train import (
+    from workflows.train.samples import sample_predictions
+    from workflows.train.stage import (
         StagePlan,
         export_stage_model,
         fail_hook_steps,
@@ -270,7 +222,7 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
         if not (export / "model.safetensors").exists():
             init = _init_model(ctx, name, stage_dir)
             arithmetic = plan_steps(stage, ctx.lengths, cfg.num_workers, cfg.max_steps)
-            train_ds = select_rows(stage, load_split(ctx.prepared, cfg.data.train_split))
+            train_ds = select_rows(stage, load_prepared(ctx.prepared, cfg.data.train_split))
             plan = StagePlan(
                 stage=stage, fingerprint=fp, init_dir=str(init), stage_dir=str(stage_dir), world_size=cfg.num_workers,
                 use_gpu=ctx.use_gpu, precision=resolve_precision(stage, ctx.use_gpu),
@@ -299,7 +251,7 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
             shutil.rmtree(samples, ignore_errors=True)
             if sample_predictions(export, rows, samples, cfg.eval.max_new_tokens):
                 tracker.log_artifacts(run_id, samples, "samples")
-        _write_json_atomic(stage_dir / DONE_FILE, {"fingerprint": fp, "run_id": run_id, "version": str(version.version),
+        write_json_atomic(stage_dir / DONE_FILE, {"fingerprint": fp, "run_id": run_id, "version": str(version.version),
                                                    "model": model_name, "finished": time.time()})
         tracker.finish(run_id)
     except BaseException as err:
@@ -331,7 +283,7 @@ def _stage_step(ctx: _Context, name: StageName) -> StageOutcome:
 
 def champion_score(split_metrics: dict[str, Any]) -> float:
     """The number `champion` compares: the mean of the available grounding mDice, closed-question accuracy and
-    open-question token F1 (each in [0, 1]) of one split's `workflows.evaluate` metrics."""
+    open-question token F1 (each in [0, 1]) of one split's `workflows.eval.evaluate` metrics."""
     import math
 
     seg, vqa = split_metrics.get("grounding") or {}, split_metrics.get("vqa") or {}
@@ -344,7 +296,7 @@ def _evaluate_before(ctx: _Context) -> Path | None:
     """Score the untrained starting model (the vl stage's: the preset built after `torch.manual_seed(vl.seed)`)
     on the eval split with the same row cap, into `<workdir>/eval/before-<fp12>/`; skipped when done for the same
     fingerprint. Its metrics go to the parent run (prefix `eval_before`)."""
-    from workflows.evaluate import evaluate
+    from workflows.eval.evaluate import evaluate
 
     cfg, vl = ctx.cfg, ctx.cfg.stages["vl"]
     out = cfg.workdir_path / "eval" / f"before-{ctx.fps['before'][:12]}"
@@ -362,15 +314,15 @@ def _evaluate_before(ctx: _Context) -> Path | None:
                       mlflow_artifact_path="eval_before", engine="ray" if ctx.use_gpu else "local",
                       model_id=f"{vl.preset} (untrained)")
     score = champion_score(result.metrics["splits"][cfg.data.eval_split])
-    _write_json_atomic(done, {"fingerprint": ctx.fps["before"], "score": score})
+    write_json_atomic(done, {"fingerprint": ctx.fps["before"], "score": score})
     log.info("== eval before training: score %.4f (%s)", score, out)
     return out
 
 
 def _evaluate(ctx: _Context, moe: StageOutcome, out: Path, before: Path | None = None) -> dict[str, float]:
-    """Score the final model on the eval split with `workflows.evaluate` (batch inference and report, logged into
+    """Score the final model on the eval split with `workflows.eval.evaluate` (batch inference and report, logged into
     the moe run), compared with the untrained model's scores when `before` is given."""
-    from workflows.evaluate import evaluate
+    from workflows.eval.evaluate import evaluate
 
     cfg = ctx.cfg
     split = cfg.data.eval_split
@@ -403,13 +355,6 @@ def _eval_and_register(ctx: _Context, moe: StageOutcome, before: Path | None = N
         metrics = json.loads(metrics_file.read_text())
         log.info("== eval: skipped, scored before for fingerprint %s (score %.4f)", ctx.fps["eval"][:12],
                  metrics["score"])
-        if before is not None and (out / "metrics.json").is_file() and not (out / "comparison.json").is_file():
-            # Scored by an older pipeline without the before side: add the comparison (no inference).
-            from workflows.report import write_comparison_report
-
-            write_comparison_report(before, out, out, labels=COMPARE_LABELS)
-            _log_comparison(ctx, out)
-            log.info("== eval: wrote the before/after comparison %s", out / "comparison.html")
     else:
         log.info("== eval: scoring models:/%s/%s on <= %d rows of split %s", REGISTERED_MODEL["moe"], moe.version,
                  cfg.eval.max_samples, cfg.data.eval_split)
@@ -418,7 +363,7 @@ def _eval_and_register(ctx: _Context, moe: StageOutcome, before: Path | None = N
         tracker.log_metrics(ctx.parent_id, metrics)
         _log_comparison(ctx, out)
         tracker.client.set_model_version_tag(REGISTERED_MODEL["moe"], moe.version, "eval_split", cfg.data.eval_split)
-        _write_json_atomic(metrics_file, metrics)
+        write_json_atomic(metrics_file, metrics)
         log.info("== eval: score %.4f (%s)", metrics["score"], ", ".join(
             f"{k} {v:.4f}" for k, v in metrics.items() if k != "score" and not k.endswith("_n"))[:400])
     promoted, previous = tracker.promote_champion(REGISTERED_MODEL["moe"], moe.version, metrics["score"])
@@ -440,14 +385,17 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: StageName | None = None,
     """Run (or resume, or skip through) the pipeline; see the module docstring."""
     workdir = cfg.workdir_path
     workdir.mkdir(parents=True, exist_ok=True)
-    ensure_ray(cfg.ray_address)
-    use_gpu = decide_gpu(cfg.use_gpu)
+    init_ray(cfg.ray_address, include_dashboard=None)  # None: Ray's default, the dashboard where installed
+    use_gpu = decide_gpu(cfg.use_gpu, cluster_gpus())
     tracker = Tracker(cfg.resolved_tracking_uri(), workdir)
     experiment_id = tracker.experiment_id(cfg.experiment)
     log.info("== pipeline %s: workdir %s, MLflow %s (experiment %s), %d workers x %s CPU%s", cfg.name, workdir,
              tracker.uri, cfg.experiment, cfg.num_workers, cfg.cpus_per_worker, ", GPUs" if use_gpu else "")
     prepared, data_fp = prepare_data(cfg)
-    lengths = row_lengths(prepared, cfg.data.train_split)
+    try:
+        lengths = row_lengths(prepared, cfg.data.train_split)
+    except ValueError as err:
+        raise ValueError(f"data.train_split: {err}") from err
     fps = stage_fingerprints(cfg, data_fp, lengths)
     pipeline_fp = fingerprint(cfg.name, fps["eval"])
     params = {**flatten(cfg.model_dump(mode="json", exclude={"stages"})),
@@ -505,3 +453,56 @@ def before_after_rows(before_dir: Path | None, after_dir: Path | None) -> list[t
             if any(v is not None for v in values):
                 rows.append((split, label, *values))
     return rows
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def summary_text(result: PipelineResult) -> str:
+    """What `medplib pipeline run` prints at the end: runs, model, before/after metrics, report, how to look."""
+    uri = result.tracking_uri
+    lines = [f"== MedPLIB pipeline {result.pipeline}: done", f"MLflow ({uri}):",
+             f"  pipeline   run {result.parent_run_id}"]
+    for name, outcome in result.stages.items():
+        lines.append(f"  {name:<10} run {outcome.run_id}  {outcome.status:<7}  models:/{REGISTERED_MODEL[name]}/{outcome.version}"
+                     f"  {outcome.stage_dir}")
+    moe = result.stages.get("moe")
+    if moe is None:
+        return "\n".join(lines)
+    export = moe.stage_dir / "export"
+    alias = "champion" if result.champion else f"latest-{result.pipeline}"
+    lines.append(f"Model: models:/medplib/{moe.version} (@latest-{result.pipeline}"
+                 f"{', @champion' if result.champion else ''}); files: {export}")
+    rows = before_after_rows(result.before_dir, result.eval_dir)
+    if rows:
+        lines.append(f"Eval on split {result.eval_split} (<= {result.eval_rows} rows), untrained start vs trained:")
+        lines.append(f"  {'split':<10} {'metric':<17} {'before':>8} {'after':>8} {'change':>8}")
+        for split, label, before, after in rows:
+            change = "-" if before is None or after is None else f"{after - before:+.4f}"
+            lines.append(f"  {split:<10} {label:<17} {_fmt(before):>8} {_fmt(after):>8} {change:>8}")
+    elif result.eval:
+        lines.append("Eval: " + ", ".join(f"{k} {v:.4f}" for k, v in result.eval.items()))
+    if "score" in result.eval:
+        lines.append(f"  champion score {result.eval['score']:.4f}" + (" (new champion)" if result.champion else
+                                                                        " (champion unchanged)"))
+    if result.eval_dir is not None:
+        report = result.eval_dir / "report.html"
+        comparison = result.eval_dir / "comparison.html"
+        lines.append(f"Report: {report}" + (f"  (before vs after: {comparison})" if comparison.is_file() else ""))
+    if result.before_dir is not None:
+        lines.append(f"        untrained model's report: {result.before_dir / 'report.html'}")
+    lines.append(f"MLflow UI: mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")
+    lines.append(f"Serve:  MLFLOW_TRACKING_URI={uri} medplib serve run --model models:/medplib@{alias}")
+    lines.append(f"        or: medplib serve run --model {export}")
+    image = "IMAGE.png"
+    predictions = None if result.eval_dir is None else result.eval_dir / "predictions.jsonl"
+    if result.data_input and predictions is not None and predictions.is_file():
+        with predictions.open() as f:
+            first = json.loads(f.readline() or "{}")
+        candidate = Path(result.data_input) / str(first.get("image_path") or "")
+        if first.get("image_path") and candidate.is_file():
+            image = str(candidate)
+    lines.append(f"Query:  medplib predict --endpoint http://127.0.0.1:8000 --image {image} "
+                 "--question 'What imaging modality was used to acquire this image?'")
+    return "\n".join(lines)

@@ -3,12 +3,12 @@ manifest and a plain row iterator.
 
 Layout of a prepared folder::
 
-    DIR/manifest.json          hashes, schema version, model preset, counts (see workflows/preprocess.py)
+    DIR/manifest.json          hashes, schema version, model preset, counts (see workflows/data/preprocess.py)
     DIR/quarantine.jsonl       one record per rejected row: {source, line, split, reason, message, raw}
     DIR/<split>/*.parquet      one row per accepted sample, columns `medplib.data.rows.COLUMNS`
 
 Each Parquet row converts back to an `Encoded` with `medplib.data.rows.row_to_encoded`. Training reads the shards
-through Ray Data (`workflows.preprocess.load_prepared`); tests and single-process eval use `iter_prepared_rows`.
+through Ray Data (`workflows.data.prepared.load_prepared`); tests and single-process eval use `iter_prepared_rows`.
 """
 
 from __future__ import annotations

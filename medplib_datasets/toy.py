@@ -96,7 +96,7 @@ def write_toy_prepared(
         "input_hash": hashlib.sha256(spec.encode()).hexdigest(),
         "config_hash": hashlib.sha256(f"toy-{SCHEMA_VERSION}".encode()).hexdigest(),
         "splits": {s: {"accepted": n} for s, n in counts.items()},
-        "source": "workflows.toy_data",
+        "source": "medplib_datasets.toy",
     }
     (output / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return output

@@ -1,4 +1,4 @@
-"""Per-stage sample predictions logged to each stage's MLflow run (scores come from `workflows/evaluate.py`).
+"""Per-stage sample predictions logged to each stage's MLflow run (scores come from `workflows/eval/evaluate.py`).
 
 `sample_predictions`: a few rows through `medplib.inference.Predictor` (the serving code path), rendered as PNGs:
 the image rebuilt from the row's SAM view, the predicted mask in red, the reference mask outlined in green,
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -56,7 +55,7 @@ def sample_predictions(model_dir: str | Path, rows: list[dict], out_dir: Path, m
     from medplib.data.rows import row_to_encoded
     from medplib.data.transforms import Geometry
     from medplib.inference import Predictor
-    from workflows.train import plain_row
+    from workflows.train.stage import plain_row
 
     predictor = Predictor.from_pretrained(model_dir)
     cfg = predictor.cfg
@@ -84,21 +83,3 @@ def sample_predictions(model_dir: str | Path, rows: list[dict], out_dir: Path, m
                       "masks": len(pred.masks)})  # fmt: skip
     (out_dir / "predictions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return len(lines)
-
-
-def read_rows(prepared_dir: str | Path, split: str, tasks: set[str] | None, limit: int) -> list[dict[str, Any]]:
-    """The first `limit` rows of a prepared split (file order), optionally only some tasks; no Ray."""
-    import pyarrow.parquet as pq
-
-    folder = Path(prepared_dir) / split
-    if not folder.is_dir():
-        raise ValueError(f"{prepared_dir} has no split {split!r} (data.eval_split)")
-    out: list[dict[str, Any]] = []
-    for path in sorted(folder.glob("*.parquet")):
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-            for row in batch.to_pylist():
-                if tasks is None or row["task"] in tasks:
-                    out.append(row)
-                    if len(out) >= limit:
-                        return out
-    return out

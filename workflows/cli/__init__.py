@@ -1,15 +1,30 @@
-"""`medplib` command line: one sub-command group per module, each registering its own parsers.
-
-Heavy imports (torch, ray, mlflow) happen inside the handlers so `medplib --help` stays fast.
-"""
+"""The `medplib` command line: a table of verbs, each in its own file here, which parses its arguments and calls
+a job. Heavy imports (torch, ray, mlflow) happen inside the handlers, so `medplib --help` stays fast."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from workflows import convert_cli, data_cli, eval_cli, infra_cli, model_cli, serve_cli, submit_cli, train_cli
+from workflows.cli import convert, data, infra, model, predict, serve, submit, train
+from workflows.cli import eval as eval_verbs  # not `eval`: that name is Python's
+
+# verb -> the function that adds its parser; this order is the order of `medplib --help`.
+VERBS = {
+    "data": data.add_data,
+    "predict": predict.add_predict,
+    "model": model.add_model,
+    "eval": eval_verbs.add_eval,
+    "eval-compare": eval_verbs.add_eval_compare,
+    "serve": serve.add_serve,
+    "infra": infra.add_infra,
+    "convert-upstream": convert.add_convert_upstream,
+    "pipeline": train.add_pipeline,
+    "train": train.add_train,
+    "sweep": train.add_sweep,
+    "submit": submit.add_submit,
+    "jobs": submit.add_jobs,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (data_cli, model_cli, eval_cli, serve_cli, infra_cli, convert_cli, train_cli, submit_cli):
-        module.register(commands)
+    for verb, add in VERBS.items():
+        add(commands, verb)
     return parser
 
 
@@ -36,7 +51,3 @@ def main(argv: list[str] | None = None) -> int:
         # User mistakes (bad file, bad field, unknown preset) end with one clear line, not a traceback.
         logging.getLogger("medplib").error("%s", err)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

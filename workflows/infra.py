@@ -17,11 +17,9 @@ The RayJob's entrypoint and runtime environment are the constants below, so this
 
 from __future__ import annotations
 
-import argparse
 import copy
 import difflib
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,29 +41,6 @@ JOB_RUNTIME_ENV: dict[str, Any] = {
 }
 # Settings of the Serve config that differ on Kubernetes (see the module docstring).
 SERVE_ON_KUBERNETES = {"http.host": "0.0.0.0", "proxy_location": "EveryNode"}
-
-
-def _default_root() -> Path:
-    repo = Path(__file__).resolve().parents[1]
-    return repo if (repo / "infra").is_dir() else Path.cwd()
-
-
-def register(commands: argparse._SubParsersAction) -> None:
-    group = commands.add_parser("infra", help="generate the KubeRay manifests from their sources")
-    sub = group.add_subparsers(dest="infra_command", required=True, metavar="INFRA_COMMAND")
-    render = sub.add_parser(
-        "render",
-        help="write infra/kuberay/rayjob.yaml and rayservice.yaml from raycluster.yaml, serve/config.gpu.yaml "
-        "and infra/image.env",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    render.add_argument("--root", type=Path, default=None, help="repository root (default: this checkout)")
-    render.add_argument(
-        "--serve-config", default="serve/config.gpu.yaml", help="Serve config, relative to --root"
-    )
-    render.add_argument("--check", action="store_true", help="write nothing; exit 1 if a manifest is stale")
-    render.set_defaults(handler=_render)
 
 
 # --- sources ----------------------------------------------------------------------------------------------------
@@ -205,7 +180,7 @@ def render(root: Path, serve_config: str = "serve/config.gpu.yaml") -> dict[Path
         )
 
     job_header = header(
-        f"infra/kuberay/raycluster.yaml, {PIPELINE_CONFIG}, infra/image.env and workflows/infra_cli.py",
+        f"infra/kuberay/raycluster.yaml, {PIPELINE_CONFIG}, infra/image.env and workflows/infra.py",
         "# The MedPLIB pipeline (data prepare -> vl -> grounding -> moe -> eval -> register in MLflow) as a KubeRay\n"
         "# RayJob on a cluster of its own, deleted after the job. Run: kubectl apply -f infra/kuberay/rayjob.yaml\n",
     )
@@ -223,27 +198,24 @@ def render(root: Path, serve_config: str = "serve/config.gpu.yaml") -> dict[Path
     }
 
 
-def _render(args: argparse.Namespace) -> int:
-    root = (args.root or _default_root()).resolve()
-    stale = []
-    for path, text in render(root, args.serve_config).items():
+def default_root() -> Path:
+    """This checkout when the package runs from one, else the current directory."""
+    repo = Path(__file__).resolve().parents[1]
+    return repo if (repo / "infra").is_dir() else Path.cwd()
+
+
+def update_manifests(root: Path, serve_config: str = "serve/config.gpu.yaml", check: bool = False) -> dict[Path, str]:
+    """Write the rendered manifests that differ from the files under `root` (none with `check`); returns the
+    stale ones (before writing) with a unified diff of each."""
+    stale = {}
+    for path, text in render(root, serve_config).items():
         current = path.read_text() if path.exists() else ""
         if current == text:
             log.info("%s is up to date", path.relative_to(root))
             continue
-        if args.check:
-            stale.append(path)
-            diff = difflib.unified_diff(
-                current.splitlines(True), text.splitlines(True), str(path), "rendered"
-            )
-            sys.stdout.writelines(list(diff)[:60])
-        else:
+        stale[path] = "".join(list(difflib.unified_diff(current.splitlines(True), text.splitlines(True), str(path),
+                                                        "rendered"))[:60])  # fmt: skip
+        if not check:
             path.write_text(text)
             log.info("wrote %s", path.relative_to(root))
-    if stale:
-        log.error(
-            "stale: %s; run `medplib infra render` (make infra)",
-            ", ".join(str(p.relative_to(root)) for p in stale),
-        )
-        return 1
-    return 0
+    return stale

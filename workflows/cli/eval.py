@@ -1,4 +1,5 @@
-"""`medplib eval` (batch evaluation on Ray Data, see workflows/evaluate.py) and `medplib eval-compare`."""
+"""`medplib eval` (batch evaluation on a Ray Data actor pool) and `medplib eval-compare` (two eval folders side by
+side)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ def _positive(text: str) -> int:
     return value
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def add_eval(commands: argparse._SubParsersAction, verb: str) -> None:
     p = commands.add_parser(
-        "eval",
+        verb,
         help="evaluate a model on prepared splits (Ray Data actor pool): predictions, metrics, HTML report",
         description=(
             "Greedy batch inference over one or more splits of a prepared dataset on a Ray Data actor pool (one "
@@ -49,8 +50,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--compare-with", metavar="EVAL_DIR", help="an earlier eval folder: add a before/after section")
     p.set_defaults(handler=_eval)
 
+
+def add_eval_compare(commands: argparse._SubParsersAction, verb: str) -> None:
     c = commands.add_parser(
-        "eval-compare",
+        verb,
         help="metrics of two eval folders side by side (before/after training)",
         description="Write OUT/comparison.html (+ comparison.json, plots/comparison_<split>.png) comparing the "
         "metrics.json of two `medplib eval` output folders, per split both evaluated.",
@@ -63,7 +66,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from workflows.evaluate import EvalConfig, evaluate
+    from workflows.eval.config import EvalConfig
+    from workflows.eval.evaluate import evaluate, summary_text
 
     cfg = EvalConfig(
         model=args.model, data=Path(args.data), splits=args.splits or ["test"], out=Path(args.out),
@@ -73,25 +77,12 @@ def _eval(args: argparse.Namespace) -> int:
         mlflow_run_id=args.mlflow_run_id, tracking_uri=args.tracking_uri,
         compare_with=Path(args.compare_with) if args.compare_with else None,
     )  # fmt: skip
-    result = evaluate(cfg)
-    for split, section in result.metrics["splits"].items():
-        g, v = section.get("grounding") or {}, section.get("vqa") or {}
-        parts = [f"{split} ({section['kind']}): {section['rows']} rows"]
-        if g:
-            parts.append(f"mDice {100 * (g.get('mDice') or 0):.1f} mIoU {100 * (g.get('mIoU') or 0):.1f} "
-                         f"(n={g.get('n')})")  # fmt: skip
-        if v:
-            closed, f1 = v.get("closed_accuracy"), v.get("open_f1")
-            parts.append(f"closed acc {'-' if closed is None else f'{100 * closed:.1f}'} "
-                         f"open F1 {'-' if f1 is None else f'{100 * f1:.1f}'}")  # fmt: skip
-        print(" | ".join(parts))
-    print(f"wrote {result.predictions_path}, {result.metrics_path}, {result.report_path} "
-          f"({result.rows} rows in {result.elapsed_s:.1f} s)")  # fmt: skip
+    print(summary_text(evaluate(cfg)))
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from workflows.report import write_comparison_report
+    from workflows.eval.report import write_comparison_report
 
     labels = [part.strip() for part in args.labels.split(",")]
     if len(labels) != 2 or not all(labels):

@@ -5,14 +5,14 @@
 
 Python (what the pipeline's `eval` step calls)::
 
-    from workflows.evaluate import evaluate
+    from workflows.eval.evaluate import evaluate
     result = evaluate(model="runs:/ID/model", data="work/prepared", splits=["val"], out="work/eval/after",
                       max_rows=8, max_new_tokens=16, mlflow_run_id=ID, compare_with="work/eval/before")
     result.metrics["splits"]["val"]["grounding"]["mDice"]; result.report_path
 
 Pipeline, per run:
 
-1. Ray Data reads the Parquet shards of every requested split (`workflows.preprocess.load_prepared`), each cut to
+1. Ray Data reads the Parquet shards of every requested split (`workflows.data.prepared.load_prepared`), each cut to
    `max_rows` (file order), and unions them, so one actor pool serves all splits.
 2. `map_batches(EvalWorker, concurrency=N)`: each actor builds the model once (`num_gpus=1` per actor when the
    cluster has GPUs, a fraction of a CPU otherwise) and, per batch of `batch_size` rows, rebuilds each row's
@@ -24,7 +24,7 @@ Pipeline, per run:
 3. The driver streams the results: `predictions.jsonl` (upstream record keys `question_id, image_path, prompt,
    gt, text, answer_id, model_id, answer_type, metadata`, plus `task, modality, split`, predicted masks as PNG
    files under `masks/<split>/` and per-row `iou`/`dice`), `metrics.json` (per split: overall, per task, per
-   modality and per answer type; `medplib.metrics`), and the report (`workflows.report`): `report.html`
+   modality and per answer type; `medplib.metrics`), and the report (`workflows.eval.report`): `report.html`
    (self-contained), `plots/*.png`, `gallery/*.png`.
 4. Optionally: everything (but the mask PNGs) and the flattened metrics go to the MLflow run of the model
    (`mlflow_run_id`), and a before/after comparison against an earlier eval folder is written (`compare_with`).
@@ -49,11 +49,11 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from medplib.constants import IGNORE_INDEX
 from medplib.data.batch import Encoded
@@ -65,13 +65,13 @@ from medplib.metrics import (
     vqa_scores,
 )
 from medplib.prediction import Prediction
+from workflows.common import cluster_gpus, decide_gpu, init_ray
+from workflows.data.prepared import load_prepared
+from workflows.eval.config import METRICS_NAME, PREDICTIONS_NAME, EvalConfig
+from workflows.eval.report import write_comparison_report, write_report
 
 logger = logging.getLogger(__name__)
 
-PREDICTIONS_NAME = "predictions.jsonl"
-METRICS_NAME = "metrics.json"
-REPORT_NAME = "report.html"
-ZERO_SHOT_MARKERS = ("xsubject", "heldout", "held_out", "zeroshot", "zero_shot")
 # What one actor returns per row: the JSON record and the predicted masks as PNG bytes (the driver writes them).
 OUTPUT_SCHEMA = pa.schema([("record_json", pa.string()), ("pred_masks_png", pa.list_(pa.binary()))])
 # Columns the worker reads; the rest of a prepared row stays in the Parquet files.
@@ -80,60 +80,6 @@ WORKER_COLUMNS = (
     "labels", "vision_view_png", "sam_view_png", "sam_geometry", "num_regions", "region_masks_png",
     "target_masks_png",
 )  # fmt: skip
-
-
-# ------------------------------------------------------------------------------------------------ configuration
-class EvalConfig(BaseModel):
-    """Everything `evaluate` needs; `medplib eval` flags map one to one onto these fields."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    model: str = Field(description="model directory, MLflow model URI (models:/NAME@ALIAS, runs:/ID/model) or preset")
-    data: Path = Field(description="prepared dataset folder (the output of `medplib data prepare`)")
-    splits: list[str] = Field(default_factory=lambda: ["test"], min_length=1, description="splits to evaluate")
-    out: Path = Field(Path("eval"), description="output folder (created; files of the same name are replaced)")
-    max_rows: int | None = Field(None, ge=1, description="evaluate at most this many rows per split (file order)")
-    max_new_tokens: int = Field(64, ge=1, description="greedy decoding length limit (upstream eval: 1024)")
-    batch_size: int = Field(8, ge=1, description="rows per generate call inside an actor")
-    concurrency: int | None = Field(
-        None, ge=1, description="actors (one model each); default: one per GPU, or 1 on a CPU-only cluster"
-    )
-    use_gpu: Literal["auto", "yes", "no"] = Field(
-        "auto", description="auto: one GPU per actor when the Ray cluster has GPUs; yes: require them; no: CPU"
-    )
-    cpus_per_actor: float = Field(0.5, gt=0, description="CPUs an actor reserves on a CPU-only cluster")
-    dtype: str | None = Field(None, description="override the model's dtype (float32, bfloat16)")
-    seed: int = Field(0, description="torch seed set before building the model (random-init presets)")
-    model_id: str | None = Field(None, description="label in the records and the report; default: `model`")
-    engine: Literal["ray", "local"] = Field("ray", description="ray: actor pool; local: this process, no Ray")
-    gallery_size: int = Field(4, ge=0, description="best and worst grounding cases shown per split")
-    examples_per_split: int = Field(6, ge=0, description="VQA predictions shown per split in the report")
-    zero_shot_markers: list[str] = Field(
-        default_factory=lambda: list(ZERO_SHOT_MARKERS),
-        description="a split whose name contains one of these is reported as zero-shot (cross-subject/held-out)",
-    )
-    mlflow_run_id: str | None = Field(None, description="log metrics and artifacts to this MLflow run")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: MLflow's own resolution")
-    mlflow_artifact_path: str = Field("eval", description="artifact folder inside the run")
-    mlflow_prefix: str = Field("eval", description="prefix of the logged metric names: PREFIX/SPLIT/...")
-    mlflow_step: int = Field(0, ge=0, description="step of the logged metrics")
-    compare_with: Path | None = Field(None, description="an earlier eval folder: write a before/after comparison")
-    compare_labels: tuple[str, str] = Field(("before", "after"), description="names of the two sides")
-
-    @field_validator("splits")
-    @classmethod
-    def _unique_splits(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError(f"splits must be distinct, got {value}")
-        return value
-
-    @property
-    def label(self) -> str:
-        return self.model_id or self.model
-
-    def split_kind(self, split: str) -> Literal["in_distribution", "zero_shot"]:
-        name = split.lower()
-        return "zero_shot" if any(marker in name for marker in self.zero_shot_markers) else "in_distribution"
 
 
 class EvalResult(BaseModel):
@@ -337,36 +283,22 @@ class EvalWorker:
 
 
 def _want_gpus(cfg: EvalConfig) -> bool:
-    if cfg.use_gpu == "no":
-        return False
     if cfg.engine == "local":
         import torch
 
-        if cfg.use_gpu == "yes" and not torch.cuda.is_available():
-            raise ValueError("use_gpu=yes but torch sees no CUDA device in this process")
-        return torch.cuda.is_available()
-    import ray
-
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if cfg.use_gpu == "yes" and gpus < 1:
-        raise ValueError("use_gpu=yes but the Ray cluster has no GPU (an actor asking for one would wait forever)")
-    return gpus >= 1
+        return decide_gpu(cfg.use_gpu, torch.cuda.device_count(), "this process (torch)")
+    return decide_gpu(cfg.use_gpu, cluster_gpus())
 
 
 def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
-    import ray
-
-    from workflows.preprocess import load_prepared
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)  # or the cluster named by RAY_ADDRESS
+    init_ray()
     gpus = _want_gpus(cfg)
     tracking_uri = cfg.tracking_uri
     if tracking_uri is None and cfg.model.startswith(MLFLOW_URI_PREFIXES):
         import mlflow
 
         tracking_uri = mlflow.get_tracking_uri()  # what this process uses (set_tracking_uri is not inherited)
-    concurrency = cfg.concurrency or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 1)
+    concurrency = cfg.concurrency or (max(1, int(cluster_gpus())) if gpus else 1)
     datasets = []
     for split in cfg.splits:
         # Ray Data touch-point: the split's Parquet shards, lazily; `limit` stops reading after max_rows.
@@ -374,7 +306,7 @@ def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
         datasets.append(ds.limit(cfg.max_rows) if cfg.max_rows else ds)
     ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
     # Ray Data touch-point: an actor pool of `concurrency` EvalWorkers, each holding one model (one GPU each
-    # when there are GPUs; a fraction of a CPU otherwise, leaving CPU to the read tasks: stack.md 9.2).
+    # when there are GPUs; a fraction of a CPU otherwise, so a whole CPU is left to the read tasks).
     predicted = ds.map_batches(
         EvalWorker,
         fn_constructor_kwargs={
@@ -586,8 +518,6 @@ def evaluate(config: EvalConfig | None = None, **fields: Any) -> EvalResult:
     metrics_path = cfg.out / METRICS_NAME
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
 
-    from workflows.report import write_comparison_report, write_report
-
     comparison_path = None
     comparison = None
     if cfg.compare_with is not None:
@@ -611,6 +541,25 @@ def evaluate(config: EvalConfig | None = None, **fields: Any) -> EvalResult:
     if cfg.mlflow_run_id:
         log_to_mlflow(result, cfg)
     return result
+
+
+def summary_text(result: EvalResult) -> str:
+    """What `medplib eval` prints: the headline scores per split (x100) and the files written."""
+    lines = []
+    for split, section in result.metrics["splits"].items():
+        g, v = section.get("grounding") or {}, section.get("vqa") or {}
+        parts = [f"{split} ({section['kind']}): {section['rows']} rows"]
+        if g:
+            parts.append(f"mDice {100 * (g.get('mDice') or 0):.1f} mIoU {100 * (g.get('mIoU') or 0):.1f} "
+                         f"(n={g.get('n')})")  # fmt: skip
+        if v:
+            closed, f1 = v.get("closed_accuracy"), v.get("open_f1")
+            parts.append(f"closed acc {'-' if closed is None else f'{100 * closed:.1f}'} "
+                         f"open F1 {'-' if f1 is None else f'{100 * f1:.1f}'}")  # fmt: skip
+        lines.append(" | ".join(parts))
+    lines.append(f"wrote {result.predictions_path}, {result.metrics_path}, {result.report_path} "
+                 f"({result.rows} rows in {result.elapsed_s:.1f} s)")  # fmt: skip
+    return "\n".join(lines)
 
 
 def log_to_mlflow(result: EvalResult, cfg: EvalConfig) -> None:

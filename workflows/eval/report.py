@@ -1,7 +1,7 @@
 """The evaluation report: `report.html` (self-contained: every image inlined as base64 PNG), its charts and
 gallery as PNG files, and the before/after comparison (`write_comparison_report`).
 
-Layout of an eval folder after `workflows.evaluate.evaluate`::
+Layout of an eval folder after `workflows.eval.evaluate.evaluate`::
 
     OUT/report.html                    summary table, then one section per split (in-distribution first, then the
                                        zero-shot cross-subject / held-out splits): tables per task and per
@@ -28,14 +28,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-if TYPE_CHECKING:
-    from workflows.evaluate import EvalConfig
+from workflows.eval.config import REPORT_NAME, EvalConfig
 
 logger = logging.getLogger(__name__)
 
@@ -529,7 +528,7 @@ def write_report(
             body.append(_gallery_html(title, shown, images))
         body.append(_examples_html(by_split.get(split, []), cfg.examples_per_split))
 
-    html_path = out / "report.html"
+    html_path = out / REPORT_NAME
     html_path.write_text(_page(f"MedPLIB evaluation: {metrics['model_id']}", "\n".join(body)), encoding="utf-8")
     return ReportFiles(html_path, pngs)
 

@@ -1,12 +1,13 @@
-"""`medplib data ...`: dataset building, inspection and preprocessing commands."""
+"""`medplib data build-mini|synth|show|prepare`: build, look at and prepare MeCoVQA-format datasets."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 
 
-def register(commands: argparse._SubParsersAction) -> None:
-    data = commands.add_parser("data", help="build, inspect and prepare MeCoVQA-format datasets")
+def add_data(commands: argparse._SubParsersAction, verb: str) -> None:
+    data = commands.add_parser(verb, help="build, inspect and prepare MeCoVQA-format datasets")
     sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     _add_build_mini(sub)
     _add_synth(sub)
@@ -40,10 +41,16 @@ def _add_build_mini(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_build_mini)
 
 
-def _run_build_mini(args: argparse.Namespace) -> int:
-    from medplib.data.mini import build_mini
+def _datasets(module: str):
+    """A module of the dataset builders, imported only when a builder runs."""
+    try:
+        return importlib.import_module(f"medplib_datasets.{module}")
+    except ImportError as err:
+        raise ValueError(f"the dataset builders need the datasets extra: pip install 'medplib[datasets]' ({err})") from err
 
-    report = build_mini(args.output, seed=args.seed, max_samples=args.max_samples)
+
+def _run_build_mini(args: argparse.Namespace) -> int:
+    report = _datasets("mini").build_mini(args.output, seed=args.seed, max_samples=args.max_samples)
     print(
         f"{report.output}: {report.n_rows} rows, {report.n_images} images, {report.n_masks} masks "
         f"in {report.seconds:.1f} s"
@@ -75,9 +82,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    from medplib.data.synth import build_synth
-
-    report = build_synth(
+    report = _datasets("synth").build_synth(
         args.output, args.rows, seed=args.seed, pool_size=args.pool_size, image_px=args.image_px
     )
     print(
@@ -139,7 +144,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    from workflows.preprocess import PrepareConfig, prepare_from_cli
+    from workflows.data.preprocess import PrepareConfig, prepare, summary_text
 
     cfg = PrepareConfig.from_yaml(args.config) if args.config else PrepareConfig()
     cfg = cfg.with_overrides(
@@ -148,4 +153,6 @@ def _run_prepare(args: argparse.Namespace) -> int:
         max_rows=args.max_rows,
         splits=args.splits.split(",") if args.splits else None,
     )
-    return prepare_from_cli(args.input, args.output, cfg, force=args.force)
+    # Rejected rows do not fail the command: they are counted and quarantined.
+    print(summary_text(prepare(args.input, args.output, cfg, force=args.force)))
+    return 0

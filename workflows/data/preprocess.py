@@ -73,6 +73,7 @@ from medplib.data.prepared import MANIFEST_NAME, QUARANTINE_NAME, ROW_SCHEMA, re
 from medplib.data.rows import SCHEMA_VERSION
 from medplib.data.validate import Accepted, Limits, Reason, Rejection, is_json_array, validate_row
 from medplib.model.config import MedPLIBConfig, load_model_config
+from workflows.common import init_ray, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -395,9 +396,9 @@ class ChunkProcessor:
         name = f"{chunk.chunk_id:07d}"
         if rejections:
             records = [{**r.to_record(), "split": chunk.split, "_file": chunk.file_index} for r in rejections]
-            _write_text_atomic(parts / f"quarantine-{name}.jsonl",
+            write_text_atomic(parts / f"quarantine-{name}.jsonl",
                                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        _write_text_atomic(parts / f"stats-{name}.json", json.dumps(stats))
+        write_text_atomic(parts / f"stats-{name}.json", json.dumps(stats))
         return table
 
 
@@ -416,12 +417,6 @@ def _encode_chunks(batch: pa.Table, job_json: str) -> pa.Table:
     processor = _processor(job_json)
     tables = [processor.run_chunk(Chunk.model_validate(item)) for item in batch.to_pylist()]
     return pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # ------------------------------------------------------------------------------------------------- the driver
@@ -695,7 +690,7 @@ def prepare(
         raise ValueError(f"{output} exists and is not a prepared dataset; refusing to replace it")
 
     if engine == "ray":
-        _ensure_ray()
+        init_ray()
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
     parts = tmp / _PARTS
@@ -755,15 +750,6 @@ def prepare(
                 counts["accepted"], counts["rejected"], dict(counts["reason"]) or "none", counts["fixed_suffix"],
                 manifest["rows_per_s"])
     return PrepareResult(output=output, reused=False, manifest=manifest)
-
-
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        # Joins the cluster in RAY_ADDRESS if set, else starts a local one on this machine's CPUs.
-        ray.init(include_dashboard=False)
-        logger.info("Ray: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")})
 
 
 def _convert_arrays(files: list[InputFile], parts: Path, engine: str) -> list[dict[str, Any]]:
@@ -856,35 +842,17 @@ def _swap_into_place(tmp: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-# ------------------------------------------------------------------------------------------------- readers
-def load_prepared(directory: str | Path, split: str):  # -> ray.data.Dataset
-    """The Parquet shards of one split as a Ray Dataset (columns `rows.COLUMNS`); checks the schema version.
-
-    Training: `ds = load_prepared(dir, "train")` and pass it to `TorchTrainer(datasets={"train": ds})`; each
-    worker turns rows back into `Encoded` with `rows.row_to_encoded` and batches them with `batch.collate`.
-    """
-    import ray
-
-    from medplib.data.prepared import shard_files
-
-    files = shard_files(directory, split)
-    return ray.data.read_parquet([str(p) for p in files], partitioning=None)
-
-
-def prepare_from_cli(input_path: str, output: str, cfg: PrepareConfig, *, force: bool = False) -> int:
-    """`medplib data prepare`: run `prepare` (Ray starts only if there is work), print a summary. Rejected rows
-    do not fail it: they are counted and quarantined."""
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = True  # one bar per operator while a split runs
-    result = prepare(input_path, output, cfg, force=force)
+def summary_text(result: PrepareResult) -> str:
+    """What `medplib data prepare` prints: what was written or reused, counts per split and rejection reason."""
     manifest, counts = result.manifest, result.manifest["counts"]
-    print(f"{result.output}: {'reused (input and config unchanged)' if result.reused else 'written'}")
-    print(f"  rows read {counts['rows_read']}, accepted {counts['accepted']}, rejected {counts['rejected']}, "
-          f"paths repaired (.png) {counts['fixed_suffix']}")
+    lines = [
+        f"{result.output}: {'reused (input and config unchanged)' if result.reused else 'written'}",
+        f"  rows read {counts['rows_read']}, accepted {counts['accepted']}, rejected {counts['rejected']}, "
+        f"paths repaired (.png) {counts['fixed_suffix']}",
+    ]
     for name, split in manifest["splits"].items():
-        print(f"  {name}: {split['accepted']} rows in {len(split['files'])} files, {split['rejected']} rejected")
+        lines.append(f"  {name}: {split['accepted']} rows in {len(split['files'])} files, {split['rejected']} rejected")
     if counts["reason"]:
-        print("  rejected: " + ", ".join(f"{k}={v}" for k, v in sorted(counts["reason"].items()))
-              + f" (see {Path(output) / QUARANTINE_NAME})")
-    return 0
+        lines.append("  rejected: " + ", ".join(f"{k}={v}" for k, v in sorted(counts["reason"].items()))
+                     + f" (see {Path(result.output) / QUARANTINE_NAME})")
+    return "\n".join(lines)

@@ -8,9 +8,9 @@ import logging
 log = logging.getLogger("medplib")
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def add_convert_upstream(commands: argparse._SubParsersAction, verb: str) -> None:
     p = commands.add_parser(
-        "convert-upstream",
+        verb,
         help="import a checkpoint in the upstream MedPLIB layout into a MedPLIB model directory",
         description="Read an upstream MedPLIB checkpoint (a Hugging Face directory of .bin/.safetensors shards, "
         "or one file) and write a model directory that `medplib predict --model DST` and training stages load. "

@@ -39,9 +39,7 @@ so MFU on a shared CPU says how well the step uses what the worker actually gets
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -53,7 +51,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from workflows.train_config import StageConfig
+from workflows.common import write_json_atomic
+from workflows.train.config import StageConfig
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +86,6 @@ class StagePlan(BaseModel):
     fail_after_steps: int | None = None
     """TEST HOOK (env MEDPLIB_TEST_FAIL="<stage>:<steps>"): raise after this many steps, once checkpointed.
     Kept out of the fingerprint, so a rerun without the variable resumes the failed run."""
-
-    @property
-    def micro_batches_per_step(self) -> int:
-        return self.stage.grad_accum
 
 
 class TrainState(BaseModel):
@@ -303,12 +298,6 @@ def parameter_anchor(params: list):
     return torch.stack([p.reshape(-1)[0].float() for p in params]).sum() * 0.0
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker; `config["plan"]` is a `StagePlan`."""
     import deepspeed
@@ -380,7 +369,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     def progress(step: int) -> None:
         # For operators (and the worker-kill test): which process is this rank, and how far it got.
-        _write_json_atomic(progress_dir / f"rank{rank}.json",
+        write_json_atomic(progress_dir / f"rank{rank}.json",
                            {"pid": os.getpid(), "step": step, "resumed_from": resumed_from, "time": time.time()})
 
     def save_and_report(metrics: dict[str, float]) -> None:
@@ -389,7 +378,7 @@ def train_loop_per_worker(config: dict) -> None:
         # Every rank writes its ZeRO shard (rank 0 also the trainable module weights and the scheduler).
         engine.save_checkpoint(str(partial), tag=DS_TAG, client_state={"trainer_state": state.model_dump()},
                                exclude_frozen_parameters=True)
-        _write_json_atomic(partial / STATE_FILE, state.model_dump())
+        write_json_atomic(partial / STATE_FILE, state.model_dump())
         os.replace(partial, final)  # atomic: a half-written directory is never reported
         # Ray Train touch point: a barrier across workers; Ray copies each worker's files into
         # <storage>/<name>/checkpoint_<step>/ and registers the checkpoint once every worker has reported.
@@ -607,9 +596,3 @@ def export_stage_model(plan: StagePlan, checkpoint_dir: str | Path, out_dir: str
     merge_lora(model)
     model.requires_grad_(False)
     return save_model_atomic(model.eval(), out_dir)
-
-
-def stage_metrics_summary(metrics: dict[str, Any]) -> str:
-    keys = ("step", "loss", "ce", "dice", "tokens_per_s", "mfu")
-    return ", ".join(f"{k} {metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), int | float) and
-                     not math.isnan(metrics[k]))

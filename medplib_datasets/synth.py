@@ -3,7 +3,7 @@
 Images are smoothed noise with one to three non-overlapping shapes (circle, square, triangle, diamond, ring; at
 most one of each kind per image, so a name picks exactly one mask). A pool of images is written once and rows
 reuse it, so thousands of rows take a second. Rows cycle through the three tasks in the same row format as
-MeCoVQA-mini (see medplib/data/mini.py): complex VQA (count, presence, kind), region VQA with point/box prompts in
+MeCoVQA-mini (see medplib_datasets/mini/): complex VQA (count, presence, kind), region VQA with point/box prompts in
 the explicit form and mask prompts inline, and grounding with `<SEG><mask>...</mask>`. All rows go to
 `DIR/MeCoVQA-synth_train.json` with split "train", except those on the last `val_fraction` of the pool, which go
 to `DIR/MeCoVQA-synth_val.json`.
@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from medplib.data.mini import PNG_COMPRESS_LEVEL, interior_point, jittered_box, write_rows
+from medplib_datasets.mini import PNG_COMPRESS_LEVEL, interior_point, jittered_box, write_rows
 
 SHAPES = ("circle", "square", "triangle", "diamond", "ring")
 DATASET_NAME = "MeCoVQA-synth"

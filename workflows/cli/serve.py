@@ -9,8 +9,8 @@ import logging
 log = logging.getLogger("medplib")
 
 
-def register(commands: argparse._SubParsersAction) -> None:
-    group = commands.add_parser("serve", help="serve the model over HTTP with Ray Serve")
+def add_serve(commands: argparse._SubParsersAction, verb: str) -> None:
+    group = commands.add_parser(verb, help="serve the model over HTTP with Ray Serve")
     sub = group.add_subparsers(dest="serve_command", required=True, metavar="SERVE_COMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -58,8 +58,10 @@ def _config(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from serve.app import run, wait_then_shutdown
+    from workflows.common import init_ray
 
     cfg = _resolve(args)
+    init_ray()
     log.info("starting %s (model %s) on %s:%d", cfg.name, cfg.args.model, cfg.http.host, cfg.http.port)
     url = run(cfg)
     print(

@@ -119,7 +119,7 @@ class DataSettings(_Strict):
     prepared: str | None = None
     """An existing prepared folder (`<dir>/<split>/*.parquet` + manifest.json); skips the prepare step."""
     prepare: dict[str, Any] = Field(default_factory=dict)
-    """Fields of `workflows.preprocess.PrepareConfig` (e.g. max_rows, splits); `model_preset` is always the
+    """Fields of `workflows.data.preprocess.PrepareConfig` (e.g. max_rows, splits); `model_preset` is always the
     pipeline's preset, so the prepared views and token ids fit the model."""
     train_split: str = "train"
     """Split the stages train on."""

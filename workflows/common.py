@@ -1,0 +1,51 @@
+"""What several jobs need alike: files written atomically, the Ray connection of a run, the GPU decision."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temp sibling, then rename it over `path`: a reader sees the old file or the new one,
+    never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")  # unique per writer, thread or process
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def init_ray(address: str | None = None, *, include_dashboard: bool | None = False) -> None:
+    """Connect this process to Ray, once: `address`, else the cluster in $RAY_ADDRESS (a Ray Job's driver gets
+    it), else a new local cluster on this machine's CPUs."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # "local", not None: a plain ray.init() would join any `ray start` cluster recorded in /tmp/ray.
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=include_dashboard)
+    log.info("Ray: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")})
+
+
+def cluster_gpus() -> float:
+    """GPUs of the connected Ray cluster."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0)
+
+
+def decide_gpu(setting: str, gpus: float, where: str = "the Ray cluster") -> bool:
+    """`setting` auto/yes/no against the GPUs there are: a GPU request (a Train worker with use_gpu, an actor with
+    num_gpus) where there is none would wait forever, so `yes` without GPUs is an error."""
+    if setting == "yes" and gpus < 1:
+        raise ValueError(f"use_gpu: yes, but {where} has no GPU (a GPU request would wait forever)")
+    return setting != "no" and gpus >= 1

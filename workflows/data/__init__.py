@@ -1,0 +1,1 @@
+"""Ray Data preprocessing (`medplib data prepare`) and the readers of its output."""

@@ -1,0 +1,1 @@
+"""Batch evaluation (`medplib eval`): its config, the evaluator on a Ray Data actor pool, the HTML report."""

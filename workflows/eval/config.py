@@ -1,0 +1,66 @@
+"""What `medplib eval` is asked to do (`EvalConfig`) and the names of the files it writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+PREDICTIONS_NAME = "predictions.jsonl"
+METRICS_NAME = "metrics.json"
+REPORT_NAME = "report.html"
+ZERO_SHOT_MARKERS = ("xsubject", "heldout", "held_out", "zeroshot", "zero_shot")
+
+
+class EvalConfig(BaseModel):
+    """Everything `evaluate` needs; `medplib eval` flags map one to one onto these fields."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="model directory, MLflow model URI (models:/NAME@ALIAS, runs:/ID/model) or preset")
+    data: Path = Field(description="prepared dataset folder (the output of `medplib data prepare`)")
+    splits: list[str] = Field(default_factory=lambda: ["test"], min_length=1, description="splits to evaluate")
+    out: Path = Field(Path("eval"), description="output folder (created; files of the same name are replaced)")
+    max_rows: int | None = Field(None, ge=1, description="evaluate at most this many rows per split (file order)")
+    max_new_tokens: int = Field(64, ge=1, description="greedy decoding length limit (upstream eval: 1024)")
+    batch_size: int = Field(8, ge=1, description="rows per generate call inside an actor")
+    concurrency: int | None = Field(
+        None, ge=1, description="actors (one model each); default: one per GPU, or 1 on a CPU-only cluster"
+    )
+    use_gpu: Literal["auto", "yes", "no"] = Field(
+        "auto", description="auto: one GPU per actor when the Ray cluster has GPUs; yes: require them; no: CPU"
+    )
+    cpus_per_actor: float = Field(0.5, gt=0, description="CPUs an actor reserves on a CPU-only cluster")
+    dtype: str | None = Field(None, description="override the model's dtype (float32, bfloat16)")
+    seed: int = Field(0, description="torch seed set before building the model (random-init presets)")
+    model_id: str | None = Field(None, description="label in the records and the report; default: `model`")
+    engine: Literal["ray", "local"] = Field("ray", description="ray: actor pool; local: this process, no Ray")
+    gallery_size: int = Field(4, ge=0, description="best and worst grounding cases shown per split")
+    examples_per_split: int = Field(6, ge=0, description="VQA predictions shown per split in the report")
+    zero_shot_markers: list[str] = Field(
+        default_factory=lambda: list(ZERO_SHOT_MARKERS),
+        description="a split whose name contains one of these is reported as zero-shot (cross-subject/held-out)",
+    )
+    mlflow_run_id: str | None = Field(None, description="log metrics and artifacts to this MLflow run")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: MLflow's own resolution")
+    mlflow_artifact_path: str = Field("eval", description="artifact folder inside the run")
+    mlflow_prefix: str = Field("eval", description="prefix of the logged metric names: PREFIX/SPLIT/...")
+    mlflow_step: int = Field(0, ge=0, description="step of the logged metrics")
+    compare_with: Path | None = Field(None, description="an earlier eval folder: write a before/after comparison")
+    compare_labels: tuple[str, str] = Field(("before", "after"), description="names of the two sides")
+
+    @field_validator("splits")
+    @classmethod
+    def _unique_splits(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"splits must be distinct, got {value}")
+        return value
+
+    @property
+    def label(self) -> str:
+        return self.model_id or self.model
+
+    def split_kind(self, split: str) -> Literal["in_distribution", "zero_shot"]:
+        name = split.lower()
+        return "zero_shot" if any(marker in name for marker in self.zero_shot_markers) else "in_distribution"

@@ -1,0 +1,1 @@
+"""Ray Tune sweeps over a training stage (`medplib sweep`)."""

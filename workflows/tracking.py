@@ -30,6 +30,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from workflows.common import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -42,12 +44,6 @@ CHAMPION = "champion"
 
 def latest_alias(pipeline: str) -> str:
     return f"latest-{pipeline}"
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 class Tracker:
@@ -100,7 +96,7 @@ class Tracker:
                                      tags={PIPELINE_TAG: pipeline, FINGERPRINT_TAG: fingerprint})
         self.log_params(run.info.run_id, params)
         state[fingerprint] = run.info.run_id
-        _write_json_atomic(state_file, state)
+        write_json_atomic(state_file, state)
         return run.info.run_id
 
     def stage_run(
@@ -120,7 +116,7 @@ class Tracker:
         )  # fmt: skip
         self.log_params(run.info.run_id, params)
         stage_dir.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(id_file, {"run_id": run.info.run_id, "tracking_uri": self.uri})
+        write_json_atomic(id_file, {"run_id": run.info.run_id, "tracking_uri": self.uri})
         return run.info.run_id
 
     def log_params(self, run_id: str, params: dict[str, str]) -> None:

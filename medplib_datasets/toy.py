@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from medplib.data.batch import encode_sample
-from medplib.data.rows import COLUMNS, SCHEMA_VERSION, encoded_to_row
+from medplib.data.prepared import MANIFEST_NAME, rows_to_table
+from medplib.data.rows import SCHEMA_VERSION, encoded_to_row
 from medplib.data.schema import Box, Sample, Turn
 from medplib.model.config import MedPLIBConfig, load_model_config
 from medplib.tokenizer import build_tokenizer
@@ -69,12 +70,7 @@ def toy_rows(cfg: MedPLIBConfig, n_rows: int, split: str = "train", seed: int = 
 
 def _table(rows: list[dict]) -> pa.Table:
     plain = [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()} for r in rows]
-    try:  # the prepare step's fixed Arrow schema, when that module is present
-        from medplib.data.prepared import rows_to_table
-
-        return rows_to_table(plain)
-    except ImportError:
-        return pa.Table.from_pylist([{k: r[k] for k in COLUMNS} for r in plain])
+    return rows_to_table(plain)
 
 
 def write_toy_prepared(
@@ -98,5 +94,5 @@ def write_toy_prepared(
         "splits": {s: {"accepted": n} for s, n in counts.items()},
         "source": "medplib_datasets.toy",
     }
-    (output / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (output / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return output

@@ -43,7 +43,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """MeCoVQA-mini capped at 60 rows, prepared in-process: splits test (17 rows) and test_xsubject (10)."""
-    from medplib_datasets.mini import build_mini
+    from medplib_datasets.mini.build import build_mini
     from workflows.data.preprocess import PrepareConfig, prepare
 
     root = tmp_path_factory.mktemp("eval-data")

@@ -51,7 +51,7 @@ def cfg():
 # ------------------------------------------------------------------------------------------------- round trip
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory) -> Path:
-    from medplib_datasets.mini import build_mini
+    from medplib_datasets.mini.build import build_mini
 
     root = tmp_path_factory.mktemp("mini")
     build_mini(root, seed=0, max_samples=40, progress=False)

@@ -50,7 +50,7 @@ def _datasets(module: str):
 
 
 def _run_build_mini(args: argparse.Namespace) -> int:
-    report = _datasets("mini").build_mini(args.output, seed=args.seed, max_samples=args.max_samples)
+    report = _datasets("mini.build").build_mini(args.output, seed=args.seed, max_samples=args.max_samples)
     print(
         f"{report.output}: {report.n_rows} rows, {report.n_images} images, {report.n_masks} masks "
         f"in {report.seconds:.1f} s"

@@ -161,6 +161,9 @@ class ActorOptions(_Strict):
 
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    runtime_env: dict[str, Any] | None = Field(
+        None, description="the replica's Ray runtime env (e.g. env_vars) on top of the application's"
+    )
 
 
 class DeploymentOptions(_Strict):

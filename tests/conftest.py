@@ -49,6 +49,18 @@ def rng_image():
     return rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)
 
 
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for every test that needs Ray: 2 CPUs, no dashboard, a small object store (the
+    machine is shared), and "local" so that no other cluster on this machine is ever joined."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture(autouse=True)
 def _restore_mlflow_tracking_uri():
     """`mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI to the whole process: put back what was there

@@ -331,16 +331,8 @@ def test_model_from_an_mlflow_run_uri(prepared: Path, model, tmp_path: Path):
 
 
 # ---------------------------------------------------------------------------------------------- Ray, CLI
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", configure_logging=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.slow
-def test_cli_eval_on_a_ray_actor_pool(ray_cluster, prepared: Path, local_eval, tmp_path: Path, capsys):
+def test_cli_eval_on_a_ray_actor_pool(ray_local, prepared: Path, local_eval, tmp_path: Path, capsys):
     """`medplib eval` on the actor pool: all files, both split sections, region rows with their region token,
     and the same predictions as the in-process run (every actor seeds the random-init preset alike)."""
     from workflows.cli import main

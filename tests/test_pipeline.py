@@ -19,7 +19,6 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
 
 from medplib.model.config import configs_dir  # noqa: E402
@@ -28,15 +27,6 @@ from medplib_datasets.toy import write_toy_prepared  # noqa: E402
 from workflows.pipeline import run_pipeline  # noqa: E402
 from workflows.tracking import PARENT_TAG, STAGE_TAG, child_runs  # noqa: E402
 from workflows.train.config import PipelineConfig, load_pipeline_config  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # One local cluster for the module ("local": never join another developer's running cluster).
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +59,7 @@ def _experiment(cfg: PipelineConfig) -> str:
 
 
 @pytest.fixture(scope="module")
-def first_run(cluster, base_cfg: PipelineConfig):
+def first_run(ray_local, base_cfg: PipelineConfig):
     started = time.perf_counter()
     result = run_pipeline(base_cfg)
     return result, time.perf_counter() - started

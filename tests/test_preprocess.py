@@ -32,16 +32,6 @@ from medplib.model.config import load_model_config
 from medplib.tokenizer import build_tokenizer
 from workflows.data.preprocess import PrepareConfig, prepare, split_from_filename
 
-ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
-
 
 @pytest.fixture(scope="module")
 def cfg():
@@ -71,7 +61,7 @@ def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
-def test_round_trip_mini_masks_and_region_boxes(ray_cluster, mini: Path, tmp_path: Path, cfg) -> None:
+def test_round_trip_mini_masks_and_region_boxes(ray_local, mini: Path, tmp_path: Path, cfg) -> None:
     out = tmp_path / "prepared"
     result = prepare(mini, out, PrepareConfig(batch_size=8))
     source = _source_rows(mini)
@@ -198,7 +188,7 @@ def bad_input(tmp_path: Path) -> tuple[Path, dict[str, int]]:
     return root, expected
 
 
-def test_bad_rows_quarantined_exactly_like_the_validator(ray_cluster, bad_input, tmp_path: Path) -> None:
+def test_bad_rows_quarantined_exactly_like_the_validator(ray_local, bad_input, tmp_path: Path) -> None:
     from workflows.cli import main
 
     root, expected = bad_input
@@ -265,7 +255,7 @@ def test_bad_rows_quarantined_exactly_like_the_validator(ray_cluster, bad_input,
     assert load_prepared(out, "train").count() == 6
 
 
-def test_second_run_reuses_the_output(ray_cluster, bad_input, tmp_path: Path, caplog) -> None:
+def test_second_run_reuses_the_output(ray_local, bad_input, tmp_path: Path, caplog) -> None:
     root, _ = bad_input
     out = tmp_path / "prepared"
     cfg = PrepareConfig(data_root=root, batch_size=4)

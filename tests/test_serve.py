@@ -10,7 +10,6 @@ import base64
 import io
 import json
 import logging
-import os
 import socket
 import threading
 import time
@@ -220,34 +219,22 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """One local Ray (2 CPUs, no dashboard) and Serve on a free loopback port for the whole module."""
-    ray = pytest.importorskip("ray")
+def cluster(ray_local):
+    """Serve on the session's Ray, on a free loopback port, for the whole module; replicas at fractional CPUs
+    get the API key through their runtime env."""
     from ray import serve
 
-    saved = {k: os.environ.get(k) for k in ("MEDPLIB_API_KEY", "RAY_USAGE_STATS_ENABLED")}
-    os.environ["MEDPLIB_API_KEY"] = API_KEY  # replicas inherit the driver's environment on a local cluster
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    if ray.is_initialized():
-        ray.shutdown()
-    metrics_port = _free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2,
-             log_to_driver=False, _metrics_export_port=metrics_port)  # fmt: skip
     port = _free_port()
     base = ServeConfig.from_yaml(DEFAULT_CONFIG).override({
         "http.port": port, "args.model": "tiny", "deployment.ray_actor_options.num_cpus": 0.5,
+        "deployment.ray_actor_options.runtime_env": {"env_vars": {"MEDPLIB_API_KEY": API_KEY}},
         "deployment.autoscaling_config.max_replicas": 1, "deployment.graceful_shutdown_timeout_s": 5,
     })  # fmt: skip
+    metrics_port = ray_local.nodes()[0]["MetricsExportPort"]
     try:
         yield base, metrics_port
     finally:
         serve.shutdown()
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -383,7 +370,7 @@ def test_bad_requests_get_4xx_and_the_app_keeps_serving(server, image):
 
 
 @pytest.mark.slow
-def test_client_and_cli_predict_against_endpoint(server, image, tmp_path):
+def test_client_and_cli_predict_against_endpoint(server, image, tmp_path, monkeypatch):
     from serve.client import MedPLIBAPIError, MedPLIBClient
     from workflows.cli import main
 
@@ -403,6 +390,7 @@ def test_client_and_cli_predict_against_endpoint(server, image, tmp_path):
         assert err.value.status == 400 and err.value.param == "regions[0]"
 
     out = tmp_path / "cli" / "result.json"
+    monkeypatch.setenv("MEDPLIB_API_KEY", API_KEY)  # where `medplib predict --endpoint` reads the key
     rc = main(["predict", "--endpoint", server, "--image", str(path), "--question", "Segment <region>.",
                "--box", "4,6,40,30", "--segment", "--max-new-tokens", "3", "--out", str(out)])  # fmt: skip
     assert rc == 0

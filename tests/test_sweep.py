@@ -3,7 +3,6 @@ child runs of the sweep run) and the best one (best_vl.yaml, `best.*` params). A
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ import yaml
 
 pytestmark = pytest.mark.slow
 
-ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
 
 from medplib.model.config import configs_dir  # noqa: E402
@@ -21,15 +19,7 @@ from workflows.train.config import load_stage_config  # noqa: E402
 from workflows.tune.sweep import load_sweep_config, run_sweep  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-def test_sweep_with_two_trials(cluster, tmp_path: Path) -> None:
+def test_sweep_with_two_trials(ray_local, tmp_path: Path) -> None:
     prepared = write_toy_prepared(tmp_path / "prepared", "tiny", {"train": 24, "val": 6})
     pipeline = yaml.safe_load((configs_dir() / "pipeline" / "tiny.yaml").read_text())
     pipeline.update(workdir=str(tmp_path / "run"), data={"prepared": str(prepared)})

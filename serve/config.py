@@ -28,7 +28,7 @@ DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
 GPU_CONFIG = Path(__file__).with_name("config.gpu.yaml")
 DEPLOYMENT_NAME = "MedPLIB"
 # Ray Serve averages replica metrics that are pushed every 10 s; a window no longer than that only warns today
-# and will be an error in a later Ray (research/stack.md section 7).
+# and will be an error in a later Ray.
 _METRICS_PUSH_INTERVAL_S = 10.0
 
 

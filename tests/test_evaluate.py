@@ -121,7 +121,7 @@ def test_generation_prompt_is_what_encode_sample_builds_for_generation(prepared:
 
 
 def test_region_prompts_reach_the_model(rows, model):
-    """Upstream bug 8.3-4 (eval drops region masks) must not exist: every region row's mask is pooled by the
+    """Upstream eval dropped region masks; here every region row's mask is pooled by the
     region adapter, and moving the region changes the decoder input exactly at the region-feature token."""
     region_rows = [r for r in rows if r["task"] == "region_vqa"][:3]
     assert region_rows, "the fixture split has no region_vqa row"

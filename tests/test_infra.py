@@ -158,7 +158,7 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout
 @contextlib.contextmanager
 def mlflow_server(backend_uri: str, workdir: Path) -> Iterator[MlflowServer]:
     """`mlflow server` as infra/mlflow runs it (database backend, proxied artifact store), on loopback, with the
-    job runner off (research stack.md section 4: it saves about 1.3 GB and 10 s)."""
+    job runner off (it saves about 1.3 GB and 10 s)."""
     port = _free_port()
     artifacts = workdir / "artifacts"
     log = workdir / "mlflow-server.log"

@@ -270,7 +270,7 @@ def test_masks_come_back_at_the_original_size_for_odd_aspect_ratios(tiny_model, 
 
 def test_unpad_maps_view_pixels_back_without_stretching():
     # A 20x60 image in a 64-px centre-padded view: a square marked in the view must land on the same image
-    # pixels (upstream stretched the padded square over the image, notes 8.3-6).
+    # pixels (upstream stretched the padded square over the image).
     geo = Geometry.fit(20, 60, 64, "center")
     view = torch.full((64, 64), -10.0)
     top, left = geo.pad_top, geo.pad_left

@@ -139,7 +139,7 @@ def test_7b_summary_on_the_meta_device():
     assert grown_gb < 2.0, f"summary allocated {grown_gb:.1f} GB: it must stay on the meta device"
     h, ffn, layers, vocab = 4096, 11008, 32, 32000 + 7
     one_ffn_set = layers * 3 * h * ffn
-    assert one_ffn_set == 4_328_521_728  # research notes: 32 x 3 x 4096 x 11008 = 4.33 B
+    assert one_ffn_set == 4_328_521_728  # 32 layers x 3 matrices x 4096 x 11008 = 4.33 B
     routers = layers * h * 2
     assert rows["llm moe experts"] == 2 * one_ffn_set
     dense_llama = rows["llm (all)"] - one_ffn_set - routers

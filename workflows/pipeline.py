@@ -16,10 +16,10 @@ Each step's output is keyed by a fingerprint of its inputs and config (`workflow
   aside to `<dir>.old-<time>`).
 * eval: first the untrained starting model (the preset at random-init heads, built with the vl stage's seed,
   exactly what `vl` starts from) in `<workdir>/eval/before-<fp12>/`, then the trained model in
-  `<workdir>/eval/<fp12>/` on the same split and row cap (`workflows.eval.evaluate`); the trained side's folder holds `comparison.html`/`.json`
-  (before vs after) and its `report.html` shows both. Both are logged to the parent MLflow run. Then
-  `champion` moves to the new `medplib` version only if its score (`champion_score`) beats the current
-  champion's.
+  `<workdir>/eval/<fp12>/` on the same split and row cap (`workflows.eval.evaluate`); the trained side's folder
+  holds `comparison.html`/`.json` (before vs after) and its `report.html` shows both. Both are logged to the
+  parent MLflow run. Then `champion` moves to the new `medplib` version only if its score (`champion_score`)
+  beats the current champion's.
 
 A failing step marks its MLflow run and the parent run FAILED (error tag + error.txt) and re-raises; earlier
 steps stay done and registered, so the next run starts at the failed step.

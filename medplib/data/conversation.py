@@ -28,7 +28,7 @@ class Template:
 
 
 TEMPLATES = {
-    # LLaVA v1 (SeparatorStyle.TWO), what upstream MedPLIB trains with (research notes 4.4).
+    # LLaVA v1 (SeparatorStyle.TWO), what upstream MedPLIB trains with.
     "llava_v1": Template(
         system="A chat between a curious human and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the human's questions.",

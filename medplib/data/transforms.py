@@ -157,7 +157,7 @@ def region_cells(mask_view: torch.Tensor, grid: int, min_coverage: float, max_po
 
     A cell belongs to the region when at least `min_coverage` of it is covered. A region too small for any cell
     (a thin structure, a point far smaller than a patch) falls back to its best-covered cells, so it never
-    vanishes (upstream drops such samples, research notes 2.3). At most `max_points` cells, evenly spaced.
+    vanishes (upstream drops such samples). At most `max_points` cells, evenly spaced.
     """
     coverage = torch.nn.functional.adaptive_avg_pool2d(mask_view.float()[None, None], grid).flatten()
     if coverage.max() <= 0:
@@ -174,7 +174,7 @@ def unpad_mask_logits(logits: torch.Tensor, geo: Geometry) -> torch.Tensor:
     """Square-view mask logits (..., s, s) at any resolution -> logits at the original image size.
 
     Upsample to the view size first, crop the padded border there, then resize to the original size; the
-    upstream code cropped at the wrong scale and stretched masks on non-square images (notes 8.3-6).
+    upstream code cropped at the wrong scale and stretched masks on non-square images.
     """
     lead = logits.shape[:-2]
     x = logits.reshape(-1, 1, *logits.shape[-2:]).float()

@@ -10,12 +10,9 @@ Pipeline, per run:
    `batch_size` rows of one split in one file. The scan keeps only the ids (for duplicates, step 2), the chunk
    table and counters. A JSON-array file cannot be cut into byte ranges, so one Ray task loads it and rewrites it
    as JSONL first (one element per line; the reported line stays the array index).
-2. Duplicate ids need global state, so the scan keeps one small map: id -> where it was first seen (~270 B per
-   row with 50-character ids: ~3 MB for 10k rows, ~270 MB for 1M; beyond that, move this to a Ray Data groupby).
-   For the few ids seen more than once the driver validates their occurrences in file order and the first
-   accepted one wins; every worker then rejects a later occurrence as `duplicate_id` before its file checks,
-   exactly as the sequential `medplib.data.validate.read_and_validate` would. Duplicates are judged among the
-   rows this run processes (its splits, its `max_rows`).
+2. Duplicate ids: for the few ids seen more than once the driver validates their occurrences in file order and
+   the first accepted one wins (`duplicate_winners`); every worker then rejects a later occurrence as
+   `duplicate_id`, exactly as the sequential `medplib.data.validate.read_and_validate` would.
 3. Ray Data, one pipeline per split, all at once: `from_items(chunks)` -> `map_batches(one chunk per call: read the lines,
    validate, decode the image, load target masks, encode_sample, encoded_to_row)` -> `write_parquet(DIR/<split>/)`.
    Rejected rows go to per-chunk quarantine part files, and per-chunk counts to stats part files (both in the
@@ -35,12 +32,6 @@ Reuse: `manifest.json` records the input hash (names + bytes of the annotation f
 (the row-shaping fields of `PrepareConfig`, the resolved model config and the schema version). A second run with
 the same input and config returns the existing output and logs "reusing". Images and masks are not hashed
 (that would read the whole dataset): after editing them in place, pass `--force`.
-
-Resources on small machines: each encode task takes `cpus_per_task` (1) CPU, so on 2 cores two chunks encode at
-once; the Parquet writer runs as its own light operator reserving `writer_cpus` (0), so it never waits for the
-encoders to free a CPU (a reservation of 0.25 would, and would then leave 0.75 CPU idle while it writes). No actor
-holds a CPU for the whole run, so no stage can starve another (stack.md 9.2).
-The tokenizer and model config are built once per worker process (a module-level cache), not per chunk.
 
 `engine="local"` runs the same chunk function in the driver process, one chunk after another, and writes Parquet
 with pyarrow: the single-process baseline of `bench/preprocess.py` and a Ray-free path for debugging.
@@ -402,7 +393,8 @@ class ChunkProcessor:
         return table
 
 
-_PROCESSORS: dict[str, ChunkProcessor] = {}  # per worker process: job JSON -> processor (tokenizer built once)
+# Per worker process: job JSON -> processor, so the tokenizer and model config are built once, not per chunk.
+_PROCESSORS: dict[str, ChunkProcessor] = {}
 
 
 def _processor(job_json: str) -> ChunkProcessor:
@@ -479,6 +471,9 @@ class _Scan(BaseModel):
 def scan_files(files: list[InputFile], cfg: PrepareConfig) -> _Scan:
     """Stream every file once: rows, their split and id -> chunks of `cfg.batch_size` rows per (file, split)."""
     scan = _Scan()
+    # Duplicates need global state: id -> where it was first seen, ~270 B per row with 50-character ids (~3 MB
+    # for 10k rows, ~270 MB for 1M; beyond that, move this to a Ray Data groupby). Duplicates are judged among
+    # the rows this run processes (its splits, its `max_rows`).
     first_seen: dict[str, tuple[int, int, int, int]] = {}
     wanted = set(cfg.splits) if cfg.splits else None
     splits_seen: dict[str, None] = {}
@@ -587,8 +582,9 @@ def _run_ray(job: ChunkJob, chunks: list[Chunk], out_dir: Path, cfg: PrepareConf
         batch_size=1,
         batch_format="pyarrow",
         fn_kwargs={"job_json": job.model_dump_json()},
-        num_cpus=cfg.cpus_per_task,
+        num_cpus=cfg.cpus_per_task,  # 1: on 2 cores two chunks encode at once; no actor holds a CPU for the run
     )
+    # writer_cpus 0: the writer never waits for the encoders to free a CPU (0.25 would, then idle 0.75 CPU).
     ds.write_parquet(
         str(out_dir), min_rows_per_file=cfg.rows_per_file, ray_remote_args={"num_cpus": cfg.writer_cpus}
     )
@@ -666,7 +662,8 @@ def prepare(
     engine: Literal["ray", "local"] = "ray",
 ) -> PrepareResult:
     """Validate and encode a MeCoVQA-format input into `output` (see the module docstring); never raises for bad
-    rows. Uses the running Ray cluster, or starts a local one (`engine="ray"`). Returns the manifest."""
+    rows. With `engine="ray"` it uses the Ray this process is connected to, the cluster in $RAY_ADDRESS, or a new
+    local one. Returns the manifest."""
     cfg = cfg or PrepareConfig()
     started = time.perf_counter()
     input_path, output = Path(input_path), Path(output)

@@ -62,5 +62,7 @@ class EvalConfig(BaseModel):
         return self.model_id or self.model
 
     def split_kind(self, split: str) -> Literal["in_distribution", "zero_shot"]:
+        """Zero-shot splits (other subjects, a modality absent from training) get their own report section, as
+        the paper reports them, never averaged with the in-distribution ones."""
         name = split.lower()
         return "zero_shot" if any(marker in name for marker in self.zero_shot_markers) else "in_distribution"

@@ -1,41 +1,12 @@
-"""`medplib eval`: batch inference over prepared splits on a Ray Data actor pool, then metrics and a report.
-
-    medplib eval --model MODEL_URI_OR_DIR --data PREPARED_DIR --split test [--split test_xsubject] [--out DIR]
-                 [--max-rows N] [--max-new-tokens N] [--batch-size N] [--concurrency N] [--mlflow-run-id ID]
-
-Python (what the pipeline's `eval` step calls)::
+"""`medplib eval`: prepared splits through `Predictor.run`, the code that serves, on a Ray Data actor pool; then
+`predictions.jsonl` (the upstream answer record plus task, modality, split, masks and scores), `metrics.json` (per
+split, task, modality and answer type) and the report (`workflows.eval.report`), optionally logged to an MLflow run
+and compared with an earlier eval folder. `engine="local"` runs the same worker in this process, without Ray.
 
     from workflows.eval.evaluate import evaluate
     result = evaluate(model="runs:/ID/model", data="work/prepared", splits=["val"], out="work/eval/after",
                       max_rows=8, max_new_tokens=16, mlflow_run_id=ID, compare_with="work/eval/before")
     result.metrics["splits"]["val"]["grounding"]["mDice"]; result.report_path
-
-Pipeline, per run:
-
-1. Ray Data reads the Parquet shards of every requested split (`workflows.data.prepared.load_prepared`), each cut to
-   `max_rows` (file order), and unions them, so one actor pool serves all splits.
-2. `map_batches(EvalWorker, concurrency=N)`: each actor builds the model once (`num_gpus=1` per actor when the
-   cluster has GPUs, a fraction of a CPU otherwise) and, per batch of `batch_size` rows, rebuilds each row's
-   generation prompt from its stored tokens (`generation_prompt`: the tokens before the first supervised answer
-   token are exactly the prompt of a single-turn row), keeps the row's region masks (so Region-VQA rows see their
-   region feature: upstream bug 8.3-4 does not exist here), decodes greedily, and scores grounding masks against
-   the row's targets. Grounding rows decode with `segment=True` (upstream eval: every grounding row gets a mask,
-   from the last hidden state when no `<SEG>` is emitted); VQA rows with `segment=False`.
-3. The driver streams the results: `predictions.jsonl` (upstream record keys `question_id, image_path, prompt,
-   gt, text, answer_id, model_id, answer_type, metadata`, plus `task, modality, split`, predicted masks as PNG
-   files under `masks/<split>/` and per-row `iou`/`dice`), `metrics.json` (per split: overall, per task, per
-   modality and per answer type; `medplib.metrics`), and the report (`workflows.eval.report`): `report.html`
-   (self-contained), `plots/*.png`, `gallery/*.png`.
-4. Optionally: everything (but the mask PNGs) and the flattened metrics go to the MLflow run of the model
-   (`mlflow_run_id`), and a before/after comparison against an earlier eval folder is written (`compare_with`).
-
-Splits whose name contains one of `zero_shot_markers` (`test_xsubject`: other subjects; `heldout`: a modality
-absent from training) are reported in their own section as zero-shot grounding, as the paper reports it, never
-averaged with the in-distribution splits.
-
-A preset model (`tiny`) is random-initialised: every actor seeds torch with `seed` before building it, so all
-actors hold the same weights. `engine="local"` runs the same worker in this process without Ray (debugging, the
-fast tests).
 """
 
 from __future__ import annotations
@@ -172,6 +143,8 @@ def predict_rows(
                 generation_prompt(row_to_encoded(rows[i], predictor.cfg.vision.image_size_px), model.ids.region_feature)
                 for i in chunk
             ]
+            # As upstream eval: every grounding row gets a mask (from the last hidden state when the model emits no
+            # <SEG>); the other rows decode with segment=False.
             preds = predictor.run(prompts, max_new_tokens=max_new_tokens, temperature=0.0, segment=bool(grounding))
             for i, prompt, pred in zip(chunk, prompts, preds, strict=True):
                 emitted_seg = model.ids.seg in pred.token_ids
@@ -304,7 +277,7 @@ def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
         # Ray Data touch-point: the split's Parquet shards, lazily; `limit` stops reading after max_rows.
         ds = load_prepared(cfg.data, split).select_columns(list(WORKER_COLUMNS))
         datasets.append(ds.limit(cfg.max_rows) if cfg.max_rows else ds)
-    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]  # one actor pool for all splits
     # Ray Data touch-point: an actor pool of `concurrency` EvalWorkers, each holding one model (one GPU each
     # when there are GPUs; a fraction of a CPU otherwise, so a whole CPU is left to the read tasks).
     predicted = ds.map_batches(

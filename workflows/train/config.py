@@ -1,7 +1,7 @@
 """Typed configuration of the training stages (`configs/stages/<preset>/<stage>.yaml`) and of a pipeline run
 (`configs/pipeline/<preset>.yaml`).
 
-A stage config is the upstream MedPLIB stage table (research notes `medplib.md` section 3) as data: which rows,
+A stage config is the upstream MedPLIB stage table as data: which rows,
 which parameters train (LoRA rank/targets + fully trained modules), loss weights, optimiser, batch arithmetic.
 A pipeline config names the data, the three stage configs, where everything is written, how many Ray Train
 workers run, and the MLflow store. Both validate on load and errors name the file and the field.
@@ -166,7 +166,7 @@ class PipelineConfig(_Strict):
     """Ray Train workers per stage (one GPU each on a GPU cluster)."""
     cpus_per_worker: float = Field(0.5, gt=0)
     """CPUs reserved per worker. Keep it fractional on small machines: Ray Data needs CPU left to feed the
-    workers (with 1 CPU each on 2 cores, ingestion deadlocks; research stack.md section 6)."""
+    workers (with 1 CPU each on 2 cores, ingestion deadlocks)."""
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     """auto = GPUs when the Ray cluster has any. `yes` without GPUs is an error (Ray would wait forever)."""
     max_steps: int | None = Field(None, ge=1)

@@ -25,16 +25,8 @@ CPU). Why DeepSpeed rather than DDP on CPU: the GPU path is DeepSpeed ZeRO-2, an
 CPU means the tests exercise what a GPU run does (ZeRO partitioned optimiser state, its checkpoint layout, the
 fp32 consolidation at export, gradient accumulation boundaries). Its costs on CPU: a one-off ~35 s JIT build of
 DeepSpeed's shared-memory comm op on the first multi-worker run (cached in ~/.cache/torch_extensions), ~2 s per
-`deepspeed.initialize`. We pass a torch AdamW, not a DeepSpeed-config optimiser, so no fused/cpu Adam op is built
-(research stack.md section 2); `zero_allow_untested_optimizer` allows that.
-
-MFU (nanoGPT/PaLM style, LoRA-aware): model FLOPs per token = 4*N + 2*N_trainable + 12*L*d*T, where N counts the
-LLM's matmul weights a token passes through (attention, the top-k active experts, lm_head, LoRA), N_trainable those
-that get weight gradients (forward 2N, input gradients 2N, weight gradients 2*N_trainable; with every weight
-trainable this is PaLM's 6N + 12LdT), plus the frozen vision tower and SAM image encoder forward
-(2 * params * tokens per image). The mask decoder is left out (<1% at every preset). The denominator is a matmul
-peak measured on the worker at start (`measure_matmul_peak`, in the training dtype), not a datasheet number,
-so MFU on a shared CPU says how well the step uses what the worker actually gets.
+`deepspeed.initialize`. We pass a torch AdamW, not a DeepSpeed-config optimiser, so no fused/cpu Adam op is
+built; `zero_allow_untested_optimizer` allows that.
 """
 
 from __future__ import annotations
@@ -180,7 +172,14 @@ def plain_row(row: dict) -> dict:
 
 @dataclass
 class FlopsModel:
-    """Per-step model FLOPs of MedPLIB (see the module docstring for the formula)."""
+    """Per-step model FLOPs, for MFU (nanoGPT/PaLM style, LoRA-aware). Per token: 4*N + 2*N_trainable +
+    12*L*d*T, where N counts the LLM's matmul weights a token passes through (attention, the top-k active
+    experts, lm_head, LoRA) and N_trainable those that get weight gradients (forward 2N, input gradients 2N,
+    weight gradients 2*N_trainable; with every weight trainable this is PaLM's 6N + 12LdT); plus the frozen
+    vision tower and SAM image encoder forward (2 * params * tokens per image). The mask decoder is left out (<1%
+    at every preset). The denominator is a matmul peak measured on the worker at start (`measure_matmul_peak`,
+    in the training dtype), not a datasheet number, so MFU on a shared CPU says how well the step uses what the
+    worker actually gets."""
 
     llm_params: float  # matmul weights a token passes through (experts scaled by top_k / num_experts)
     llm_trainable: float
@@ -239,7 +238,7 @@ def measure_matmul_peak(device, dtype, n: int | None = None, reps: int = 6) -> f
 
 
 def build_moe_init(vl_dir: str | Path, grounding_dir: str | Path, stage: StageConfig):
-    """The moe stage's starting model (research notes 2.5): the `vl` model, each FFN replaced by an MoE FFN whose
+    """The moe stage's starting model (upstream stage 3): the `vl` model, each FFN replaced by an MoE FFN whose
     expert i is the FFN of `stage.expert_sources[i]`; text_hidden_fcs and the mask decoder from `grounding`;
     everything else (attention, embeddings, projector, region adapter) from `vl`. The router starts at
     N(0, 0.02) with the stage seed."""

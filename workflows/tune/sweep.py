@@ -2,7 +2,7 @@
 
     medplib sweep --config configs/sweeps/tiny-vl.yaml [--stage vl] [--workdir DIR]
 
-Train V2's pattern (research platform.md B.1, stack.md section 5): the Tune trainable is a *function* that builds
+Train V2's pattern: the Tune trainable is a *function* that builds
 and fits a `TorchTrainer` (`Tuner(TorchTrainer)` no longer works), and `TuneReportCallback` forwards each
 `ray.train.report` to Tune, so ASHA sees one result per optimiser step (`training_iteration` = step).
 

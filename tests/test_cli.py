@@ -1,4 +1,4 @@
-"""`medplib predict` and `medplib model summary` as a user runs them."""
+"""The `medplib` command line as a user runs it: every verb and flag, `predict`, `model summary`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -47,3 +48,87 @@ def test_model_summary_counts_components():
     parts = ["llm (all)", "vision_tower", "mm_projector", "region_fea_adapter", "text_hidden_fcs",
              "sam.image_encoder", "sam.prompt_encoder", "sam.mask_decoder"]  # fmt: skip
     assert sum(int(rows[p].replace(",", "")) for p in parts) == total
+
+
+# Every command path of `medplib`: its sub-commands, long flags (besides --help) and positionals, as they were
+# before the CLI moved into one file per verb; scripts and docs rely on them.
+COMMANDS = {
+    "": "data predict model eval eval-compare serve infra convert-upstream pipeline train sweep submit jobs --verbose",
+    "data": "build-mini synth show prepare",
+    "data build-mini": "--output --seed --max-samples",
+    "data synth": "--rows --output --seed --pool-size --image-px",
+    "data show": "--n --out --seed --task --split path",
+    "data prepare": "--input --output --config --model-preset --data-root --max-rows --splits --force",
+    "predict": "--model --endpoint --image --question --point --box --mask --segment --max-new-tokens --temperature "
+    "--out",
+    "model": "summary",
+    "model summary": "--preset",
+    "eval": "--model --data --split --out --max-rows --max-new-tokens --batch-size --concurrency --gpus "
+    "--cpus-per-actor --dtype --seed --model-id --engine --gallery-size --mlflow-run-id --tracking-uri --compare-with",
+    "eval-compare": "--before --after --out --labels",
+    "serve": "run config",
+    "serve run": "--config --model --port --set",
+    "serve config": "--config --model --port --set",
+    "infra": "render",
+    "infra render": "--root --serve-config --check",
+    "convert-upstream": "--preset --tokenizer src dst",
+    "pipeline": "run",
+    "pipeline run": "--config --workdir --tracking-uri --from-stage --max-steps",
+    "train": "--stage --config --workdir --tracking-uri --max-steps",
+    "sweep": "--config --stage --workdir",
+    "submit": "--address --working-dir --submission-id --no-wait medplib_args",
+    "jobs": "--address action job_id",
+}
+
+
+def _command_tree(parser, path=()) -> dict[str, str]:
+    """{command path: its sub-commands, long flags and positionals} of an argparse parser, recursively."""
+    import argparse
+
+    flags, positionals, subs = [], [], {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            subs = action.choices
+        elif action.option_strings:
+            flags += [o for o in action.option_strings if o.startswith("--") and o != "--help"]
+        else:
+            positionals.append(action.dest)
+    tree = {" ".join(path): " ".join([*subs, *flags, *positionals])}
+    for name, sub in subs.items():
+        tree.update(_command_tree(sub, (*path, name)))
+    return tree
+
+
+def test_verbs_and_flags_are_unchanged():
+    from workflows.cli import VERBS, build_parser
+
+    assert _command_tree(build_parser()) == COMMANDS
+    assert list(VERBS) == COMMANDS[""].split()[:-1]
+
+
+def test_every_verb_prints_its_help(capsys):
+    """`medplib --help` through the installed entry point, then each command's --help, lists what it takes."""
+    import shutil
+    from importlib.metadata import entry_points
+    from pathlib import Path
+
+    from workflows.cli import main
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "medplib"]
+    assert script.value == "workflows.cli:main"
+    medplib = shutil.which("medplib") or str(Path(sys.executable).with_name("medplib"))
+    top = subprocess.run([medplib, "--help"], capture_output=True, text=True, timeout=120)
+    assert top.returncode == 0, top.stderr[-2000:]
+    for verb in COMMANDS[""].split()[:-1]:
+        assert verb in top.stdout, verb
+    for path, items in COMMANDS.items():
+        if not path:
+            continue
+        with pytest.raises(SystemExit) as done:
+            main([*path.split(), "--help"])
+        assert done.value.code == 0, path
+        text = capsys.readouterr().out
+        assert text.startswith(f"usage: medplib {path}"), text[:200]
+        for item in items.split():
+            if item.startswith("--") or f"{path} {item}" in COMMANDS:
+                assert item in text, f"`medplib {path} --help` does not mention {item}"

@@ -11,6 +11,8 @@ import io
 import json
 import logging
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -122,6 +124,13 @@ def test_config_names_the_bad_field(tmp_path):
     assert (
         cfg.override({"deployment.ray_actor_options.num_gpus": 1}).deployment.ray_actor_options.num_gpus == 1
     )
+
+
+def test_client_imports_without_torch():
+    """The client returns medplib's `Prediction`, yet a client-only install needs no torch at import."""
+    code = "import sys, serve.client; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
 
 
 # --- the API in one process (no Ray) -------------------------------------------------------------------------------
@@ -371,6 +380,7 @@ def test_bad_requests_get_4xx_and_the_app_keeps_serving(server, image):
 
 @pytest.mark.slow
 def test_client_and_cli_predict_against_endpoint(server, image, tmp_path, monkeypatch):
+    from medplib.prediction import Prediction
     from serve.client import MedPLIBAPIError, MedPLIBClient
     from workflows.cli import main
 
@@ -382,6 +392,7 @@ def test_client_and_cli_predict_against_endpoint(server, image, tmp_path, monkey
         assert client.models() == ["medplib-tiny"]
         result = client.predict(path, "Where is <region> and <region>?", point=(10, 12), mask=region,
                                 max_new_tokens=3, segment=True)  # fmt: skip
+        assert isinstance(result, Prediction) and isinstance(result.text, str)
         assert result.masks[0].shape == (H, W) and result.masks[0].dtype == bool
         saved = result.save_masks(tmp_path / "pred")
         assert png_decode(saved[0].read_bytes()).shape == (H, W)

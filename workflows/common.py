@@ -33,7 +33,7 @@ def init_ray(address: str | None = None, *, include_dashboard: bool | None = Fal
         return
     # "local", not None: a plain ray.init() would join any `ray start` cluster recorded in /tmp/ray.
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=include_dashboard)
-    log.info("Ray: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")})
+    log.debug("Ray: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")})
 
 
 def cluster_gpus() -> float:

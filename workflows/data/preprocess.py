@@ -262,6 +262,12 @@ def _iter_lines(path: str, start: int, end: int, first_line: int) -> Iterator[tu
 
 
 # ------------------------------------------------------------------------------------------------- the worker
+def _new_stats() -> dict[str, Any]:
+    """The counts of a chunk, summed per split by the driver."""
+    return {"accepted": 0, "rejected": 0, "fixed_suffix": 0, "task": Counter(), "modality": Counter(),
+            "reason": Counter()}
+
+
 class ChunkProcessor:
     """Validates, decodes and encodes the rows of chunks; one per process (the tokenizer is built once)."""
 
@@ -361,8 +367,7 @@ class ChunkProcessor:
         file = self.files[chunk.file_index]
         rows: list[dict[str, Any]] = []
         rejections: list[Rejection] = []
-        stats: dict[str, Any] = {"accepted": 0, "rejected": 0, "fixed_suffix": 0, "task": Counter(),
-                                 "modality": Counter(), "reason": Counter()}
+        stats = _new_stats()
         for line_no, raw in _iter_lines(file.read_path, chunk.start, chunk.end, chunk.first_line):
             out = self.process_line(file, line_no, raw, chunk.split)
             if out is None:
@@ -618,8 +623,7 @@ def _merge_parts(parts_dir: Path, files: list[InputFile], quarantine_path: Path,
     records: list[dict[str, Any]] = list(array_failures)
     per_split: dict[str, dict[str, Any]] = {}
     for split_dir in sorted(p for p in parts_dir.iterdir() if p.is_dir()):
-        total: dict[str, Any] = {"accepted": 0, "rejected": 0, "fixed_suffix": 0, "task": Counter(),
-                                 "modality": Counter(), "reason": Counter()}
+        total = _new_stats()
         for stats_file in sorted(split_dir.glob("stats-*.json")):
             stats = json.loads(stats_file.read_text())
             for key in ("accepted", "rejected", "fixed_suffix"):

@@ -45,12 +45,6 @@ logger = logging.getLogger(__name__)
 
 # What one actor returns per row: the JSON record and the predicted masks as PNG bytes (the driver writes them).
 OUTPUT_SCHEMA = pa.schema([("record_json", pa.string()), ("pred_masks_png", pa.list_(pa.binary()))])
-# Columns the worker reads; the rest of a prepared row stays in the Parquet files.
-WORKER_COLUMNS = (
-    "sample_id", "task", "modality", "split", "answer_type", "image_path", "question", "answer", "input_ids",
-    "labels", "vision_view_png", "sam_view_png", "sam_geometry", "num_regions", "region_masks_png",
-    "target_masks_png",
-)  # fmt: skip
 
 
 class EvalResult(BaseModel):
@@ -275,7 +269,7 @@ def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
     datasets = []
     for split in cfg.splits:
         # Ray Data touch-point: the split's Parquet shards, lazily; `limit` stops reading after max_rows.
-        ds = load_prepared(cfg.data, split).select_columns(list(WORKER_COLUMNS))
+        ds = load_prepared(cfg.data, split)
         datasets.append(ds.limit(cfg.max_rows) if cfg.max_rows else ds)
     ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]  # one actor pool for all splits
     # Ray Data touch-point: an actor pool of `concurrency` EvalWorkers, each holding one model (one GPU each
@@ -307,7 +301,7 @@ def _iter_outputs_local(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
         model_id=cfg.label, batch_size=cfg.batch_size, tracking_uri=cfg.tracking_uri,
     )  # fmt: skip
     for split in cfg.splits:
-        rows = iter_prepared_rows(cfg.data, split, columns=WORKER_COLUMNS, batch_rows=cfg.batch_size)
+        rows = iter_prepared_rows(cfg.data, split, batch_rows=cfg.batch_size)
         taken = 0
         while cfg.max_rows is None or taken < cfg.max_rows:
             room = cfg.batch_size if cfg.max_rows is None else min(cfg.batch_size, cfg.max_rows - taken)

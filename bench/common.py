@@ -30,4 +30,7 @@ def matmul_peak_flops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats
 def print_figures(figures: list[dict]) -> None:
     """The closing line: one JSON array of {name, value, goal} (goal None where there is none), so runs can
     be compared by reading the last line of any bench script."""
-    print(json.dumps([{"name": f["name"], "value": f["value"], "goal": f.get("goal")} for f in figures]), flush=True)
+    print(
+        json.dumps([{"name": f["name"], "value": f["value"], "goal": f.get("goal")} for f in figures]),
+        flush=True,
+    )

@@ -32,9 +32,13 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
     cfg = LlamaConfig(
-        vocab_size=1024, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
-    )  # fmt: skip
+        vocab_size=1024,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=args.hidden // 64,
+    )
     dense = LlamaForCausalLM(cfg).model.eval()
     moe = copy.deepcopy(dense)
     convert_to_moe(moe.layers, args.hidden, MoEConfig(enabled=True, num_experts=2, top_k=1, layers="dense"))
@@ -53,12 +57,16 @@ def main() -> None:
     d, m = min(times["dense"]), min(times["moe"])
     counts = [int(layer.mlp.expert_counts.sum()) for layer in moe.layers]
     print(f"hidden {args.hidden}, FFN {4 * args.hidden}, {args.layers} layers, {args.tokens} tokens")
-    print(f"dense forward {d * 1e3:.1f} ms, top-1 MoE forward {m * 1e3:.1f} ms (tokens per layer run: {counts})")
-    print_figures([
-        {"name": "moe_dense_forward_ms", "value": round(d * 1e3, 2), "goal": None},
-        {"name": "moe_top1_forward_ms", "value": round(m * 1e3, 2), "goal": None},
-        {"name": "moe_over_dense_forward_ratio", "value": round(m / d, 3), "goal": "<= 1.10"},
-    ])  # fmt: skip
+    print(
+        f"dense forward {d * 1e3:.1f} ms, top-1 MoE forward {m * 1e3:.1f} ms (tokens per layer run: {counts})"
+    )
+    print_figures(
+        [
+            {"name": "moe_dense_forward_ms", "value": round(d * 1e3, 2), "goal": None},
+            {"name": "moe_top1_forward_ms", "value": round(m * 1e3, 2), "goal": None},
+            {"name": "moe_over_dense_forward_ratio", "value": round(m / d, 3), "goal": "<= 1.10"},
+        ]
+    )
 
 
 if __name__ == "__main__":

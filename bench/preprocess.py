@@ -117,7 +117,9 @@ def timed_prepare(data: Path, out: Path, cfg: PrepareConfig, engine: str) -> tup
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=2000, help="rows of the throughput comparison")
-    ap.add_argument("--memory-rows", default="1000,10000", help="comma-separated row counts for the memory runs")
+    ap.add_argument(
+        "--memory-rows", default="1000,10000", help="comma-separated row counts for the memory runs"
+    )
     ap.add_argument("--image-px", type=int, default=256, help="side of the synthetic images")
     ap.add_argument("--batch-size", type=int, default=64, help="rows per Ray task (PrepareConfig.batch_size)")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per engine; the best is kept")
@@ -139,11 +141,20 @@ def main() -> None:
     # Ray starts its workers at nice 15 (RayConfig worker_niceness) so a busy node keeps its driver responsive.
     # On a shared machine that hands the CPU to everyone else's processes and not to the Ray workers, while the
     # single-process engine runs at nice 0: give both engines the same priority.
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, _system_config={"worker_niceness": 0})
-    print(f"ray.init: {time.perf_counter() - started:.1f} s, {args.cpus} CPUs; load average {os.getloadavg()}")
+    ray.init(
+        num_cpus=args.cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        _system_config={"worker_niceness": 0},
+    )
+    print(
+        f"ray.init: {time.perf_counter() - started:.1f} s, {args.cpus} CPUs; load average {os.getloadavg()}"
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False  # bars would only add driver work here
     try:
-        cold_s, *_ = timed_prepare(work / "warmup", work / "out-warmup", cfg.with_overrides(batch_size=8), "ray")
+        cold_s, *_ = timed_prepare(
+            work / "warmup", work / "out-warmup", cfg.with_overrides(batch_size=8), "ray"
+        )
         print(f"warm-up (cold workers, {4 * args.cpus * 8} rows): {cold_s:.1f} s")
 
         data = work / f"synth-{args.rows}"
@@ -153,21 +164,27 @@ def main() -> None:
                 seconds, accepted, own, others = timed_prepare(data, work / f"out-{engine}", cfg, engine)
                 assert accepted == args.rows, f"{engine}: {accepted} of {args.rows} rows accepted"
                 best[engine] = min(best[engine], seconds)
-                print(f"run {i + 1} {engine:>5}: {args.rows} rows in {seconds:.2f} s = {args.rows / seconds:.0f} "
-                      f"rows/s; CPU: ours {own:.1f} s ({own / seconds:.2f} cores), other processes "
-                      f"{others / seconds:.2f} cores; load average {os.getloadavg()[0]:.1f}")
+                print(
+                    f"run {i + 1} {engine:>5}: {args.rows} rows in {seconds:.2f} s = {args.rows / seconds:.0f} "
+                    f"rows/s; CPU: ours {own:.1f} s ({own / seconds:.2f} cores), other processes "
+                    f"{others / seconds:.2f} cores; load average {os.getloadavg()[0]:.1f}"
+                )
         ray_rps, local_rps = args.rows / best["ray"], args.rows / best["local"]
         ratio = ray_rps / local_rps
-        print(f"Ray Data {ray_rps:.0f} rows/s, single process {local_rps:.0f} rows/s: ratio {ratio:.2f} "
-              f"(goal >= 1.7 on 2 cores)")
+        print(
+            f"Ray Data {ray_rps:.0f} rows/s, single process {local_rps:.0f} rows/s: ratio {ratio:.2f} "
+            f"(goal >= 1.7 on 2 cores)"
+        )
 
         peaks: dict[int, float] = {}
         for n in memory_rows:
             with PeakRSS() as sampler:
                 seconds, accepted, *_ = timed_prepare(work / f"synth-{n}", work / f"out-mem-{n}", cfg, "ray")
             peaks[n] = sampler.peak_mb
-            print(f"driver RSS, Ray run of {n} rows ({accepted} accepted, {n / seconds:.0f} rows/s): "
-                  f"start {sampler.start_rss / 2**20:.0f} MB, peak {sampler.peak_mb:.0f} MB")
+            print(
+                f"driver RSS, Ray run of {n} rows ({accepted} accepted, {n / seconds:.0f} rows/s): "
+                f"start {sampler.start_rss / 2**20:.0f} MB, peak {sampler.peak_mb:.0f} MB"
+            )
     finally:
         ray.shutdown()
         import shutil
@@ -180,11 +197,18 @@ def main() -> None:
         {"name": "preprocess_ray_over_single_process_ratio", "value": round(ratio, 3), "goal": ">= 1.7"},
     ]
     for n, peak in peaks.items():
-        figures.append({"name": f"preprocess_driver_peak_rss_mb_{n}_rows", "value": round(peak, 1), "goal": None})
+        figures.append(
+            {"name": f"preprocess_driver_peak_rss_mb_{n}_rows", "value": round(peak, 1), "goal": None}
+        )
     if len(memory_rows) >= 2:
         small, large = memory_rows[0], memory_rows[-1]
-        figures.append({"name": f"preprocess_driver_peak_rss_{large}_over_{small}_rows",
-                        "value": round(peaks[large] / peaks[small], 3), "goal": "<= 1.10"})
+        figures.append(
+            {
+                "name": f"preprocess_driver_peak_rss_{large}_over_{small}_rows",
+                "value": round(peaks[large] / peaks[small], 3),
+                "goal": "<= 1.10",
+            }
+        )
     print_figures(figures)
 
 

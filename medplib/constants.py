@@ -28,5 +28,16 @@ SPECIAL_TOKENS = [
     SEG_TOKEN,
 ]
 
-MODALITIES = ("ct", "mri", "xray", "ultrasound", "pet", "fundus", "dermoscopy", "endoscopy", "microscopy", "other")
+MODALITIES = (
+    "ct",
+    "mri",
+    "xray",
+    "ultrasound",
+    "pet",
+    "fundus",
+    "dermoscopy",
+    "endoscopy",
+    "microscopy",
+    "other",
+)
 TASKS = ("vqa", "region_vqa", "grounding")

@@ -86,13 +86,17 @@ class Predictor:
         self.cfg = model.cfg
 
     @classmethod
-    def from_pretrained(cls, source: str | Path, dtype: str | None = None, device: str | None = None) -> Predictor:
+    def from_pretrained(
+        cls, source: str | Path, dtype: str | None = None, device: str | None = None
+    ) -> Predictor:
         """A model directory (`save_pretrained`), or a preset name (`tiny` builds at random init)."""
         path = Path(source)
         if path.is_dir():
             model = MedPLIB.from_pretrained(path, dtype=dtype)
         elif path.exists():
-            raise ValueError(f"{path} is a file; --model takes a model directory, an MLflow model URI or a preset")
+            raise ValueError(
+                f"{path} is a file; --model takes a model directory, an MLflow model URI or a preset"
+            )
         else:
             cfg = load_model_config(str(source))
             model = MedPLIB(cfg.model_copy(update={"dtype": dtype}) if dtype else cfg)
@@ -108,8 +112,11 @@ class Predictor:
 
         regions = list(regions or [])
         if len(regions) > self.cfg.region.max_regions:
-            raise InvalidRequest("regions", f"{len(regions)} region prompts; this model takes at most "
-                                 f"{self.cfg.region.max_regions} (region.max_regions)")  # fmt: skip
+            raise InvalidRequest(
+                "regions",
+                f"{len(regions)} region prompts; this model takes at most "
+                f"{self.cfg.region.max_regions} (region.max_regions)",
+            )
         array = None
         if image is not None:
             try:
@@ -131,19 +138,28 @@ class Predictor:
                 raise InvalidRequest("regions", str(err), k) from err
         turns = [Turn(role="human", text=text)]
         try:
-            return encode_sample(turns, array, self.model.tokenizer, self.cfg, regions=masks, for_generation=True)
+            return encode_sample(
+                turns, array, self.model.tokenizer, self.cfg, regions=masks, for_generation=True
+            )
         except ValueError as err:  # the prompt does not fit max_length
             raise InvalidRequest("question", str(err)) from err
 
     def run(
-        self, encoded: list[Encoded], *, max_new_tokens: int = 64, temperature: float = 0.0, segment: bool = False
+        self,
+        encoded: list[Encoded],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        segment: bool = False,
     ) -> list[Prediction]:
         """Encoded requests in one generation pass (one `generate` call); predictions in input order."""
         t0 = time.perf_counter()
         batch = collate(encoded, self.cfg, self.model.ids.pad)
         t1 = time.perf_counter()
         with torch.inference_mode():
-            gens = self.model.generate(batch, max_new_tokens=max_new_tokens, temperature=temperature, segment=segment)
+            gens = self.model.generate(
+                batch, max_new_tokens=max_new_tokens, temperature=temperature, segment=segment
+            )
         t2 = time.perf_counter()
         timings = {"preprocess_s": t1 - t0, "generate_s": t2 - t1, "total_s": t2 - t0}
         eos = self.model.tokenizer.eos_token or ""
@@ -160,7 +176,12 @@ class Predictor:
         ]
 
     def predict_batch(
-        self, requests: list[Request], *, max_new_tokens: int = 64, temperature: float = 0.0, segment: bool = False
+        self,
+        requests: list[Request],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        segment: bool = False,
     ) -> list[Prediction]:
         """`encode` each request, then `run` them together; the encoding time counts as preprocessing."""
         t0 = time.perf_counter()
@@ -184,5 +205,7 @@ class Predictor:
     ) -> Prediction:
         return self.predict_batch(
             [Request(image, question, list(regions or []))],
-            max_new_tokens=max_new_tokens, temperature=temperature, segment=segment,
-        )[0]  # fmt: skip
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            segment=segment,
+        )[0]

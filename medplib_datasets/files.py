@@ -32,4 +32,3 @@ def deb_file(package: str, file_name: str) -> Path | None:
         if line.endswith("/" + file_name) and Path(line).is_file():
             return Path(line)
     return None
-

@@ -26,7 +26,9 @@ from medplib.tokenizer import build_tokenizer
 TASKS = ("vqa", "region_vqa", "grounding")
 
 
-def _image(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+def _image(
+    rng: np.random.Generator, h: int, w: int
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
     noise = rng.normal(90, 25, (h // 4 + 1, w // 4 + 1)).clip(0, 255)
     base = np.kron(noise, np.ones((4, 4)))[:h, :w]
     side = int(rng.integers(min(h, w) // 5, min(h, w) // 2))
@@ -57,13 +59,25 @@ def toy_rows(cfg: MedPLIBConfig, n_rows: int, split: str = "train", seed: int = 
             question, answer = "Segment the bright square.", "It is here <SEG>."
             masks = [mask]
         sample = Sample(
-            id=sid, image=f"toy/{sid}.png", task=task, split=split, answer_type=answer_type,
+            id=sid,
+            image=f"toy/{sid}.png",
+            task=task,
+            split=split,
+            answer_type=answer_type,
             turns=[Turn(role="human", text="<image>\n" + question), Turn(role="gpt", text=answer)],
-            regions=regions, masks=[f"toy/{sid}_mask.png"] if masks else [],
-        )  # fmt: skip
+            regions=regions,
+            masks=[f"toy/{sid}_mask.png"] if masks else [],
+        )
         enc = encode_sample(sample, image, tokenizer, cfg, target_masks=masks)
-        meta = {"task": task, "modality": "other", "split": split, "answer_type": answer_type,
-                "image_path": sample.image, "question": question, "answer": answer}  # fmt: skip
+        meta = {
+            "task": task,
+            "modality": "other",
+            "split": split,
+            "answer_type": answer_type,
+            "image_path": sample.image,
+            "question": question,
+            "answer": answer,
+        }
         rows.append(encoded_to_row(enc, meta))
     return rows
 

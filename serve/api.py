@@ -92,8 +92,9 @@ def error_json(status: int, body: ErrorBody, headers: dict[str, str] | None = No
 
 def api_error_response(err: APIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    return error_json(err.status, ErrorBody(message=err.message, type=err.type, param=err.param, code=err.code),
-                      headers)  # fmt: skip
+    return error_json(
+        err.status, ErrorBody(message=err.message, type=err.type, param=err.param, code=err.code), headers
+    )
 
 
 def internal_error(backend: Backend | None, exc: BaseException, where: str) -> ErrorBody:
@@ -102,8 +103,12 @@ def internal_error(backend: Backend | None, exc: BaseException, where: str) -> E
     logger.error("error_id=%s: %s failed: %s: %s", error_id, where, type(exc).__name__, exc, exc_info=exc)
     if backend is not None:
         backend.record_error("internal")
-    return ErrorBody(message=f"internal server error (error_id {error_id}); the server log has the details",
-                     type="server_error", code="internal_error", error_id=error_id)  # fmt: skip
+    return ErrorBody(
+        message=f"internal server error (error_id {error_id}); the server log has the details",
+        type="server_error",
+        code="internal_error",
+        error_id=error_id,
+    )
 
 
 class _BodyTooLarge(StarletteHTTPException):
@@ -128,15 +133,20 @@ class GuardMiddleware:
             auth = headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             if not auth:
-                return APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
-                                "Authorization", "missing_api_key")  # fmt: skip
+                return APIError(
+                    401,
+                    "missing API key: send the header 'Authorization: Bearer <key>'",
+                    "Authorization",
+                    "missing_api_key",
+                )
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
                 return APIError(401, "invalid API key in the Authorization header", "Authorization")
         if scope["method"] == "POST":
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype != "application/json":
-                return APIError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}",
-                                "Content-Type")  # fmt: skip
+                return APIError(
+                    415, f"Content-Type must be application/json, got {ctype or 'none'!r}", "Content-Type"
+                )
         length = headers.get("content-length")
         if length is not None:
             if not length.isdigit():
@@ -147,8 +157,13 @@ class GuardMiddleware:
 
     def _too_large(self, size: int | None) -> APIError:
         what = f"{size} bytes" if size is not None else "larger than that"
-        return APIError(413, f"request body is {what}; this server takes at most {self.max_bytes} bytes "
-                             "(limits.max_request_bytes)", "body", "request_too_large")  # fmt: skip
+        return APIError(
+            413,
+            f"request body is {what}; this server takes at most {self.max_bytes} bytes "
+            "(limits.max_request_bytes)",
+            "body",
+            "request_too_large",
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -223,11 +238,16 @@ def create_api(backend: Backend) -> FastAPI:
     )
     errors = {
         code: {"model": ErrorResponse, "description": text}
-        for code, text in [(400, "bad request: the message names the field"), (401, "missing or wrong API key"),
-                           (413, "body or image too large"), (415, "not JSON, or not an image"),
-                           (422, "a field failed validation"), (500, "server error (with error_id)"),
-                           (504, "the model did not answer in time")]
-    }  # fmt: skip
+        for code, text in [
+            (400, "bad request: the message names the field"),
+            (401, "missing or wrong API key"),
+            (413, "body or image too large"),
+            (415, "not JSON, or not an image"),
+            (422, "a field failed validation"),
+            (500, "server error (with error_id)"),
+            (504, "the model did not answer in time"),
+        ]
+    }
 
     @api.exception_handler(APIError)
     async def _api_error(_: Request, err: APIError) -> JSONResponse:
@@ -241,16 +261,27 @@ def create_api(backend: Backend) -> FastAPI:
         if first.get("type") == "json_invalid":
             backend.record_error("invalid_json")
             detail = first.get("ctx", {}).get("error", first["msg"])
-            body = ErrorBody(message=f"request body is not valid JSON: {detail}", type="invalid_request_error",
-                             param="body", code="invalid_json")  # fmt: skip
+            body = ErrorBody(
+                message=f"request body is not valid JSON: {detail}",
+                type="invalid_request_error",
+                param="body",
+                code="invalid_json",
+            )
             return error_json(400, body)
         messages = [
             f"{_loc(tuple(p['loc']))}: {p['msg'].removeprefix('Value error, ')}" for p in problems[:5]
         ]
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         backend.record_error("validation")
-        return error_json(422, ErrorBody(message="; ".join(messages) + more, type="invalid_request_error",
-                                         param=_loc(tuple(first["loc"])), code="invalid_value"))  # fmt: skip
+        return error_json(
+            422,
+            ErrorBody(
+                message="; ".join(messages) + more,
+                type="invalid_request_error",
+                param=_loc(tuple(first["loc"])),
+                code="invalid_value",
+            ),
+        )
 
     @api.exception_handler(StarletteHTTPException)
     async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -284,8 +315,11 @@ def create_api(backend: Backend) -> FastAPI:
         try:
             result = await asyncio.wait_for(backend.generate(job), timeout=limits.request_timeout_s)
         except asyncio.TimeoutError as err:
-            raise APIError(504, f"the model did not answer within {limits.request_timeout_s:g} s "
-                                "(limits.request_timeout_s)", code="timeout") from err  # fmt: skip
+            raise APIError(
+                504,
+                f"the model did not answer within {limits.request_timeout_s:g} s (limits.request_timeout_s)",
+                code="timeout",
+            ) from err
         if result.error is not None:
             raise result.error
         backend.record_result(result, len(result.prediction.masks) if job.return_masks else 0)
@@ -314,16 +348,22 @@ def create_api(backend: Backend) -> FastAPI:
                     yield _sse(chunk)
             except APIError as err:
                 backend.record_error(err.code or "client")
-                yield _sse(ErrorResponse(error=ErrorBody(message=err.message, type=err.type, param=err.param,
-                                                         code=err.code)))  # fmt: skip
+                yield _sse(
+                    ErrorResponse(
+                        error=ErrorBody(message=err.message, type=err.type, param=err.param, code=err.code)
+                    )
+                )
             except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream
                 yield _sse(
                     ErrorResponse(error=internal_error(backend, exc, "POST /v1/chat/completions (stream)"))
                 )
             yield _sse("[DONE]")
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     @api.post("/v1/predict", response_model=PredictResponse, responses=errors)
     async def predict(body: PredictRequest) -> PredictResponse:
@@ -342,8 +382,12 @@ def create_api(backend: Backend) -> FastAPI:
         ago = None if service.last_success_s is None else time.monotonic() - service.last_success_s
         if service.last_failure is not None:
             detail = f"last model call failed: {type(service.last_failure).__name__}"
-            return JSONResponse(Health(status="unhealthy", model=service.name, last_success_s_ago=ago,
-                                       detail=detail).model_dump(), status_code=503)  # fmt: skip
+            return JSONResponse(
+                Health(
+                    status="unhealthy", model=service.name, last_success_s_ago=ago, detail=detail
+                ).model_dump(),
+                status_code=503,
+            )
         return Health(status="ok", model=service.name, last_success_s_ago=ago)
 
     return api

@@ -49,9 +49,11 @@ class ServeMetrics:
             "medplib_requests", description="HTTP requests by route and status", tag_keys=("route", "status")
         )
         self.latency = metrics.Histogram(
-            "medplib_request_latency_s", description="HTTP request latency on the replica (s)",
-            boundaries=LATENCY_BOUNDARIES_S, tag_keys=("route",),
-        )  # fmt: skip
+            "medplib_request_latency_s",
+            description="HTTP request latency on the replica (s)",
+            boundaries=LATENCY_BOUNDARIES_S,
+            tag_keys=("route",),
+        )
         self.tokens = metrics.Counter("medplib_generated_tokens", description="tokens generated")
         self.masks = metrics.Counter("medplib_masks_returned", description="masks sent back to clients")
         self.errors = metrics.Counter(
@@ -82,8 +84,12 @@ class MedPLIBDeployment:
         # Ray: batch size and wait come from the config at run time.
         self._generate_batch.set_max_batch_size(self.args.batching.max_batch_size)
         self.service.probe()  # fail fast (replica restart) if the model cannot run; also warms up
-        logger.info("replica ready: %s, batch size %d, API key %s", self.service.name,
-                    self.args.batching.max_batch_size, "required" if self.api_key else "off")  # fmt: skip
+        logger.info(
+            "replica ready: %s, batch size %d, API key %s",
+            self.service.name,
+            self.args.batching.max_batch_size,
+            "required" if self.api_key else "off",
+        )
 
     def __serve_build_asgi_app__(self):  # Ray: called after __init__; the app routes to this replica
         return create_api(self)

@@ -104,8 +104,12 @@ class MedPLIBClient:
             body = {}
         if response.status_code >= 400:
             err = body.get("error", {}) if isinstance(body, dict) else {}
-            raise MedPLIBAPIError(response.status_code, err.get("message", response.text[:500]), err.get("param"),
-                                  err.get("error_id"))  # fmt: skip
+            raise MedPLIBAPIError(
+                response.status_code,
+                err.get("message", response.text[:500]),
+                err.get("param"),
+                err.get("error_id"),
+            )
         return body
 
     def predict(
@@ -137,10 +141,12 @@ class MedPLIBClient:
         }
         body = self._check(self._http.post("/v1/predict", json=payload))
         return Prediction(
-            text=body["answer"], masks=[decode_mask(m) for m in body["masks"]],
-            scores=[m["score"] for m in body["masks"]], timings=body.get("timings", {}),
+            text=body["answer"],
+            masks=[decode_mask(m) for m in body["masks"]],
+            scores=[m["score"] for m in body["masks"]],
+            timings=body.get("timings", {}),
             num_generated_tokens=body.get("num_generated_tokens", 0),
-        )  # fmt: skip
+        )
 
     def models(self) -> list[str]:
         return [m["id"] for m in self._check(self._http.get("/v1/models"))["data"]]

@@ -53,8 +53,14 @@ from serve.schemas import (
 logger = logging.getLogger(__name__)
 
 # Media types a data URL may carry: images Pillow reads, DICOM, NIfTI (often sent as octet-stream or gzip).
-_ACCEPTED_MEDIA = ("image/", "application/dicom", "application/octet-stream", "application/gzip",
-                   "application/x-gzip", "application/x-nifti")  # fmt: skip
+_ACCEPTED_MEDIA = (
+    "image/",
+    "application/dicom",
+    "application/octet-stream",
+    "application/gzip",
+    "application/x-gzip",
+    "application/x-nifti",
+)
 _DATA_URL = re.compile(r"^data:(?P<media>[^;,]*)(?P<params>(;[^;,]*)*),(?P<data>.*)$", re.DOTALL)
 
 
@@ -73,9 +79,16 @@ class APIError(Exception):
         self.status = status
         self.message = message
         self.param = param
-        self.code = code or {400: "invalid_request", 401: "invalid_api_key", 404: "not_found",
-                             413: "too_large", 415: "unsupported_media_type", 422: "invalid_value",
-                             503: "unavailable", 504: "timeout"}.get(status, "error")  # fmt: skip
+        self.code = code or {
+            400: "invalid_request",
+            401: "invalid_api_key",
+            404: "not_found",
+            413: "too_large",
+            415: "unsupported_media_type",
+            422: "invalid_value",
+            503: "unavailable",
+            504: "timeout",
+        }.get(status, "error")
         self.type = type_ or (
             "authentication_error"
             if status == 401
@@ -133,13 +146,17 @@ def parse_data_url(url: str, param: str) -> bytes:
         raise APIError(400, f"{param}: not a data URL; expected data:image/png;base64,<base64 data>", param)
     media = match["media"].strip().lower()
     if "base64" not in [p.strip().lower() for p in match["params"].split(";") if p]:
-        raise APIError(400, f"{param}: the data URL must be base64-encoded (data:{media or 'image/png'};base64,...)",
-                       param)  # fmt: skip
+        raise APIError(
+            400,
+            f"{param}: the data URL must be base64-encoded (data:{media or 'image/png'};base64,...)",
+            param,
+        )
     if media and not media.startswith(_ACCEPTED_MEDIA):
         raise APIError(
-            415, f"{param}: media type {media!r} is not an image; send image/png, image/jpeg, application/dicom, ...",
+            415,
+            f"{param}: media type {media!r} is not an image; send image/png, image/jpeg, application/dicom, ...",
             param,
-        )  # fmt: skip
+        )
     return _b64(match["data"], param)
 
 
@@ -172,8 +189,13 @@ class MedPLIBService:
             predictor = Predictor.from_pretrained(
                 resolve_model_source(args.model), dtype=args.dtype, device=device
             )
-            logger.info("loaded %s on %s in %.1f s (%d torch threads)", args.model, device,
-                        time.perf_counter() - t0, threads)  # fmt: skip
+            logger.info(
+                "loaded %s on %s in %.1f s (%d torch threads)",
+                args.model,
+                device,
+                time.perf_counter() - t0,
+                threads,
+            )
         self.predictor = predictor
         self.model_cfg = predictor.cfg
         self.name = args.served_name()
@@ -191,8 +213,12 @@ class MedPLIBService:
     # --- requests -> jobs ------------------------------------------------------------------------------------------
     def job_from_chat(self, req: ChatCompletionRequest) -> Job:
         if req.model and req.model not in (self.name, "default"):
-            raise APIError(404, f"model: {req.model!r} is not served here; GET /v1/models lists {self.name!r}",
-                           "model", "model_not_found")  # fmt: skip
+            raise APIError(
+                404,
+                f"model: {req.model!r} is not served here; GET /v1/models lists {self.name!r}",
+                "model",
+                "model_not_found",
+            )
         users = [i for i, m in enumerate(req.messages) if m.role == "user"]
         if not users:
             raise APIError(
@@ -201,8 +227,11 @@ class MedPLIBService:
         last = users[-1]
         question = "\n".join(p.text for p in req.messages[last].content if isinstance(p, TextPart)).strip()
         if not question:
-            raise APIError(400, f"messages[{last}].content: the last user message has no text (the question)",
-                           f"messages[{last}].content")  # fmt: skip
+            raise APIError(
+                400,
+                f"messages[{last}].content: the last user message has no text (the question)",
+                f"messages[{last}].content",
+            )
         images = [
             (i, j, p)
             for i in users
@@ -219,8 +248,11 @@ class MedPLIBService:
             )
         in_last = [im for im in images if im[0] == last]
         if len(in_last) > 1:
-            raise APIError(400, f"messages[{last}].content: {len(in_last)} images; MedPLIB takes one per question",
-                           f"messages[{last}].content")  # fmt: skip
+            raise APIError(
+                400,
+                f"messages[{last}].content: {len(in_last)} images; MedPLIB takes one per question",
+                f"messages[{last}].content",
+            )
         i, j, part = in_last[0] if in_last else images[-1]
         param = f"messages[{i}].content[{j}].image_url.url"
         image = self._decode_image(parse_data_url(part.image_url.url, param), param)
@@ -232,11 +264,18 @@ class MedPLIBService:
             regions += [(f"medplib.masks[{k}]", m) for k, m in enumerate(opts.masks)]
         max_tokens = req.max_completion_tokens or req.max_tokens
         return self._job(
-            image, question, regions, max_tokens, req.temperature or 0.0,
-            segment=bool(opts and opts.segment), return_masks=opts.return_masks if opts else True,
-            mask_encoding=opts.mask_encoding if opts else "both", tokens_param="max_tokens", regions_param="medplib",
+            image,
+            question,
+            regions,
+            max_tokens,
+            req.temperature or 0.0,
+            segment=bool(opts and opts.segment),
+            return_masks=opts.return_masks if opts else True,
+            mask_encoding=opts.mask_encoding if opts else "both",
+            tokens_param="max_tokens",
+            regions_param="medplib",
             question_param=f"messages[{last}].content",
-        )  # fmt: skip
+        )
 
     def job_from_predict(self, req: PredictRequest) -> Job:
         raw = (
@@ -245,10 +284,18 @@ class MedPLIBService:
         image = self._decode_image(raw, "image")
         regions = [(f"regions[{k}]", r) for k, r in enumerate(req.regions)]
         return self._job(
-            image, req.question, regions, req.max_new_tokens, req.temperature, segment=req.segment,
-            return_masks=req.return_masks, mask_encoding=req.mask_encoding, tokens_param="max_new_tokens",
-            regions_param="regions", question_param="question",
-        )  # fmt: skip
+            image,
+            req.question,
+            regions,
+            req.max_new_tokens,
+            req.temperature,
+            segment=req.segment,
+            return_masks=req.return_masks,
+            mask_encoding=req.mask_encoding,
+            tokens_param="max_new_tokens",
+            regions_param="regions",
+            question_param="question",
+        )
 
     def _decode_image(self, data: bytes, param: str) -> np.ndarray:
         from PIL import Image
@@ -264,8 +311,12 @@ class MedPLIBService:
         except Exception:  # not a Pillow format (DICOM, NIfTI) or not an image: load_image decides
             w = h = 0
         if w * h > limit:
-            raise APIError(413, f"{param}: image is {w}x{h} = {w * h} pixels; this server takes at most {limit} "
-                                "(limits.max_image_pixels)", param)  # fmt: skip
+            raise APIError(
+                413,
+                f"{param}: image is {w}x{h} = {w * h} pixels; this server takes at most {limit} "
+                "(limits.max_image_pixels)",
+                param,
+            )
         try:
             image = load_image(data)
         except ImageReadError as err:
@@ -276,8 +327,12 @@ class MedPLIBService:
             raise APIError(413, f"{param}: image too large to decode ({err})", param) from err
         h, w = image.shape[:2]
         if w * h > limit:
-            raise APIError(413, f"{param}: image is {w}x{h} = {w * h} pixels; this server takes at most {limit} "
-                                "(limits.max_image_pixels)", param)  # fmt: skip
+            raise APIError(
+                413,
+                f"{param}: image is {w}x{h} = {w * h} pixels; this server takes at most {limit} "
+                "(limits.max_image_pixels)",
+                param,
+            )
         return image
 
     def _region(self, prompt: Any, param: str) -> Any:
@@ -315,12 +370,20 @@ class MedPLIBService:
 
         limits = self.args.limits
         if len(prompts) > self.max_regions:
-            raise APIError(400, f"{regions_param}: {len(prompts)} region prompts; this model takes at most "
-                                f"{self.max_regions}", regions_param, "too_many_regions")  # fmt: skip
+            raise APIError(
+                400,
+                f"{regions_param}: {len(prompts)} region prompts; this model takes at most "
+                f"{self.max_regions}",
+                regions_param,
+                "too_many_regions",
+            )
         max_new = max_tokens or limits.default_max_tokens
         if max_new > limits.max_tokens:
-            raise APIError(400, f"{tokens_param}: {max_new} exceeds this server's limit of {limits.max_tokens}",
-                           tokens_param)  # fmt: skip
+            raise APIError(
+                400,
+                f"{tokens_param}: {max_new} exceeds this server's limit of {limits.max_tokens}",
+                tokens_param,
+            )
         regions = [self._region(p, param) for param, p in prompts]
         started = time.perf_counter()
         try:
@@ -333,9 +396,14 @@ class MedPLIBService:
                 param, code = {"question": question_param}.get(err.field, err.field), None
             raise APIError(400, f"{param}: {err.detail}", param, code) from err
         return Job(
-            encoded=encoded, max_new_tokens=max_new, temperature=temperature, segment=segment,
-            encode_s=time.perf_counter() - started, return_masks=return_masks, mask_encoding=mask_encoding,
-        )  # fmt: skip
+            encoded=encoded,
+            max_new_tokens=max_new,
+            temperature=temperature,
+            segment=segment,
+            encode_s=time.perf_counter() - started,
+            return_masks=return_masks,
+            mask_encoding=mask_encoding,
+        )
 
     # --- the model --------------------------------------------------------------------------------------------------
     def run_batch(self, jobs: list[Job]) -> list[JobResult]:
@@ -404,59 +472,84 @@ class MedPLIBService:
                     area=int(mask.sum()),
                     rle=MaskRLE(**encode_rle(mask)) if job.mask_encoding in ("rle", "both") else None,
                     png_base64=b64encode(png_encode(mask)) if job.mask_encoding in ("png", "both") else None,
-                )  # fmt: skip
+                )
             )
         return out
 
     def _timings(self, job: Job, result: JobResult) -> Timings:
         t = result.prediction.timings
         return Timings(
-            queue_s=max(0.0, result.started_s - job.created_s), preprocess_s=job.encode_s + t.get("preprocess_s", 0.0),
-            generate_s=t.get("generate_s", 0.0), model_s=t.get("total_s", 0.0),
-            server_s=time.perf_counter() - job.created_s, batch_size=result.batch_size,
-        )  # fmt: skip
+            queue_s=max(0.0, result.started_s - job.created_s),
+            preprocess_s=job.encode_s + t.get("preprocess_s", 0.0),
+            generate_s=t.get("generate_s", 0.0),
+            model_s=t.get("total_s", 0.0),
+            server_s=time.perf_counter() - job.created_s,
+            batch_size=result.batch_size,
+        )
 
     @staticmethod
     def _finish(job: Job, result: JobResult) -> str:
         return "length" if result.num_generated_tokens >= job.max_new_tokens else "stop"
 
     def _usage(self, job: Job, result: JobResult) -> Usage:
-        return Usage(prompt_tokens=job.prompt_tokens, completion_tokens=result.num_generated_tokens,
-                     total_tokens=job.prompt_tokens + result.num_generated_tokens)  # fmt: skip
+        return Usage(
+            prompt_tokens=job.prompt_tokens,
+            completion_tokens=result.num_generated_tokens,
+            total_tokens=job.prompt_tokens + result.num_generated_tokens,
+        )
 
     def chat_response(self, job: Job, result: JobResult) -> ChatCompletion:
         return ChatCompletion(
-            id=f"chatcmpl-{job.id}", created=int(time.time()), model=self.name,
-            choices=[Choice(message=AssistantMessage(content=result.prediction.text), finish_reason=self._finish(job, result))],
+            id=f"chatcmpl-{job.id}",
+            created=int(time.time()),
+            model=self.name,
+            choices=[
+                Choice(
+                    message=AssistantMessage(content=result.prediction.text),
+                    finish_reason=self._finish(job, result),
+                )
+            ],
             usage=self._usage(job, result),
             medplib=MedPLIBResult(masks=self._masks(job, result), timings=self._timings(job, result)),
-        )  # fmt: skip
+        )
 
     def chat_first_chunk(self, job: Job) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=f"chatcmpl-{job.id}", created=int(time.time()), model=self.name,
-                                   choices=[ChunkChoice(delta=Delta(role="assistant", content=""))])  # fmt: skip
+        return ChatCompletionChunk(
+            id=f"chatcmpl-{job.id}",
+            created=int(time.time()),
+            model=self.name,
+            choices=[ChunkChoice(delta=Delta(role="assistant", content=""))],
+        )
 
     def chat_chunks(self, job: Job, result: JobResult, include_usage: bool) -> Iterator[ChatCompletionChunk]:
         """The answer in word-sized pieces, then the chunk with `finish_reason` and the masks, then usage."""
         cid, created = f"chatcmpl-{job.id}", int(time.time())
         for piece in re.findall(r"\s*\S+\s*|\s+", result.prediction.text):
-            yield ChatCompletionChunk(id=cid, created=created, model=self.name,
-                                      choices=[ChunkChoice(delta=Delta(content=piece))])  # fmt: skip
+            yield ChatCompletionChunk(
+                id=cid, created=created, model=self.name, choices=[ChunkChoice(delta=Delta(content=piece))]
+            )
         yield ChatCompletionChunk(
-            id=cid, created=created, model=self.name,
+            id=cid,
+            created=created,
+            model=self.name,
             choices=[ChunkChoice(delta=Delta(), finish_reason=self._finish(job, result))],
             medplib=MedPLIBResult(masks=self._masks(job, result), timings=self._timings(job, result)),
-        )  # fmt: skip
+        )
         if include_usage:
-            yield ChatCompletionChunk(id=cid, created=created, model=self.name, choices=[],
-                                      usage=self._usage(job, result))  # fmt: skip
+            yield ChatCompletionChunk(
+                id=cid, created=created, model=self.name, choices=[], usage=self._usage(job, result)
+            )
 
     def predict_response(self, job: Job, result: JobResult) -> PredictResponse:
         return PredictResponse(
-            id=f"pred-{job.id}", model=self.name, answer=result.prediction.text, masks=self._masks(job, result),
-            num_generated_tokens=result.num_generated_tokens, prompt_tokens=job.prompt_tokens,
+            id=f"pred-{job.id}",
+            model=self.name,
+            answer=result.prediction.text,
+            masks=self._masks(job, result),
+            num_generated_tokens=result.num_generated_tokens,
+            prompt_tokens=job.prompt_tokens,
             timings=self._timings(job, result),
-        )  # fmt: skip
+        )
 
     def models(self) -> ModelList:
         return ModelList(

@@ -33,10 +33,16 @@ def make_batch(tiny_cfg):
 
     def _make(model, items):
         encoded = [
-            encode_sample(item[0], item[1], model.tokenizer, tiny_cfg, target_masks=item[2],
-                          regions=item[3] if len(item) > 3 else None)
+            encode_sample(
+                item[0],
+                item[1],
+                model.tokenizer,
+                tiny_cfg,
+                target_masks=item[2],
+                regions=item[3] if len(item) > 3 else None,
+            )
             for item in items
-        ]  # fmt: skip
+        ]
         return collate(encoded, tiny_cfg, model.ids.pad)
 
     return _make
@@ -69,4 +75,3 @@ def _restore_mlflow_tracking_uri():
     yield
     if os.environ.get("MLFLOW_TRACKING_URI") != before and "mlflow" in sys.modules:
         sys.modules["mlflow"].set_tracking_uri(before)
-

@@ -20,8 +20,22 @@ def test_predict_writes_answer_and_mask_png(tmp_path):
     image = tmp_path / "scan.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 90), dtype=np.uint8)).save(image)
     out = tmp_path / "out" / "result.json"
-    r = _medplib("predict", "--model", "tiny", "--image", str(image), "--question", "What is in <region>?",
-                 "--box", "10,10,40,30", "--segment", "--max-new-tokens", "4", "--out", str(out))  # fmt: skip
+    r = _medplib(
+        "predict",
+        "--model",
+        "tiny",
+        "--image",
+        str(image),
+        "--question",
+        "What is in <region>?",
+        "--box",
+        "10,10,40,30",
+        "--segment",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text())
     assert isinstance(result["answer"], str) and result["timings"]["total_s"] > 0
@@ -45,8 +59,16 @@ def test_model_summary_counts_components():
     assert r.returncode == 0, r.stderr[-2000:]
     rows = dict(line.rsplit(None, 1) for line in r.stdout.strip().splitlines())
     total = int(rows["total"].replace(",", ""))
-    parts = ["llm (all)", "vision_tower", "mm_projector", "region_fea_adapter", "text_hidden_fcs",
-             "sam.image_encoder", "sam.prompt_encoder", "sam.mask_decoder"]  # fmt: skip
+    parts = [
+        "llm (all)",
+        "vision_tower",
+        "mm_projector",
+        "region_fea_adapter",
+        "text_hidden_fcs",
+        "sam.image_encoder",
+        "sam.prompt_encoder",
+        "sam.mask_decoder",
+    ]
     assert sum(int(rows[p].replace(",", "")) for p in parts) == total
 
 

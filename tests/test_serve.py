@@ -45,14 +45,23 @@ def image() -> np.ndarray:
 def _chat_body(image: np.ndarray, **medplib) -> dict:
     return {
         "model": "medplib-tiny",
-        "messages": [{"role": "user", "content": [
-            {"type": "text", "text": "Please segment the region."},
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + _png_b64(image)}},
-        ]}],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Please segment the region."},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + _png_b64(image)}},
+                ],
+            }
+        ],
         "max_tokens": 4,
-        "medplib": {"boxes": [{"x0": 4, "y0": 6, "x1": 40, "y1": 30}], "segment": True, "return_masks": True,
-                    **medplib},
-    }  # fmt: skip
+        "medplib": {
+            "boxes": [{"x0": 4, "y0": 6, "x1": 40, "y1": 30}],
+            "segment": True,
+            "return_masks": True,
+            **medplib,
+        },
+    }
 
 
 # --- masks ---------------------------------------------------------------------------------------------------------
@@ -152,8 +161,13 @@ def test_local_native_predict_with_mask_prompt(local_api, image):
     client, _ = local_api
     region = np.zeros((H, W), bool)
     region[10:20, 5:25] = True
-    body = {"image": _png_b64(image), "question": "What is in <region>?", "max_new_tokens": 3, "segment": True,
-            "regions": [{"kind": "mask", "rle": encode_rle(region)}]}  # fmt: skip
+    body = {
+        "image": _png_b64(image),
+        "question": "What is in <region>?",
+        "max_new_tokens": 3,
+        "segment": True,
+        "regions": [{"kind": "mask", "rle": encode_rle(region)}],
+    }
     r = client.post("/v1/predict", json=body)
     assert r.status_code == 200, r.text
     out = r.json()
@@ -234,11 +248,16 @@ def cluster(ray_local):
     from ray import serve
 
     port = _free_port()
-    base = ServeConfig.from_yaml(DEFAULT_CONFIG).override({
-        "http.port": port, "args.model": "tiny", "deployment.ray_actor_options.num_cpus": 0.5,
-        "deployment.ray_actor_options.runtime_env": {"env_vars": {"MEDPLIB_API_KEY": API_KEY}},
-        "deployment.autoscaling_config.max_replicas": 1, "deployment.graceful_shutdown_timeout_s": 5,
-    })  # fmt: skip
+    base = ServeConfig.from_yaml(DEFAULT_CONFIG).override(
+        {
+            "http.port": port,
+            "args.model": "tiny",
+            "deployment.ray_actor_options.num_cpus": 0.5,
+            "deployment.ray_actor_options.runtime_env": {"env_vars": {"MEDPLIB_API_KEY": API_KEY}},
+            "deployment.autoscaling_config.max_replicas": 1,
+            "deployment.graceful_shutdown_timeout_s": 5,
+        }
+    )
     metrics_port = ray_local.nodes()[0]["MetricsExportPort"]
     try:
         yield base, metrics_port
@@ -293,15 +312,21 @@ def test_openai_client_plain_and_streaming(server, image):
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0, timeout=60)
     body = _chat_body(image)
     assert [m.id for m in client.models.list().data] == ["medplib-tiny"]
-    resp = client.chat.completions.create(model="medplib-tiny", messages=body["messages"], max_tokens=4,
-                                          extra_body={"medplib": body["medplib"]})  # fmt: skip
+    resp = client.chat.completions.create(
+        model="medplib-tiny", messages=body["messages"], max_tokens=4, extra_body={"medplib": body["medplib"]}
+    )
     assert isinstance(resp.choices[0].message.content, str) and resp.usage.completion_tokens <= 4
     masks = resp.model_extra["medplib"]["masks"]
     assert decode_rle(masks[0]["rle"]).shape == (H, W)
 
-    stream = client.chat.completions.create(model="medplib-tiny", messages=body["messages"], max_tokens=4,
-                                            stream=True, stream_options={"include_usage": True},
-                                            extra_body={"medplib": body["medplib"]})  # fmt: skip
+    stream = client.chat.completions.create(
+        model="medplib-tiny",
+        messages=body["messages"],
+        max_tokens=4,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"medplib": body["medplib"]},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -310,8 +335,9 @@ def test_openai_client_plain_and_streaming(server, image):
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 4
     assert text == resp.choices[0].message.content  # greedy: same answer streamed or not
 
-    with httpx.stream("POST", f"{server}/v1/chat/completions", json={**body, "stream": True}, headers=_auth(),
-                      timeout=60) as r:  # fmt: skip
+    with httpx.stream(
+        "POST", f"{server}/v1/chat/completions", json={**body, "stream": True}, headers=_auth(), timeout=60
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
@@ -347,20 +373,47 @@ def _bad_cases(image: np.ndarray) -> list[tuple[str, dict, int, str]]:
         ("no image", {"json": text_only, "headers": _auth()}, 400, "no image"),
         ("not an image", {"json": not_image, "headers": _auth()}, 400, "not a readable image"),
         ("remote URL", {"json": remote, "headers": _auth()}, 400, "only data URLs"),
-        ("50 MB body", {"content": big, "headers": {**_auth(), "Content-Type": "application/json"}}, 413,
-         "limits.max_request_bytes"),
-        ("box outside", {"json": _chat_body(image, boxes=[{"x0": 10, "y0": 10, "x1": W + 20, "y1": 30}]),
-                         "headers": _auth()}, 400, "medplib.boxes[0]: box"),
-        ("malformed RLE", {"json": _chat_body(image, boxes=[], masks=[{"rle": {"size": [H, W], "counts": [5, 7]}}]),
-                           "headers": _auth()}, 422, "medplib.masks[0].rle"),
+        (
+            "50 MB body",
+            {"content": big, "headers": {**_auth(), "Content-Type": "application/json"}},
+            413,
+            "limits.max_request_bytes",
+        ),
+        (
+            "box outside",
+            {
+                "json": _chat_body(image, boxes=[{"x0": 10, "y0": 10, "x1": W + 20, "y1": 30}]),
+                "headers": _auth(),
+            },
+            400,
+            "medplib.boxes[0]: box",
+        ),
+        (
+            "malformed RLE",
+            {
+                "json": _chat_body(image, boxes=[], masks=[{"rle": {"size": [H, W], "counts": [5, 7]}}]),
+                "headers": _auth(),
+            },
+            422,
+            "medplib.masks[0].rle",
+        ),
         ("unknown content part", {"json": audio, "headers": _auth()}, 422, "'input_audio'"),
         ("wrong API key", {"json": good, "headers": _auth("nope")}, 401, "invalid API key"),
         ("no API key", {"json": good}, 401, "missing API key"),
-        ("not JSON", {"content": b"{oops", "headers": {**_auth(), "Content-Type": "application/json"}}, 400,
-         "not valid JSON"),
-        ("text/plain", {"content": b"{}", "headers": {**_auth(), "Content-Type": "text/plain"}}, 415, "Content-Type"),
+        (
+            "not JSON",
+            {"content": b"{oops", "headers": {**_auth(), "Content-Type": "application/json"}},
+            400,
+            "not valid JSON",
+        ),
+        (
+            "text/plain",
+            {"content": b"{}", "headers": {**_auth(), "Content-Type": "text/plain"}},
+            415,
+            "Content-Type",
+        ),
         ("too many tokens", {"json": {**good, "max_tokens": 100000}, "headers": _auth()}, 400, "max_tokens"),
-    ]  # fmt: skip
+    ]
 
 
 @pytest.mark.slow
@@ -390,8 +443,14 @@ def test_client_and_cli_predict_against_endpoint(server, image, tmp_path, monkey
     region[5:15, 5:15] = True
     with MedPLIBClient(server, api_key=API_KEY) as client:
         assert client.models() == ["medplib-tiny"]
-        result = client.predict(path, "Where is <region> and <region>?", point=(10, 12), mask=region,
-                                max_new_tokens=3, segment=True)  # fmt: skip
+        result = client.predict(
+            path,
+            "Where is <region> and <region>?",
+            point=(10, 12),
+            mask=region,
+            max_new_tokens=3,
+            segment=True,
+        )
         assert isinstance(result, Prediction) and isinstance(result.text, str)
         assert result.masks[0].shape == (H, W) and result.masks[0].dtype == bool
         saved = result.save_masks(tmp_path / "pred")
@@ -402,8 +461,24 @@ def test_client_and_cli_predict_against_endpoint(server, image, tmp_path, monkey
 
     out = tmp_path / "cli" / "result.json"
     monkeypatch.setenv("MEDPLIB_API_KEY", API_KEY)  # where `medplib predict --endpoint` reads the key
-    rc = main(["predict", "--endpoint", server, "--image", str(path), "--question", "Segment <region>.",
-               "--box", "4,6,40,30", "--segment", "--max-new-tokens", "3", "--out", str(out)])  # fmt: skip
+    rc = main(
+        [
+            "predict",
+            "--endpoint",
+            server,
+            "--image",
+            str(path),
+            "--question",
+            "Segment <region>.",
+            "--box",
+            "4,6,40,30",
+            "--segment",
+            "--max-new-tokens",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     written = json.loads(out.read_text())
     assert written["masks"][0]["height"] == H and Path(written["masks"][0]["png"]).exists()
@@ -418,14 +493,20 @@ def test_autoscaling_up_under_load_and_back_down(cluster, server, image):
 
     from serve.app import replica_counts, run
 
-    cfg = cluster[0].override({
-        "name": "scale", "route_prefix": "/scale", "args.batching.max_batch_size": 1,
-        "deployment.ray_actor_options.num_cpus": 0.25,
-        "deployment.autoscaling_config.min_replicas": 1, "deployment.autoscaling_config.max_replicas": 2,
-        "deployment.autoscaling_config.target_ongoing_requests": 1,
-        "deployment.autoscaling_config.upscale_delay_s": 1, "deployment.autoscaling_config.downscale_delay_s": 3,
-        "deployment.autoscaling_config.look_back_period_s": 11,
-    })  # fmt: skip
+    cfg = cluster[0].override(
+        {
+            "name": "scale",
+            "route_prefix": "/scale",
+            "args.batching.max_batch_size": 1,
+            "deployment.ray_actor_options.num_cpus": 0.25,
+            "deployment.autoscaling_config.min_replicas": 1,
+            "deployment.autoscaling_config.max_replicas": 2,
+            "deployment.autoscaling_config.target_ongoing_requests": 1,
+            "deployment.autoscaling_config.upscale_delay_s": 1,
+            "deployment.autoscaling_config.downscale_delay_s": 3,
+            "deployment.autoscaling_config.look_back_period_s": 11,
+        }
+    )
     url = run(cfg)
     body = {"image": _png_b64(image), "question": "Describe it.", "max_new_tokens": 24}
     stop = threading.Event()

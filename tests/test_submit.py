@@ -35,12 +35,30 @@ def _free_port() -> int:
 def head(tmp_path_factory):
     bin_dir = Path(sys.executable).parent
     log = (tmp_path_factory.mktemp("head") / "ray_start.log").open("w")
-    ports = {name: _free_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
-                                              "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                                              "ray-client-server-port", "metrics-export-port")}
+    ports = {
+        name: _free_port()
+        for name in (
+            "port",
+            "dashboard-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "ray-client-server-port",
+            "metrics-export-port",
+        )
+    }
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
-    cmd = [str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-           "--include-dashboard=true", "--disable-usage-stats", *(f"--{k}={v}" for k, v in ports.items())]
+    cmd = [
+        str(bin_dir / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus=2",
+        "--dashboard-host=127.0.0.1",
+        "--include-dashboard=true",
+        "--disable-usage-stats",
+        *(f"--{k}={v}" for k, v in ports.items()),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
     os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -77,8 +95,20 @@ def test_submit_runs_the_tiny_pipeline(head: str, tmp_path: Path) -> None:
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump(pipeline))
 
-    rc = main(["submit", "--address", head, "--working-dir", str(Path(__file__).parents[1]), "--",
-               "pipeline", "run", "--config", str(config)])
+    rc = main(
+        [
+            "submit",
+            "--address",
+            head,
+            "--working-dir",
+            str(Path(__file__).parents[1]),
+            "--",
+            "pipeline",
+            "run",
+            "--config",
+            str(config),
+        ]
+    )
 
     assert rc == 0
     from ray.job_submission import JobSubmissionClient
@@ -88,4 +118,8 @@ def test_submit_runs_the_tiny_pipeline(head: str, tmp_path: Path) -> None:
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("medplib").experiment_id])
     assert {r.info.run_name: r.info.status for r in runs} == {
-        "pipeline-tiny": "FINISHED", "vl": "FINISHED", "grounding": "FINISHED", "moe": "FINISHED"}
+        "pipeline-tiny": "FINISHED",
+        "vl": "FINISHED",
+        "grounding": "FINISHED",
+        "moe": "FINISHED",
+    }

@@ -43,8 +43,9 @@ def test_sweep_with_two_trials(ray_local, tmp_path: Path) -> None:
     assert sweep_run.data.params["best.lr"] == str(out["best_params"]["lr"])
     assert f"best_{cfg.metric}" in sweep_run.data.metrics
     assert "best_vl.yaml" in {a.path for a in client.list_artifacts(out["sweep_run_id"])}
-    children = client.search_runs([sweep_run.info.experiment_id],
-                                  filter_string=f"tags.`{PARENT_TAG}` = '{out['sweep_run_id']}'")
+    children = client.search_runs(
+        [sweep_run.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{out['sweep_run_id']}'"
+    )
     assert len(children) == 2
     for child in children:
         assert child.info.status in ("FINISHED", "KILLED")

@@ -40,19 +40,33 @@ def test_stage_files_validate_and_show_their_command(preset: str, stage: str) ->
     assert cfg.stage == stage and cfg.preset == preset
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
     text = "\n".join(header)
-    assert "medplib " in text and "Batch arithmetic" in text, f"{path}: header must show the command and batch math"
+    assert "medplib " in text and "Batch arithmetic" in text, (
+        f"{path}: header must show the command and batch math"
+    )
 
 
 def test_7b_stages_are_the_upstream_table() -> None:
     vl, gr, moe = (load_stage_config(CONFIGS / "stages" / "7b" / f"{s}.yaml") for s in STAGES)
     assert (vl.micro_batch_size, vl.grad_accum, vl.lr, vl.epochs, vl.max_length) == (16, 2, 1e-4, 3, 2048)
     assert (vl.lora.r, vl.lora.alpha) == (16, 16)
-    assert vl.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert vl.lora.target_modules == [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
     assert {"lm_head", "embed_tokens", "input_layernorm", "post_attention_layernorm", "mm_projector"} <= set(
         vl.sft_modules
     )
     assert (gr.micro_batch_size, gr.grad_accum, gr.lr, gr.epochs, gr.max_length) == (32, 1, 3e-4, 10, 2048)
-    assert (gr.lora.r, gr.lora.alpha, gr.lora.target_modules) == (8, 16, ["gate_proj", "up_proj", "down_proj"])
+    assert (gr.lora.r, gr.lora.alpha, gr.lora.target_modules) == (
+        8,
+        16,
+        ["gate_proj", "up_proj", "down_proj"],
+    )
     assert gr.sft_modules == ["mask_decoder", "text_hidden_fcs"]
     w = gr.loss_weights
     assert (w.ce, w.dice, w.bce, w.iou, w.focal) == (1, 5, 1, 0, 1)
@@ -60,7 +74,12 @@ def test_7b_stages_are_the_upstream_table() -> None:
     assert moe.lora.target_modules == ["gate_proj", "up_proj", "down_proj", "q_proj", "v_proj"]
     w = moe.loss_weights
     assert (w.ce, w.dice, w.bce, w.iou, w.focal, w.moe_aux) == (1, 0.5, 2, 0, 0, 0)
-    assert (moe.moe.num_experts, moe.moe.top_k, moe.moe.layers, moe.moe.capacity_factor) == (2, 1, "dense", 1.5)
+    assert (moe.moe.num_experts, moe.moe.top_k, moe.moe.layers, moe.moe.capacity_factor) == (
+        2,
+        1,
+        "dense",
+        1.5,
+    )
     assert moe.expert_sources == ["grounding", "vl"]
     assert {vl.global_batch(4), gr.global_batch(4), moe.global_batch(4)} == {128}
     assert all(s.zero_stage == 2 and s.gradient_checkpointing for s in (vl, gr, moe))
@@ -79,13 +98,17 @@ def test_errors_name_the_file_and_field(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"vl.yaml.*\n\s+lr:"):
         load_stage_config(bad)
     moe = tmp_path / "moe.yaml"
-    moe.write_text((CONFIGS / "stages" / "tiny" / "moe.yaml").read_text().replace("expert_sources: [grounding, vl]",
-                                                                                 "expert_sources: [vl]"))
+    moe.write_text(
+        (CONFIGS / "stages" / "tiny" / "moe.yaml")
+        .read_text()
+        .replace("expert_sources: [grounding, vl]", "expert_sources: [vl]")
+    )
     with pytest.raises(ValueError, match="expert_sources"):
         load_stage_config(moe)
     pipe = tmp_path / "p.yaml"
-    pipe.write_text((CONFIGS / "pipeline" / "tiny.yaml").read_text().replace("stages/tiny/moe.yaml",
-                                                                             "stages/7b/moe.yaml"))
+    pipe.write_text(
+        (CONFIGS / "pipeline" / "tiny.yaml").read_text().replace("stages/tiny/moe.yaml", "stages/7b/moe.yaml")
+    )
     with pytest.raises(ValueError, match=r"stages.moe.preset"):
         load_pipeline_config(pipe)
 
@@ -100,12 +123,26 @@ def test_flatten_and_fingerprint() -> None:
 
 
 def test_lr_schedule_and_deepspeed_config() -> None:
-    assert [round(lr_factor(s, 10, 2), 3) for s in range(10)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375,
-                                                                   0.25, 0.125]
+    assert [round(lr_factor(s, 10, 2), 3) for s in range(10)] == [
+        0.5,
+        1.0,
+        1.0,
+        0.875,
+        0.75,
+        0.625,
+        0.5,
+        0.375,
+        0.25,
+        0.125,
+    ]
     assert lr_factor(0, 4, 0) == 1.0 and lr_factor(3, 4, 0) == 0.25
     stage = load_stage_config(CONFIGS / "stages" / "7b" / "moe.yaml")
     ds = deepspeed_config(stage, "bf16", use_gpu=True)
-    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] and ds["gradient_accumulation_steps"] == 8
+    assert (
+        ds["zero_optimization"]["stage"] == 2
+        and ds["bf16"]["enabled"]
+        and ds["gradient_accumulation_steps"] == 8
+    )
     assert "fp16" not in ds and not deepspeed_config(stage, "fp32", use_gpu=False)["bf16"]["enabled"]
 
 
@@ -161,8 +198,10 @@ def test_moe_starting_model_takes_experts_from_grounding_and_vl(tmp_path: Path) 
     assert torch.equal(first, next(grounding.sam.mask_decoder.parameters()))
     # It round-trips through save_pretrained (the stage's init_model/).
     again = MedPLIB.from_pretrained(save_model_atomic(moe, tmp_path / "moe"))
-    assert torch.equal(again.decoder_layers[1].mlp.experts[0].down_proj.weight,
-                       grounding.decoder_layers[1].mlp.down_proj.weight)
+    assert torch.equal(
+        again.decoder_layers[1].mlp.experts[0].down_proj.weight,
+        grounding.decoder_layers[1].mlp.down_proj.weight,
+    )
 
 
 def test_parameter_anchor_makes_gradient_order_independent_of_usage() -> None:
@@ -171,7 +210,9 @@ def test_parameter_anchor_makes_gradient_order_independent_of_usage() -> None:
 
     def hook_order(use_middle: bool) -> list[str]:
         torch.manual_seed(0)
-        m = torch.nn.ModuleDict({"a": torch.nn.Linear(4, 4), "b": torch.nn.Linear(4, 4), "c": torch.nn.Linear(4, 4)})
+        m = torch.nn.ModuleDict(
+            {"a": torch.nn.Linear(4, 4), "b": torch.nn.Linear(4, 4), "c": torch.nn.Linear(4, 4)}
+        )
         names = {id(p): n for n, p in m.named_parameters()}
         order: list[str] = []
         for p in m.parameters():

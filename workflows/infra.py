@@ -204,7 +204,9 @@ def default_root() -> Path:
     return repo if (repo / "infra").is_dir() else Path.cwd()
 
 
-def update_manifests(root: Path, serve_config: str = "serve/config.gpu.yaml", check: bool = False) -> dict[Path, str]:
+def update_manifests(
+    root: Path, serve_config: str = "serve/config.gpu.yaml", check: bool = False
+) -> dict[Path, str]:
     """Write the rendered manifests that differ from the files under `root` (none with `check`); returns the
     stale ones (before writing) with a unified diff of each."""
     stale = {}
@@ -213,8 +215,11 @@ def update_manifests(root: Path, serve_config: str = "serve/config.gpu.yaml", ch
         if current == text:
             log.info("%s is up to date", path.relative_to(root))
             continue
-        stale[path] = "".join(list(difflib.unified_diff(current.splitlines(True), text.splitlines(True), str(path),
-                                                        "rendered"))[:60])  # fmt: skip
+        stale[path] = "".join(
+            list(
+                difflib.unified_diff(current.splitlines(True), text.splitlines(True), str(path), "rendered")
+            )[:60]
+        )
         if not check:
             path.write_text(text)
             log.info("wrote %s", path.relative_to(root))

@@ -17,8 +17,19 @@ from typing import TextIO
 
 log = logging.getLogger(__name__)
 
-EXCLUDES = [".venv", "work", ".git", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache", "mlruns",
-            "mlflow.db", "mlartifacts", "runs"]  # fmt: skip
+EXCLUDES = [
+    ".venv",
+    "work",
+    ".git",
+    "*.egg-info",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    "mlruns",
+    "mlflow.db",
+    "mlartifacts",
+    "runs",
+]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -37,10 +48,14 @@ def job_client(address: str | None):  # -> ray.job_submission.JobSubmissionClien
     return JobSubmissionClient(address)
 
 
-def submit(command: list[str], address: str | None, working_dir: str | Path, submission_id: str | None = None):
+def submit(
+    command: list[str], address: str | None, working_dir: str | Path, submission_id: str | None = None
+):
     """Submit `medplib <command>` as a Ray Job; returns (client, job id)."""
     if not command:
-        raise ValueError("nothing to run: give the medplib command after `--`, e.g. -- pipeline run --config ...")
+        raise ValueError(
+            "nothing to run: give the medplib command after `--`, e.g. -- pipeline run --config ..."
+        )
     if command[0] in ("submit", "jobs"):
         raise ValueError(f"`medplib {command[0]}` cannot be submitted as a job")
     working_dir = Path(working_dir).resolve()
@@ -50,10 +65,14 @@ def submit(command: list[str], address: str | None, working_dir: str | Path, sub
     entrypoint = "python -m workflows.cli " + shlex.join(command)
     # Ray Jobs touch point: the working dir is uploaded; env vars reach the job's driver.
     job_id = client.submit_job(
-        entrypoint=entrypoint, submission_id=submission_id,
-        runtime_env={"working_dir": str(working_dir), "excludes": EXCLUDES,
-                     "env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}},
-    )  # fmt: skip
+        entrypoint=entrypoint,
+        submission_id=submission_id,
+        runtime_env={
+            "working_dir": str(working_dir),
+            "excludes": EXCLUDES,
+            "env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"},
+        },
+    )
     log.info("submitted %s: %s", job_id, entrypoint)
     return client, job_id
 

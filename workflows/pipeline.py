@@ -117,10 +117,16 @@ def prepare_data(cfg: PipelineConfig) -> tuple[Path, str]:
     manifest = read_manifest(folder)
     preset = manifest.get("model_preset")
     if preset is not None and preset != cfg.preset:
-        raise ValueError(f"{folder / MANIFEST_NAME}: prepared for model preset {preset!r}, the pipeline's preset is "
-                         f"{cfg.preset!r}; its image views and token ids would not fit the model")
-    data_fp = fingerprint(manifest.get("input_hash"), manifest.get("config_hash"), manifest.get("schema_version"),
-                          cfg.data.train_split)
+        raise ValueError(
+            f"{folder / MANIFEST_NAME}: prepared for model preset {preset!r}, the pipeline's preset is "
+            f"{cfg.preset!r}; its image views and token ids would not fit the model"
+        )
+    data_fp = fingerprint(
+        manifest.get("input_hash"),
+        manifest.get("config_hash"),
+        manifest.get("schema_version"),
+        cfg.data.train_split,
+    )
     return folder, data_fp
 
 
@@ -135,12 +141,26 @@ def stage_fingerprints(cfg: PipelineConfig, data_fp: str, lengths: list[tuple[st
     fps: dict[str, str] = {}
     for name in STAGES:
         steps = plan_steps(cfg.stages[name], lengths, cfg.num_workers, cfg.max_steps)["total_steps"]
-        fps[name] = fingerprint(name, cfg.stages[name], model_fp, data_fp, [fps[s] for s in STAGE_INPUTS[name]],
-                                cfg.num_workers, steps)
+        fps[name] = fingerprint(
+            name,
+            cfg.stages[name],
+            model_fp,
+            data_fp,
+            [fps[s] for s in STAGE_INPUTS[name]],
+            cfg.num_workers,
+            steps,
+        )
     fps["eval"] = fingerprint("eval", fps["moe"], cfg.eval, cfg.data.eval_split, data_fp)
     # The untrained side: what `vl` starts from (the preset, torch seeded with the vl seed) on the same rows.
-    fps["before"] = fingerprint("before", model_fp, cfg.stages["vl"].preset, cfg.stages["vl"].seed, cfg.eval,
-                                cfg.data.eval_split, data_fp)
+    fps["before"] = fingerprint(
+        "before",
+        model_fp,
+        cfg.stages["vl"].preset,
+        cfg.stages["vl"].seed,
+        cfg.eval,
+        cfg.data.eval_split,
+        data_fp,
+    )
     return fps
 
 
@@ -185,8 +205,9 @@ def _init_model(ctx: _Context, name: StageName, stage_dir: Path) -> Path:
     downloaded = {}
     for source in STAGE_INPUTS[name]:
         # Registry touch point: the input is whatever `latest-<pipeline>` points to, checked by fingerprint.
-        downloaded[source] = ctx.tracker.download_by_alias(REGISTERED_MODEL[source], alias, inputs / source,
-                                                           ctx.fps[source])
+        downloaded[source] = ctx.tracker.download_by_alias(
+            REGISTERED_MODEL[source], alias, inputs / source, ctx.fps[source]
+        )
     if name == "grounding":
         os.replace(downloaded["vl"], init)
     else:
@@ -213,8 +234,14 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
     model_name = REGISTERED_MODEL[name]
     started = time.perf_counter()
     log.info("== stage %s: starting (fingerprint %s, %s)", name, fp[:12], stage_dir)
-    params = {**flatten(stage), "fingerprint": fp, "data_fingerprint": ctx.data_fp, "num_workers": str(cfg.num_workers),
-              "max_steps": str(cfg.max_steps), **{f"input.{s}": ctx.fps[s] for s in STAGE_INPUTS[name]}}
+    params = {
+        **flatten(stage),
+        "fingerprint": fp,
+        "data_fingerprint": ctx.data_fp,
+        "num_workers": str(cfg.num_workers),
+        "max_steps": str(cfg.max_steps),
+        **{f"input.{s}": ctx.fps[s] for s in STAGE_INPUTS[name]},
+    }
     run_id = tracker.stage_run(ctx.experiment_id, ctx.parent_id, cfg.name, name, stage_dir, fp, params)
     try:
         export = stage_dir / "export"
@@ -224,26 +251,53 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
             arithmetic = plan_steps(stage, ctx.lengths, cfg.num_workers, cfg.max_steps)
             train_ds = select_rows(stage, load_prepared(ctx.prepared, cfg.data.train_split))
             plan = StagePlan(
-                stage=stage, fingerprint=fp, init_dir=str(init), stage_dir=str(stage_dir), world_size=cfg.num_workers,
-                use_gpu=ctx.use_gpu, precision=resolve_precision(stage, ctx.use_gpu),
-                tracking_uri=tracker.uri, mlflow_run_id=run_id, fail_after_steps=fail_hook_steps(name), **arithmetic,
-            )  # fmt: skip
-            log.info("== stage %s: %d rows, %d steps (%d per epoch x %d epochs, max_steps %s), global batch %d",
-                     name, plan.rows, plan.total_steps, plan.steps_per_epoch, stage.epochs, cfg.max_steps,
-                     stage.global_batch(cfg.num_workers))
-            run = fit_stage(plan, train_ds, name=stage_dir.name, storage_path=str(stage_dir.parent),
-                            cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures)
+                stage=stage,
+                fingerprint=fp,
+                init_dir=str(init),
+                stage_dir=str(stage_dir),
+                world_size=cfg.num_workers,
+                use_gpu=ctx.use_gpu,
+                precision=resolve_precision(stage, ctx.use_gpu),
+                tracking_uri=tracker.uri,
+                mlflow_run_id=run_id,
+                fail_after_steps=fail_hook_steps(name),
+                **arithmetic,
+            )
+            log.info(
+                "== stage %s: %d rows, %d steps (%d per epoch x %d epochs, max_steps %s), global batch %d",
+                name,
+                plan.rows,
+                plan.total_steps,
+                plan.steps_per_epoch,
+                stage.epochs,
+                cfg.max_steps,
+                stage.global_batch(cfg.num_workers),
+            )
+            run = fit_stage(
+                plan,
+                train_ds,
+                name=stage_dir.name,
+                storage_path=str(stage_dir.parent),
+                cpus_per_worker=cfg.cpus_per_worker,
+                max_failures=cfg.max_failures,
+            )
             metrics = run.metrics
             export_stage_model(plan, run.checkpoint_dir, export)
-            tracker.set_tags(run_id, {"checkpoint": str(run.checkpoint_dir), "final_step": str(metrics.get("step"))})
+            tracker.set_tags(
+                run_id, {"checkpoint": str(run.checkpoint_dir), "final_step": str(metrics.get("step"))}
+            )
         # Artifacts: the config, the exported model, sample predictions.
-        tracker.client.log_text(run_id, yaml.safe_dump(stage.model_dump(mode="json"), sort_keys=False),
-                                "config/stage.yaml")
+        tracker.client.log_text(
+            run_id, yaml.safe_dump(stage.model_dump(mode="json"), sort_keys=False), "config/stage.yaml"
+        )
         version = tracker.version_for(model_name, fp)
-        if version is None or version.run_id != run_id:  # not yet registered by this run (--from-stage reruns)
+        if (
+            version is None or version.run_id != run_id
+        ):  # not yet registered by this run (--from-stage reruns)
             tracker.log_artifacts(run_id, export, "model")
-            version = tracker.register(model_name, run_id, "model",
-                                       {STAGE_TAG: name, FINGERPRINT_TAG: fp, PIPELINE_TAG: cfg.name})
+            version = tracker.register(
+                model_name, run_id, "model", {STAGE_TAG: name, FINGERPRINT_TAG: fp, PIPELINE_TAG: cfg.name}
+            )
         tracker.set_alias(model_name, latest_alias(cfg.name), version.version)
         if cfg.eval.sample_predictions:
             rows = read_rows(ctx.prepared, cfg.data.eval_split, set(stage.tasks), cfg.eval.sample_predictions)
@@ -251,16 +305,32 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
             shutil.rmtree(samples, ignore_errors=True)
             if sample_predictions(export, rows, samples, cfg.eval.max_new_tokens):
                 tracker.log_artifacts(run_id, samples, "samples")
-        write_json_atomic(stage_dir / DONE_FILE, {"fingerprint": fp, "run_id": run_id, "version": str(version.version),
-                                                   "model": model_name, "finished": time.time()})
+        write_json_atomic(
+            stage_dir / DONE_FILE,
+            {
+                "fingerprint": fp,
+                "run_id": run_id,
+                "version": str(version.version),
+                "model": model_name,
+                "finished": time.time(),
+            },
+        )
         tracker.finish(run_id)
     except BaseException as err:
-        log.error("== stage %s: FAILED (%s: %s); MLflow run %s marked FAILED", name, type(err).__name__, err, run_id)
+        log.error(
+            "== stage %s: FAILED (%s: %s); MLflow run %s marked FAILED", name, type(err).__name__, err, run_id
+        )
         tracker.fail(run_id, err)
         raise
     seconds = time.perf_counter() - started
-    log.info("== stage %s: done in %.0f s, registered models:/%s/%s (@%s)", name, seconds, model_name,
-             version.version, latest_alias(cfg.name))
+    log.info(
+        "== stage %s: done in %.0f s, registered models:/%s/%s (@%s)",
+        name,
+        seconds,
+        model_name,
+        version.version,
+        latest_alias(cfg.name),
+    )
     return StageOutcome(name, "trained", fp, stage_dir, run_id, str(version.version), metrics, seconds)
 
 
@@ -270,9 +340,17 @@ def _stage_step(ctx: _Context, name: StageName) -> StageOutcome:
         model_name = REGISTERED_MODEL[name]
         ctx.tracker.set_alias(model_name, latest_alias(ctx.cfg.name), done["version"])
         ctx.tracker.set_tags(ctx.parent_id, {f"stage.{name}.run_id": done["run_id"]})
-        log.info("== stage %s: skipped, done for fingerprint %s (MLflow run %s, models:/%s/%s)", name,
-                 ctx.fps[name][:12], done["run_id"], model_name, done["version"])
-        return StageOutcome(name, "skipped", ctx.fps[name], _stage_dir(ctx, name), done["run_id"], done["version"])
+        log.info(
+            "== stage %s: skipped, done for fingerprint %s (MLflow run %s, models:/%s/%s)",
+            name,
+            ctx.fps[name][:12],
+            done["run_id"],
+            model_name,
+            done["version"],
+        )
+        return StageOutcome(
+            name, "skipped", ctx.fps[name], _stage_dir(ctx, name), done["run_id"], done["version"]
+        )
     outcome = _train_stage(ctx, name)
     ctx.tracker.set_tags(ctx.parent_id, {f"stage.{name}.run_id": outcome.run_id})
     return outcome
@@ -302,17 +380,35 @@ def _evaluate_before(ctx: _Context) -> Path | None:
     out = cfg.workdir_path / "eval" / f"before-{ctx.fps['before'][:12]}"
     done = out / "pipeline_metrics.json"
     if done.is_file() and (out / "metrics.json").is_file():
-        log.info("== eval before training: skipped, scored before for fingerprint %s (%s)", ctx.fps["before"][:12],
-                 out)
+        log.info(
+            "== eval before training: skipped, scored before for fingerprint %s (%s)",
+            ctx.fps["before"][:12],
+            out,
+        )
         return out
-    log.info("== eval before training: scoring the untrained %s model (seed %d) on <= %d rows of split %s",
-             vl.preset, vl.seed, cfg.eval.max_samples, cfg.data.eval_split)
+    log.info(
+        "== eval before training: scoring the untrained %s model (seed %d) on <= %d rows of split %s",
+        vl.preset,
+        vl.seed,
+        cfg.eval.max_samples,
+        cfg.data.eval_split,
+    )
     out.mkdir(parents=True, exist_ok=True)
-    result = evaluate(model=vl.preset, seed=vl.seed, data=ctx.prepared, splits=[cfg.data.eval_split], out=out,
-                      max_rows=cfg.eval.max_samples, max_new_tokens=cfg.eval.max_new_tokens,
-                      mlflow_run_id=ctx.parent_id, tracking_uri=ctx.tracker.uri, mlflow_prefix="eval_before",
-                      mlflow_artifact_path="eval_before", engine="ray" if ctx.use_gpu else "local",
-                      model_id=f"{vl.preset} (untrained)")
+    result = evaluate(
+        model=vl.preset,
+        seed=vl.seed,
+        data=ctx.prepared,
+        splits=[cfg.data.eval_split],
+        out=out,
+        max_rows=cfg.eval.max_samples,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        mlflow_run_id=ctx.parent_id,
+        tracking_uri=ctx.tracker.uri,
+        mlflow_prefix="eval_before",
+        mlflow_artifact_path="eval_before",
+        engine="ray" if ctx.use_gpu else "local",
+        model_id=f"{vl.preset} (untrained)",
+    )
     score = champion_score(result.metrics["splits"][cfg.data.eval_split])
     write_json_atomic(done, {"fingerprint": ctx.fps["before"], "score": score})
     log.info("== eval before training: score %.4f (%s)", score, out)
@@ -326,14 +422,26 @@ def _evaluate(ctx: _Context, moe: StageOutcome, out: Path, before: Path | None =
 
     cfg = ctx.cfg
     split = cfg.data.eval_split
-    result = evaluate(model=str(moe.stage_dir / "export"), data=ctx.prepared, splits=[split], out=out,
-                      max_rows=cfg.eval.max_samples, max_new_tokens=cfg.eval.max_new_tokens,
-                      mlflow_run_id=moe.run_id, tracking_uri=ctx.tracker.uri,
-                      engine="ray" if ctx.use_gpu else "local", model_id=f"{REGISTERED_MODEL['moe']}/{moe.version}",
-                      compare_with=before, compare_labels=COMPARE_LABELS)
+    result = evaluate(
+        model=str(moe.stage_dir / "export"),
+        data=ctx.prepared,
+        splits=[split],
+        out=out,
+        max_rows=cfg.eval.max_samples,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        mlflow_run_id=moe.run_id,
+        tracking_uri=ctx.tracker.uri,
+        engine="ray" if ctx.use_gpu else "local",
+        model_id=f"{REGISTERED_MODEL['moe']}/{moe.version}",
+        compare_with=before,
+        compare_labels=COMPARE_LABELS,
+    )
     section = result.metrics["splits"][split]
-    metrics = {k.replace("/", "_"): v for k, v in result.flat_metrics("eval").items()
-               if "/by_" not in k and "/generation/" not in k}
+    metrics = {
+        k.replace("/", "_"): v
+        for k, v in result.flat_metrics("eval").items()
+        if "/by_" not in k and "/generation/" not in k
+    }
     metrics["score"] = champion_score(section)
     return metrics
 
@@ -347,41 +455,70 @@ def _log_comparison(ctx: _Context, out: Path) -> None:
         ctx.tracker.log_file(ctx.parent_id, chart, "eval/plots")
 
 
-def _eval_and_register(ctx: _Context, moe: StageOutcome, before: Path | None = None) -> tuple[dict[str, float], bool]:
+def _eval_and_register(
+    ctx: _Context, moe: StageOutcome, before: Path | None = None
+) -> tuple[dict[str, float], bool]:
     cfg, tracker = ctx.cfg, ctx.tracker
     out = cfg.workdir_path / "eval" / ctx.fps["eval"][:12]
     metrics_file = out / "pipeline_metrics.json"
     if metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text())
-        log.info("== eval: skipped, scored before for fingerprint %s (score %.4f)", ctx.fps["eval"][:12],
-                 metrics["score"])
+        log.info(
+            "== eval: skipped, scored before for fingerprint %s (score %.4f)",
+            ctx.fps["eval"][:12],
+            metrics["score"],
+        )
     else:
-        log.info("== eval: scoring models:/%s/%s on <= %d rows of split %s", REGISTERED_MODEL["moe"], moe.version,
-                 cfg.eval.max_samples, cfg.data.eval_split)
+        log.info(
+            "== eval: scoring models:/%s/%s on <= %d rows of split %s",
+            REGISTERED_MODEL["moe"],
+            moe.version,
+            cfg.eval.max_samples,
+            cfg.data.eval_split,
+        )
         out.mkdir(parents=True, exist_ok=True)
         metrics = _evaluate(ctx, moe, out, before)
         tracker.log_metrics(ctx.parent_id, metrics)
         _log_comparison(ctx, out)
-        tracker.client.set_model_version_tag(REGISTERED_MODEL["moe"], moe.version, "eval_split", cfg.data.eval_split)
+        tracker.client.set_model_version_tag(
+            REGISTERED_MODEL["moe"], moe.version, "eval_split", cfg.data.eval_split
+        )
         write_json_atomic(metrics_file, metrics)
-        log.info("== eval: score %.4f (%s)", metrics["score"], ", ".join(
-            f"{k} {v:.4f}" for k, v in metrics.items() if k != "score" and not k.endswith("_n"))[:400])
+        log.info(
+            "== eval: score %.4f (%s)",
+            metrics["score"],
+            ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "score" and not k.endswith("_n"))[
+                :400
+            ],
+        )
     promoted, previous = tracker.promote_champion(REGISTERED_MODEL["moe"], moe.version, metrics["score"])
     tracker.set_tags(ctx.parent_id, {"champion": "yes" if promoted else "no"})
     if promoted:
-        log.info("== register: models:/%s/%s is @%s and @champion (previous champion score %s)",
-                 REGISTERED_MODEL["moe"], moe.version, latest_alias(cfg.name), previous)
+        log.info(
+            "== register: models:/%s/%s is @%s and @champion (previous champion score %s)",
+            REGISTERED_MODEL["moe"],
+            moe.version,
+            latest_alias(cfg.name),
+            previous,
+        )
     else:
-        log.info("== register: models:/%s/%s is @%s; @champion stays (its score %.4f >= %.4f)",
-                 REGISTERED_MODEL["moe"], moe.version, latest_alias(cfg.name), previous, metrics["score"])
+        log.info(
+            "== register: models:/%s/%s is @%s; @champion stays (its score %.4f >= %.4f)",
+            REGISTERED_MODEL["moe"],
+            moe.version,
+            latest_alias(cfg.name),
+            previous,
+            metrics["score"],
+        )
     return metrics, promoted
 
 
 # ---------------------------------------------------------------------------------------------- the pipeline
 
 
-def run_pipeline(cfg: PipelineConfig, *, from_stage: StageName | None = None,
-                 only_stage: StageName | None = None) -> PipelineResult:
+def run_pipeline(
+    cfg: PipelineConfig, *, from_stage: StageName | None = None, only_stage: StageName | None = None
+) -> PipelineResult:
     """Run (or resume, or skip through) the pipeline; see the module docstring."""
     workdir = cfg.workdir_path
     workdir.mkdir(parents=True, exist_ok=True)
@@ -389,8 +526,16 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: StageName | None = None,
     use_gpu = decide_gpu(cfg.use_gpu, cluster_gpus())
     tracker = Tracker(cfg.resolved_tracking_uri(), workdir)
     experiment_id = tracker.experiment_id(cfg.experiment)
-    log.info("== pipeline %s: workdir %s, MLflow %s (experiment %s), %d workers x %s CPU%s", cfg.name, workdir,
-             tracker.uri, cfg.experiment, cfg.num_workers, cfg.cpus_per_worker, ", GPUs" if use_gpu else "")
+    log.info(
+        "== pipeline %s: workdir %s, MLflow %s (experiment %s), %d workers x %s CPU%s",
+        cfg.name,
+        workdir,
+        tracker.uri,
+        cfg.experiment,
+        cfg.num_workers,
+        cfg.cpus_per_worker,
+        ", GPUs" if use_gpu else "",
+    )
     prepared, data_fp = prepare_data(cfg)
     try:
         lengths = row_lengths(prepared, cfg.data.train_split)
@@ -398,21 +543,38 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: StageName | None = None,
         raise ValueError(f"data.train_split: {err}") from err
     fps = stage_fingerprints(cfg, data_fp, lengths)
     pipeline_fp = fingerprint(cfg.name, fps["eval"])
-    params = {**flatten(cfg.model_dump(mode="json", exclude={"stages"})),
-              **{f"fingerprint.{k}": v for k, v in fps.items()}, "data_fingerprint": data_fp}  # fmt: skip
+    params = {
+        **flatten(cfg.model_dump(mode="json", exclude={"stages"})),
+        **{f"fingerprint.{k}": v for k, v in fps.items()},
+        "data_fingerprint": data_fp,
+    }
     parent_id = tracker.parent_run(experiment_id, cfg.name, pipeline_fp, params)
-    tracker.client.log_text(parent_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
-                            "config/pipeline.yaml")
+    tracker.client.log_text(
+        parent_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/pipeline.yaml"
+    )
     ctx = _Context(cfg, tracker, experiment_id, parent_id, prepared, data_fp, fps, use_gpu, lengths)
-    result = PipelineResult(parent_id, experiment_id, tracker.uri, pipeline=cfg.name, eval_split=cfg.data.eval_split,
-                            eval_rows=cfg.eval.max_samples, data_input=cfg.data.input)
+    result = PipelineResult(
+        parent_id,
+        experiment_id,
+        tracker.uri,
+        pipeline=cfg.name,
+        eval_split=cfg.data.eval_split,
+        eval_rows=cfg.eval.max_samples,
+        data_input=cfg.data.input,
+    )
     try:
         if from_stage is not None:
-            for name in STAGES[STAGES.index(from_stage):]:
+            for name in STAGES[STAGES.index(from_stage) :]:
                 stage_dir = _stage_dir(ctx, name)
                 if stage_dir.exists():
                     aside = stage_dir.with_name(f"{stage_dir.name}.old-{int(time.time())}")
-                    log.info("== stage %s: --from-stage %s: moving %s aside to %s", name, from_stage, stage_dir, aside)
+                    log.info(
+                        "== stage %s: --from-stage %s: moving %s aside to %s",
+                        name,
+                        from_stage,
+                        stage_dir,
+                        aside,
+                    )
                     os.replace(stage_dir, aside)
         for name in STAGES:
             if only_stage is not None and name != only_stage:
@@ -427,20 +589,30 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: StageName | None = None,
         tracker.fail(parent_id, err)
         raise
     trained = [s for s, o in result.stages.items() if o.status == "trained"]
-    log.info("== pipeline %s: done (trained: %s; skipped: %s); MLflow parent run %s", cfg.name,
-             ", ".join(trained) or "none", ", ".join(s for s in result.stages if s not in trained) or "none", parent_id)
+    log.info(
+        "== pipeline %s: done (trained: %s; skipped: %s); MLflow parent run %s",
+        cfg.name,
+        ", ".join(trained) or "none",
+        ", ".join(s for s in result.stages if s not in trained) or "none",
+        parent_id,
+    )
     return result
 
 
 # ---------------------------------------------------------------------------------------------- summary
 
-HEADLINE = (("grounding", "mDice", "grounding mDice"), ("grounding", "mIoU", "grounding mIoU"),
-            ("vqa", "closed_accuracy", "closed accuracy"), ("vqa", "open_f1", "open F1"))
+HEADLINE = (
+    ("grounding", "mDice", "grounding mDice"),
+    ("grounding", "mIoU", "grounding mIoU"),
+    ("vqa", "closed_accuracy", "closed accuracy"),
+    ("vqa", "open_f1", "open F1"),
+)
 
 
 def before_after_rows(before_dir: Path | None, after_dir: Path | None) -> list[tuple[str, str, Any, Any]]:
     """(split, metric, before, after) of the headline metrics per split, from the two eval folders' metrics.json
     (None where a side or a value is missing)."""
+
     def load(folder: Path | None) -> dict[str, Any]:
         path = None if folder is None else folder / "metrics.json"
         return json.loads(path.read_text())["splits"] if path is not None and path.is_file() else {}
@@ -462,21 +634,30 @@ def _fmt(value: float | None) -> str:
 def summary_text(result: PipelineResult) -> str:
     """What `medplib pipeline run` prints at the end: runs, model, before/after metrics, report, how to look."""
     uri = result.tracking_uri
-    lines = [f"== MedPLIB pipeline {result.pipeline}: done", f"MLflow ({uri}):",
-             f"  pipeline   run {result.parent_run_id}"]
+    lines = [
+        f"== MedPLIB pipeline {result.pipeline}: done",
+        f"MLflow ({uri}):",
+        f"  pipeline   run {result.parent_run_id}",
+    ]
     for name, outcome in result.stages.items():
-        lines.append(f"  {name:<10} run {outcome.run_id}  {outcome.status:<7}  models:/{REGISTERED_MODEL[name]}/{outcome.version}"
-                     f"  {outcome.stage_dir}")
+        lines.append(
+            f"  {name:<10} run {outcome.run_id}  {outcome.status:<7}  models:/{REGISTERED_MODEL[name]}/{outcome.version}"
+            f"  {outcome.stage_dir}"
+        )
     moe = result.stages.get("moe")
     if moe is None:
         return "\n".join(lines)
     export = moe.stage_dir / "export"
     alias = "champion" if result.champion else f"latest-{result.pipeline}"
-    lines.append(f"Model: models:/medplib/{moe.version} (@latest-{result.pipeline}"
-                 f"{', @champion' if result.champion else ''}); files: {export}")
+    lines.append(
+        f"Model: models:/medplib/{moe.version} (@latest-{result.pipeline}"
+        f"{', @champion' if result.champion else ''}); files: {export}"
+    )
     rows = before_after_rows(result.before_dir, result.eval_dir)
     if rows:
-        lines.append(f"Eval on split {result.eval_split} (<= {result.eval_rows} rows), untrained start vs trained:")
+        lines.append(
+            f"Eval on split {result.eval_split} (<= {result.eval_rows} rows), untrained start vs trained:"
+        )
         lines.append(f"  {'split':<10} {'metric':<17} {'before':>8} {'after':>8} {'change':>8}")
         for split, label, before, after in rows:
             change = "-" if before is None or after is None else f"{after - before:+.4f}"
@@ -484,12 +665,16 @@ def summary_text(result: PipelineResult) -> str:
     elif result.eval:
         lines.append("Eval: " + ", ".join(f"{k} {v:.4f}" for k, v in result.eval.items()))
     if "score" in result.eval:
-        lines.append(f"  champion score {result.eval['score']:.4f}" + (" (new champion)" if result.champion else
-                                                                        " (champion unchanged)"))
+        lines.append(
+            f"  champion score {result.eval['score']:.4f}"
+            + (" (new champion)" if result.champion else " (champion unchanged)")
+        )
     if result.eval_dir is not None:
         report = result.eval_dir / "report.html"
         comparison = result.eval_dir / "comparison.html"
-        lines.append(f"Report: {report}" + (f"  (before vs after: {comparison})" if comparison.is_file() else ""))
+        lines.append(
+            f"Report: {report}" + (f"  (before vs after: {comparison})" if comparison.is_file() else "")
+        )
     if result.before_dir is not None:
         lines.append(f"        untrained model's report: {result.before_dir / 'report.html'}")
     lines.append(f"MLflow UI: mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")
@@ -503,6 +688,8 @@ def summary_text(result: PipelineResult) -> str:
         candidate = Path(result.data_input) / str(first.get("image_path") or "")
         if first.get("image_path") and candidate.is_file():
             image = str(candidate)
-    lines.append(f"Query:  medplib predict --endpoint http://127.0.0.1:8000 --image {image} "
-                 "--question 'What imaging modality was used to acquire this image?'")
+    lines.append(
+        f"Query:  medplib predict --endpoint http://127.0.0.1:8000 --image {image} "
+        "--question 'What imaging modality was used to acquire this image?'"
+    )
     return "\n".join(lines)

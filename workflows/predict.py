@@ -26,7 +26,9 @@ def predict(
     """Exactly one of `model` (a model directory, MLflow model URI or preset, run here) and `endpoint` (a
     MedPLIB server; API key from $MEDPLIB_API_KEY). Regions are used in the order points, boxes, masks."""
     if (model is None) == (endpoint is None):
-        raise ValueError("predict needs exactly one of --model (run the model here) or --endpoint (ask a server)")
+        raise ValueError(
+            "predict needs exactly one of --model (run the model here) or --endpoint (ask a server)"
+        )
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "segment": segment}
     if endpoint:
         import httpx
@@ -35,7 +37,9 @@ def predict(
 
         try:
             with MedPLIBClient(endpoint) as client:
-                return client.predict(image, question, point=list(points), box=list(boxes), mask=list(masks), **settings)
+                return client.predict(
+                    image, question, point=list(points), box=list(boxes), mask=list(masks), **settings
+                )
         except (MedPLIBAPIError, httpx.HTTPError) as err:
             raise ValueError(f"{endpoint}: {err}") from err
     from medplib.data.schema import Box, MaskRef, Point
@@ -44,7 +48,9 @@ def predict(
     regions = [Point(x=x, y=y) for x, y in points]
     regions += [Box(x0=a, y0=b, x1=c, y1=d) for a, b, c, d in boxes]
     regions += [MaskRef(path=str(Path(m).resolve())) for m in masks]
-    return Predictor.from_pretrained(resolve_model_source(model)).predict(image, question, regions, **settings)
+    return Predictor.from_pretrained(resolve_model_source(model)).predict(
+        image, question, regions, **settings
+    )
 
 
 def write_prediction(pred: Prediction, out: Path) -> list[Path]:
@@ -53,9 +59,17 @@ def write_prediction(pred: Prediction, out: Path) -> list[Path]:
     mask_files = pred.save_masks(out.with_suffix(""))
     result = {
         "answer": pred.text,
-        "masks": [{"png": str(f), "height": int(m.shape[0]), "width": int(m.shape[1]), "pixels": int(m.sum()),
-                   "score": s} for f, m, s in zip(mask_files, pred.masks, pred.scores, strict=True)],
+        "masks": [
+            {
+                "png": str(f),
+                "height": int(m.shape[0]),
+                "width": int(m.shape[1]),
+                "pixels": int(m.sum()),
+                "score": s,
+            }
+            for f, m, s in zip(mask_files, pred.masks, pred.scores, strict=True)
+        ],
         "timings": pred.timings,
-    }  # fmt: skip
+    }
     out.write_text(json.dumps(result, indent=2) + "\n")
     return mask_files

@@ -82,8 +82,14 @@ class Tracker:
             self.client.update_run(run_id, status="RUNNING")
         return True
 
-    def parent_run(self, experiment_id: str, pipeline: str, fingerprint: str, params: dict[str, str],
-                   run_name: str | None = None) -> str:
+    def parent_run(
+        self,
+        experiment_id: str,
+        pipeline: str,
+        fingerprint: str,
+        params: dict[str, str],
+        run_name: str | None = None,
+    ) -> str:
         """The top-level run (a pipeline's or a sweep's) for this fingerprint: continued if it exists, else
         created (named `run_name`, default `pipeline-<pipeline>`)."""
         state_file = self.workdir / "pipeline_runs.json"
@@ -92,15 +98,24 @@ class Tracker:
         if run_id and self._reopen(run_id):
             log.info("pipeline %s: continuing MLflow run %s", pipeline, run_id)
             return run_id
-        run = self.client.create_run(experiment_id, run_name=run_name or f"pipeline-{pipeline}",
-                                     tags={PIPELINE_TAG: pipeline, FINGERPRINT_TAG: fingerprint})
+        run = self.client.create_run(
+            experiment_id,
+            run_name=run_name or f"pipeline-{pipeline}",
+            tags={PIPELINE_TAG: pipeline, FINGERPRINT_TAG: fingerprint},
+        )
         self.log_params(run.info.run_id, params)
         state[fingerprint] = run.info.run_id
         write_json_atomic(state_file, state)
         return run.info.run_id
 
     def stage_run(
-        self, experiment_id: str, parent_id: str, pipeline: str, stage: str, stage_dir: Path, fingerprint: str,
+        self,
+        experiment_id: str,
+        parent_id: str,
+        pipeline: str,
+        stage: str,
+        stage_dir: Path,
+        fingerprint: str,
         params: dict[str, str],
     ) -> str:
         """The stage's child run: the one recorded in `stage_dir` if any (a restart continues it), else new."""
@@ -111,9 +126,15 @@ class Tracker:
                 log.info("stage %s: continuing MLflow run %s", stage, run_id)
                 return run_id
         run = self.client.create_run(
-            experiment_id, run_name=stage,
-            tags={PARENT_TAG: parent_id, STAGE_TAG: stage, PIPELINE_TAG: pipeline, FINGERPRINT_TAG: fingerprint},
-        )  # fmt: skip
+            experiment_id,
+            run_name=stage,
+            tags={
+                PARENT_TAG: parent_id,
+                STAGE_TAG: stage,
+                PIPELINE_TAG: pipeline,
+                FINGERPRINT_TAG: fingerprint,
+            },
+        )
         self.log_params(run.info.run_id, params)
         stage_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(id_file, {"run_id": run.info.run_id, "tracking_uri": self.uri})
@@ -184,8 +205,10 @@ class Tracker:
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.create_registered_model(model_name, description="MedPLIB model directories "
-                                                "(medplib.model.medplib.MedPLIB.save_pretrained)")
+            self.client.create_registered_model(
+                model_name,
+                description="MedPLIB model directories (medplib.model.medplib.MedPLIB.save_pretrained)",
+            )
         except MlflowException as err:
             if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
                 raise
@@ -196,7 +219,9 @@ class Tracker:
     def set_alias(self, model_name: str, alias: str, version: str | int) -> None:
         self.client.set_registered_model_alias(model_name, alias, str(version))
 
-    def download_by_alias(self, model_name: str, alias: str, dst: Path, expect_fingerprint: str | None) -> Path:
+    def download_by_alias(
+        self, model_name: str, alias: str, dst: Path, expect_fingerprint: str | None
+    ) -> Path:
         """Download `models:/<name>@<alias>` into `dst` (atomically) after checking its fingerprint tag."""
         import shutil
 
@@ -206,8 +231,10 @@ class Tracker:
         try:
             version = self.client.get_model_version_by_alias(model_name, alias)
         except MlflowException as err:
-            raise ValueError(f"models:/{model_name}@{alias} does not exist in {self.uri}: run the stage that "
-                             f"registers {model_name} first ({err.message})") from None
+            raise ValueError(
+                f"models:/{model_name}@{alias} does not exist in {self.uri}: run the stage that "
+                f"registers {model_name} first ({err.message})"
+            ) from None
         found = version.tags.get(FINGERPRINT_TAG)
         if expect_fingerprint and found != expect_fingerprint:
             raise ValueError(
@@ -220,8 +247,11 @@ class Tracker:
         tmp.mkdir(parents=True)
         # The alias is resolved above with this tracker's client; MLflow's own `models:/` resolution would use the
         # process-wide registry URI instead (download_artifacts ignores its registry_uri argument for them).
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp),
-                                                         tracking_uri=self.uri))
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=version.source, dst_path=str(tmp), tracking_uri=self.uri
+            )
+        )
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(local, dst)
@@ -229,7 +259,9 @@ class Tracker:
         log.info("downloaded %s (version %s) to %s", uri, version.version, dst)
         return dst
 
-    def promote_champion(self, model_name: str, version: str | int, score: float) -> tuple[bool, float | None]:
+    def promote_champion(
+        self, model_name: str, version: str | int, score: float
+    ) -> tuple[bool, float | None]:
         """Move `champion` to `version` if `score` beats the current champion's `eval_score` tag (or none is
         set). Returns (promoted, previous champion's score)."""
         from mlflow.exceptions import MlflowException

@@ -63,8 +63,10 @@ def encode_sample(
     if regions is None:
         regions = sample.regions if isinstance(sample, Sample) else []
     if len(regions) > cfg.region.max_regions:
-        raise ValueError(f"sample {sample_id}: {len(regions)} region prompts, the model takes at most "
-                         f"{cfg.region.max_regions} (region.max_regions)")
+        raise ValueError(
+            f"sample {sample_id}: {len(regions)} region prompts, the model takes at most "
+            f"{cfg.region.max_regions} (region.max_regions)"
+        )
     has_image_tag = any("<image>" in t.text for t in turns)
     if image is not None and not has_image_tag:
         turns = [Turn(role=turns[0].role, text="<image>\n" + turns[0].text), *turns[1:]]
@@ -115,7 +117,12 @@ def collate(items: list[Encoded], cfg: MedPLIBConfig, pad_id: int) -> dict:
         geo = it.sam_geometry
         vision_geo = Geometry.fit(geo.orig_h, geo.orig_w, v, "center")  # where encode_sample put the image
         pixel_values[i] = normalize_view(
-            it.vision_view, vision_geo, cfg.vision.normalization, cfg.vision.pixel_mean, cfg.vision.pixel_std, 1 / 255
+            it.vision_view,
+            vision_geo,
+            cfg.vision.normalization,
+            cfg.vision.pixel_mean,
+            cfg.vision.pixel_std,
+            1 / 255,
         )
         sam_pixel_values[i] = normalize_view(
             it.sam_view, geo, cfg.sam.normalization, cfg.sam.pixel_mean, cfg.sam.pixel_std, 1.0

@@ -62,12 +62,16 @@ def expand_placeholders(text: str, num_image_tokens: int) -> str:
     return text.replace(C.IMAGE_TOKEN, image_block).replace(C.REGION_START_TOKEN + C.REGION_END_TOKEN, region)
 
 
-def _segments(turns: list[Turn], template: Template, eos: str, for_generation: bool) -> list[tuple[str, bool]]:
+def _segments(
+    turns: list[Turn], template: Template, eos: str, for_generation: bool
+) -> list[tuple[str, bool]]:
     """(text, supervised) pieces; only assistant answers and their closing suffix are supervised."""
     pieces: list[tuple[str, bool]] = [(template.system, False)]
     for turn in turns:
         if turn.role == "human":
-            pieces.append((template.user_prefix + turn.text + template.user_suffix + template.assistant_prefix, False))
+            pieces.append(
+                (template.user_prefix + turn.text + template.user_suffix + template.assistant_prefix, False)
+            )
         else:
             pieces.append((turn.text + template.assistant_suffix.format(eos=eos), True))
     if for_generation and turns and turns[-1].role == "gpt":
@@ -101,7 +105,9 @@ def tokenize_conversation(
         labels += piece if supervised else [C.IGNORE_INDEX] * len(piece)
     # Placeholders are inputs the model fills in, never prediction targets.
     placeholder_ids = {ids.image, ids.image_start, ids.image_end, ids.region_feature}
-    labels = [C.IGNORE_INDEX if t in placeholder_ids else lab for t, lab in zip(input_ids, labels, strict=True)]
+    labels = [
+        C.IGNORE_INDEX if t in placeholder_ids else lab for t, lab in zip(input_ids, labels, strict=True)
+    ]
     if len(input_ids) > max_length:
         cut = _safe_cut(input_ids, max_length, ids)
         if cut <= 0 or (ids.image in input_ids and input_ids.index(ids.image) >= cut):

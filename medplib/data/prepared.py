@@ -62,7 +62,9 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     """The manifest of a prepared folder; raises FileNotFoundError or ValueError naming the file."""
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {directory} is not a prepared dataset (run `medplib data prepare`)")
+        raise FileNotFoundError(
+            f"{path} not found: {directory} is not a prepared dataset (run `medplib data prepare`)"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:

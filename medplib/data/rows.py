@@ -19,10 +19,23 @@ if TYPE_CHECKING:  # torch-free at import: readers of the format (the preprocess
 SCHEMA_VERSION = 1
 
 COLUMNS = (
-    "sample_id", "task", "modality", "split", "answer_type", "image_path", "question", "answer",
-    "input_ids", "labels", "vision_view_png", "sam_view_png", "sam_geometry", "num_regions",
-    "region_masks_png", "target_masks_png",
-)  # fmt: skip
+    "sample_id",
+    "task",
+    "modality",
+    "split",
+    "answer_type",
+    "image_path",
+    "question",
+    "answer",
+    "input_ids",
+    "labels",
+    "vision_view_png",
+    "sam_view_png",
+    "sam_geometry",
+    "num_regions",
+    "region_masks_png",
+    "target_masks_png",
+)
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -33,7 +46,9 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 
 def png_array(data: bytes, as_mask: bool = False) -> np.ndarray:
-    arr = np.array(Image.open(io.BytesIO(data)))  # a writable copy: torch.from_numpy warns on read-only arrays
+    arr = np.array(
+        Image.open(io.BytesIO(data))
+    )  # a writable copy: torch.from_numpy warns on read-only arrays
     return arr > 127 if as_mask else arr
 
 

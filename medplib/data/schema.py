@@ -33,7 +33,9 @@ class Box(BaseModel):
     @model_validator(mode="after")
     def _ordered(self) -> Box:
         if not (self.x1 > self.x0 and self.y1 > self.y0):
-            raise ValueError(f"box needs x0 < x1 and y0 < y1, got ({self.x0}, {self.y0}, {self.x1}, {self.y1})")
+            raise ValueError(
+                f"box needs x0 < x1 and y0 < y1, got ({self.x0}, {self.y0}, {self.x1}, {self.y1})"
+            )
         return self
 
 
@@ -58,9 +60,13 @@ class Sample(BaseModel):
     """One validated training/eval row."""
 
     id: str
-    image: str | None = Field(None, description="image path relative to the data root; None for text-only rows")
+    image: str | None = Field(
+        None, description="image path relative to the data root; None for text-only rows"
+    )
     turns: list[Turn]
-    regions: list[RegionPrompt] = Field(default_factory=list, description="one per `<region></region>` in order")
+    regions: list[RegionPrompt] = Field(
+        default_factory=list, description="one per `<region></region>` in order"
+    )
     masks: list[str] = Field(default_factory=list, description="target mask PNG per `<SEG>`, in order")
     answer_type: str | None = None
     modality: str = "other"

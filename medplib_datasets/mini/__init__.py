@@ -33,4 +33,3 @@ Image orientation: volumes are brought to RAS and a slice is shown with `np.rot9
 are in neurological view (patient left on image left, anterior/superior up). The CT case's left/right is not
 recorded, so it gets no laterality question.
 """
-

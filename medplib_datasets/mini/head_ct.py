@@ -114,4 +114,3 @@ def rows_head_ct(registry: FileRegistry, seed: int) -> SourceResult | None:
         INVESALIUS_LICENCE,
         [f"invesalius-examples: {case} in Cranium.inv3"],
     )
-

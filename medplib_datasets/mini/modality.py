@@ -74,7 +74,6 @@ MODALITY_IMAGES = (
 # fmt: on
 
 
-
 @functools.cache
 def load_modality_image(spec: ModalityImage) -> np.ndarray | None:
     """The image as uint8 (grey or RGB), or None when its package (or a decoder it needs) is missing."""

@@ -146,4 +146,3 @@ def rows_nuclei(registry: FileRegistry, seed: int) -> SourceResult | None:
         STARDIST_LICENCE,
         ["stardist: data/images/img2d.tif, mask2d.tif, histo.jpg"],
     )
-

@@ -55,7 +55,6 @@ QUESTION_SEGMENT = (
 )
 
 
-
 def ras_slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     """A 2D slice of a RAS volume in display orientation (neurological: patient left on image left)."""
     index_tuple = (slice(None),) * axis + (index,)
@@ -122,7 +121,6 @@ def pick(rng: np.random.Generator, options: Sequence[str]) -> str:
 
 def sentence(text: str) -> str:
     return text[0].upper() + text[1:] + ("" if text.endswith((".", "?", "!")) else ".")
-
 
 
 @dataclass
@@ -242,4 +240,3 @@ def standard_vqa(rows: SliceRows, modality_answer: str, organ_answer: str | None
         rows.add_vqa("organ", pick(rows.rng, QUESTION_ORGAN), organ_answer, "open")
     if plane:
         rows.add_vqa("plane", pick(rows.rng, QUESTION_PLANE), plane.capitalize(), "closed")
-

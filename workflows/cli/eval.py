@@ -26,28 +26,51 @@ def add_eval(commands: argparse._SubParsersAction, verb: str) -> None:
             "zero-shot. Uses the Ray cluster at RAY_ADDRESS, or starts a local one."
         ),
     )
-    p.add_argument("--model", required=True, help="model directory, MLflow model URI (models:/NAME@ALIAS, "
-                   "runs:/ID/model) or preset name (tiny: random init)")  # fmt: skip
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model directory, MLflow model URI (models:/NAME@ALIAS, "
+        "runs:/ID/model) or preset name (tiny: random init)",
+    )
     p.add_argument("--data", required=True, help="prepared dataset folder (`medplib data prepare --output`)")
-    p.add_argument("--split", action="append", dest="splits", metavar="SPLIT",
-                   help="split to evaluate (repeatable; default: test)")  # fmt: skip
+    p.add_argument(
+        "--split",
+        action="append",
+        dest="splits",
+        metavar="SPLIT",
+        help="split to evaluate (repeatable; default: test)",
+    )
     p.add_argument("--out", default="eval", help="output folder (default: ./eval)")
     p.add_argument("--max-rows", type=_positive, help="at most N rows per split (file order)")
     p.add_argument("--max-new-tokens", type=_positive, default=64, help="decoding length limit (default 64)")
     p.add_argument("--batch-size", type=_positive, default=8, help="rows per generate call (default 8)")
-    p.add_argument("--concurrency", type=_positive, help="actors, one model each (default: one per GPU, or 1)")
-    p.add_argument("--gpus", choices=("auto", "yes", "no"), default="auto",
-                   help="one GPU per actor: auto (when the cluster has GPUs), yes (require), no (CPU)")  # fmt: skip
-    p.add_argument("--cpus-per-actor", type=float, default=0.5, help="CPUs per actor without GPUs (default 0.5)")
+    p.add_argument(
+        "--concurrency", type=_positive, help="actors, one model each (default: one per GPU, or 1)"
+    )
+    p.add_argument(
+        "--gpus",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="one GPU per actor: auto (when the cluster has GPUs), yes (require), no (CPU)",
+    )
+    p.add_argument(
+        "--cpus-per-actor", type=float, default=0.5, help="CPUs per actor without GPUs (default 0.5)"
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="override the model's dtype")
     p.add_argument("--seed", type=int, default=0, help="torch seed before building the model (default 0)")
     p.add_argument("--model-id", help="label of the model in records and the report (default: --model)")
-    p.add_argument("--engine", choices=("ray", "local"), default="ray",
-                   help="ray: actor pool (default); local: this process, no Ray (debugging)")  # fmt: skip
+    p.add_argument(
+        "--engine",
+        choices=("ray", "local"),
+        default="ray",
+        help="ray: actor pool (default); local: this process, no Ray (debugging)",
+    )
     p.add_argument("--gallery-size", type=int, default=4, help="best and worst grounding cases per split")
     p.add_argument("--mlflow-run-id", help="log the metrics and the report to this MLflow run")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
-    p.add_argument("--compare-with", metavar="EVAL_DIR", help="an earlier eval folder: add a before/after section")
+    p.add_argument(
+        "--compare-with", metavar="EVAL_DIR", help="an earlier eval folder: add a before/after section"
+    )
     p.set_defaults(handler=_eval)
 
 
@@ -70,13 +93,25 @@ def _eval(args: argparse.Namespace) -> int:
     from workflows.eval.evaluate import evaluate, summary_text
 
     cfg = EvalConfig(
-        model=args.model, data=Path(args.data), splits=args.splits or ["test"], out=Path(args.out),
-        max_rows=args.max_rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        concurrency=args.concurrency, use_gpu=args.gpus, cpus_per_actor=args.cpus_per_actor, dtype=args.dtype,
-        seed=args.seed, model_id=args.model_id, engine=args.engine, gallery_size=args.gallery_size,
-        mlflow_run_id=args.mlflow_run_id, tracking_uri=args.tracking_uri,
+        model=args.model,
+        data=Path(args.data),
+        splits=args.splits or ["test"],
+        out=Path(args.out),
+        max_rows=args.max_rows,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        use_gpu=args.gpus,
+        cpus_per_actor=args.cpus_per_actor,
+        dtype=args.dtype,
+        seed=args.seed,
+        model_id=args.model_id,
+        engine=args.engine,
+        gallery_size=args.gallery_size,
+        mlflow_run_id=args.mlflow_run_id,
+        tracking_uri=args.tracking_uri,
         compare_with=Path(args.compare_with) if args.compare_with else None,
-    )  # fmt: skip
+    )
     print(summary_text(evaluate(cfg)))
     return 0
 

@@ -34,7 +34,9 @@ def _render(args: argparse.Namespace) -> int:
     stale = infra.update_manifests(root, args.serve_config, check=args.check)
     if stale and args.check:
         print("".join(stale.values()), end="")
-        log.error("stale: %s; run `medplib infra render` (make infra)",
-                  ", ".join(str(p.relative_to(root)) for p in stale))  # fmt: skip
+        log.error(
+            "stale: %s; run `medplib infra render` (make infra)",
+            ", ".join(str(p.relative_to(root)) for p in stale),
+        )
         return 1
     return 0

@@ -26,12 +26,22 @@ def add_predict(commands: argparse._SubParsersAction, verb: str) -> None:
         "running `medplib serve` server instead (API key from $MEDPLIB_API_KEY).",
     )
     p.add_argument("--model", help="model directory, MLflow model URI, or preset name")
-    p.add_argument("--endpoint", metavar="URL", help="a MedPLIB server (http://127.0.0.1:8000) instead of --model")
-    p.add_argument("--image", required=True, help="PNG/JPEG, DICOM (.dcm) or NIfTI (.nii/.nii.gz: middle slice)")
+    p.add_argument(
+        "--endpoint", metavar="URL", help="a MedPLIB server (http://127.0.0.1:8000) instead of --model"
+    )
+    p.add_argument(
+        "--image", required=True, help="PNG/JPEG, DICOM (.dcm) or NIfTI (.nii/.nii.gz: middle slice)"
+    )
     p.add_argument("--question", required=True, help='the question; mark regions with "<region>" (optional)')
-    p.add_argument("--point", action="append", default=[], metavar="X,Y", help="point prompt (pixels; repeatable)")
-    p.add_argument("--box", action="append", default=[], metavar="X0,Y0,X1,Y1", help="box prompt (repeatable)")
-    p.add_argument("--mask", action="append", default=[], metavar="F.png", help="mask prompt PNG (repeatable)")
+    p.add_argument(
+        "--point", action="append", default=[], metavar="X,Y", help="point prompt (pixels; repeatable)"
+    )
+    p.add_argument(
+        "--box", action="append", default=[], metavar="X0,Y0,X1,Y1", help="box prompt (repeatable)"
+    )
+    p.add_argument(
+        "--mask", action="append", default=[], metavar="F.png", help="mask prompt PNG (repeatable)"
+    )
     p.add_argument("--segment", action="store_true", help="return a mask even when the answer has no <SEG>")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -44,11 +54,21 @@ def _predict(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     pred = predict(
-        args.image, args.question, model=args.model, endpoint=args.endpoint,
-        points=[_floats(v, 2, "--point") for v in args.point], boxes=[_floats(v, 4, "--box") for v in args.box],
-        masks=args.mask, max_new_tokens=args.max_new_tokens, temperature=args.temperature, segment=args.segment,
-    )  # fmt: skip
+        args.image,
+        args.question,
+        model=args.model,
+        endpoint=args.endpoint,
+        points=[_floats(v, 2, "--point") for v in args.point],
+        boxes=[_floats(v, 4, "--box") for v in args.box],
+        masks=args.mask,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        segment=args.segment,
+    )
     mask_files = [str(f) for f in write_prediction(pred, out)]
     print(f"answer: {pred.text!r}")
-    print(f"wrote {out}" + (f" and {len(mask_files)} mask PNG(s): {', '.join(mask_files)}" if mask_files else ""))
+    print(
+        f"wrote {out}"
+        + (f" and {len(mask_files)} mask PNG(s): {', '.join(mask_files)}" if mask_files else "")
+    )
     return 0

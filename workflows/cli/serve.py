@@ -20,9 +20,12 @@ def add_serve(commands: argparse._SubParsersAction, verb: str) -> None:
         )
         p.add_argument("--port", type=int, help="HTTP port (default: the config's, 8000)")
         p.add_argument(
-            "--set", action="append", default=[], metavar="KEY=VALUE",
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
             help="override a config field (repeatable), e.g. deployment.ray_actor_options.num_gpus=1",
-        )  # fmt: skip
+        )
 
     run = sub.add_parser(
         "run",

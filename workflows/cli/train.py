@@ -8,28 +8,37 @@ from workflows.train.config import STAGES
 
 
 def add_pipeline(commands: argparse._SubParsersAction, verb: str) -> None:
-    pipeline = commands.add_parser(verb, help="run the training pipeline (prepare -> vl -> grounding -> moe "
-                                   "-> eval -> register)")
+    pipeline = commands.add_parser(
+        verb, help="run the training pipeline (prepare -> vl -> grounding -> moe -> eval -> register)"
+    )
     sub = pipeline.add_subparsers(dest="pipeline_command", required=True, metavar="PIPELINE_COMMAND")
     run = sub.add_parser(
-        "run", help="run every step; steps already done for the same inputs and config are skipped",
+        "run",
+        help="run every step; steps already done for the same inputs and config are skipped",
         description="data prepare -> vl -> grounding -> moe -> eval -> register, each stage a Ray Train run "
         "tracked in MLflow (parent run + one child run per stage). A step whose output exists for the same inputs "
         "and config is skipped; an interrupted stage resumes from its last checkpoint.",
     )
     run.add_argument("--config", required=True, help="pipeline YAML, e.g. configs/pipeline/small.yaml")
     run.add_argument("--workdir", help="override the config's workdir")
-    run.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<workdir>/mlflow.db, or "
-                     "MLFLOW_TRACKING_URI)")
-    run.add_argument("--from-stage", choices=STAGES, help="redo this stage and the later ones even if done "
-                     "(their old outputs are moved aside); earlier stages must be done")
+    run.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default sqlite:///<workdir>/mlflow.db, or MLFLOW_TRACKING_URI)",
+    )
+    run.add_argument(
+        "--from-stage",
+        choices=STAGES,
+        help="redo this stage and the later ones even if done "
+        "(their old outputs are moved aside); earlier stages must be done",
+    )
     run.add_argument("--max-steps", type=int, help="override max_steps (optimiser steps per stage)")
     run.set_defaults(handler=_pipeline_run)
 
 
 def add_train(commands: argparse._SubParsersAction, verb: str) -> None:
     train = commands.add_parser(
-        verb, help="run one training stage of a pipeline config",
+        verb,
+        help="run one training stage of a pipeline config",
         description="Run one stage (a Ray Train TorchTrainer run). Its input models come from the registry "
         "aliases of the earlier stages (models:/medplib-vl@latest-<pipeline>), so run those first.",
     )
@@ -43,7 +52,8 @@ def add_train(commands: argparse._SubParsersAction, verb: str) -> None:
 
 def add_sweep(commands: argparse._SubParsersAction, verb: str) -> None:
     sweep = commands.add_parser(
-        verb, help="Ray Tune sweep over one stage (ASHA; each trial a Ray Train run and an MLflow child run)",
+        verb,
+        help="Ray Tune sweep over one stage (ASHA; each trial a Ray Train run and an MLflow child run)",
         description="Sweep a stage's config fields (search space in YAML, e.g. configs/sweeps/tiny-vl.yaml); "
         "the best trial's full stage config is written to <workdir>/sweeps/<name>-<fp>/best_<stage>.yaml.",
     )
@@ -56,8 +66,10 @@ def add_sweep(commands: argparse._SubParsersAction, verb: str) -> None:
 def _load(args: argparse.Namespace):
     from workflows.train.config import load_pipeline_config
 
-    return load_pipeline_config(args.config, workdir=args.workdir, tracking_uri=args.tracking_uri,
-                                max_steps=args.max_steps)
+    return load_pipeline_config(
+        args.config, workdir=args.workdir, tracking_uri=args.tracking_uri, max_steps=args.max_steps
+    )
+
 
 def _pipeline_run(args: argparse.Namespace) -> int:
     from workflows.pipeline import run_pipeline, summary_text

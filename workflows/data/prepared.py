@@ -37,7 +37,9 @@ def row_lengths(directory: str | Path, split: str) -> list[tuple[str, int]]:
     return out
 
 
-def read_rows(directory: str | Path, split: str, tasks: Iterable[str] | None, limit: int) -> list[dict[str, Any]]:
+def read_rows(
+    directory: str | Path, split: str, tasks: Iterable[str] | None, limit: int
+) -> list[dict[str, Any]]:
     """The first `limit` rows of a split (file order), only those of `tasks` when given; no Ray."""
     from medplib.data.prepared import iter_prepared_rows
 

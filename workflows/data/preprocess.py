@@ -70,7 +70,9 @@ logger = logging.getLogger(__name__)
 
 SPLIT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # "MeCoVQA-mini_test_xsubject.json" -> "test_xsubject"; "MeCoVQA_Grounding_train.jsonl" -> "train".
-_SPLIT_IN_NAME_RE = re.compile(r"(?:^|[_.-])((?:train|val|valid|validation|dev|test)(?:_[A-Za-z0-9]+)*)$", re.I)
+_SPLIT_IN_NAME_RE = re.compile(
+    r"(?:^|[_.-])((?:train|val|valid|validation|dev|test)(?:_[A-Za-z0-9]+)*)$", re.I
+)
 _PARTS = "_parts"
 RAW_PREVIEW_CHARS = 2000
 
@@ -82,34 +84,53 @@ class PrepareConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model_preset: str = Field(
-        "tiny", description="model preset name or config path: decides tokenizer, view sizes, max_length, regions"
+        "tiny",
+        description="model preset name or config path: decides tokenizer, view sizes, max_length, regions",
     )
     data_root: Path | None = Field(
-        None, description="folder that image/mask paths are relative to; default: the input folder (or its parent)"
+        None,
+        description="folder that image/mask paths are relative to; default: the input folder (or its parent)",
     )
     splits: list[str] | None = Field(None, description="splits to prepare; None = every split found")
     default_split: str = Field(
-        "train", description="split of a row without a `split` field whose file name names none (`*_test.json`)"
+        "train",
+        description="split of a row without a `split` field whose file name names none (`*_test.json`)",
     )
-    max_rows: int | None = Field(None, ge=1, description="stop after this many rows (file order), for quick runs")
-    max_masks: int = Field(4, ge=0, description="most `<SEG>` targets per row; more is rejected (too_many_tags)")
-    fix_missing_suffix: bool = Field(True, description="repair an image/mask path lacking '.png' if path.png exists")
-    batch_size: int = Field(64, ge=1, description="rows per chunk: one Ray task validates and encodes one chunk")
-    rows_per_file: int = Field(2048, ge=1, description="Parquet rows per shard file, at least (the last may be less)")
+    max_rows: int | None = Field(
+        None, ge=1, description="stop after this many rows (file order), for quick runs"
+    )
+    max_masks: int = Field(
+        4, ge=0, description="most `<SEG>` targets per row; more is rejected (too_many_tags)"
+    )
+    fix_missing_suffix: bool = Field(
+        True, description="repair an image/mask path lacking '.png' if path.png exists"
+    )
+    batch_size: int = Field(
+        64, ge=1, description="rows per chunk: one Ray task validates and encodes one chunk"
+    )
+    rows_per_file: int = Field(
+        2048, ge=1, description="Parquet rows per shard file, at least (the last may be less)"
+    )
     cpus_per_task: float = Field(1.0, gt=0, description="CPUs reserved by each encode task")
     writer_cpus: float = Field(
-        0.0, ge=0, description="CPUs reserved by each Parquet write task; 0: it never waits for the encoders (I/O)"
+        0.0,
+        ge=0,
+        description="CPUs reserved by each Parquet write task; 0: it never waits for the encoders (I/O)",
     )
 
     # Fields that change how fast the output is made, not what it contains: left out of the config hash.
-    EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset({"batch_size", "rows_per_file", "cpus_per_task", "writer_cpus"})
+    EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset(
+        {"batch_size", "rows_per_file", "cpus_per_task", "writer_cpus"}
+    )
 
     @field_validator("splits")
     @classmethod
     def _split_names(cls, value: list[str] | None) -> list[str] | None:
         for name in value or []:
             if not SPLIT_NAME_RE.match(name):
-                raise ValueError(f"split name {name!r} must match {SPLIT_NAME_RE.pattern} (it becomes a folder)")
+                raise ValueError(
+                    f"split name {name!r} must match {SPLIT_NAME_RE.pattern} (it becomes a folder)"
+                )
         return value
 
     @field_validator("default_split")
@@ -144,9 +165,13 @@ class InputFile(BaseModel):
 
     index: int = Field(description="position in name order; rows are ordered by (index, line)")
     source: str = Field(description="the file as given (quarantine `source`, default ids)")
-    kind: Literal["jsonl", "array"] = Field(description="JSONL, or a JSON array rewritten to JSONL for the scan")
+    kind: Literal["jsonl", "array"] = Field(
+        description="JSONL, or a JSON array rewritten to JSONL for the scan"
+    )
     read_path: str = Field(description="the JSONL actually read: the source, or the rewritten array")
-    default_split: str = Field(description="split of rows without a `split` field: from the file name, or the default")
+    default_split: str = Field(
+        description="split of rows without a `split` field: from the file name, or the default"
+    )
     size_bytes: int
     sha256: str
 
@@ -173,7 +198,8 @@ class ChunkJob(BaseModel):
     limits: Limits
     files: list[InputFile]
     duplicate_winners: dict[str, tuple[int, int] | None] = Field(
-        default_factory=dict, description="id seen more than once -> (file index, line) of the accepted one, or None"
+        default_factory=dict,
+        description="id seen more than once -> (file index, line) of the accepted one, or None",
     )
     parts_dir: str
 
@@ -264,8 +290,14 @@ def _iter_lines(path: str, start: int, end: int, first_line: int) -> Iterator[tu
 # ------------------------------------------------------------------------------------------------- the worker
 def _new_stats() -> dict[str, Any]:
     """The counts of a chunk, summed per split by the driver."""
-    return {"accepted": 0, "rejected": 0, "fixed_suffix": 0, "task": Counter(), "modality": Counter(),
-            "reason": Counter()}
+    return {
+        "accepted": 0,
+        "rejected": 0,
+        "fixed_suffix": 0,
+        "task": Counter(),
+        "modality": Counter(),
+        "reason": Counter(),
+    }
 
 
 class ChunkProcessor:
@@ -300,7 +332,10 @@ class ChunkProcessor:
         if text is None:
             body = raw_bytes.removeprefix(b"\xef\xbb\xbf") if line_no == 1 else raw_bytes
             return self._reject(
-                file, line, Reason.MALFORMED_JSON, f"line is not UTF-8 ({_utf8_problem(body)})",
+                file,
+                line,
+                Reason.MALFORMED_JSON,
+                f"line is not UTF-8 ({_utf8_problem(body)})",
                 body.decode("utf-8", errors="replace").rstrip("\r\n"),
             )
         raw_text = text.rstrip("\r\n")
@@ -309,7 +344,10 @@ class ChunkProcessor:
             raw = obj
             if isinstance(obj, str):
                 return self._reject(
-                    file, line, Reason.INVALID_FIELD, f"array element {line} is a string; expected a row object",
+                    file,
+                    line,
+                    Reason.INVALID_FIELD,
+                    f"array element {line} is a string; expected a row object",
                     raw_text,
                 )
         if split_problem is not None:
@@ -339,13 +377,20 @@ class ChunkProcessor:
             )
         except ValueError as err:
             return self._reject(
-                file, line, Reason.INVALID_FIELD,
-                f"cannot encode for model preset {self.job.model_preset!r}: {err}", raw_text,
+                file,
+                line,
+                Reason.INVALID_FIELD,
+                f"cannot encode for model preset {self.job.model_preset!r}: {err}",
+                raw_text,
             )
         except Exception as err:  # a bug in the encoder, not in the row: keep the traceback, keep going
             logger.exception("%s:%d: unexpected error while encoding", file.source, line)
             return self._reject(
-                file, line, Reason.UNEXPECTED_ERROR, f"unexpected {type(err).__name__} while encoding: {err}", raw_text
+                file,
+                line,
+                Reason.UNEXPECTED_ERROR,
+                f"unexpected {type(err).__name__} while encoding: {err}",
+                raw_text,
             )
         human = next((t.text for t in sample.turns if t.role == "human"), "")
         answer = next((t.text for t in sample.turns if t.role == "gpt"), "")
@@ -392,8 +437,10 @@ class ChunkProcessor:
         name = f"{chunk.chunk_id:07d}"
         if rejections:
             records = [{**r.to_record(), "split": chunk.split, "_file": chunk.file_index} for r in rejections]
-            write_text_atomic(parts / f"quarantine-{name}.jsonl",
-                               "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            write_text_atomic(
+                parts / f"quarantine-{name}.jsonl",
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+            )
         write_text_atomic(parts / f"stats-{name}.json", json.dumps(stats))
         return table
 
@@ -445,15 +492,27 @@ def array_to_jsonl(source: str, out_path: str) -> dict[str, Any] | None:
             rows = json.load(f)
     except json.JSONDecodeError as err:
         start = max(0, err.pos - RAW_PREVIEW_CHARS // 2)
-        return {"line": err.lineno, "reason": Reason.MALFORMED_JSON.value,
-                "message": f"file is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}; "
-                           "no row of it was read", "raw": err.doc[start : start + RAW_PREVIEW_CHARS]}
+        return {
+            "line": err.lineno,
+            "reason": Reason.MALFORMED_JSON.value,
+            "message": f"file is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}; "
+            "no row of it was read",
+            "raw": err.doc[start : start + RAW_PREVIEW_CHARS],
+        }
     except UnicodeDecodeError as err:
-        return {"line": 0, "reason": Reason.MALFORMED_JSON.value,
-                "message": f"file is not UTF-8 ({err}); no row of it was read", "raw": ""}
+        return {
+            "line": 0,
+            "reason": Reason.MALFORMED_JSON.value,
+            "message": f"file is not UTF-8 ({err}); no row of it was read",
+            "raw": "",
+        }
     if not isinstance(rows, list):
-        return {"line": 0, "reason": Reason.INVALID_FIELD.value,
-                "message": f"expected a JSON array of rows, got {type(rows).__name__}", "raw": ""}
+        return {
+            "line": 0,
+            "reason": Reason.INVALID_FIELD.value,
+            "message": f"expected a JSON array of rows, got {type(rows).__name__}",
+            "raw": "",
+        }
     with open(out_path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -465,7 +524,8 @@ class _Scan(BaseModel):
 
     chunks: list[Chunk] = Field(default_factory=list)
     duplicates: dict[str, list[tuple[int, int, int, int]]] = Field(
-        default_factory=dict, description="id -> [(file index, line, byte offset, length)] for ids seen twice+"
+        default_factory=dict,
+        description="id -> [(file index, line, byte offset, length)] for ids seen twice+",
     )
     rows: int = 0
     skipped_other_split: int = 0
@@ -512,8 +572,15 @@ def scan_files(files: list[InputFile], cfg: PrepareConfig) -> _Scan:
                             scan.chunks.append(chunk)
                             chunk = None
                         if chunk is None:
-                            chunk = Chunk(chunk_id=0, split=split, file_index=file.index, start=offset,
-                                          end=offset, first_line=line_no, rows=0)
+                            chunk = Chunk(
+                                chunk_id=0,
+                                split=split,
+                                file_index=file.index,
+                                start=offset,
+                                end=offset,
+                                first_line=line_no,
+                                rows=0,
+                            )
                             open_chunks[split] = chunk
                         chunk.end = offset + length
                         chunk.rows += 1
@@ -550,7 +617,9 @@ def duplicate_winners(scan: _Scan, files: list[InputFile], root: Path, limits: L
                 winners[rid] = (file_index, line)
                 break
     if winners:
-        logger.info("%d ids occur more than once; later occurrences are rejected as duplicate_id", len(winners))
+        logger.info(
+            "%d ids occur more than once; later occurrences are rejected as duplicate_id", len(winners)
+        )
     return winners
 
 
@@ -617,8 +686,9 @@ def _run_local(job: ChunkJob, chunks: list[Chunk], out_dir: Path, cfg: PrepareCo
             writer.close()
 
 
-def _merge_parts(parts_dir: Path, files: list[InputFile], quarantine_path: Path,
-                 array_failures: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def _merge_parts(
+    parts_dir: Path, files: list[InputFile], quarantine_path: Path, array_failures: list[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
     """Concatenate the quarantine parts in (file, line) order and sum the stats per split."""
     records: list[dict[str, Any]] = list(array_failures)
     per_split: dict[str, dict[str, Any]] = {}
@@ -642,7 +712,11 @@ def _merge_parts(parts_dir: Path, files: list[InputFile], quarantine_path: Path,
 
 
 def _resolve_data_root(input_path: Path, cfg: PrepareConfig) -> Path:
-    root = cfg.data_root if cfg.data_root is not None else (input_path if input_path.is_dir() else input_path.parent)
+    root = (
+        cfg.data_root
+        if cfg.data_root is not None
+        else (input_path if input_path.is_dir() else input_path.parent)
+    )
     if not root.is_dir():
         raise FileNotFoundError(f"data root {root} is not a folder (set data_root / --data-root)")
     return root
@@ -676,18 +750,30 @@ def prepare(
     model = load_model_config(cfg.model_preset)
 
     files = [
-        InputFile(index=i, source=str(p), kind="array" if is_json_array(p) else "jsonl", read_path=str(p),
-                  default_split=split_from_filename(p.name, cfg.default_split), size_bytes=p.stat().st_size,
-                  sha256=_sha256_file(p))
+        InputFile(
+            index=i,
+            source=str(p),
+            kind="array" if is_json_array(p) else "jsonl",
+            read_path=str(p),
+            default_split=split_from_filename(p.name, cfg.default_split),
+            size_bytes=p.stat().st_size,
+            sha256=_sha256_file(p),
+        )
         for i, p in enumerate(paths)
     ]
     input_hash = _input_hash(files)
     config_hash = _config_hash(cfg, data_root, model)
     if not force and (existing := _manifest_matches(output, input_hash, config_hash)) is not None:
-        logger.info("reusing %s: same input hash %s… and config hash %s… as its manifest (pass --force to "
-                    "rebuild)", output, input_hash[:12], config_hash[:12])
+        logger.info(
+            "reusing %s: same input hash %s… and config hash %s… as its manifest (pass --force to rebuild)",
+            output,
+            input_hash[:12],
+            config_hash[:12],
+        )
         return PrepareResult(output=output, reused=True, manifest=existing)
-    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / MANIFEST_NAME).exists())):
+    if output.exists() and (
+        not output.is_dir() or (any(output.iterdir()) and not (output / MANIFEST_NAME).exists())
+    ):
         raise ValueError(f"{output} exists and is not a prepared dataset; refusing to replace it")
 
     if engine == "ray":
@@ -699,8 +785,12 @@ def prepare(
     try:
         array_failures = _convert_arrays(files, parts, engine)
         scan = scan_files(files, cfg)
-        limits = Limits(max_masks=cfg.max_masks, max_regions=model.region.max_regions, decode_images=False,
-                        fix_missing_suffix=cfg.fix_missing_suffix)
+        limits = Limits(
+            max_masks=cfg.max_masks,
+            max_regions=model.region.max_regions,
+            decode_images=False,
+            fix_missing_suffix=cfg.fix_missing_suffix,
+        )
         job = ChunkJob(
             job_id=f"{config_hash[:16]}-{input_hash[:16]}-{uuid.uuid4().hex[:8]}",
             model=model,
@@ -715,8 +805,15 @@ def prepare(
         for split in cfg.splits or []:
             if split not in splits:
                 logger.warning("split %r was asked for but no row of %s belongs to it", split, input_path)
-        logger.info("%s: %d rows in %d files -> %d chunks of <= %d rows, splits %s", input_path, scan.rows,
-                    len(files), len(scan.chunks), cfg.batch_size, ", ".join(splits) or "none")
+        logger.info(
+            "%s: %d rows in %d files -> %d chunks of <= %d rows, splits %s",
+            input_path,
+            scan.rows,
+            len(files),
+            len(scan.chunks),
+            cfg.batch_size,
+            ", ".join(splits) or "none",
+        )
 
         def run_split(split: str) -> None:
             chunks = [c for c in scan.chunks if c.split == split]
@@ -726,7 +823,9 @@ def prepare(
             split_dir.mkdir(parents=True, exist_ok=True)
             if not any(split_dir.glob("*.parquet")):  # every row rejected: keep a readable, empty shard
                 pq.write_table(ROW_SCHEMA.empty_table(), split_dir / "part-empty.parquet")
-            logger.info("split %s: %d chunks in %.1f s", split, len(chunks), time.perf_counter() - split_started)
+            logger.info(
+                "split %s: %d chunks in %.1f s", split, len(chunks), time.perf_counter() - split_started
+            )
 
         if engine == "ray" and len(splits) > 1:
             # One Ray Data pipeline per split (each ends in its own write_parquet), all running at once, so one
@@ -738,8 +837,20 @@ def prepare(
             for split in splits:
                 run_split(split)
         per_split = _merge_parts(parts, files, tmp / QUARANTINE_NAME, array_failures)
-        manifest = _manifest(cfg, model, files, data_root, input_hash, config_hash, scan, splits, per_split,
-                             array_failures, time.perf_counter() - started, tmp)
+        manifest = _manifest(
+            cfg,
+            model,
+            files,
+            data_root,
+            input_hash,
+            config_hash,
+            scan,
+            splits,
+            per_split,
+            array_failures,
+            time.perf_counter() - started,
+            tmp,
+        )
         shutil.rmtree(parts)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         _swap_into_place(tmp, output)
@@ -747,9 +858,15 @@ def prepare(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     counts = manifest["counts"]
-    logger.info("prepared %s: %d accepted, %d rejected (%s), %d paths repaired, %.1f rows/s", output,
-                counts["accepted"], counts["rejected"], dict(counts["reason"]) or "none", counts["fixed_suffix"],
-                manifest["rows_per_s"])
+    logger.info(
+        "prepared %s: %d accepted, %d rejected (%s), %d paths repaired, %.1f rows/s",
+        output,
+        counts["accepted"],
+        counts["rejected"],
+        dict(counts["reason"]) or "none",
+        counts["fixed_suffix"],
+        manifest["rows_per_s"],
+    )
     return PrepareResult(output=output, reused=False, manifest=manifest)
 
 
@@ -775,14 +892,27 @@ def _convert_arrays(files: list[InputFile], parts: Path, engine: str) -> list[di
         else:  # nothing of the file is read: an empty JSONL stands in for it
             Path(target).write_text("")
             file.read_path = target
-            failures.append({"source": file.source, **failure, "split": file.default_split, "_file": file.index})
+            failures.append(
+                {"source": file.source, **failure, "split": file.default_split, "_file": file.index}
+            )
             logger.warning("%s: %s", file.source, failure["message"])
     return failures
 
 
-def _manifest(cfg: PrepareConfig, model: MedPLIBConfig, files: list[InputFile], data_root: Path, input_hash: str,
-              config_hash: str, scan: _Scan, splits: list[str], per_split: dict[str, dict[str, Any]],
-              array_failures: list[dict[str, Any]], elapsed_s: float, tmp: Path) -> dict[str, Any]:
+def _manifest(
+    cfg: PrepareConfig,
+    model: MedPLIBConfig,
+    files: list[InputFile],
+    data_root: Path,
+    input_hash: str,
+    config_hash: str,
+    scan: _Scan,
+    splits: list[str],
+    per_split: dict[str, dict[str, Any]],
+    array_failures: list[dict[str, Any]],
+    elapsed_s: float,
+    tmp: Path,
+) -> dict[str, Any]:
     task, modality, reason = Counter(), Counter(), Counter()
     for stats in per_split.values():
         task.update(stats["task"])
@@ -802,8 +932,16 @@ def _manifest(cfg: PrepareConfig, model: MedPLIBConfig, files: list[InputFile], 
         "config_hash": config_hash,
         "config": cfg.model_dump(mode="json"),
         "data_root": str(data_root.resolve()),
-        "inputs": [{"source": f.source, "kind": f.kind, "default_split": f.default_split,
-                    "size_bytes": f.size_bytes, "sha256": f.sha256} for f in files],
+        "inputs": [
+            {
+                "source": f.source,
+                "kind": f.kind,
+                "default_split": f.default_split,
+                "size_bytes": f.size_bytes,
+                "sha256": f.sha256,
+            }
+            for f in files
+        ],
         "splits": {
             s: {
                 "accepted": per_split.get(s, {}).get("accepted", 0),
@@ -852,8 +990,13 @@ def summary_text(result: PrepareResult) -> str:
         f"paths repaired (.png) {counts['fixed_suffix']}",
     ]
     for name, split in manifest["splits"].items():
-        lines.append(f"  {name}: {split['accepted']} rows in {len(split['files'])} files, {split['rejected']} rejected")
+        lines.append(
+            f"  {name}: {split['accepted']} rows in {len(split['files'])} files, {split['rejected']} rejected"
+        )
     if counts["reason"]:
-        lines.append("  rejected: " + ", ".join(f"{k}={v}" for k, v in sorted(counts["reason"].items()))
-                     + f" (see {Path(result.output) / QUARANTINE_NAME})")
+        lines.append(
+            "  rejected: "
+            + ", ".join(f"{k}={v}" for k, v in sorted(counts["reason"].items()))
+            + f" (see {Path(result.output) / QUARANTINE_NAME})"
+        )
     return "\n".join(lines)

@@ -18,18 +18,27 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str = Field(description="model directory, MLflow model URI (models:/NAME@ALIAS, runs:/ID/model) or preset")
+    model: str = Field(
+        description="model directory, MLflow model URI (models:/NAME@ALIAS, runs:/ID/model) or preset"
+    )
     data: Path = Field(description="prepared dataset folder (the output of `medplib data prepare`)")
-    splits: list[str] = Field(default_factory=lambda: ["test"], min_length=1, description="splits to evaluate")
-    out: Path = Field(Path("eval"), description="output folder (created; files of the same name are replaced)")
-    max_rows: int | None = Field(None, ge=1, description="evaluate at most this many rows per split (file order)")
+    splits: list[str] = Field(
+        default_factory=lambda: ["test"], min_length=1, description="splits to evaluate"
+    )
+    out: Path = Field(
+        Path("eval"), description="output folder (created; files of the same name are replaced)"
+    )
+    max_rows: int | None = Field(
+        None, ge=1, description="evaluate at most this many rows per split (file order)"
+    )
     max_new_tokens: int = Field(64, ge=1, description="greedy decoding length limit (upstream eval: 1024)")
     batch_size: int = Field(8, ge=1, description="rows per generate call inside an actor")
     concurrency: int | None = Field(
         None, ge=1, description="actors (one model each); default: one per GPU, or 1 on a CPU-only cluster"
     )
     use_gpu: Literal["auto", "yes", "no"] = Field(
-        "auto", description="auto: one GPU per actor when the Ray cluster has GPUs; yes: require them; no: CPU"
+        "auto",
+        description="auto: one GPU per actor when the Ray cluster has GPUs; yes: require them; no: CPU",
     )
     cpus_per_actor: float = Field(0.5, gt=0, description="CPUs an actor reserves on a CPU-only cluster")
     dtype: str | None = Field(None, description="override the model's dtype (float32, bfloat16)")
@@ -43,11 +52,15 @@ class EvalConfig(BaseModel):
         description="a split whose name contains one of these is reported as zero-shot (cross-subject/held-out)",
     )
     mlflow_run_id: str | None = Field(None, description="log metrics and artifacts to this MLflow run")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: MLflow's own resolution")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default: MLflow's own resolution"
+    )
     mlflow_artifact_path: str = Field("eval", description="artifact folder inside the run")
     mlflow_prefix: str = Field("eval", description="prefix of the logged metric names: PREFIX/SPLIT/...")
     mlflow_step: int = Field(0, ge=0, description="step of the logged metrics")
-    compare_with: Path | None = Field(None, description="an earlier eval folder: write a before/after comparison")
+    compare_with: Path | None = Field(
+        None, description="an earlier eval folder: write a before/after comparison"
+    )
     compare_labels: tuple[str, str] = Field(("before", "after"), description="names of the two sides")
 
     @field_validator("splits")

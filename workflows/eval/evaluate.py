@@ -115,7 +115,12 @@ def is_grounding(row: dict[str, Any]) -> bool:
 
 
 def predict_rows(
-    predictor: Any, rows: Sequence[dict[str, Any]], *, max_new_tokens: int, model_id: str, batch_size: int | None = None
+    predictor: Any,
+    rows: Sequence[dict[str, Any]],
+    *,
+    max_new_tokens: int,
+    model_id: str,
+    batch_size: int | None = None,
 ) -> list[RowResult]:
     """Generate (greedy) and score prepared rows (dicts with `rows.COLUMNS`) through `Predictor.run`, the code
     that serves; results in input order.
@@ -134,17 +139,29 @@ def predict_rows(
         for start in range(0, len(positions), step):
             chunk = positions[start : start + step]
             prompts = [
-                generation_prompt(row_to_encoded(rows[i], predictor.cfg.vision.image_size_px), model.ids.region_feature)
+                generation_prompt(
+                    row_to_encoded(rows[i], predictor.cfg.vision.image_size_px), model.ids.region_feature
+                )
                 for i in chunk
             ]
             # As upstream eval: every grounding row gets a mask (from the last hidden state when the model emits no
             # <SEG>); the other rows decode with segment=False.
-            preds = predictor.run(prompts, max_new_tokens=max_new_tokens, temperature=0.0, segment=bool(grounding))
+            preds = predictor.run(
+                prompts, max_new_tokens=max_new_tokens, temperature=0.0, segment=bool(grounding)
+            )
             for i, prompt, pred in zip(chunk, prompts, preds, strict=True):
                 emitted_seg = model.ids.seg in pred.token_ids
                 per_row_s = pred.timings["generate_s"] / len(chunk)
                 results[i] = _row_result(
-                    rows[i], prompt, pred, emitted_seg, model_id, max_new_tokens, bool(grounding), per_row_s, len(chunk)
+                    rows[i],
+                    prompt,
+                    pred,
+                    emitted_seg,
+                    model_id,
+                    max_new_tokens,
+                    bool(grounding),
+                    per_row_s,
+                    len(chunk),
                 )
     return [r for r in results if r is not None]
 
@@ -199,7 +216,12 @@ def _row_result(
         "modality": row.get("modality"),
         "split": split,
         "pred_masks": [
-            {"png": None, "size": [int(m.shape[0]), int(m.shape[1])], "pixels": int(m.sum()), "score": float(s)}
+            {
+                "png": None,
+                "size": [int(m.shape[0]), int(m.shape[1])],
+                "pixels": int(m.sum()),
+                "score": float(s),
+            }
             for m, s in zip(masks, pred.scores, strict=True)
         ],
         "seg_counts": seg_counts,
@@ -217,9 +239,17 @@ class EvalWorker:
     """
 
     def __init__(
-        self, model: str, *, seed: int, dtype: str | None, use_gpu: bool, max_new_tokens: int, model_id: str,
-        batch_size: int, tracking_uri: str | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        model: str,
+        *,
+        seed: int,
+        dtype: str | None,
+        use_gpu: bool,
+        max_new_tokens: int,
+        model_id: str,
+        batch_size: int,
+        tracking_uri: str | None = None,
+    ) -> None:
         import torch
 
         from medplib.inference import Predictor, resolve_model_source
@@ -230,16 +260,21 @@ class EvalWorker:
         torch.manual_seed(seed)  # a random-init preset builds the same weights in every actor
         began = time.perf_counter()
         self.predictor = Predictor.from_pretrained(source, dtype=dtype, device=device)
-        logger.info("eval actor: model %s on %s in %.1f s", model, device or "cpu", time.perf_counter() - began)
+        logger.info(
+            "eval actor: model %s on %s in %.1f s", model, device or "cpu", time.perf_counter() - began
+        )
         self.max_new_tokens, self.model_id, self.batch_size = max_new_tokens, model_id, batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from medplib.data.rows import png_bytes
 
         results = predict_rows(
-            self.predictor, batch.to_pylist(), max_new_tokens=self.max_new_tokens, model_id=self.model_id,
+            self.predictor,
+            batch.to_pylist(),
+            max_new_tokens=self.max_new_tokens,
+            model_id=self.model_id,
             batch_size=self.batch_size,
-        )  # fmt: skip
+        )
         return pa.Table.from_pylist(
             [
                 {"record_json": json.dumps(r.record), "pred_masks_png": [png_bytes(m) for m in r.masks]}
@@ -271,23 +306,32 @@ def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
         # Ray Data touch-point: the split's Parquet shards, lazily; `limit` stops reading after max_rows.
         ds = load_prepared(cfg.data, split)
         datasets.append(ds.limit(cfg.max_rows) if cfg.max_rows else ds)
-    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]  # one actor pool for all splits
+    ds = (
+        datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    )  # one actor pool for all splits
     # Ray Data touch-point: an actor pool of `concurrency` EvalWorkers, each holding one model (one GPU each
     # when there are GPUs; a fraction of a CPU otherwise, so a whole CPU is left to the read tasks).
     predicted = ds.map_batches(
         EvalWorker,
         fn_constructor_kwargs={
-            "model": cfg.model, "seed": cfg.seed, "dtype": cfg.dtype, "use_gpu": gpus,
-            "max_new_tokens": cfg.max_new_tokens, "model_id": cfg.label, "batch_size": cfg.batch_size,
+            "model": cfg.model,
+            "seed": cfg.seed,
+            "dtype": cfg.dtype,
+            "use_gpu": gpus,
+            "max_new_tokens": cfg.max_new_tokens,
+            "model_id": cfg.label,
+            "batch_size": cfg.batch_size,
             "tracking_uri": tracking_uri,
-        },  # fmt: skip
+        },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         concurrency=concurrency,
         num_gpus=1 if gpus else 0,
         num_cpus=1 if gpus else cfg.cpus_per_actor,
     )
-    logger.info("eval: %d actor(s) on %s, splits %s", concurrency, "GPU" if gpus else "CPU", ", ".join(cfg.splits))
+    logger.info(
+        "eval: %d actor(s) on %s, splits %s", concurrency, "GPU" if gpus else "CPU", ", ".join(cfg.splits)
+    )
     # Ray Data touch-point: results stream back to the driver batch by batch (records are small; masks are PNG).
     for row in predicted.iter_rows():
         yield row["record_json"], list(row["pred_masks_png"] or [])
@@ -297,9 +341,15 @@ def _iter_outputs_local(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
     from medplib.data.prepared import iter_prepared_rows
 
     worker = EvalWorker(
-        cfg.model, seed=cfg.seed, dtype=cfg.dtype, use_gpu=_want_gpus(cfg), max_new_tokens=cfg.max_new_tokens,
-        model_id=cfg.label, batch_size=cfg.batch_size, tracking_uri=cfg.tracking_uri,
-    )  # fmt: skip
+        cfg.model,
+        seed=cfg.seed,
+        dtype=cfg.dtype,
+        use_gpu=_want_gpus(cfg),
+        max_new_tokens=cfg.max_new_tokens,
+        model_id=cfg.label,
+        batch_size=cfg.batch_size,
+        tracking_uri=cfg.tracking_uri,
+    )
     for split in cfg.splits:
         rows = iter_prepared_rows(cfg.data, split, batch_rows=cfg.batch_size)
         taken = 0
@@ -358,6 +408,7 @@ def split_metrics(records: Sequence[dict[str, Any]], kind: str = "in_distributio
     (rows where the model emitted `<SEG>` itself rather than the segment=True fallback). `vqa`: `vqa_scores` of
     the other rows (VQA and region VQA), with `by_answer_type`. `by_task` and `by_modality` repeat both.
     """
+
     def sections(subset: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return {
             "rows": len(subset),
@@ -437,15 +488,15 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:150]
 
 
-def _write_outputs(
-    cfg: EvalConfig, outputs: Iterable[tuple[str, list[bytes]]]
-) -> list[dict[str, Any]]:
+def _write_outputs(cfg: EvalConfig, outputs: Iterable[tuple[str, list[bytes]]]) -> list[dict[str, Any]]:
     """Mask PNGs to `masks/<split>/`, records collected and sorted (split order asked for, then id)."""
     records = []
     for record_json, mask_pngs in outputs:
         record = json.loads(record_json)
         for k, data in enumerate(mask_pngs):
-            relative = Path("masks") / _safe_name(record["split"]) / f"{_safe_name(record['question_id'])}_{k}.png"
+            relative = (
+                Path("masks") / _safe_name(record["split"]) / f"{_safe_name(record['question_id'])}_{k}.png"
+            )
             (cfg.out / relative).parent.mkdir(parents=True, exist_ok=True)
             (cfg.out / relative).write_bytes(data)
             record["pred_masks"][k]["png"] = relative.as_posix()
@@ -468,7 +519,9 @@ def evaluate(config: EvalConfig | None = None, **fields: Any) -> EvalResult:
     for split in cfg.splits:
         shard_files(cfg.data, split)  # ValueError naming the prepared splits, before any model is built
     if cfg.compare_with is not None and not (cfg.compare_with / METRICS_NAME).is_file():
-        raise FileNotFoundError(f"compare_with: {cfg.compare_with / METRICS_NAME} not found (an eval output folder)")
+        raise FileNotFoundError(
+            f"compare_with: {cfg.compare_with / METRICS_NAME} not found (an eval output folder)"
+        )
     cfg.out.mkdir(parents=True, exist_ok=True)
 
     outputs = _iter_outputs_ray(cfg) if cfg.engine == "ray" else _iter_outputs_local(cfg)
@@ -488,7 +541,9 @@ def evaluate(config: EvalConfig | None = None, **fields: Any) -> EvalResult:
     comparison_path = None
     comparison = None
     if cfg.compare_with is not None:
-        comparison_path = write_comparison_report(cfg.compare_with, cfg.out, cfg.out, labels=cfg.compare_labels)
+        comparison_path = write_comparison_report(
+            cfg.compare_with, cfg.out, cfg.out, labels=cfg.compare_labels
+        )
         comparison = json.loads((cfg.out / "comparison.json").read_text())
     report = write_report(cfg, metrics, records, comparison=comparison)
     elapsed = time.perf_counter() - began
@@ -503,8 +558,13 @@ def evaluate(config: EvalConfig | None = None, **fields: Any) -> EvalResult:
         elapsed_s=round(elapsed, 3),
         rows=len(records),
     )
-    logger.info("eval: %d rows in %.1f s (%.2f rows/s); wrote %s", len(records), elapsed,
-                metrics["rows_per_s"] or 0.0, report.html)
+    logger.info(
+        "eval: %d rows in %.1f s (%.2f rows/s); wrote %s",
+        len(records),
+        elapsed,
+        metrics["rows_per_s"] or 0.0,
+        report.html,
+    )
     if cfg.mlflow_run_id:
         log_to_mlflow(result, cfg)
     return result
@@ -517,15 +577,21 @@ def summary_text(result: EvalResult) -> str:
         g, v = section.get("grounding") or {}, section.get("vqa") or {}
         parts = [f"{split} ({section['kind']}): {section['rows']} rows"]
         if g:
-            parts.append(f"mDice {100 * (g.get('mDice') or 0):.1f} mIoU {100 * (g.get('mIoU') or 0):.1f} "
-                         f"(n={g.get('n')})")  # fmt: skip
+            parts.append(
+                f"mDice {100 * (g.get('mDice') or 0):.1f} mIoU {100 * (g.get('mIoU') or 0):.1f} "
+                f"(n={g.get('n')})"
+            )
         if v:
             closed, f1 = v.get("closed_accuracy"), v.get("open_f1")
-            parts.append(f"closed acc {'-' if closed is None else f'{100 * closed:.1f}'} "
-                         f"open F1 {'-' if f1 is None else f'{100 * f1:.1f}'}")  # fmt: skip
+            parts.append(
+                f"closed acc {'-' if closed is None else f'{100 * closed:.1f}'} "
+                f"open F1 {'-' if f1 is None else f'{100 * f1:.1f}'}"
+            )
         lines.append(" | ".join(parts))
-    lines.append(f"wrote {result.predictions_path}, {result.metrics_path}, {result.report_path} "
-                 f"({result.rows} rows in {result.elapsed_s:.1f} s)")  # fmt: skip
+    lines.append(
+        f"wrote {result.predictions_path}, {result.metrics_path}, {result.report_path} "
+        f"({result.rows} rows in {result.elapsed_s:.1f} s)"
+    )
     return "\n".join(lines)
 
 
@@ -542,7 +608,9 @@ def log_to_mlflow(result: EvalResult, cfg: EvalConfig) -> None:
     run_id = cfg.mlflow_run_id
     assert run_id is not None
     now_ms = int(time.time() * 1000)
-    metrics = [Metric(k, v, now_ms, cfg.mlflow_step) for k, v in result.flat_metrics(cfg.mlflow_prefix).items()]
+    metrics = [
+        Metric(k, v, now_ms, cfg.mlflow_step) for k, v in result.flat_metrics(cfg.mlflow_prefix).items()
+    ]
     for start in range(0, len(metrics), 1000):  # log_batch takes at most 1000 metrics
         client.log_batch(run_id, metrics=metrics[start : start + 1000])
     files = [result.report_path, result.metrics_path, result.predictions_path]
@@ -553,5 +621,9 @@ def log_to_mlflow(result: EvalResult, cfg: EvalConfig) -> None:
     for folder in ("plots", "gallery"):
         if (result.out / folder).is_dir():
             client.log_artifacts(run_id, str(result.out / folder), f"{cfg.mlflow_artifact_path}/{folder}")
-    logger.info("eval: logged %d metrics and the report to MLflow run %s (%s)", len(metrics), run_id,
-                mlflow.get_tracking_uri() if not cfg.tracking_uri else cfg.tracking_uri)
+    logger.info(
+        "eval: logged %d metrics and the report to MLflow run %s (%s)",
+        len(metrics),
+        run_id,
+        mlflow.get_tracking_uri() if not cfg.tracking_uri else cfg.tracking_uri,
+    )

@@ -118,7 +118,9 @@ class GalleryCase:
 def _text(value: Any) -> str:
     """HTML-escaped text; control characters (a random-init model emits them) shown as \\xNN."""
     text = "" if value is None else str(value)
-    text = "".join(f"\\x{ord(c):02x}" if unicodedata.category(c) == "Cc" and c not in "\n\t" else c for c in text)
+    text = "".join(
+        f"\\x{ord(c):02x}" if unicodedata.category(c) == "Cc" and c not in "\n\t" else c for c in text
+    )
     return html.escape(text)
 
 
@@ -150,7 +152,9 @@ def _img_tag(data: bytes, alt: str, cls: str = "") -> str:
 
 
 # -------------------------------------------------------------------------------------------------- drawing
-def overlay(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, display_px: int = GALLERY_DISPLAY_PX) -> np.ndarray:
+def overlay(
+    image: np.ndarray, gt: np.ndarray, pred: np.ndarray, display_px: int = GALLERY_DISPLAY_PX
+) -> np.ndarray:
     """The image (scaled so its longer side is `display_px`) with the prediction tinted and outlined in magenta
     and the ground truth in green; where both lie the tints mix, and both outlines stay visible."""
     h, w = gt.shape
@@ -194,8 +198,16 @@ def _bars(ax, groups: Sequence[str], series: Sequence[tuple[str, Sequence[float 
         bars = ax.bar(offsets, heights, width * 0.92, label=label, color=color)
         for bar, v in zip(bars, values, strict=True):
             text = "n/a" if v is None else f"{100 * v:.1f}"
-            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                        fontsize=7, xytext=(0, 2), textcoords="offset points", color="#555" if v is None else "#222")
+            ax.annotate(
+                text,
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                xytext=(0, 2),
+                textcoords="offset points",
+                color="#555" if v is None else "#222",
+            )
     ax.set_xticks(x)
     ax.set_xticklabels(groups, fontsize=8)
     ax.set_ylim(0, 109)
@@ -217,7 +229,11 @@ def per_modality_chart(split: str, section: dict[str, Any]) -> bytes:
         labels.append(f"{name}\nG {(g or {}).get('rows', 0)} / VQA {(v or {}).get('n', 0)}")
     series = [
         ("grounding mDice", [_get(by_modality[m].get("grounding"), "mDice") for m in names], "#3b7dd8"),
-        ("VQA closed accuracy", [_get(by_modality[m].get("vqa"), "closed_accuracy") for m in names], "#e08a1e"),
+        (
+            "VQA closed accuracy",
+            [_get(by_modality[m].get("vqa"), "closed_accuracy") for m in names],
+            "#e08a1e",
+        ),
         ("VQA open token F1", [_get(by_modality[m].get("vqa"), "open_f1") for m in names], "#4aa564"),
     ]
     fig = _figure(max(5.0, 1.5 + 1.4 * len(names)), 3.2)
@@ -245,7 +261,9 @@ def comparison_chart(split: str, rows: Sequence[dict[str, Any]], labels: tuple[s
 # ------------------------------------------------------------------------------------------------- gallery
 def pick_gallery(records: Sequence[dict[str, Any]], k: int) -> tuple[list[dict], list[dict]]:
     """(best, worst) scored grounding records by Dice, at most k each and never the same row twice."""
-    scored = sorted((r for r in records if r.get("dice") is not None), key=lambda r: (-r["dice"], r["question_id"]))
+    scored = sorted(
+        (r for r in records if r.get("dice") is not None), key=lambda r: (-r["dice"], r["question_id"])
+    )
     best = scored[: min(k, math.ceil(len(scored) / 2))]
     worst = list(reversed(scored[len(best) :]))[:k]
     return best, worst
@@ -311,12 +329,19 @@ def _score_columns(section: dict[str, Any] | None) -> str:
     v = (section or {}).get("vqa")
     return "".join(
         [
-            _int(_get(g, "rows")), _num(_get(g, "mDice")), _num(_get(g, "mIoU")), _num(_get(g, "gIoU")),
-            _num(_get(g, "cIoU")), _int(_get(v, "n_closed")), _num(_get(v, "closed_accuracy")),
-            _int(_get(v, "n_open")), _num(_get(v, "open_f1")), _num(_get(v, "open_recall")),
+            _int(_get(g, "rows")),
+            _num(_get(g, "mDice")),
+            _num(_get(g, "mIoU")),
+            _num(_get(g, "gIoU")),
+            _num(_get(g, "cIoU")),
+            _int(_get(v, "n_closed")),
+            _num(_get(v, "closed_accuracy")),
+            _int(_get(v, "n_open")),
+            _num(_get(v, "open_f1")),
+            _num(_get(v, "open_recall")),
             _num(_get(v, "open_bleu_1")),
         ]
-    )  # fmt: skip
+    )
 
 
 SCORE_HEADER = (
@@ -350,8 +375,11 @@ def _summary_table(metrics: dict[str, Any]) -> str:
     header = SCORE_HEADER.format(first="split").replace(
         '<th rowspan="2">rows</th>', '<th rowspan="2">kind</th><th rowspan="2">rows</th>', 1
     )
-    header = header.replace("</th></tr><tr>", '</th><th rowspan="2">&lt;SEG&gt; emitted %</th>'
-                            '<th rowspan="2">rows / generate s</th></tr><tr>', 1)
+    header = header.replace(
+        "</th></tr><tr>",
+        '</th><th rowspan="2">&lt;SEG&gt; emitted %</th><th rowspan="2">rows / generate s</th></tr><tr>',
+        1,
+    )
     return f"<table>{header}{''.join(rows)}</table>"
 
 
@@ -364,7 +392,7 @@ def _gallery_html(title: str, cases: Sequence[GalleryCase], images: Sequence[byt
         cards.append(
             f'<div class="card">{_img_tag(data, "grounding case " + r["question_id"])}'
             f'<div><span class="score">Dice {100 * r["dice"]:.1f}</span>{_text(r.get("modality"))}'
-            f' &middot; IoU {100 * (r["iou"] or 0):.1f}</div>'
+            f" &middot; IoU {100 * (r['iou'] or 0):.1f}</div>"
             f'<div class="q">{_text(r.get("prompt"))}</div>'
             f"<div>expected: {_text(r.get('gt'))}</div><div>model: {_text(r.get('text'))}</div>"
             f'<div class="meta">{_text(r["question_id"])}</div></div>'
@@ -401,8 +429,8 @@ def _comparison_section(comparison: dict[str, Any], charts: dict[str, bytes]) ->
     labels = comparison["labels"]
     parts = [
         f'<p class="note">{_text(labels[0])}: <code>{_text(comparison["before"]["model_id"])}</code> '
-        f'({_text(comparison["before"]["dir"])}); {_text(labels[1])}: <code>{_text(comparison["after"]["model_id"])}'
-        f'</code> ({_text(comparison["after"]["dir"])}). Scores x100; delta = {_text(labels[1])} &minus; '
+        f"({_text(comparison['before']['dir'])}); {_text(labels[1])}: <code>{_text(comparison['after']['model_id'])}"
+        f"</code> ({_text(comparison['after']['dir'])}). Scores x100; delta = {_text(labels[1])} &minus; "
         f"{_text(labels[0])}.</p>"
     ]
     for split, entry in comparison["splits"].items():
@@ -414,7 +442,9 @@ def _comparison_section(comparison: dict[str, Any], charts: dict[str, bytes]) ->
             else:
                 cls = "pos" if delta > 0 else "neg" if delta < 0 else ""
                 delta_cell = f'<td class="num {cls}">{100 * delta:+.1f}</td>'
-            rows.append(f"<tr><td>{_text(row['label'])}</td>{_num(row['before'])}{_num(row['after'])}{delta_cell}</tr>")
+            rows.append(
+                f"<tr><td>{_text(row['label'])}</td>{_num(row['before'])}{_num(row['after'])}{delta_cell}</tr>"
+            )
         kind = entry.get("kind", "in_distribution")
         parts.append(
             f'<h3>{_text(split)} <span class="badge {kind}">{_text(KIND_TITLES.get(kind, kind))}</span></h3>'
@@ -424,8 +454,10 @@ def _comparison_section(comparison: dict[str, Any], charts: dict[str, bytes]) ->
         if split in charts:
             parts.append(_img_tag(charts[split], f"{split}: {labels[0]} vs {labels[1]}", "chart"))
     if comparison.get("only_in_one"):
-        parts.append(f'<p class="note">Splits evaluated on one side only: {_text(", ".join(comparison["only_in_one"]))}'
-                     "</p>")
+        parts.append(
+            f'<p class="note">Splits evaluated on one side only: {_text(", ".join(comparison["only_in_one"]))}'
+            "</p>"
+        )
     return "".join(parts)
 
 
@@ -477,8 +509,10 @@ def write_report(
             path = out / "plots" / f"comparison_{split}.png"
             if path.is_file():
                 charts[split] = path.read_bytes()
-        body += [f"<h2>{_text(comparison['labels'][0])} vs {_text(comparison['labels'][1])}</h2>",
-                 _comparison_section(comparison, charts)]
+        body += [
+            f"<h2>{_text(comparison['labels'][0])} vs {_text(comparison['labels'][1])}</h2>",
+            _comparison_section(comparison, charts),
+        ]
     current_kind = None
     for split in ordered:
         section = metrics["splits"][split]
@@ -498,8 +532,12 @@ def write_report(
         if not section["rows"]:
             body.append('<p class="note">No rows were evaluated in this split.</p>')
             continue
-        body += ["<h3>By task</h3>", _score_table("task", section["by_task"]),
-                 "<h3>By modality</h3>", _score_table("modality", section["by_modality"])]
+        body += [
+            "<h3>By task</h3>",
+            _score_table("task", section["by_task"]),
+            "<h3>By modality</h3>",
+            _score_table("modality", section["by_modality"]),
+        ]
         chart = per_modality_chart(split, section)
         chart_path = out / "plots" / f"{split}_per_modality.png"
         chart_path.write_bytes(chart)
@@ -529,7 +567,9 @@ def write_report(
         body.append(_examples_html(by_split.get(split, []), cfg.examples_per_split))
 
     html_path = out / REPORT_NAME
-    html_path.write_text(_page(f"MedPLIB evaluation: {metrics['model_id']}", "\n".join(body)), encoding="utf-8")
+    html_path.write_text(
+        _page(f"MedPLIB evaluation: {metrics['model_id']}", "\n".join(body)), encoding="utf-8"
+    )
     return ReportFiles(html_path, pngs)
 
 
@@ -541,8 +581,16 @@ def _metric_rows(before: dict[str, Any] | None, after: dict[str, Any] | None) ->
         a = _get((after or {}).get(section), key)
         if b is None and a is None:
             continue
-        rows.append({"label": label, "section": section, "key": key, "before": b, "after": a,
-                     "delta": None if a is None or b is None else a - b})
+        rows.append(
+            {
+                "label": label,
+                "section": section,
+                "key": key,
+                "before": b,
+                "after": a,
+                "delta": None if a is None or b is None else a - b,
+            }
+        )
     return rows
 
 
@@ -572,7 +620,10 @@ def compare_metrics(before: dict[str, Any], after: dict[str, Any], labels: tuple
 
 
 def write_comparison_report(
-    before_dir: str | Path, after_dir: str | Path, out: str | Path, labels: Sequence[str] = ("before", "after")
+    before_dir: str | Path,
+    after_dir: str | Path,
+    out: str | Path,
+    labels: Sequence[str] = ("before", "after"),
 ) -> Path:
     """Compare two eval folders (each with `metrics.json`): writes `OUT/comparison.html` (self-contained),
     `OUT/comparison.json` and `OUT/plots/comparison_<split>.png`; returns the HTML path.
@@ -587,7 +638,9 @@ def write_comparison_report(
     for folder in (before_dir, after_dir):
         path = folder / "metrics.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: {folder} is not an eval output folder (run `medplib eval`)")
+            raise FileNotFoundError(
+                f"{path} not found: {folder} is not an eval output folder (run `medplib eval`)"
+            )
         sides.append(json.loads(path.read_text()))
     comparison = compare_metrics(sides[0], sides[1], (labels[0], labels[1]))
     comparison["before"]["dir"], comparison["after"]["dir"] = str(before_dir), str(after_dir)
@@ -604,9 +657,8 @@ def write_comparison_report(
             charts[split] = comparison_chart(split, headline, (labels[0], labels[1]))
             (out / "plots" / f"comparison_{split}.png").write_bytes(charts[split])
     (out / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
-    body = (
-        f"<h1>MedPLIB evaluation: {_text(labels[0])} vs {_text(labels[1])}</h1>"
-        + _comparison_section(comparison, charts)
+    body = f"<h1>MedPLIB evaluation: {_text(labels[0])} vs {_text(labels[1])}</h1>" + _comparison_section(
+        comparison, charts
     )
     html_path = out / "comparison.html"
     html_path.write_text(_page(f"MedPLIB: {labels[0]} vs {labels[1]}", body), encoding="utf-8")

@@ -91,11 +91,14 @@ class StageConfig(_Strict):
     expert_sources: list[Literal["grounding", "vl"]] = Field(default_factory=lambda: ["grounding", "vl"])
     """moe stage only: which stage's FFN initialises expert i (upstream `--expert_pretrained_path
     stage3,stage2`: expert 0 = grounding, expert 1 = vl)."""
+
     @model_validator(mode="after")
     def _consistent(self) -> StageConfig:
         if self.stage == "moe":
             if self.moe is None:
-                raise ValueError("moe: the moe stage needs a `moe:` section (num_experts, top_k, layers, ...)")
+                raise ValueError(
+                    "moe: the moe stage needs a `moe:` section (num_experts, top_k, layers, ...)"
+                )
             if len(self.expert_sources) != self.moe.num_experts:
                 raise ValueError(
                     f"expert_sources: {len(self.expert_sources)} sources for moe.num_experts={self.moe.num_experts}"
@@ -129,7 +132,9 @@ class DataSettings(_Strict):
     @model_validator(mode="after")
     def _one_source(self) -> DataSettings:
         if not self.input and not self.prepared:
-            raise ValueError("data: give `input` (raw MeCoVQA rows to prepare) or `prepared` (a prepared folder)")
+            raise ValueError(
+                "data: give `input` (raw MeCoVQA rows to prepare) or `prepared` (a prepared folder)"
+            )
         return self
 
 
@@ -185,7 +190,9 @@ class PipelineConfig(_Strict):
             if stage.stage != key:
                 raise ValueError(f"stages.{key}: the file configures stage {stage.stage!r}")
             if stage.preset != self.preset:
-                raise ValueError(f"stages.{key}.preset is {stage.preset!r} but the pipeline preset is {self.preset!r}")
+                raise ValueError(
+                    f"stages.{key}.preset is {stage.preset!r} but the pipeline preset is {self.preset!r}"
+                )
         return self
 
     @property
@@ -234,7 +241,9 @@ def _stage_path(ref: str, pipeline_file: Path) -> Path:
         candidate = (base / ref).resolve()
         if candidate.exists():
             return candidate
-    raise FileNotFoundError(f"{pipeline_file}: stage config {ref!r} not found next to it or under {configs_dir()}")
+    raise FileNotFoundError(
+        f"{pipeline_file}: stage config {ref!r} not found next to it or under {configs_dir()}"
+    )
 
 
 def load_pipeline_config(path: str | Path, **overrides: Any) -> PipelineConfig:

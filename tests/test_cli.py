@@ -75,7 +75,7 @@ def test_model_summary_counts_components():
 # Every command path of `medplib`: its sub-commands, long flags (besides --help) and positionals, as they were
 # before the CLI moved into one file per verb; scripts and docs rely on them.
 COMMANDS = {
-    "": "data predict model eval eval-compare serve infra convert-upstream pipeline train sweep submit jobs --verbose",
+    "": "data predict model eval eval-compare serve infra convert-upstream pipeline train sweep submit jobs --verbose --version",
     "data": "build-mini synth show prepare",
     "data build-mini": "--output --seed --max-samples",
     "data synth": "--rows --output --seed --pool-size --image-px",
@@ -125,7 +125,7 @@ def test_verbs_and_flags_are_unchanged():
     from workflows.cli import VERBS, build_parser
 
     assert _command_tree(build_parser()) == COMMANDS
-    assert list(VERBS) == COMMANDS[""].split()[:-1]
+    assert list(VERBS) == [w for w in COMMANDS[""].split() if not w.startswith("--")]
 
 
 def test_every_verb_prints_its_help(capsys):
@@ -141,7 +141,7 @@ def test_every_verb_prints_its_help(capsys):
     medplib = shutil.which("medplib") or str(Path(sys.executable).with_name("medplib"))
     top = subprocess.run([medplib, "--help"], capture_output=True, text=True, timeout=120)
     assert top.returncode == 0, top.stderr[-2000:]
-    for verb in COMMANDS[""].split()[:-1]:
+    for verb in [w for w in COMMANDS[""].split() if not w.startswith("--")]:
         assert verb in top.stdout, verb
     for path, items in COMMANDS.items():
         if not path:
@@ -154,3 +154,24 @@ def test_every_verb_prints_its_help(capsys):
         for item in items.split():
             if item.startswith("--") or f"{path} {item}" in COMMANDS:
                 assert item in text, f"`medplib {path} --help` does not mention {item}"
+
+
+def test_version_and_python_dash_m_medplib(tmp_path):
+    """`python -m medplib` is the `medplib` command; `--version` prints the package's version."""
+    import medplib
+
+    out = subprocess.run(
+        [sys.executable, "-m", "medplib", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and out.stdout.strip() == f"medplib {medplib.__version__}", out.stderr[-2000:]
+
+
+def test_configs_paths_resolve_outside_a_checkout(tmp_path, monkeypatch):
+    """`--config configs/pipeline/tiny.yaml` from a folder without configs/ reads the shipped copy."""
+    from medplib.model.config import configs_dir, find_config
+
+    monkeypatch.chdir(tmp_path)
+    found = find_config("configs/pipeline/tiny.yaml")
+    assert found == configs_dir() / "pipeline" / "tiny.yaml" and found.is_file()
+    (tmp_path / "mine.yaml").write_text("name: mine\n")
+    assert find_config("mine.yaml") == tmp_path.joinpath("mine.yaml").relative_to(tmp_path)

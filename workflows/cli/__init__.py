@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from medplib import __version__
 from workflows.cli import convert, data, infra, model, predict, serve, submit, train
 from workflows.cli import eval as eval_verbs  # not `eval`: that name is Python's
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="MedPLIB on Ray: prepare MeCoVQA data, train the three stages, evaluate, and serve.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"medplib {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for verb, add in VERBS.items():
         add(commands, verb)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from medplib.model.config import find_config
 from workflows.train.config import STAGES
 
 
@@ -19,7 +20,9 @@ def add_pipeline(commands: argparse._SubParsersAction, verb: str) -> None:
         "tracked in MLflow (parent run + one child run per stage). A step whose output exists for the same inputs "
         "and config is skipped; an interrupted stage resumes from its last checkpoint.",
     )
-    run.add_argument("--config", required=True, help="pipeline YAML, e.g. configs/pipeline/small.yaml")
+    run.add_argument(
+        "--config", required=True, type=find_config, help="pipeline YAML, e.g. configs/pipeline/small.yaml"
+    )
     run.add_argument("--workdir", help="override the config's workdir")
     run.add_argument(
         "--tracking-uri",
@@ -43,7 +46,9 @@ def add_train(commands: argparse._SubParsersAction, verb: str) -> None:
         "aliases of the earlier stages (models:/medplib-vl@latest-<pipeline>), so run those first.",
     )
     train.add_argument("--stage", required=True, choices=STAGES)
-    train.add_argument("--config", required=True, help="pipeline YAML (its stages.<stage> entry is used)")
+    train.add_argument(
+        "--config", required=True, type=find_config, help="pipeline YAML (its stages.<stage> entry is used)"
+    )
     train.add_argument("--workdir", help="override the config's workdir")
     train.add_argument("--tracking-uri", help="MLflow tracking URI")
     train.add_argument("--max-steps", type=int, help="override max_steps")
@@ -57,7 +62,7 @@ def add_sweep(commands: argparse._SubParsersAction, verb: str) -> None:
         description="Sweep a stage's config fields (search space in YAML, e.g. configs/sweeps/tiny-vl.yaml); "
         "the best trial's full stage config is written to <workdir>/sweeps/<name>-<fp>/best_<stage>.yaml.",
     )
-    sweep.add_argument("--config", required=True, help="sweep YAML")
+    sweep.add_argument("--config", required=True, type=find_config, help="sweep YAML")
     sweep.add_argument("--stage", choices=STAGES, help="must match the sweep file's stage (optional)")
     sweep.add_argument("--workdir", help="override the pipeline's workdir")
     sweep.set_defaults(handler=_sweep)

@@ -1,0 +1,24 @@
+"""Packages and package data (the rest of the metadata is in pyproject.toml).
+
+The repository's `configs/` (presets, stage, pipeline, prepare and sweep configs: the folder users edit) ships
+inside the wheel as `medplib/configs`, where `medplib.model.config.configs_dir()` finds it after a plain
+`pip install .`; a checkout reads `configs/` itself.
+"""
+
+from setuptools import find_namespace_packages, setup
+
+setup(
+    packages=find_namespace_packages(
+        include=["medplib*", "medplib_datasets*", "workflows*", "serve*"], exclude=["*__pycache__"]
+    )
+    + ["medplib.configs"],
+    package_dir={"medplib.configs": "configs"},
+    package_data={
+        "medplib": ["py.typed"],
+        "medplib.configs": ["**/*.yaml"],
+        "serve": [
+            "*.yaml",
+            "static/*",
+        ],  # the serve defaults (config.yaml, config.gpu.yaml) and the demo page
+    },
+)

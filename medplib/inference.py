@@ -7,6 +7,7 @@ batch evaluation all go `encode` -> `run`.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -19,8 +20,12 @@ import torch
 from medplib.data.batch import Encoded, collate, encode_sample
 from medplib.data.schema import Box, MaskRef, Point, Turn
 from medplib.model.config import load_model_config
+from medplib.model.export import is_model_dir
 from medplib.model.medplib import MedPLIB
+from medplib.model.packaged import medplib_cache_dir
 from medplib.prediction import Prediction
+
+log = logging.getLogger(__name__)
 
 Region = Point | Box | MaskRef | np.ndarray
 _REGION_MARK = re.compile(r"<region>(</region>)?")
@@ -44,28 +49,76 @@ class InvalidRequest(ValueError):
 
 
 def find_model_dir(path: Path, max_depth: int = 3) -> Path:
-    """The model folder (config.json + model.safetensors) at or below `path`; `path` itself when none is found
-    (the loader then names what is missing)."""
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+    """The model folder (`medplib.model.export.is_model_dir`) at `path`, inside an MLflow pyfunc model there (its
+    `MLmodel` names the export as the `model` artifact), or below `path` (a downloaded run folder); `path` itself
+    when none is found (the loader then names what is missing)."""
+    if is_model_dir(path):
         return path
+    mlmodel = path / "MLmodel"
+    if mlmodel.is_file():
+        import yaml
+
+        flavor = (yaml.safe_load(mlmodel.read_text()).get("flavors") or {}).get("python_function") or {}
+        artifact = (flavor.get("artifacts") or {}).get("model")
+        if artifact and is_model_dir(path / artifact["path"]):
+            return path / artifact["path"]
     for depth in range(1, max_depth + 1):
-        for weights in sorted(path.glob("/".join(["*"] * depth) + "/model.safetensors")):
-            if (weights.parent / "config.json").is_file():
-                return weights.parent
+        for found in sorted(path.glob("/".join(["*"] * depth))):
+            if found.is_dir() and (is_model_dir(found) or (found / "MLmodel").is_file()):
+                return find_model_dir(found, 0)
     return path
 
 
+def _download_registered(uri: str, tracking_uri: str | None) -> Path:
+    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` -> a local copy, downloaded once per registry, name and
+    version into `<medplib cache>/mlflow-models/` (a restart or a second replica reuses it)."""
+    import hashlib
+    import os
+    import shutil
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    registry = tracking_uri or mlflow.get_registry_uri()
+    client = MlflowClient(tracking_uri, registry_uri=registry)
+    ref = uri.removeprefix("models:/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias)
+    else:
+        name, _, number = ref.partition("/")
+        version = client.get_model_version(name, number)
+    store = hashlib.sha256(registry.encode()).hexdigest()[:12]
+    # The run id guards against a store that was wiped and numbered its versions from 1 again.
+    dst = medplib_cache_dir() / "mlflow-models" / store / name / f"{version.version}-{version.run_id}"
+    if not (dst / ".complete").is_file():
+        tmp = dst.with_name(f".{dst.name}.download-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=version.source, dst_path=str(tmp), tracking_uri=tracking_uri
+        )
+        (Path(local) / ".complete").write_text(uri + "\n")
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(local, dst)
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("downloaded %s (version %s) into %s", uri, version.version, dst)
+    return dst
+
+
 def resolve_model_source(source: str, tracking_uri: str | None = None) -> str:
-    """A model directory or a preset name passes through; an MLflow URI (`models:/medplib@champion`,
-    `runs:/ID/model`) is downloaded (into MLflow's cache) from `tracking_uri`, default MLflow's own."""
-    if source.startswith(MLFLOW_URI_PREFIXES):
+    """A model directory (an export or an MLflow pyfunc model) or a preset name passes through; a registered model
+    (`models:/medplib@champion`, `models:/medplib/3`) comes from the download cache; other MLflow URIs
+    (`runs:/ID/model`) are downloaded into MLflow's temporary folder. `tracking_uri` defaults to MLflow's own."""
+    if source.startswith("models:/") and not source.startswith("models:/m-"):
+        source = str(_download_registered(source, tracking_uri))
+    elif source.startswith(MLFLOW_URI_PREFIXES):
         import mlflow.artifacts  # only here: reading a local model needs no MLflow
 
         source = mlflow.artifacts.download_artifacts(
             artifact_uri=source, tracking_uri=tracking_uri, registry_uri=tracking_uri
         )
     path = Path(source)
-    # A downloaded MLflow model keeps the model folder below the artifact root.
     return str(find_model_dir(path)) if path.is_dir() else source
 
 

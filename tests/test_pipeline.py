@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow
 
 mlflow = pytest.importorskip("mlflow")
 
+from medplib.inference import resolve_model_source  # noqa: E402
 from medplib.model.config import configs_dir  # noqa: E402
 from medplib.model.medplib import MedPLIB  # noqa: E402
 from medplib_datasets.toy import write_toy_prepared  # noqa: E402
@@ -132,21 +133,13 @@ def test_full_pipeline_tracked_in_mlflow(base_cfg: PipelineConfig, first_run) ->
         assert needle in text, needle
 
 
-def test_moe_experts_are_the_grounding_and_vl_ffns(
-    base_cfg: PipelineConfig, first_run, tmp_path: Path
-) -> None:
+def test_moe_experts_are_the_grounding_and_vl_ffns(base_cfg: PipelineConfig, first_run) -> None:
     result, _ = first_run
-    uri, client = base_cfg.resolved_tracking_uri(), _client(base_cfg)
-    # models:/NAME@latest-tiny, resolved with this store's client (MLflow 3.17's download_artifacts ignores its
-    # registry_uri argument for models:/ URIs and would look in the process-wide default store).
+    uri = base_cfg.resolved_tracking_uri()
+    # models:/NAME@latest-tiny through medplib's resolver, with this store's URI (a registered version is an
+    # MLflow pyfunc model; the resolver finds the export inside it).
     models = {
-        name: MedPLIB.from_pretrained(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=client.get_model_version_by_alias(name, "latest-tiny").source,
-                dst_path=str(tmp_path / name),
-                tracking_uri=uri,
-            )
-        )
+        name: MedPLIB.from_pretrained(resolve_model_source(f"models:/{name}@latest-tiny", uri))
         for name in ("medplib-vl", "medplib-grounding", "medplib")
     }
     vl, grounding, final = models["medplib-vl"], models["medplib-grounding"], models["medplib"]
@@ -167,6 +160,85 @@ def test_moe_experts_are_the_grounding_and_vl_ffns(
         final.decoder_layers[0].mlp.experts[0].gate_proj.weight,
         init.decoder_layers[0].mlp.experts[0].gate_proj.weight,
     )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_registered_model_is_an_mlflow_pyfunc_model_with_card_and_dataset(
+    base_cfg: PipelineConfig, first_run, monkeypatch, tmp_path: Path
+) -> None:
+    """models:/medplib@champion loads with mlflow.pyfunc and predicts on its input example; `mlflow models serve`
+    (local env, 127.0.0.1) answers; the export has its card; the runs have the dataset input and the eval table."""
+    import subprocess
+    import sys
+
+    import httpx
+    import pandas as pd
+
+    result, _ = first_run
+    uri, client = base_cfg.resolved_tracking_uri(), _client(base_cfg)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)  # the autouse fixture puts the previous one back
+    model = mlflow.pyfunc.load_model("models:/medplib@champion")
+    example = model.input_example
+    assert list(example.columns)[:2] == ["image", "question"] and len(example) == 1
+    out = model.predict(example, params={"max_new_tokens": 4})
+    assert list(out.columns) == ["answer", "masks", "scores"] and isinstance(out["answer"][0], str)
+    assert isinstance(json.loads(out["masks"][0]), list)
+    assert model.metadata.get_params_schema() is not None
+
+    # The same version through medplib's resolver: downloaded once, then served from the cache.
+    first = resolve_model_source("models:/medplib@champion", uri)
+    assert resolve_model_source("models:/medplib@champion", uri) == first
+    assert (Path(first) / "README.md").is_file() and (Path(first) / "tokenizer").is_dir()
+
+    card = (result.stages["moe"].stage_dir / "export" / "README.md").read_text()
+    for needle in ("not a medical device", "## Base weights", "## Training data", "### moe", "| val |"):
+        assert needle in card, needle
+    manifest = json.loads((Path(base_cfg.data.prepared) / "manifest.json").read_text())
+    assert manifest["input_hash"] in card
+
+    moe_run = client.get_run(result.stages["moe"].run_id)
+    (dataset,) = {d.dataset.digest: d for d in moe_run.inputs.dataset_inputs}.values()
+    assert json.loads(dataset.dataset.profile)["input_hash"] == manifest["input_hash"]
+    tables = {a.path for a in client.list_artifacts(moe_run.info.run_id, "eval")}
+    assert "eval/predictions.json" in tables
+
+    port = _free_port()
+    # As in an activated venv: `mlflow models serve` starts `uvicorn` from PATH.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/medplib@champion"]
+        + ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, server.stderr.read()[-3000:]
+            time.sleep(0.5)
+        body = {"dataframe_split": example.to_dict(orient="split"), "params": {"max_new_tokens": 3}}
+        body["dataframe_split"].pop("index", None)
+        r = httpx.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        (prediction,) = pd.DataFrame(r.json()["predictions"]).to_dict("records")
+        assert set(prediction) == {"answer", "masks", "scores"}
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
 
 
 def test_rerun_of_a_finished_pipeline_trains_nothing(base_cfg: PipelineConfig, first_run) -> None:

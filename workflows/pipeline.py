@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 
 from medplib.data.prepared import MANIFEST_NAME, read_manifest
+from medplib.model.export import is_model_dir
 from workflows.common import cluster_gpus, decide_gpu, init_ray, write_json_atomic
 from workflows.data.prepared import load_prepared, read_rows, row_lengths
 from workflows.tracking import FINGERPRINT_TAG, PIPELINE_TAG, STAGE_TAG, Tracker, latest_alias
@@ -195,7 +196,7 @@ def _init_model(ctx: _Context, name: StageName, stage_dir: Path) -> Path:
 
     stage = ctx.cfg.stages[name]
     init = stage_dir / "init_model"
-    if (init / "model.safetensors").exists():
+    if is_model_dir(init):
         return init
     alias = latest_alias(ctx.cfg.name)
     if name == "vl":
@@ -214,6 +215,45 @@ def _init_model(ctx: _Context, name: StageName, stage_dir: Path) -> Path:
         save_model_atomic(build_moe_init(downloaded["vl"], downloaded["grounding"], stage), init)
     shutil.rmtree(inputs, ignore_errors=True)
     return init
+
+
+def _write_card(
+    ctx: _Context, name: StageName, run_id: str, export: Path, eval_metrics: dict | None = None
+) -> Path:
+    """The export's model card (README.md, `workflows/model_card.py`) from this run."""
+    from medplib.model.config import load_model_config
+    from workflows.model_card import model_card
+
+    cfg = ctx.cfg
+    card = model_card(
+        model_name=REGISTERED_MODEL[name],
+        stage=name,
+        preset=load_model_config(cfg.stages[name].preset),
+        stage_configs={s: cfg.stages[s].model_dump(mode="json") for s in STAGES[: STAGES.index(name) + 1]},
+        manifest=read_manifest(ctx.prepared),
+        data_fingerprint=ctx.data_fp,
+        pipeline=cfg.name,
+        run_id=run_id,
+        eval_metrics=eval_metrics,
+    )
+    (export / "README.md").write_text(card)
+    return export / "README.md"
+
+
+def _log_model(ctx: _Context, name: StageName, run_id: str, export: Path) -> None:
+    """The export with its card as an MLflow pyfunc model (`workflows/mlflow_model.py`, input example from the
+    eval split), logged as the run's `model` artifacts; the prepared data as the run's input."""
+    from medplib.model.config import load_model_config
+    from workflows.mlflow_model import example_from_rows, save_pyfunc_model
+
+    _write_card(ctx, name, run_id, export)
+    folder = export.parent / "mlflow_model"
+    shutil.rmtree(folder, ignore_errors=True)
+    rows = read_rows(ctx.prepared, ctx.cfg.data.eval_split, None, 8)
+    vision_size = load_model_config(ctx.cfg.stages[name].preset).vision.image_size_px
+    save_pyfunc_model(export, folder, example_from_rows(rows, vision_size))
+    ctx.tracker.log_artifacts(run_id, folder, "model")
+    ctx.tracker.log_dataset(run_id, ctx.prepared, "training")
 
 
 def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
@@ -246,7 +286,7 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
     try:
         export = stage_dir / "export"
         metrics: dict[str, Any] = {}
-        if not (export / "model.safetensors").exists():
+        if not is_model_dir(export):
             init = _init_model(ctx, name, stage_dir)
             arithmetic = plan_steps(stage, ctx.lengths, cfg.num_workers, cfg.max_steps)
             train_ds = select_rows(stage, load_prepared(ctx.prepared, cfg.data.train_split))
@@ -294,7 +334,7 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
         if (
             version is None or version.run_id != run_id
         ):  # not yet registered by this run (--from-stage reruns)
-            tracker.log_artifacts(run_id, export, "model")
+            _log_model(ctx, name, run_id, export)
             version = tracker.register(
                 model_name, run_id, "model", {STAGE_TAG: name, FINGERPRINT_TAG: fp, PIPELINE_TAG: cfg.name}
             )
@@ -479,6 +519,11 @@ def _eval_and_register(
         out.mkdir(parents=True, exist_ok=True)
         metrics = _evaluate(ctx, moe, out, before)
         tracker.log_metrics(ctx.parent_id, metrics)
+        # The final model's card gains the eval table; the predictions become an MLflow table of its run.
+        export = moe.stage_dir / "export"
+        _write_card(ctx, "moe", moe.run_id, export, json.loads((out / "metrics.json").read_text()))
+        tracker.log_file(moe.run_id, export / "README.md", "model/artifacts/export")
+        tracker.log_table(moe.run_id, out / "predictions.jsonl", "eval/predictions.json")
         _log_comparison(ctx, out)
         tracker.client.set_model_version_tag(
             REGISTERED_MODEL["moe"], moe.version, "eval_split", cfg.data.eval_split

@@ -9,7 +9,8 @@
 * Logging. Params are the flattened validated config (MLflow params cannot nest; ray#33246). Rank 0 of the
   stage's Train workers logs per-step metrics into the run id it is given. A failed step's run ends FAILED with
   the error as the `error` tag and `error.txt`.
-* Registry. Each stage's export is logged as the run's `model` artifacts and registered as a version of
+* Registry. Each stage's export is logged as the run's `model` artifacts (an MLflow pyfunc model around the export,
+  `workflows/mlflow_model.py`) and registered as a version of
   `medplib-vl`, `medplib-grounding` or `medplib` with tags (stage, fingerprint, pipeline) and the alias
   `latest-<pipeline>`; the next stage downloads its input by alias URI (`models:/medplib-vl@latest-<pipeline>`)
   and checks the version's fingerprint. `champion` moves to a `medplib` version only when its eval score beats the
@@ -183,6 +184,42 @@ class Tracker:
     def log_file(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def log_dataset(self, run_id: str, prepared: Path, context: str) -> None:
+        """The prepared folder as the run's input dataset (MLflow's `log_input`), identified by its manifest's
+        hashes, with its rows per split as the profile."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        from medplib.data.prepared import read_manifest
+
+        manifest = read_manifest(prepared)
+        dataset = Dataset(
+            name=f"prepared-{manifest.get('model_preset')}",
+            digest=str(manifest.get("input_hash"))[:8] + str(manifest.get("config_hash"))[:8],
+            source_type="local",
+            source=json.dumps({"uri": Path(prepared).resolve().as_uri()}),
+            profile=json.dumps(
+                {
+                    "input_hash": manifest.get("input_hash"),
+                    "config_hash": manifest.get("config_hash"),
+                    "schema_version": manifest.get("schema_version"),
+                    "rows": {k: v.get("accepted") for k, v in (manifest.get("splits") or {}).items()},
+                }
+            ),
+        )
+        tags = [InputTag("mlflow.data.context", context)]
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+
+    def log_table(self, run_id: str, jsonl: Path, artifact_file: str) -> None:
+        """A JSONL file of flat records as an MLflow table (the UI's evaluation view reads it)."""
+        import pandas as pd
+
+        frame = pd.read_json(jsonl, lines=True)
+        # Nested values (lists, dicts) become JSON text: a table cell holds one value.
+        for column in frame.columns:
+            if frame[column].map(lambda v: isinstance(v, list | dict)).any():
+                frame[column] = frame[column].map(json.dumps)
+        self.client.log_table(run_id, frame, artifact_file)
+
     def run_status(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.status
 
@@ -207,7 +244,8 @@ class Tracker:
         try:
             self.client.create_registered_model(
                 model_name,
-                description="MedPLIB model directories (medplib.model.medplib.MedPLIB.save_pretrained)",
+                description="MedPLIB models: MLflow pyfunc models (workflows/mlflow_model.py) around a "
+                "MedPLIB.save_pretrained export with its model card",
             )
         except MlflowException as err:
             if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
@@ -227,6 +265,8 @@ class Tracker:
 
         import mlflow
         from mlflow.exceptions import MlflowException
+
+        from medplib.inference import find_model_dir
 
         try:
             version = self.client.get_model_version_by_alias(model_name, alias)
@@ -254,7 +294,8 @@ class Tracker:
         )
         if dst.exists():
             shutil.rmtree(dst)
-        os.replace(local, dst)
+        # A registered version is an MLflow pyfunc model; the stage needs the export inside it.
+        os.replace(find_model_dir(local), dst)
         shutil.rmtree(tmp, ignore_errors=True)
         log.info("downloaded %s (version %s) to %s", uri, version.version, dst)
         return dst

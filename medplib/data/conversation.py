@@ -48,6 +48,37 @@ TEMPLATES = {
 }
 
 
+def chat_template(template_name: str, num_image_tokens: int) -> str:
+    """A Jinja chat template (Hugging Face `apply_chat_template`) that renders `template_name` as
+    `tokenize_conversation` builds it: the fixed system prompt, `<image>` expanded to its block and each
+    `<region></region>` to its triple. A message's content is a string or a list of `{"type": "image"}` /
+    `{"type": "text", "text": ...}` parts (an image part is `<image>` plus a newline, as `encode_sample` puts it);
+    system messages are ignored (the model knows one system prompt). The assistant prefix closes every user turn,
+    as in training, so `add_generation_prompt` adds nothing."""
+    t = TEMPLATES[template_name]
+    image_block = C.IMAGE_START_TOKEN + C.IMAGE_TOKEN * num_image_tokens + C.IMAGE_END_TOKEN
+    region = C.REGION_START_TOKEN + C.REGION_FEATURE_TOKEN + C.REGION_END_TOKEN
+    bos = "{% if bos_token %}{{ bos_token }}{% endif %}" if template_name == "llava_v1" else ""
+    assistant_suffix = " + eos_token + ".join(repr(piece) for piece in t.assistant_suffix.split("{eos}"))
+    return (
+        bos
+        + f"{{{{ {t.system!r} }}}}"
+        + "{% for message in messages %}"
+        + "{% if message['content'] is string %}{% set text = message['content'] %}{% else %}"
+        + "{% set ns = namespace(text='') %}{% for part in message['content'] %}"
+        + f"{{% if part['type'] == 'image' %}}{{% set ns.text = ns.text + {C.IMAGE_TOKEN + chr(10)!r} %}}"
+        + "{% elif part['type'] == 'text' %}{% set ns.text = ns.text + part['text'] %}{% endif %}"
+        + "{% endfor %}{% set text = ns.text %}{% endif %}"
+        + f"{{% set text = text | replace({C.IMAGE_TOKEN!r}, {image_block!r})"
+        + f" | replace({C.REGION_START_TOKEN + C.REGION_END_TOKEN!r}, {region!r}) %}}"
+        + "{% if message['role'] == 'user' %}"
+        + f"{{{{ {t.user_prefix!r} + text + {t.user_suffix!r} + {t.assistant_prefix!r} }}}}"
+        + "{% elif message['role'] == 'assistant' %}"
+        + f"{{{{ text + {assistant_suffix} }}}}"
+        + "{% endif %}{% endfor %}"
+    )
+
+
 @dataclass
 class Tokenized:
     input_ids: list[int]

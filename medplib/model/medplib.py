@@ -12,14 +12,12 @@ Data flow of `forward(batch)`:
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import (
     AutoTokenizer,
@@ -31,6 +29,7 @@ from transformers import (
 )
 
 from medplib.data.transforms import Geometry, region_cells, unpad_mask_logits
+from medplib.model import export
 from medplib.model.config import LossWeights, MedPLIBConfig
 from medplib.model.losses import mask_losses, next_token_ce
 from medplib.model.moe import convert_to_moe, moe_layers
@@ -321,30 +320,32 @@ class MedPLIB(nn.Module):
 
     # ------------------------------------------------------------------ persistence
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """`config.json` + `model.safetensors` + `llm_config.json` + `vision_config.json` (CLIP towers) +
-        `tokenizer/`."""
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int = export.MAX_SHARD_BYTES) -> Path:
+        """`config.json` + safetensors weights (sharded above `max_shard_bytes`) + `llm_config.json` +
+        `vision_config.json` (CLIP towers) + `tokenizer/` with the training chat template (`export.py`)."""
         from medplib.model.lora import is_lora
 
         if is_lora(self):
             raise ValueError("the model still has unmerged LoRA adapters: call medplib.model.lora.merge_lora first")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.cfg.save(path / "config.json")
+        export.write_config(self.cfg, path / "config.json")
         (path / "llm_config.json").write_text(self.llm.config.to_json_string())
         if hasattr(self.vision_tower, "clip"):
             (path / "vision_config.json").write_text(self.vision_tower.clip.config.to_json_string())
-        self.tokenizer.save_pretrained(path / "tokenizer")
-        save_model(self, str(path / "model.safetensors"), metadata={"format": "pt", "medplib": "1"})
+        export.save_tokenizer(self.tokenizer, self.cfg, path / "tokenizer")
+        export.save_weights(self, path, max_shard_bytes)
         return path
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | None = None) -> MedPLIB:
         """Load a directory written by `save_pretrained` (safetensors only; nothing is unpickled)."""
         path = Path(path)
-        if not (path / "config.json").exists() or not (path / "model.safetensors").exists():
-            raise FileNotFoundError(f"{path} is not a MedPLIB model directory (config.json + model.safetensors)")
-        cfg = MedPLIBConfig.model_validate(json.loads((path / "config.json").read_text()))
+        if not export.is_model_dir(path):
+            raise FileNotFoundError(
+                f"{path} is not a MedPLIB model directory (config.json + model.safetensors or its shard index)"
+            )
+        cfg = export.read_config(path / "config.json")
         # The weights file holds every component, so build each at random init instead of from its source.
         cfg = cfg.model_copy(
             update={
@@ -363,8 +364,5 @@ class MedPLIB(nn.Module):
             if (path / "vision_config.json").exists()
             else None,
         )
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{path}/model.safetensors does not match the config: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+        export.load_weights(model, path)
         return model.to(DTYPES[cfg.dtype])

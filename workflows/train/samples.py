@@ -51,27 +51,35 @@ def overlay_png(
     ).save(path)
 
 
-def sample_predictions(model_dir: str | Path, rows: list[dict], out_dir: Path, max_new_tokens: int) -> int:
-    """Render up to len(rows) predictions into `out_dir` (PNGs + predictions.jsonl); returns how many."""
+def row_inputs(row: dict, vision_size: int):
+    """A prepared row back as a request: the image (rebuilt from its SAM view), its non-empty region masks and
+    its encoding; None when the row has no image."""
     from medplib.data.rows import row_to_encoded
     from medplib.data.transforms import Geometry
-    from medplib.inference import Predictor
     from workflows.train.stage import plain_row
+
+    enc = row_to_encoded(plain_row(row), vision_size)
+    if enc.sam_view is None:
+        return None
+    image = _unpad(enc.sam_view, enc.sam_geometry)
+    vgeo = Geometry.fit(enc.sam_geometry.orig_h, enc.sam_geometry.orig_w, vision_size, "center")
+    regions = [_unpad(m, vgeo) for m in enc.region_masks]
+    return image, [m for m in regions if m.any()], enc
+
+
+def sample_predictions(model_dir: str | Path, rows: list[dict], out_dir: Path, max_new_tokens: int) -> int:
+    """Render up to len(rows) predictions into `out_dir` (PNGs + predictions.jsonl); returns how many."""
+    from medplib.inference import Predictor
 
     predictor = Predictor.from_pretrained(model_dir)
     cfg = predictor.cfg
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = []
     for i, row in enumerate(rows):
-        enc = row_to_encoded(plain_row(row), cfg.vision.image_size_px)
-        if enc.sam_view is None:
+        inputs = row_inputs(row, cfg.vision.image_size_px)
+        if inputs is None:
             continue
-        image = _unpad(enc.sam_view, enc.sam_geometry)
-        vgeo = Geometry.fit(
-            enc.sam_geometry.orig_h, enc.sam_geometry.orig_w, cfg.vision.image_size_px, "center"
-        )
-        regions = [_unpad(m, vgeo) for m in enc.region_masks]
-        regions = [m for m in regions if m.any()]
+        image, regions, enc = inputs
         try:
             pred = predictor.predict(
                 image,

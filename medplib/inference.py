@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,51 @@ def question_with_regions(question: str, num_regions: int) -> str:
     return text
 
 
+class AnswerText:
+    """One answer's text as its tokens arrive, handed out in deltas that add up to the final text: held back while
+    a multi-byte character or a possible stop string is incomplete, and trailing whitespace until more text
+    follows (the answer is stripped). A stop string ends the text before it."""
+
+    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""  # what has been handed out
+        self.stopped = False
+
+    def _decoded(self) -> str:
+        eos = self.tokenizer.eos_token or ""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return (text.replace(eos, "") if eos else text).lstrip()
+
+    def _cut_at_stop(self, text: str) -> str:
+        hits = [text.find(s) for s in self.stop if s in text]
+        if hits:
+            self.stopped = True
+            return text[: min(hits)]
+        return text
+
+    def _delta(self, ready: str) -> str:
+        ready = ready.rstrip()
+        if not ready.startswith(self.text) or len(ready) <= len(self.text):
+            return ""
+        delta, self.text = ready[len(self.text) :], ready
+        return delta
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self._cut_at_stop(self._decoded())
+        if not self.stopped:
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next byte
+                return ""
+            held = [len(p) for s in self.stop for p in (s[:k] for k in range(1, len(s))) if text.endswith(p)]
+            text = text[: len(text) - max(held, default=0)]
+        return self._delta(text)
+
+    def finish(self) -> str:
+        """The rest of the text once generation ended."""
+        return self._delta(self._cut_at_stop(self._decoded()))
+
+
 class Predictor:
     def __init__(self, model: MedPLIB):
         self.model = model.eval()
@@ -157,9 +203,17 @@ class Predictor:
             model = model.to(device)
         return cls(model)
 
-    def encode(self, image: Any, question: str, regions: list[Region] | None = None) -> Encoded:
-        """One request as model input (the generation prompt, both image views, the region masks). Raises
-        `InvalidRequest` naming the field: image, question or regions[k]."""
+    def encode(
+        self,
+        image: Any,
+        question: str,
+        regions: list[Region] | None = None,
+        history: list[tuple[str, str]] | None = None,
+    ) -> Encoded:
+        """One request as model input (the generation prompt, both image views, the region masks). `history` holds
+        the earlier (question, answer) turns of a conversation: the image belongs to the first question and the
+        conversation template lays the turns out as in training; region prompts belong to `question`. Raises
+        `InvalidRequest` naming the field: image, question, history[k] or regions[k]."""
         from medplib.data.image import load_image
         from medplib.data.transforms import region_to_mask
 
@@ -189,7 +243,12 @@ class Predictor:
                 masks.append(region_to_mask(region, array.shape[:2], self.cfg.region.point_square_px))
             except ValueError as err:
                 raise InvalidRequest("regions", str(err), k) from err
-        turns = [Turn(role="human", text=text)]
+        turns = []
+        for k, (asked, answered) in enumerate(history or []):
+            if _REGION_MARK.search(asked) or _REGION_MARK.search(answered):
+                raise InvalidRequest("history", "region prompts belong to the last question", k)
+            turns += [Turn(role="human", text=asked), Turn(role="gpt", text=answered)]
+        turns.append(Turn(role="human", text=text))
         try:
             return encode_sample(
                 turns, array, self.model.tokenizer, self.cfg, regions=masks, for_generation=True
@@ -203,30 +262,76 @@ class Predictor:
         *,
         max_new_tokens: int = 64,
         temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
         segment: bool = False,
+        on_text: Callable[[int, str], None] | None = None,
     ) -> list[Prediction]:
-        """Encoded requests in one generation pass (one `generate` call); predictions in input order."""
+        """Encoded requests in one generation pass (one `generate` call); predictions in input order.
+
+        `top_p` is nucleus sampling (with temperature > 0), `seed` seeds the sampler, and generation of a row stops
+        at the first of its `stop` strings (not included in the text). `on_text(row, delta)` streams each row's
+        answer while it is generated; the deltas add up to the prediction's text."""
         t0 = time.perf_counter()
         batch = collate(encoded, self.cfg, self.model.ids.pad)
         t1 = time.perf_counter()
+        texts = [AnswerText(self.model.tokenizer, stop or []) for _ in encoded]
+        first_token_s: list[float | None] = [None] * len(encoded)
+
+        def on_step(step: list[int | None]) -> list[int]:
+            finished = []
+            for row, token in enumerate(step):
+                if token is None:
+                    continue
+                if first_token_s[row] is None:
+                    first_token_s[row] = time.perf_counter() - t1
+                delta = texts[row].push(token)
+                if delta and on_text is not None:
+                    on_text(row, delta)
+                if texts[row].stopped:
+                    finished.append(row)
+            return finished
+
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.model.device).manual_seed(seed)
         with torch.inference_mode():
             gens = self.model.generate(
-                batch, max_new_tokens=max_new_tokens, temperature=temperature, segment=segment
+                batch,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                segment=segment,
+                generator=generator,
+                # The batched path without streaming or stop strings decodes each answer once, at the end.
+                on_step=on_step if on_text is not None or stop else None,
             )
         t2 = time.perf_counter()
-        timings = {"preprocess_s": t1 - t0, "generate_s": t2 - t1, "total_s": t2 - t0}
-        eos = self.model.tokenizer.eos_token or ""
-        return [
-            Prediction(
-                text=(gen.text.replace(eos, "") if eos else gen.text).strip(),
-                masks=[self.model.binarize(m) for m in gen.mask_logits],
-                scores=[float(s) for s in gen.mask_scores],
-                timings=dict(timings),
-                num_generated_tokens=len(gen.token_ids),
-                token_ids=list(gen.token_ids),
+        preds = []
+        for row, gen in enumerate(gens):
+            text = texts[row]
+            if not text.ids:
+                text.ids = list(gen.token_ids)
+            rest = text.finish()
+            if rest and on_text is not None:
+                on_text(row, rest)
+            timings = {"preprocess_s": t1 - t0, "generate_s": t2 - t1, "total_s": t2 - t0}
+            if first_token_s[row] is not None:
+                timings["first_token_s"] = first_token_s[row]
+            stopped = text.stopped or len(gen.token_ids) < max_new_tokens
+            preds.append(
+                Prediction(
+                    text=text.text,
+                    masks=[self.model.binarize(m) for m in gen.mask_logits],
+                    scores=[float(s) for s in gen.mask_scores],
+                    timings=timings,
+                    num_generated_tokens=len(gen.token_ids),
+                    token_ids=list(gen.token_ids),
+                    finish_reason="stop" if stopped else "length",
+                )
             )
-            for gen in gens
-        ]
+        return preds
 
     def predict_batch(
         self,
@@ -235,12 +340,16 @@ class Predictor:
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         segment: bool = False,
+        **run_options: Any,
     ) -> list[Prediction]:
-        """`encode` each request, then `run` them together; the encoding time counts as preprocessing."""
+        """`encode` each request, then `run` them together (`run_options`: top_p, seed, stop, on_text); the
+        encoding time counts as preprocessing."""
         t0 = time.perf_counter()
         encoded = [self.encode(r.image, r.question, r.regions) for r in requests]
         encode_s = time.perf_counter() - t0
-        preds = self.run(encoded, max_new_tokens=max_new_tokens, temperature=temperature, segment=segment)
+        preds = self.run(
+            encoded, max_new_tokens=max_new_tokens, temperature=temperature, segment=segment, **run_options
+        )
         for pred in preds:
             pred.timings["preprocess_s"] += encode_s
             pred.timings["total_s"] += encode_s
@@ -255,10 +364,13 @@ class Predictor:
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         segment: bool = False,
+        **run_options: Any,
     ) -> Prediction:
+        """One request; `run_options` as `run` takes them (top_p, seed, stop, on_text)."""
         return self.predict_batch(
             [Request(image, question, list(regions or []))],
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             segment=segment,
+            **run_options,
         )[0]

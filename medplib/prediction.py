@@ -21,6 +21,8 @@ class Prediction:
     num_generated_tokens: int = 0
     # Empty when the prediction came over HTTP: the API sends only their count.
     token_ids: list[int] = field(default_factory=list)
+    # "stop": the answer ended (EOS or a stop string); "length": it ran into max_new_tokens.
+    finish_reason: str = "stop"
 
     def save_masks(self, prefix: str | Path) -> list[Path]:
         """Write `<prefix>_mask<i>.png` (0/255) for each mask; returns the paths."""

@@ -1,7 +1,8 @@
 """The HTTP API: a FastAPI app built per replica around a `Backend` (Ray Serve's replica, or `LocalBackend`).
 
-`create_api(backend)` returns the app. Routes: `POST /v1/chat/completions` (OpenAI-compatible, SSE streaming),
-`POST /v1/predict` (native), `GET /v1/models`, `GET /healthz`, plus FastAPI's `/docs` and `/openapi.json`.
+`create_api(backend)` returns the app. Routes: `POST /v1/chat/completions` (OpenAI-compatible, multi-turn, SSE
+streaming token by token), `POST /v1/predict` (native), `POST /v1/preview` (a file's slice as PNG), `GET /v1/models`,
+`GET /healthz`, plus FastAPI's `/docs` and `/openapi.json` (bearer scheme declared).
 
 Before a route sees a request, `GuardMiddleware` checks, in this order: the API key (401), the content type of a
 POST (415), the body size (413, from Content-Length before any byte is read, and while reading). Every error is
@@ -16,12 +17,13 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -36,13 +38,15 @@ from serve.schemas import (
     ModelList,
     PredictRequest,
     PredictResponse,
+    PreviewRequest,
+    PreviewResponse,
 )
 from serve.service import APIError, Job, JobResult, MedPLIBService
 
 logger = logging.getLogger("ray.serve.medplib")
 
 PUBLIC_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
-ROUTES = frozenset({"/v1/chat/completions", "/v1/predict", "/v1/models", "/healthz"})
+ROUTES = frozenset({"/v1/chat/completions", "/v1/predict", "/v1/preview", "/v1/models", "/healthz"})
 INLINE_DECODE_CHARS = 512 * 1024  # base64 characters of image data decoded on the event loop
 
 
@@ -54,6 +58,10 @@ class Backend(Protocol):
     arriving: int  # requests being parsed, not yet handed to `generate`
 
     async def generate(self, job: Job) -> JobResult: ...
+
+    async def stream(self, job: Job, on_text: Callable[[str], None]) -> JobResult:
+        """Run `job` alone (`MedPLIBService.run_stream`) on the model's thread, `on_text` called from there."""
+        ...
 
     def record_request(self, route: str, status: int, latency_s: float) -> None: ...
 
@@ -74,6 +82,9 @@ class LocalBackend:
     async def generate(self, job: Job) -> JobResult:
         return (await asyncio.to_thread(self.service.run_batch, [job]))[0]
 
+    async def stream(self, job: Job, on_text: Callable[[str], None]) -> JobResult:
+        return await asyncio.to_thread(self.service.run_stream, job, on_text)
+
     def record_request(self, route: str, status: int, latency_s: float) -> None:
         pass
 
@@ -82,6 +93,34 @@ class LocalBackend:
 
     def record_result(self, result: JobResult, masks_returned: int) -> None:
         pass
+
+
+def serve_in_thread(
+    backend: Backend, host: str = "127.0.0.1", port: int = 0
+) -> tuple[str, Callable[[], None]]:
+    """The API of `backend` over real HTTP from a uvicorn thread, no Ray (tests, benchmarks, debugging): returns
+    the base URL and a function that stops the server. Port 0 takes a free one."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(create_api(backend), log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the API server thread stopped during start-up")
+        time.sleep(0.01)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+    return f"http://{host}:{sock.getsockname()[1]}", stop
 
 
 def error_json(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -298,6 +337,8 @@ def create_api(backend: Backend) -> FastAPI:
         )
 
     api.add_middleware(GuardMiddleware, backend=backend, max_request_bytes=limits.max_request_bytes)
+    # Declares the bearer scheme in the OpenAPI schema (so /docs can send the key); GuardMiddleware checks it.
+    key = Depends(HTTPBearer(auto_error=False, description="the server's API key (MEDPLIB_API_KEY)"))
 
     async def parse(build: Any, body: Any, payload_chars: int) -> Job:
         # Decoding a small image (~1 ms) inline is cheaper than a thread hop, which waits for the GIL while the
@@ -325,12 +366,67 @@ def create_api(backend: Backend) -> FastAPI:
         backend.record_result(result, len(result.prediction.masks) if job.return_masks else 0)
         return result
 
+    async def stream_events(job: Job, include_usage: bool) -> AsyncIterator[str]:
+        """SSE events of a streamed completion: each piece of the answer as the model generates it (the model
+        thread hands it over through a queue), then the chunk with the masks, then `[DONE]`."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str] = asyncio.Queue()
+        deadline = loop.time() + limits.request_timeout_s
+        yield _sse(service.chat_first_chunk(job))
+        model = asyncio.ensure_future(
+            backend.stream(job, lambda delta: loop.call_soon_threadsafe(pieces.put_nowait, delta))
+        )
+        try:
+            while not model.done():
+                piece = asyncio.ensure_future(pieces.get())
+                await asyncio.wait(
+                    {piece, model},
+                    timeout=max(0.0, deadline - loop.time()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if piece.done():
+                    yield _sse(service.chat_delta_chunk(job, piece.result()))
+                    continue
+                piece.cancel()
+                if not model.done():
+                    raise APIError(
+                        504,
+                        f"the model did not answer within {limits.request_timeout_s:g} s (limits.request_timeout_s)",
+                        code="timeout",
+                    )
+            # Pieces queued before the model call returned are all in the queue by now (callbacks run in order).
+            while not pieces.empty():
+                yield _sse(service.chat_delta_chunk(job, pieces.get_nowait()))
+            result = model.result()
+            if result.error is not None:
+                raise result.error
+            backend.record_result(result, len(result.prediction.masks) if job.return_masks else 0)
+            for chunk in service.chat_final_chunks(job, result, include_usage):
+                yield _sse(chunk)
+        except APIError as err:
+            backend.record_error(err.code or "client")
+            yield _sse(
+                ErrorResponse(
+                    error=ErrorBody(message=err.message, type=err.type, param=err.param, code=err.code)
+                )
+            )
+        except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream
+            yield _sse(
+                ErrorResponse(error=internal_error(backend, exc, "POST /v1/chat/completions (stream)"))
+            )
+        yield _sse("[DONE]")
+
     stream_doc = {
         "content": {"text/event-stream": {}},
         "description": "a completion, or SSE chunks with stream",
     }
 
-    @api.post("/v1/chat/completions", response_model=ChatCompletion, responses={**errors, 200: stream_doc})
+    @api.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        responses={**errors, 200: stream_doc},
+        dependencies=[key],
+    )
     async def chat_completions(body: ChatCompletionRequest) -> Any:
         """OpenAI chat completion; the `medplib` object of the request carries region prompts, of the response the
         masks. With `stream: true` the answer comes as server-sent events ending in `data: [DONE]`."""
@@ -339,39 +435,25 @@ def create_api(backend: Backend) -> FastAPI:
         if not body.stream:
             return service.chat_response(job, await run(job))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        async def events() -> AsyncIterator[str]:
-            yield _sse(service.chat_first_chunk(job))
-            try:
-                result = await run(job)
-                for chunk in service.chat_chunks(job, result, include_usage):
-                    yield _sse(chunk)
-            except APIError as err:
-                backend.record_error(err.code or "client")
-                yield _sse(
-                    ErrorResponse(
-                        error=ErrorBody(message=err.message, type=err.type, param=err.param, code=err.code)
-                    )
-                )
-            except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream
-                yield _sse(
-                    ErrorResponse(error=internal_error(backend, exc, "POST /v1/chat/completions (stream)"))
-                )
-            yield _sse("[DONE]")
-
         return StreamingResponse(
-            events(),
+            stream_events(job, include_usage),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    @api.post("/v1/predict", response_model=PredictResponse, responses=errors)
+    @api.post("/v1/predict", response_model=PredictResponse, responses=errors, dependencies=[key])
     async def predict(body: PredictRequest) -> PredictResponse:
         """Native prediction: image (base64), question, region prompts -> answer, masks, timings."""
         job = await parse(service.job_from_predict, body, len(body.image))
         return service.predict_response(job, await run(job))
 
-    @api.get("/v1/models", response_model=ModelList, responses={401: errors[401]})
+    @api.post("/v1/preview", response_model=PreviewResponse, responses=errors, dependencies=[key])
+    async def preview(body: PreviewRequest) -> PreviewResponse:
+        """The slice of an image file (PNG, JPEG, DICOM, NIfTI) the model sees, as PNG, and how many slices the
+        file has: the demo page shows DICOM and NIfTI through it."""
+        return await asyncio.to_thread(service.preview, body)
+
+    @api.get("/v1/models", response_model=ModelList, responses={401: errors[401]}, dependencies=[key])
     async def models() -> ModelList:
         """The model this deployment serves (OpenAI's list format)."""
         return service.models()

@@ -10,7 +10,8 @@ Ray touch-points, each marked `# Ray:` below:
 * `@serve.ingress()` + `__serve_build_asgi_app__`: the FastAPI app is built inside the replica, around it.
 * `@serve.batch`: concurrent requests are queued and handed to `_generate_batch` as one list, which runs them as
   one `Predictor.run` generation pass on a dedicated model thread (the event loop keeps accepting requests, so
-  the next batch fills while this one runs).
+  the next batch fills while this one runs). A streamed request (`stream: true`) takes `stream` instead: alone,
+  on the same thread, its tokens sent as they are generated.
 * `check_health`: Serve calls it every `health_check_period_s`; it raises (and Serve restarts the replica) when
   the model cannot run: after a failed model call, or when no request succeeded for `health_probe_interval_s`, it
   runs a one-token probe.
@@ -25,6 +26,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -107,6 +109,12 @@ class MedPLIBDeployment:
         wait_s = self.args.batching.batch_wait_timeout_s if self.arriving else 0.0
         self._generate_batch.set_batch_wait_timeout_s(wait_s)
         return await self._generate_batch(job)
+
+    async def stream(self, job: Job, on_text: Callable[[str], None]) -> JobResult:
+        # The streaming path, beside the batched one: the job runs alone on the model thread, and each piece of
+        # its answer reaches the response while later tokens are still being generated.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._model_thread, self.service.run_stream, job, on_text)
 
     async def check_health(self) -> None:
         # Ray: raising here marks the replica unhealthy; Serve replaces it.

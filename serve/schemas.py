@@ -150,9 +150,10 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """OpenAI chat-completions request. The model answers the text of the last user message about the (last)
-    image of the conversation; earlier turns are not given to the model (MedPLIB is single-turn). Fields of
-    OpenAI's API that do not apply here (`top_p`, `seed`, `user`, ...) are accepted and ignored."""
+    """OpenAI chat-completions request. A conversation alternates user and assistant messages and ends with the
+    user's question; the image goes in the first user message, and the model's conversation template lays out
+    the earlier turns as in training. Region prompts (`medplib`) belong to the last question. `top_p`, `seed` and
+    `stop` are honoured; other OpenAI fields that do not apply here (`user`, `logprobs`, ...) are ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -161,10 +162,23 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1, description="tokens to generate at most")
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
     temperature: float | None = Field(None, ge=0, le=2, description="0 or omitted = greedy")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling (with temperature > 0)")
+    seed: int | None = Field(None, description="seeds the sampler: the same request gives the same answer")
+    stop: str | list[str] | None = Field(
+        None, description="up to 4 strings; the answer ends before the first one generated"
+    )
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
     medplib: MedPLIBOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> list[str]:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stops
 
 
 class MaskRLE(BaseModel):
@@ -190,6 +204,9 @@ class Timings(BaseModel):
     model_s: float = Field(description="the whole model call (preprocess + generate + masks) for the batch")
     server_s: float = Field(description="from request parsed to response built on the replica")
     batch_size: int = Field(description="requests that shared this generation pass")
+    first_token_s: float | None = Field(
+        None, description="streaming: from generation start to the first token"
+    )
 
 
 class MedPLIBResult(BaseModel):
@@ -254,6 +271,9 @@ class PredictRequest(_Strict):
     """The native request: one image, one question, region prompts in the order of the `<region>` marks."""
 
     image: str = Field(description="base64 of the file (PNG, JPEG, DICOM, NIfTI) or a data URL")
+    slice_index: int | None = Field(
+        None, ge=0, description="NIfTI slice (along the last axis) or DICOM frame; default the middle one"
+    )
     question: str = Field(min_length=1)
     regions: list[Region] = Field(default_factory=list)
     max_new_tokens: int | None = Field(None, ge=1)
@@ -278,6 +298,21 @@ class PredictResponse(BaseModel):
     num_generated_tokens: int
     prompt_tokens: int
     timings: Timings
+
+
+class PreviewRequest(_Strict):
+    """An image file to show: the demo page renders DICOM and NIfTI slices through it."""
+
+    image: str = Field(description="base64 of the file (PNG, JPEG, DICOM, NIfTI) or a data URL")
+    slice_index: int | None = Field(None, ge=0, description="as in PredictRequest")
+
+
+class PreviewResponse(BaseModel):
+    png_base64: str = Field(description="the slice the model sees, as an 8-bit RGB PNG")
+    width: int
+    height: int
+    num_slices: int = Field(description="slices (NIfTI) or frames (DICOM) in the file; 1 for a plain image")
+    slice_index: int = Field(description="the slice shown")
 
 
 # --- misc --------------------------------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ from serve.schemas import (
     PointPrompt,
     PredictRequest,
     PredictResponse,
+    PreviewRequest,
+    PreviewResponse,
     TextPart,
     Timings,
     Usage,
@@ -107,6 +109,9 @@ class Job:
     temperature: float
     segment: bool
     encode_s: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
     return_masks: bool = True
     mask_encoding: MaskEncoding = "both"
     created_s: float = field(default_factory=time.perf_counter)
@@ -115,6 +120,26 @@ class Job:
     @property
     def prompt_tokens(self) -> int:
         return len(self.encoded.input_ids)
+
+    @property
+    def run_options(self) -> dict[str, Any]:
+        """`Predictor.run`'s generation settings of this job."""
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "stop": list(self.stop),
+            "segment": self.segment,
+        }
+
+    @property
+    def batch_key(self) -> tuple:
+        """Jobs with the same key share a generation pass; a seeded job runs alone, so that its answer does not
+        depend on its batch-mates' draws."""
+        return (self.max_new_tokens, self.temperature, self.top_p, self.stop, self.segment) + (
+            (self.id,) if self.seed is not None else ()
+        )
 
 
 @dataclass
@@ -170,6 +195,30 @@ def _b64(text: str, param: str) -> bytes:
     return data
 
 
+def slice_count(data: bytes) -> int:
+    """Slices of a NIfTI volume (along axis 2, the one `load_image` picks from) or frames of a DICOM file; 1 for
+    anything else. The demo page's slice slider reads it."""
+    import gzip
+
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    if data[344:348] in (b"n+1\x00", b"ni1\x00") or data[4:8] == b"n+2\x00":
+        import nibabel
+
+        for kind in (nibabel.Nifti1Image, nibabel.Nifti2Image):
+            try:
+                shape = kind.from_bytes(data).shape
+            except Exception:  # noqa: BLE001 - not this NIfTI flavour; load_image reported real errors first
+                continue
+            return int(shape[2]) if len(shape) >= 3 else 1
+    if data[128:132] == b"DICM":
+        import pydicom
+
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        return int(getattr(header, "NumberOfFrames", 1) or 1)
+    return 1
+
+
 class MedPLIBService:
     """The model plus everything between HTTP bodies and `Predictor.run` (see the module docstring)."""
 
@@ -219,25 +268,42 @@ class MedPLIBService:
                 "model",
                 "model_not_found",
             )
-        users = [i for i, m in enumerate(req.messages) if m.role == "user"]
-        if not users:
+        # The conversation: user and assistant turns alternate, starting and ending with the user (system and
+        # developer messages are not given to the model: it knows one system prompt).
+        turns = [(i, m) for i, m in enumerate(req.messages) if m.role in ("user", "assistant")]
+        if not any(m.role == "user" for _, m in turns):
             raise APIError(
                 400, "messages: no user message; the last user message holds the question", "messages"
             )
-        last = users[-1]
-        question = "\n".join(p.text for p in req.messages[last].content if isinstance(p, TextPart)).strip()
-        if not question:
+        for k, (i, m) in enumerate(turns):
+            expected = "user" if k % 2 == 0 else "assistant"
+            if m.role != expected:
+                raise APIError(
+                    400,
+                    f"messages[{i}]: expected a {expected} message: a conversation alternates user and assistant "
+                    "turns, starting with the user",
+                    f"messages[{i}]",
+                    "invalid_conversation",
+                )
+        if turns[-1][1].role != "user":
             raise APIError(
                 400,
-                f"messages[{last}].content: the last user message has no text (the question)",
-                f"messages[{last}].content",
+                "messages: the conversation must end with a user message (the question to answer)",
+                "messages",
+                "invalid_conversation",
             )
-        images = [
-            (i, j, p)
-            for i in users
-            for j, p in enumerate(req.messages[i].content)
-            if isinstance(p, ImagePart)
-        ]
+        texts = []
+        for i, m in turns:
+            text = "\n".join(p.text for p in m.content if isinstance(p, TextPart)).strip()
+            if not text and m.role == "user":
+                raise APIError(
+                    400,
+                    f"messages[{i}].content: the user message has no text (the question)",
+                    f"messages[{i}].content",
+                )
+            texts.append(text)
+        last = turns[-1][0]
+        images = [(i, j, p) for i, m in turns for j, p in enumerate(m.content) if isinstance(p, ImagePart)]
         if not images:
             raise APIError(
                 400,
@@ -246,14 +312,17 @@ class MedPLIBService:
                 "messages",
                 "missing_image",
             )
-        in_last = [im for im in images if im[0] == last]
-        if len(in_last) > 1:
+        first = turns[0][0]
+        if len(images) > 1 or images[0][0] != first:
+            i, j, _ = images[-1] if len(images) > 1 else images[0]
             raise APIError(
                 400,
-                f"messages[{last}].content: {len(in_last)} images; MedPLIB takes one per question",
-                f"messages[{last}].content",
+                f"messages[{i}].content[{j}]: MedPLIB takes one image per conversation, in the first user message "
+                f"(messages[{first}]); start a new conversation for another image",
+                f"messages[{i}].content[{j}]",
+                "image_not_in_first_turn",
             )
-        i, j, part = in_last[0] if in_last else images[-1]
+        i, j, part = images[0]
         param = f"messages[{i}].content[{j}].image_url.url"
         image = self._decode_image(parse_data_url(part.image_url.url, param), param)
         opts = req.medplib
@@ -263,9 +332,9 @@ class MedPLIBService:
             regions += [(f"medplib.boxes[{k}]", b) for k, b in enumerate(opts.boxes)]
             regions += [(f"medplib.masks[{k}]", m) for k, m in enumerate(opts.masks)]
         max_tokens = req.max_completion_tokens or req.max_tokens
-        return self._job(
+        job = self._job(
             image,
-            question,
+            texts[-1],
             regions,
             max_tokens,
             req.temperature or 0.0,
@@ -275,13 +344,19 @@ class MedPLIBService:
             tokens_param="max_tokens",
             regions_param="medplib",
             question_param=f"messages[{last}].content",
+            history=list(zip(texts[:-1:2], texts[1:-1:2], strict=True)),
+            history_params=[f"messages[{i}].content" for i, _ in turns[:-1:2]],
         )
+        job.top_p = req.top_p if req.top_p is not None else 1.0
+        job.seed = req.seed
+        job.stop = tuple(req.stop or [])
+        return job
 
     def job_from_predict(self, req: PredictRequest) -> Job:
         raw = (
             parse_data_url(req.image, "image") if req.image.startswith("data:") else _b64(req.image, "image")
         )
-        image = self._decode_image(raw, "image")
+        image = self._decode_image(raw, "image", req.slice_index)
         regions = [(f"regions[{k}]", r) for k, r in enumerate(req.regions)]
         return self._job(
             image,
@@ -297,7 +372,7 @@ class MedPLIBService:
             question_param="question",
         )
 
-    def _decode_image(self, data: bytes, param: str) -> np.ndarray:
+    def _decode_image(self, data: bytes, param: str, slice_index: int | None = None) -> np.ndarray:
         from PIL import Image
 
         from medplib.data.image import ImageReadError, load_image
@@ -318,7 +393,7 @@ class MedPLIBService:
                 param,
             )
         try:
-            image = load_image(data)
+            image = load_image(data, slice_index=slice_index)
         except ImageReadError as err:
             raise APIError(
                 400, f"{param}: not a readable image: {err.detail}", param, "invalid_image"
@@ -365,6 +440,8 @@ class MedPLIBService:
         tokens_param: str,
         regions_param: str,
         question_param: str,
+        history: list[tuple[str, str]] | None = None,
+        history_params: list[str] | None = None,
     ) -> Job:
         from medplib.inference import InvalidRequest
 
@@ -388,10 +465,12 @@ class MedPLIBService:
         started = time.perf_counter()
         try:
             # The one prompt build and region rasterisation of this request; the job carries the result.
-            encoded = self.predictor.encode(image, question, regions)
+            encoded = self.predictor.encode(image, question, regions, history)
         except InvalidRequest as err:
             if err.field == "regions" and err.index is not None:
                 param, code = prompts[err.index][0], "invalid_region"
+            elif err.field == "history" and err.index is not None and history_params:
+                param, code = history_params[err.index], "invalid_conversation"
             else:
                 param, code = {"question": question_param}.get(err.field, err.field), None
             raise APIError(400, f"{param}: {err.detail}", param, code) from err
@@ -409,14 +488,14 @@ class MedPLIBService:
     def run_batch(self, jobs: list[Job]) -> list[JobResult]:
         """Run jobs; those with the same generation settings share one `Predictor.run` pass."""
         results: list[JobResult | None] = [None] * len(jobs)
-        groups: dict[tuple[int, float, bool], list[int]] = defaultdict(list)
+        groups: dict[tuple, list[int]] = defaultdict(list)
         for i, job in enumerate(jobs):
-            groups[(job.max_new_tokens, job.temperature, job.segment)].append(i)
+            groups[job.batch_key].append(i)
         with self._lock:  # one model call at a time per replica (the probe shares the model)
-            for (max_new, temperature, segment), idx in groups.items():
+            for idx in groups.values():
                 encoded = [jobs[i].encoded for i in idx]
                 started = time.perf_counter()
-                kwargs = {"max_new_tokens": max_new, "temperature": temperature, "segment": segment}
+                kwargs = jobs[idx[0]].run_options
                 try:
                     preds = self.predictor.run(encoded, **kwargs)
                 except ValueError:
@@ -441,6 +520,39 @@ class MedPLIBService:
                         self.last_failure = None
                         results[i] = JobResult(pred, batch_size=len(idx), started_s=started)
         return [r if r is not None else JobResult(error=RuntimeError("job not run")) for r in results]
+
+    def run_stream(self, job: Job, on_text: Any) -> JobResult:
+        """One job alone, its answer handed to `on_text(delta)` while it is generated (the streaming path beside
+        `run_batch`); errors come back in the result, as there."""
+        with self._lock:
+            started = time.perf_counter()
+            try:
+                (pred,) = self.predictor.run(
+                    [job.encoded], on_text=lambda _row, delta: on_text(delta), **job.run_options
+                )
+            except ValueError as err:
+                return JobResult(error=APIError(400, str(err)), started_s=started)
+            except Exception as err:  # noqa: BLE001 - reported to the client as a 500 with an error id
+                self.last_failure = err
+                return JobResult(error=err, started_s=started)
+            self.last_success_s = time.monotonic()
+            self.last_failure = None
+            return JobResult(pred, batch_size=1, started_s=started)
+
+    def preview(self, req: PreviewRequest) -> PreviewResponse:
+        """The slice of an image file the model would see, as PNG, with the file's slice count."""
+        from medplib.data.rows import png_bytes
+
+        raw = (
+            parse_data_url(req.image, "image") if req.image.startswith("data:") else _b64(req.image, "image")
+        )
+        image = self._decode_image(raw, "image", req.slice_index)
+        count = slice_count(raw)
+        h, w = image.shape[:2]
+        shown = req.slice_index if req.slice_index is not None else count // 2 if count > 1 else 0
+        return PreviewResponse(
+            png_base64=b64encode(png_bytes(image)), width=w, height=h, num_slices=count, slice_index=shown
+        )
 
     def probe(self) -> None:
         """A one-token prediction with a box prompt on an image encoded once; raises when the model cannot run."""
@@ -485,11 +597,12 @@ class MedPLIBService:
             model_s=t.get("total_s", 0.0),
             server_s=time.perf_counter() - job.created_s,
             batch_size=result.batch_size,
+            first_token_s=t.get("first_token_s"),
         )
 
     @staticmethod
     def _finish(job: Job, result: JobResult) -> str:
-        return "length" if result.num_generated_tokens >= job.max_new_tokens else "stop"
+        return result.prediction.finish_reason
 
     def _usage(self, job: Job, result: JobResult) -> Usage:
         return Usage(
@@ -521,13 +634,20 @@ class MedPLIBService:
             choices=[ChunkChoice(delta=Delta(role="assistant", content=""))],
         )
 
-    def chat_chunks(self, job: Job, result: JobResult, include_usage: bool) -> Iterator[ChatCompletionChunk]:
-        """The answer in word-sized pieces, then the chunk with `finish_reason` and the masks, then usage."""
+    def chat_delta_chunk(self, job: Job, delta: str) -> ChatCompletionChunk:
+        """A piece of the answer, sent as soon as the model has generated it."""
+        return ChatCompletionChunk(
+            id=f"chatcmpl-{job.id}",
+            created=int(time.time()),
+            model=self.name,
+            choices=[ChunkChoice(delta=Delta(content=delta))],
+        )
+
+    def chat_final_chunks(
+        self, job: Job, result: JobResult, include_usage: bool
+    ) -> Iterator[ChatCompletionChunk]:
+        """After the answer: the chunk with `finish_reason`, the masks and timings, then usage if asked for."""
         cid, created = f"chatcmpl-{job.id}", int(time.time())
-        for piece in re.findall(r"\s*\S+\s*|\s+", result.prediction.text):
-            yield ChatCompletionChunk(
-                id=cid, created=created, model=self.name, choices=[ChunkChoice(delta=Delta(content=piece))]
-            )
         yield ChatCompletionChunk(
             id=cid,
             created=created,

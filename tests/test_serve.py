@@ -234,6 +234,143 @@ def test_local_limits_and_timeout(local_api, image, monkeypatch):
     assert r.status_code == 504 and "limits.request_timeout_s" in r.json()["error"]["message"]
 
 
+# --- the API over real HTTP in one process (uvicorn thread, no Ray), with the official openai client ------------------
+@pytest.fixture(scope="module")
+def local_http():
+    import torch
+
+    from serve.api import LocalBackend, serve_in_thread
+    from serve.config import AppArgs
+    from serve.service import MedPLIBService
+
+    torch.manual_seed(0)  # a tiny model whose greedy answers run to max_tokens on the test image
+    service = MedPLIBService(AppArgs(model="tiny"))
+    url, stop = serve_in_thread(LocalBackend(service, api_key=API_KEY))
+    yield url, service
+    stop()
+
+
+def _openai(url: str):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def test_openai_streaming_reads_tokens_before_the_last_is_generated(local_http, image, monkeypatch):
+    """The model's last step waits until the client has read a piece of the answer: a server that sent the
+    answer only after generating it would never get there (the wait would time out)."""
+    url, service = local_http
+    model = service.predictor.model
+    generate = model.generate
+    max_tokens, seen = 24, {"steps": 0, "released_in_time": None}
+    client_read = threading.Event()
+
+    def gated(batch, **kwargs):
+        inner = kwargs["on_step"]
+
+        def on_step(tokens):
+            seen["steps"] += 1
+            if seen["steps"] == max_tokens - 1:  # before the last token is generated
+                seen["released_in_time"] = client_read.wait(timeout=30)
+            return inner(tokens)
+
+        return generate(batch, **{**kwargs, "on_step": on_step})
+
+    monkeypatch.setattr(model, "generate", gated)
+    body = _chat_body(image)
+    stream = _openai(url).chat.completions.create(
+        model="medplib-tiny",
+        messages=body["messages"],
+        max_tokens=max_tokens,
+        stream=True,
+        extra_body={"medplib": body["medplib"]},
+    )
+    pieces, final = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+            client_read.set()
+        if chunk.choices and chunk.choices[0].finish_reason:
+            final = chunk
+    assert seen["steps"] == max_tokens and seen["released_in_time"] is True
+    assert len(pieces) > 1 and final.choices[0].finish_reason == "length"
+    assert final.model_extra["medplib"]["masks"][0]["size"] == [H, W]  # masks come in the final chunk
+    monkeypatch.undo()
+    whole = _openai(url).chat.completions.create(
+        model="medplib-tiny",
+        messages=body["messages"],
+        max_tokens=max_tokens,
+        extra_body={"medplib": body["medplib"]},
+    )
+    assert "".join(pieces) == whole.choices[0].message.content
+
+
+def test_three_turn_conversation_keeps_the_first_image(local_http, image):
+    """Turns 2 and 3 carry no image, yet the third answer is the model's answer to the whole conversation with the
+    first turn's image in it (same tokens as `Predictor` on that conversation), and its mask is on that image."""
+    url, service = local_http
+    client = _openai(url)
+    first = _chat_body(image)["messages"][0]
+    first = {**first, "content": [{"type": "text", "text": "What is shown here?"}, first["content"][1]]}
+    messages = [first]
+    answers = []
+    for question in ("Which modality is it?", "Please segment the abnormal region."):
+        reply = client.chat.completions.create(model="medplib-tiny", messages=messages, max_tokens=6)
+        answers.append(reply.choices[0].message.content)
+        messages += [{"role": "assistant", "content": answers[-1]}, {"role": "user", "content": question}]
+    third = client.chat.completions.create(
+        model="medplib-tiny", messages=messages, max_tokens=6, extra_body={"medplib": {"segment": True}}
+    )
+    history = [("What is shown here?", answers[0]), ("Which modality is it?", answers[1])]
+    encoded = service.predictor.encode(image, "Please segment the abnormal region.", [], history)
+    (expected,) = service.predictor.run([encoded], max_new_tokens=6, segment=True)
+    assert third.choices[0].message.content == expected.text
+    assert third.usage.prompt_tokens == len(encoded.input_ids)
+    assert (
+        third.usage.prompt_tokens > service.predictor.cfg.vision.grid**2
+    )  # the image block is in the prompt
+    (mask,) = third.model_extra["medplib"]["masks"]
+    assert mask["size"] == [H, W] and np.array_equal(decode_rle(mask["rle"]), expected.masks[0])
+    # The image belongs in the first user message; one elsewhere is refused, naming where it is.
+    late = [
+        {"role": "user", "content": "What is shown here?"},
+        {"role": "assistant", "content": answers[0]},
+        {"role": "user", "content": [{"type": "text", "text": "And here?"}, first["content"][1]]},
+    ]
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": late}, headers=_auth(), timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[2].content[1]", r.text
+    assert "in the first user message (messages[0])" in r.json()["error"]["message"]
+
+
+def test_top_p_seed_and_stop_are_honoured(local_http, image):
+    url, _ = local_http
+    client = _openai(url)
+    body = _chat_body(image)
+
+    def ask(**options):
+        return client.chat.completions.create(model="medplib-tiny", messages=body["messages"], **options)
+
+    sampled = [
+        ask(max_tokens=12, temperature=1.0, top_p=0.9, seed=s).choices[0].message.content for s in (5, 5, 6)
+    ]
+    assert sampled[0] == sampled[1] != sampled[2]
+    greedy = ask(max_tokens=12).choices[0].message.content
+    # top_p keeps only the most likely tokens: a vanishing nucleus is greedy decoding.
+    assert ask(max_tokens=12, temperature=1.0, top_p=1e-6, seed=1).choices[0].message.content == greedy
+    stop = greedy[3:5]
+    stopped = ask(max_tokens=12, stop=[stop])
+    assert (
+        stopped.choices[0].finish_reason == "stop"
+        and stopped.choices[0].message.content == greedy[: greedy.index(stop)].strip()
+    )
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={**body, "stop": ["a", "b", "c", "d", "e"]},
+        headers=_auth(),
+        timeout=60,
+    )
+    assert r.status_code == 422 and r.json()["error"]["param"] == "stop"
+
+
 # --- the Serve application on a local Ray cluster -----------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -351,6 +488,14 @@ def test_models_health_and_openapi(server):
     schema = httpx.get(f"{server}/openapi.json", timeout=30).json()
     assert {"/v1/chat/completions", "/v1/predict", "/v1/models", "/healthz"} <= set(schema["paths"])
     assert "ChatCompletionRequest" in schema["components"]["schemas"]
+    # The bearer scheme is declared, so /docs can send the key.
+    assert schema["components"]["securitySchemes"]["HTTPBearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "the server's API key (MEDPLIB_API_KEY)",
+    }
+    assert schema["paths"]["/v1/chat/completions"]["post"]["security"] == [{"HTTPBearer": []}]
+    assert "security" not in schema["paths"]["/healthz"]["get"]
 
 
 def _bad_cases(image: np.ndarray) -> list[tuple[str, dict, int, str]]:

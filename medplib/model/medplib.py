@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -241,12 +242,15 @@ class MedPLIB(nn.Module):
         top_p: float = 1.0,
         segment: bool = False,
         generator: torch.Generator | None = None,
+        on_step: Callable[[list[int | None]], Iterable[int] | None] | None = None,
     ) -> list[Generation]:
         """Greedy (temperature 0) or sampled decoding with a KV cache, then one mask per generated `<SEG>`.
 
         `batch` holds right-padded prompts (from `collate`); they are left-aligned here so every row's next
         token sits at the last position. With `segment=True` a row whose answer has no `<SEG>` is grounded
-        from the hidden state that produced its last token (upstream eval's fallback).
+        from the hidden state that produced its last token (upstream eval's fallback). `on_step`, when given, is
+        called after every decoding step with each row's new token (None for a finished row) and may return rows
+        to finish there (a stop sequence): the hook streaming and `stop` use.
         """
         am = batch["attention_mask"].to(self.device)
         emb = self.embed(batch)
@@ -271,6 +275,7 @@ class MedPLIB(nn.Module):
             ).last_hidden_state[:, -1]
             logits = head(h).float()
             nxt = self._pick(logits, temperature, top_p, generator)
+            step: list[int | None] = [None] * b
             for i in range(b):
                 if done[i]:
                     continue
@@ -280,8 +285,11 @@ class MedPLIB(nn.Module):
                     done[i] = True
                     continue
                 tokens[i].append(t)
+                step[i] = t
                 if t == self.ids.seg:
                     seg_hidden[i].append(h[i])
+            for i in (on_step(step) or []) if on_step is not None else []:
+                done[i] = True
             if bool(done.all()):
                 break
             nxt = torch.where(done, torch.full_like(nxt, self.ids.pad), nxt)

@@ -2,7 +2,7 @@
 
 `create_api(backend)` returns the app. Routes: `POST /v1/chat/completions` (OpenAI-compatible, multi-turn, SSE
 streaming token by token), `POST /v1/predict` (native), `POST /v1/preview` (a file's slice as PNG), `GET /v1/models`,
-`GET /healthz`, plus FastAPI's `/docs` and `/openapi.json` (bearer scheme declared).
+`GET /healthz`, the demo page `GET /demo`, plus FastAPI's `/docs` and `/openapi.json` (bearer scheme declared).
 
 Before a route sees a request, `GuardMiddleware` checks, in this order: the API key (401), the content type of a
 POST (415), the body size (413, from Content-Length before any byte is read, and while reading). Every error is
@@ -18,11 +18,12 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
@@ -45,8 +46,10 @@ from serve.service import APIError, Job, JobResult, MedPLIBService
 
 logger = logging.getLogger("ray.serve.medplib")
 
-PUBLIC_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
-ROUTES = frozenset({"/v1/chat/completions", "/v1/predict", "/v1/preview", "/v1/models", "/healthz"})
+# The demo page itself is public (it holds no data); the API calls it makes send the key the user types in.
+PUBLIC_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/demo"})
+ROUTES = frozenset({"/v1/chat/completions", "/v1/predict", "/v1/preview", "/v1/models", "/healthz", "/demo"})
+DEMO_PAGE = Path(__file__).with_name("static") / "demo.html"
 INLINE_DECODE_CHARS = 512 * 1024  # base64 characters of image data decoded on the event loop
 
 
@@ -452,6 +455,11 @@ def create_api(backend: Backend) -> FastAPI:
         """The slice of an image file (PNG, JPEG, DICOM, NIfTI) the model sees, as PNG, and how many slices the
         file has: the demo page shows DICOM and NIfTI through it."""
         return await asyncio.to_thread(service.preview, body)
+
+    @api.get("/demo", response_class=HTMLResponse, include_in_schema=False)
+    async def demo() -> HTMLResponse:
+        """The demo page: upload, draw a region, ask, see the mask (it calls /v1/preview and /v1/predict)."""
+        return HTMLResponse(DEMO_PAGE.read_text())
 
     @api.get("/v1/models", response_model=ModelList, responses={401: errors[401]}, dependencies=[key])
     async def models() -> ModelList:

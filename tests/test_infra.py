@@ -913,6 +913,7 @@ def test_plain_wheel_carries_the_presets_and_extras_by_who_installs(tmp_path: Pa
         assert f"medplib/configs/model/{preset}.yaml" in names, preset
     assert {"medplib/configs/stages/7b/moe.yaml", "medplib/configs/pipeline/tiny.yaml"} <= names
     assert {"medplib/py.typed", "medplib/__main__.py", "medplib_datasets/mini/build.py"} <= names
+    assert {"serve/static/demo.html", "serve/config.yaml"} <= names
     assert not any(n.startswith("configs/") for n in names), "configs/ must not be a top-level folder"
     requires = [
         line.removeprefix("Requires-Dist: ")

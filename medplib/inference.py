@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medplib import constants as C
 from medplib.data.batch import Encoded, collate, encode_sample
 from medplib.data.schema import Box, MaskRef, Point, Turn
 from medplib.model.config import load_model_config
@@ -30,6 +31,19 @@ log = logging.getLogger(__name__)
 
 Region = Point | Box | MaskRef | np.ndarray
 _REGION_MARK = re.compile(r"<region>(</region>)?")
+_PLACEHOLDERS = re.compile(
+    "|".join(
+        re.escape(token)
+        for token in (
+            C.IMAGE_TOKEN,
+            C.IMAGE_START_TOKEN,
+            C.IMAGE_END_TOKEN,
+            C.REGION_START_TOKEN,
+            C.REGION_END_TOKEN,
+            C.REGION_FEATURE_TOKEN,
+        )
+    )
+)
 MLFLOW_URI_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 
@@ -245,9 +259,10 @@ class Predictor:
                 raise InvalidRequest("regions", str(err), k) from err
         turns = []
         for k, (asked, answered) in enumerate(history or []):
-            if _REGION_MARK.search(asked) or _REGION_MARK.search(answered):
+            if _REGION_MARK.search(asked):
                 raise InvalidRequest("history", "region prompts belong to the last question", k)
-            turns += [Turn(role="human", text=asked), Turn(role="gpt", text=answered)]
+            # Placeholders in an earlier answer (a model can generate them) are not inputs: they go.
+            turns += [Turn(role="human", text=asked), Turn(role="gpt", text=_PLACEHOLDERS.sub("", answered))]
         turns.append(Turn(role="human", text=text))
         try:
             return encode_sample(

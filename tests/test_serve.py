@@ -330,6 +330,10 @@ def test_three_turn_conversation_keeps_the_first_image(local_http, image):
     )  # the image block is in the prompt
     (mask,) = third.model_extra["medplib"]["masks"]
     assert mask["size"] == [H, W] and np.array_equal(decode_rle(mask["rle"]), expected.masks[0])
+    # Placeholder tokens a model generated into an earlier answer are not taken as region prompts.
+    echoed = [*messages[:1], {"role": "assistant", "content": "<region><region_feat> here"}, messages[-1]]
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": echoed, "max_tokens": 2}, headers=_auth())
+    assert r.status_code == 200, r.text
     # The image belongs in the first user message; one elsewhere is refused, naming where it is.
     late = [
         {"role": "user", "content": "What is shown here?"},

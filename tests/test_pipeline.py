@@ -210,6 +210,15 @@ def test_registered_model_is_an_mlflow_pyfunc_model_with_card_and_dataset(
     tables = {a.path for a in client.list_artifacts(moe_run.info.run_id, "eval")}
     assert "eval/predictions.json" in tables
 
+    # examples/mlflow_run.py reads the same run back as a user would.
+    script = Path(__file__).resolve().parents[1] / "examples" / "mlflow_run.py"
+    shown = subprocess.run(
+        [sys.executable, str(script), "--tracking-uri", uri], capture_output=True, text=True, timeout=300
+    )
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    for needle in ("models:/medplib@champion is version", "input dataset", "eval predictions:", "pyfunc on its"):
+        assert needle in shown.stdout, needle
+
     port = _free_port()
     # As in an activated venv: `mlflow models serve` starts `uvicorn` from PATH.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}

@@ -42,7 +42,9 @@ def main() -> None:
         print(
             f"input dataset {dataset.dataset.name} digest {dataset.dataset.digest}, rows {profile.get('rows')}"
         )
-    predictions = mlflow.load_table("eval/predictions.json", run_ids=[run.info.run_id])
+    predictions = client.load_table(
+        run.info.experiment_id, "eval/predictions.json", run_ids=[run.info.run_id]
+    )
     print(f"eval predictions: {len(predictions)} rows, columns {list(predictions.columns)[:6]}")
     card = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/model/artifacts/export/README.md")
     print("model card:", card.split("\n# ", 1)[1].splitlines()[0])

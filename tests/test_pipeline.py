@@ -216,7 +216,12 @@ def test_registered_model_is_an_mlflow_pyfunc_model_with_card_and_dataset(
         [sys.executable, str(script), "--tracking-uri", uri], capture_output=True, text=True, timeout=300
     )
     assert shown.returncode == 0, shown.stderr[-3000:]
-    for needle in ("models:/medplib@champion is version", "input dataset", "eval predictions:", "pyfunc on its"):
+    for needle in (
+        "models:/medplib@champion is version",
+        "input dataset",
+        "eval predictions:",
+        "pyfunc on its",
+    ):
         assert needle in shown.stdout, needle
 
     port = _free_port()

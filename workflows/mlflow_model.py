@@ -120,7 +120,7 @@ class MedPLIBPyfunc(mlflow.pyfunc.PythonModel):
 
 def example_from_rows(rows: list[dict], vision_size: int):
     """The input example: the first prepared row with an image, as a request (its image as PNG base64, its
-    region masks as RLE, `segment` for grounding rows)."""
+    region masks as RLE, `segment` for grounding rows); None when no row has an image."""
     import pandas as pd
 
     from medplib.data.rows import png_bytes
@@ -139,11 +139,12 @@ def example_from_rows(rows: list[dict], vision_size: int):
             "segment": row.get("task") == "grounding",
         }
         return pd.DataFrame([record])
-    raise ValueError("no prepared row with an image for the MLflow input example")
+    return None
 
 
 def save_pyfunc_model(export_dir: Path, dst: Path, input_example) -> Path:
-    """Write the MLflow pyfunc model folder for `export_dir` into `dst` (which must not exist)."""
+    """Write the MLflow pyfunc model folder for `export_dir` into `dst` (which must not exist); without an input
+    example (None) the model has its signature only."""
     from medplib import __version__
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -154,7 +155,7 @@ def save_pyfunc_model(export_dir: Path, dst: Path, input_example) -> Path:
             python_model=str(code),
             artifacts={"model": str(export_dir)},
             signature=signature(),
-            input_example=(input_example, {"max_new_tokens": 8}),
+            input_example=None if input_example is None else (input_example, {"max_new_tokens": 8}),
             # Explicit: inferring them would load the model in a subprocess just to list its imports.
             pip_requirements=[f"medplib[core]=={__version__}"],
         )

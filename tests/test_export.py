@@ -131,6 +131,10 @@ def test_pyfunc_folder_loads_through_mlflow_and_medplib(sharded_export, tmp_path
     a = direct.predict(image, "What is this?", max_new_tokens=4)
     b = via_mlflow.predict(image, "What is this?", max_new_tokens=4)
     assert a.token_ids == b.token_ids
+    # A split without image rows gives no input example; the model still saves, with its signature.
+    assert example_from_rows([], model.cfg.vision.image_size_px) is None
+    bare = mlflow_pyfunc.load_model(str(save_pyfunc_model(out, tmp_path / "bare", None)))
+    assert bare.input_example is None and bare.metadata.get_input_schema() is not None
     bad = example.assign(regions='[{"kind": "circle"}]')
     with pytest.raises(Exception, match="regions"):
         loaded.predict(bad)

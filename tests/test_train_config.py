@@ -19,6 +19,7 @@ from workflows.train.config import (
     load_stage_config,
 )
 from workflows.train.stage import (
+    _without_cpu_shm_comm,
     build_moe_init,
     deepspeed_config,
     fail_hook_steps,
@@ -225,3 +226,16 @@ def test_parameter_anchor_makes_gradient_order_independent_of_usage() -> None:
         return order
 
     assert hook_order(True) == hook_order(False)
+
+
+def test_cpu_workers_never_build_deepspeeds_shm_comm_op(tmp_path: Path, monkeypatch) -> None:
+    """A stale JIT lock (a worker killed mid-build) hangs every later stage in `build_shm_op`: with the op marked
+    incompatible DeepSpeed's CPU backend never reaches the build, even with such a lock in place."""
+    from deepspeed.comm.torch import build_shm_op
+
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    _without_cpu_shm_comm()
+    assert build_shm_op() is None

@@ -23,10 +23,9 @@ Supported, per stage (`StageConfig`, `configs/stages/<preset>/<stage>.yaml`):
 CPU workers run the same loop with DeepSpeed (gloo backend, fp32 by default, bf16 allowed; fp16 is refused on
 CPU). Why DeepSpeed rather than DDP on CPU: the GPU path is DeepSpeed ZeRO-2, and running the identical engine on
 CPU means the tests exercise what a GPU run does (ZeRO partitioned optimiser state, its checkpoint layout, the
-fp32 consolidation at export, gradient accumulation boundaries). Its costs on CPU: a one-off ~35 s JIT build of
-DeepSpeed's shared-memory comm op on the first multi-worker run (cached in ~/.cache/torch_extensions), ~2 s per
-`deepspeed.initialize`. We pass a torch AdamW, not a DeepSpeed-config optimiser, so no fused/cpu Adam op is
-built; `zero_allow_untested_optimizer` allows that.
+fp32 consolidation at export, gradient accumulation boundaries). Its cost on CPU: ~2 s per `deepspeed.initialize`
+(DeepSpeed's shared-memory comm op is switched off there: see `_without_cpu_shm_comm`). We pass a torch AdamW,
+not a DeepSpeed-config optimiser, so no fused/cpu Adam op is built; `zero_allow_untested_optimizer` allows that.
 """
 
 from __future__ import annotations
@@ -317,6 +316,17 @@ def parameter_anchor(params: list):
     return torch.stack([p.reshape(-1)[0].float() for p in params]).sum() * 0.0
 
 
+def _without_cpu_shm_comm() -> None:
+    """On CPU DeepSpeed JIT-compiles a shared-memory allreduce op (g++ -fopenmp, ~35 s on 2 cores) behind a lock
+    file in ~/.cache/torch_extensions. A worker killed while it compiles (a failed or stopped stage, a Tune trial
+    ASHA ends, a test that kills a worker) leaves that lock behind, and every later stage on the machine then waits
+    on it forever. gloo's allreduce serves CPU scale, so the op is marked incompatible before DeepSpeed probes its
+    op table; that also skips the probe's compiler runs. On GPU the op does not exist and nothing changes."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker; `config["plan"]` is a `StagePlan`."""
     import deepspeed
@@ -350,6 +360,8 @@ def train_loop_per_worker(config: dict) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=stage.betas, weight_decay=stage.weight_decay)
     scheduler = LambdaLR(optimizer, lambda s: lr_factor(s, plan.total_steps, plan.warmup_steps))
+    if not plan.use_gpu:
+        _without_cpu_shm_comm()
     # DeepSpeed reuses the process group Ray Train created (gloo on CPU, nccl on GPU).
     engine, _, _, _ = deepspeed.initialize(
         model=model,

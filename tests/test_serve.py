@@ -46,22 +46,6 @@ def _png_b64(image: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _png_bomb(width: int, height: int) -> bytes:
-    """A 1-bit PNG of `width` x `height` zeros, written chunk by chunk: small on disk, huge once decoded."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    packer = zlib.compressobj(9)
-    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then the row's bits
-    idat = b"".join(packer.compress(row * 1000) for _ in range(height // 1000))
-    idat += packer.compress(row * (height % 1000)) + packer.flush()
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
 @pytest.fixture(scope="module")
 def image() -> np.ndarray:
     rng = np.random.default_rng(1)
@@ -167,14 +151,14 @@ def test_rle_decode_is_chunked_and_checks_size_before_allocating(monkeypatch):
         decode_rle({"size": [2, 2], "counts": "00é"})
 
 
-def test_png_mask_size_is_checked_from_the_header():
-    bomb = _png_bomb(20000, 20000)  # 400 M pixels in a ~60 KB file: Pillow refuses it at open
+def test_png_mask_size_is_checked_from_the_header(png_bomb):
+    bomb = png_bomb(20000, 20000)  # 400 M pixels in a ~60 KB file: Pillow refuses it at open
     assert len(bomb) < 200_000
     with pytest.raises(MaskTooLarge, match="too large"):
         png_decode(bomb, expected_hw=(H, W))
     # Under Pillow's own limit, a mask of another size is refused before its pixels are decoded.
     with pytest.raises(MaskFormatError, match=f"9000x9000 \\(HxW\\), the image is {H}x{W}"):
-        png_decode(_png_bomb(9000, 9000), expected_hw=(H, W))
+        png_decode(png_bomb(9000, 9000), expected_hw=(H, W))
     region = np.zeros((H, W), bool)
     region[3:9, 4:7] = True
     assert np.array_equal(png_decode(base64.b64decode(_png_b64(region)), expected_hw=(H, W)), region)
@@ -498,7 +482,7 @@ def _chat_json(image: np.ndarray, text: str = "Segment <region>.", **medplib) ->
     return json.dumps(body).encode()
 
 
-def _attacks(image: np.ndarray) -> list[tuple[str, str, bytes, int, str, str]]:
+def _attacks(image: np.ndarray, png_bomb) -> list[tuple[str, str, bytes, int, str, str]]:
     """(name, route, body, status, param, a piece of the message): inputs that once cost minutes, gigabytes or a
     500, each under the default 20 MiB body limit."""
     mask_of = {"boxes": []}
@@ -550,7 +534,7 @@ def _attacks(image: np.ndarray) -> list[tuple[str, str, bytes, int, str, str]]:
             "PNG bomb mask",
             "/v1/chat/completions",
             _chat_json(
-                image, **mask_of, masks=[{"png_base64": base64.b64encode(_png_bomb(20000, 20000)).decode()}]
+                image, **mask_of, masks=[{"png_base64": base64.b64encode(png_bomb(20000, 20000)).decode()}]
             ),
             413,
             "medplib.masks[0].png_base64",
@@ -668,11 +652,11 @@ def _send_while_polling_health(
     return r, elapsed, health
 
 
-def _check_attacks(url: str, image: np.ndarray, pid: int) -> list[str]:
+def _check_attacks(url: str, image: np.ndarray, png_bomb, pid: int) -> list[str]:
     """Every attack: its status, the field it names, the message, the time, /healthz meanwhile and the peak RSS of
     the serving process `pid`; returns what failed, and what was measured (logged)."""
     failures, measured = [], []
-    for name, route, body, status, param, fragment in _attacks(image):
+    for name, route, body, status, param, fragment in _attacks(image, png_bomb):
         gc.collect()
         rss_kb = _proc_kb(pid, "VmRSS")
         r, elapsed, health = _send_while_polling_health(url, route, body, pid)
@@ -699,10 +683,10 @@ def _check_attacks(url: str, image: np.ndarray, pid: int) -> list[str]:
     return failures
 
 
-def test_bad_requests_are_refused_in_bounded_time_and_memory(local_http, image):
+def test_bad_requests_are_refused_in_bounded_time_and_memory(local_http, image, png_bomb):
     """The attacks against the API over HTTP in this process, which is then the replica whose memory counts."""
     url, _ = local_http
-    failures = _check_attacks(url, image, os.getpid())
+    failures = _check_attacks(url, image, png_bomb, os.getpid())
     assert not failures, "\n".join(failures)
     r = httpx.post(f"{url}/v1/chat/completions", json=_chat_body(image), headers=_auth(), timeout=60)
     assert r.status_code == 200, r.text  # and the server still serves
@@ -914,11 +898,11 @@ def test_bad_requests_get_4xx_and_the_app_keeps_serving(server, image):
 
 
 @pytest.mark.slow
-def test_serve_replica_refuses_bad_requests_in_bounded_time_and_memory(server, image):
+def test_serve_replica_refuses_bad_requests_in_bounded_time_and_memory(server, image, png_bomb):
     """The attacks again, through Ray Serve's proxy, measuring the replica process itself."""
     replicas = _descendants_named(os.getpid(), b"ray::ServeReplica:medplib:")
     assert len(replicas) == 1, replicas
-    failures = _check_attacks(server, image, replicas[0])
+    failures = _check_attacks(server, image, png_bomb, replicas[0])
     assert not failures, "\n".join(failures)
     _good_request(server, image)
 

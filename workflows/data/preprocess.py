@@ -1011,10 +1011,8 @@ def _hold(tmp: Path) -> IO[str]:
 def remove_stale_temps(output: Path) -> list[Path]:
     """Delete what killed runs left beside `output`: `.NAME.tmp-*` folders older than a minute whose lock no live
     process holds, and `.NAME.old-*` folders; returns them."""
-    stale = []
     pattern = glob.escape(f".{output.name}")
-    for path in sorted(output.parent.glob(f"{pattern}.old-*")):
-        stale.append(path)
+    stale = sorted(output.parent.glob(f"{pattern}.old-*"))  # never in use once the swap is over
     for path in sorted(output.parent.glob(f"{pattern}.tmp-*")):
         try:
             with (path / _LOCK).open("r+") as lock:

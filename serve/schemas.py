@@ -181,7 +181,9 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
     temperature: float | None = Field(None, ge=0, le=2, description="0 or omitted = greedy")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling (with temperature > 0)")
-    seed: int | None = Field(None, description="seeds the sampler: the same request gives the same answer")
+    seed: int | None = Field(
+        None, ge=0, lt=2**63, description="seeds the sampler: the same request gives the same answer"
+    )
     stop: UnicodeText | list[UnicodeText] | None = Field(
         None, description="up to 4 strings; the answer ends before the first one generated"
     )

@@ -440,16 +440,29 @@ def test_top_p_seed_and_stop_are_honoured(local_http, image):
 
 
 # --- no request of death: bounded time and memory for every input ------------------------------------------------
-BAD_REQUEST_S = (
-    2.0  # every bad request is answered within this (a hang, not a speed figure: generous on purpose)
-)
-HEALTHZ_S = 1.0  # and /healthz within this while one is being refused
-PEAK_RSS_MB = 200  # the serving process's peak RSS grows by less than this for any one request
+# Every bad request is answered within BAD_REQUEST_S, /healthz within HEALTHZ_S while one is being refused, and
+# the serving process's peak RSS grows by less than PEAK_RSS_MB. The times guard against hangs (the old RLE decoder
+# held a replica 82 s), not speed: on an oversubscribed machine they stretch by its load per core, and the work
+# itself is bounded by the serving process's CPU time, which the load does not stretch.
+BAD_REQUEST_S = 2.0
+HEALTHZ_S = 1.0
+PEAK_RSS_MB = 200
 
 
 def _proc_kb(pid: int, field: str) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(status.split(f"{field}:")[1].split()[0])
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU time of all threads of `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _oversubscription() -> float:
+    """Runnable tasks per core we may use (1 when the machine is not oversubscribed)."""
+    return max(1.0, os.getloadavg()[0] / len(os.sched_getaffinity(0)))
 
 
 def _descendants_named(root: int, title: bytes) -> list[int]:
@@ -557,6 +570,14 @@ def _attacks(image: np.ndarray, png_bomb) -> list[tuple[str, str, bytes, int, st
             "lone surrogate (U+DFFF)",
         ),
         (
+            "seed 2^64",  # torch cannot take it: once a 400 that named no field
+            "/v1/chat/completions",
+            json.dumps({**_chat_body(image), "seed": 2**64}).encode(),
+            422,
+            "seed",
+            "less than",
+        ),
+        (
             "1 MB question",
             "/v1/chat/completions",
             _chat_json(image, text="Segment <region>. " + "x" * 1_000_000),
@@ -658,9 +679,11 @@ def _check_attacks(url: str, image: np.ndarray, png_bomb, pid: int) -> list[str]
     failures, measured = [], []
     for name, route, body, status, param, fragment in _attacks(image, png_bomb):
         gc.collect()
-        rss_kb = _proc_kb(pid, "VmRSS")
+        rss_kb, cpu_s = _proc_kb(pid, "VmRSS"), _proc_cpu_s(pid)
         r, elapsed, health = _send_while_polling_health(url, route, body, pid)
         grew_mb = (_proc_kb(pid, "VmHWM") - rss_kb) / 1024
+        cpu_s = _proc_cpu_s(pid) - cpu_s
+        stretch = _oversubscription()
         error = (
             r.json().get("error", {})
             if r.headers.get("content-type", "").startswith("application/json")
@@ -668,17 +691,20 @@ def _check_attacks(url: str, image: np.ndarray, png_bomb, pid: int) -> list[str]
         )
         slowest_health = max((s for _, s in health), default=0.0)
         measured.append(
-            f"{name}: {r.status_code} in {elapsed:.2f} s, peak RSS +{grew_mb:.0f} MB, "
-            f"healthz max {slowest_health:.2f} s over {len(health)}"
+            f"{name}: {r.status_code} in {elapsed:.2f} s ({cpu_s:.2f} s CPU), peak RSS +{grew_mb:.0f} MB, "
+            f"healthz max {slowest_health:.2f} s over {len(health)}, load per core {stretch:.1f}"
         )
         if r.status_code != status or error.get("param") != param or fragment not in error.get("message", ""):
             failures.append(f"{name}: {r.status_code} {r.text[:300]}")
-        if elapsed > BAD_REQUEST_S:
-            failures.append(f"{name}: answered after {elapsed:.1f} s")
+        if elapsed > BAD_REQUEST_S * stretch or cpu_s > BAD_REQUEST_S:
+            failures.append(
+                f"{name}: answered after {elapsed:.1f} s, {cpu_s:.1f} s CPU (load per core {stretch:.1f})"
+            )
         if grew_mb >= PEAK_RSS_MB:
             failures.append(f"{name}: peak RSS grew by {grew_mb:.0f} MB")
-        if (elapsed > 0.5 and not health) or any(code != 200 or s > HEALTHZ_S for code, s in health):
-            failures.append(f"{name}: /healthz {health}")
+        late = [(code, s) for code, s in health if code != 200 or s > HEALTHZ_S * stretch]
+        if (elapsed > 0.5 * stretch and not health) or late:
+            failures.append(f"{name}: /healthz {late or 'never answered'} (load per core {stretch:.1f})")
     logging.getLogger(__name__).warning("attacks:\n%s", "\n".join(measured))
     return failures
 

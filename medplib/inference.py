@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +218,11 @@ class Predictor:
             model = model.to(device)
         return cls(model)
 
+    @cached_property
+    def max_token_chars(self) -> int:
+        """Most characters of text one token stands for (its longest vocabulary entry)."""
+        return max(len(token) for token in self.model.tokenizer.get_vocab())
+
     def encode(
         self,
         image: Any,
@@ -244,6 +250,16 @@ class Predictor:
                 array = load_image(image)
             except ValueError as err:
                 raise InvalidRequest("image", str(err)) from err
+        # A token covers at most `max_token_chars` characters, so a longer text cannot fit: refused before the
+        # tokenizer spends time on it.
+        max_chars = self.cfg.max_length * self.max_token_chars
+        chars = len(question) + sum(len(asked) + len(answered) for asked, answered in history or [])
+        if chars > max_chars:
+            raise InvalidRequest(
+                "question",
+                f"the conversation is {chars} characters; the model's context holds {self.cfg.max_length} "
+                f"tokens (max_length), at most {max_chars} characters of text: shorten it",
+            )
         try:
             text = question_with_regions(question, len(regions))
         except ValueError as err:
@@ -268,7 +284,7 @@ class Predictor:
             return encode_sample(
                 turns, array, self.model.tokenizer, self.cfg, regions=masks, for_generation=True
             )
-        except ValueError as err:  # the prompt does not fit max_length
+        except ValueError as err:  # the prompt does not fit max_length (PromptTooLong)
             raise InvalidRequest("question", str(err)) from err
 
     def run(

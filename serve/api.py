@@ -8,23 +8,31 @@ Before a route sees a request, `GuardMiddleware` checks, in this order: the API 
 POST (415), the body size (413, from Content-Length before any byte is read, and while reading). Every error is
 OpenAI's `{"error": {"message", "type", "param", "code"}}`; client mistakes are 4xx naming the field, and an
 unexpected exception is a 500 whose `error_id` is logged with the traceback.
+
+The event loop only moves bytes: a POST body is parsed, validated and turned into a job (image and mask decoding,
+tokenising) on a small thread pool, with work and memory bounded by the limits, so one costly request never
+stalls `/healthz` or the requests behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPBearer
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -35,7 +43,6 @@ from serve.schemas import (
     ErrorBody,
     ErrorResponse,
     Health,
-    ImagePart,
     ModelList,
     PredictRequest,
     PredictResponse,
@@ -50,7 +57,9 @@ logger = logging.getLogger("ray.serve.medplib")
 PUBLIC_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/demo"})
 ROUTES = frozenset({"/v1/chat/completions", "/v1/predict", "/v1/preview", "/v1/models", "/healthz", "/demo"})
 DEMO_PAGE = Path(__file__).with_name("static") / "demo.html"
-INLINE_DECODE_CHARS = 512 * 1024  # base64 characters of image data decoded on the event loop
+# Threads that turn request bodies into jobs (JSON, validation, image and mask decoding, tokenising), so the event
+# loop only moves bytes and `/healthz` answers whatever a body costs. More threads than cores add memory, not speed.
+PARSE_THREADS = 4
 
 
 class Backend(Protocol):
@@ -126,13 +135,13 @@ def serve_in_thread(
     return f"http://{host}:{sock.getsockname()[1]}", stop
 
 
-def error_json(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(
-        ErrorResponse(error=body).model_dump(exclude_none=True), status_code=status, headers=headers
-    )
+def error_json(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> Response:
+    # ensure_ascii: a message that quotes the client (a lone surrogate in a tag, say) must still encode
+    content = json.dumps(ErrorResponse(error=body).model_dump(exclude_none=True), ensure_ascii=True)
+    return Response(content, status_code=status, headers=headers, media_type="application/json")
 
 
-def api_error_response(err: APIError) -> JSONResponse:
+def api_error_response(err: APIError) -> Response:
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
     return error_json(
         err.status, ErrorBody(message=err.message, type=err.type, param=err.param, code=err.code), headers
@@ -268,6 +277,38 @@ def _sse(payload: Any) -> str:
     return f"data: {text}\n\n"
 
 
+def parse_body(model: type[BaseModel], raw: bytes, max_values: int) -> Any:
+    """A request body as `model`, with FastAPI's errors (400 not JSON, 422 naming the field), in bounded memory:
+    the JSON values are counted (every one after the first follows a ',', '[' or '{') before any is built."""
+    values = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+    if values > max_values:
+        raise APIError(
+            413,
+            f"request body holds up to {values} JSON values; this server takes at most {max_values} "
+            "(limits.max_json_values)",
+            "body",
+            "request_too_large",
+        )
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as err:
+        error = {"type": "json_invalid", "loc": ("body", err.pos), "msg": "JSON decode error", "input": {}}
+        raise RequestValidationError([{**error, "ctx": {"error": err.msg}}]) from err
+    except (RecursionError, ValueError) as err:  # nesting past the stack, a 5000-digit number, not UTF-8
+        raise APIError(400, f"request body is not usable JSON: {err}", "body", "invalid_json") from err
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        problems = err.errors(include_url=False, include_input=False)
+        raise RequestValidationError([{**p, "loc": ("body", *p["loc"])} for p in problems]) from err
+
+
+def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` of a route that reads its body itself (off the event loop): the body's schema."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
 def create_api(backend: Backend) -> FastAPI:
     """The FastAPI app around `backend` (one per replica)."""
     service = backend.service
@@ -292,12 +333,12 @@ def create_api(backend: Backend) -> FastAPI:
     }
 
     @api.exception_handler(APIError)
-    async def _api_error(_: Request, err: APIError) -> JSONResponse:
+    async def _api_error(_: Request, err: APIError) -> Response:
         backend.record_error(err.code or "client")
         return api_error_response(err)
 
     @api.exception_handler(RequestValidationError)
-    async def _validation(_: Request, err: RequestValidationError) -> JSONResponse:
+    async def _validation(_: Request, err: RequestValidationError) -> Response:
         problems = err.errors()
         first = problems[0] if problems else {"loc": ("body",), "msg": "invalid request", "type": "invalid"}
         if first.get("type") == "json_invalid":
@@ -326,7 +367,7 @@ def create_api(backend: Backend) -> FastAPI:
         )
 
     @api.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    async def _http(_: Request, err: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(err.status_code)
         backend.record_error(code or f"http_{err.status_code}")
         return error_json(
@@ -343,15 +384,23 @@ def create_api(backend: Backend) -> FastAPI:
     # Declares the bearer scheme in the OpenAPI schema (so /docs can send the key); GuardMiddleware checks it.
     key = Depends(HTTPBearer(auto_error=False, description="the server's API key (MEDPLIB_API_KEY)"))
 
-    async def parse(build: Any, body: Any, payload_chars: int) -> Job:
-        # Decoding a small image (~1 ms) inline is cheaper than a thread hop, which waits for the GIL while the
-        # model thread runs; a big one goes to a thread so the event loop keeps taking requests.
+    parse_pool = ThreadPoolExecutor(max_workers=PARSE_THREADS, thread_name_prefix="medplib-parse")
+
+    def parse_and_build(model: type[BaseModel], raw: bytes, build: Callable[[Any], Any]) -> tuple[Any, Any]:
+        body = parse_body(model, raw, limits.max_json_values)
+        return body, build(body)
+
+    async def off_loop(raw: bytes, model: type[BaseModel], build: Callable[[Any], Any]) -> tuple[Any, Any]:
+        """(the body as `model`, `build(body)`), both worked out on the parse threads."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(parse_pool, parse_and_build, model, raw, build)
+
+    async def parse(request: Request, model: type[BaseModel], build: Callable[[Any], Job]) -> tuple[Any, Job]:
+        raw = await request.body()
         # Requests on their way to the batch queue; the deployment's batch wait reads the count.
         backend.arriving += 1
         try:
-            if payload_chars <= INLINE_DECODE_CHARS:
-                return build(body)
-            return await asyncio.to_thread(build, body)
+            return await off_loop(raw, model, build)
         finally:
             backend.arriving -= 1
 
@@ -429,12 +478,12 @@ def create_api(backend: Backend) -> FastAPI:
         response_model=ChatCompletion,
         responses={**errors, 200: stream_doc},
         dependencies=[key],
+        openapi_extra=_body_doc(ChatCompletionRequest),
     )
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    async def chat_completions(request: Request) -> Any:
         """OpenAI chat completion; the `medplib` object of the request carries region prompts, of the response the
         masks. With `stream: true` the answer comes as server-sent events ending in `data: [DONE]`."""
-        size = sum(len(p.image_url.url) for m in body.messages for p in m.content if isinstance(p, ImagePart))
-        job = await parse(service.job_from_chat, body, size)
+        body, job = await parse(request, ChatCompletionRequest, service.job_from_chat)
         if not body.stream:
             return service.chat_response(job, await run(job))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -444,17 +493,30 @@ def create_api(backend: Backend) -> FastAPI:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    @api.post("/v1/predict", response_model=PredictResponse, responses=errors, dependencies=[key])
-    async def predict(body: PredictRequest) -> PredictResponse:
+    @api.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        responses=errors,
+        dependencies=[key],
+        openapi_extra=_body_doc(PredictRequest),
+    )
+    async def predict(request: Request) -> PredictResponse:
         """Native prediction: image (base64), question, region prompts -> answer, masks, timings."""
-        job = await parse(service.job_from_predict, body, len(body.image))
+        _, job = await parse(request, PredictRequest, service.job_from_predict)
         return service.predict_response(job, await run(job))
 
-    @api.post("/v1/preview", response_model=PreviewResponse, responses=errors, dependencies=[key])
-    async def preview(body: PreviewRequest) -> PreviewResponse:
+    @api.post(
+        "/v1/preview",
+        response_model=PreviewResponse,
+        responses=errors,
+        dependencies=[key],
+        openapi_extra=_body_doc(PreviewRequest),
+    )
+    async def preview(request: Request) -> PreviewResponse:
         """The slice of an image file (PNG, JPEG, DICOM, NIfTI) the model sees, as PNG, and how many slices the
         file has: the demo page shows DICOM and NIfTI through it."""
-        return await asyncio.to_thread(service.preview, body)
+        _, response = await off_loop(await request.body(), PreviewRequest, service.preview)
+        return response
 
     @api.get("/demo", response_class=HTMLResponse, include_in_schema=False)
     async def demo() -> HTMLResponse:
@@ -480,4 +542,18 @@ def create_api(backend: Backend) -> FastAPI:
             )
         return Health(status="ok", model=service.name, last_success_s_ago=ago)
 
+    default_openapi = api.openapi
+
+    def openapi() -> dict[str, Any]:
+        # The POST routes read their bodies themselves, so FastAPI does not see the request models: add them.
+        if api.openapi_schema is None:
+            schema = default_openapi()
+            _, defs = models_json_schema(
+                [(m, "validation") for m in (ChatCompletionRequest, PredictRequest, PreviewRequest)],
+                ref_template="#/components/schemas/{model}",
+            )
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        return api.openapi_schema
+
+    api.openapi = openapi  # type: ignore[method-assign]
     return api

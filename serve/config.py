@@ -43,8 +43,17 @@ class Limits(_Strict):
         20 * 1024 * 1024,
         description="largest HTTP body accepted (413 above it); base64 adds a third to images",
     )
+    max_json_values: PositiveInt = Field(
+        1_000_000,
+        description="most JSON values (arrays, objects, list items) in a body (413 above it): parsed JSON takes "
+        "up to ~70 bytes a value, so this bounds a body's memory however it is nested",
+    )
     max_image_pixels: PositiveInt = Field(
         4096 * 4096, description="largest decoded image, height x width (413 above it)"
+    )
+    max_mask_runs: PositiveInt = Field(
+        1_000_000,
+        description="most run lengths in one RLE mask prompt (413 above it); a drawn region has a few per column",
     )
     max_regions: PositiveInt | None = Field(
         None, description="region prompts per request; None = the model's own `region.max_regions`"

@@ -18,11 +18,28 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from serve.masks import check_rle
+from serve.masks import rle_size
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def valid_unicode(text: Any) -> Any:
+    """`text` unless it is a string holding a lone surrogate (JSON allows the escape; UTF-8 and the tokenizer do
+    not). Runs before pydantic's own str check, whose message would not say what is wrong."""
+    if isinstance(text, str):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(
+                f"text holds a lone surrogate (U+{ord(text[err.start]):04X}) at character {err.start}; "
+                "send valid Unicode"
+            ) from err
+    return text
+
+
+UnicodeText = Annotated[str, BeforeValidator(valid_unicode)]
 
 
 # --- region prompts ------------------------------------------------------------------------------------------------
@@ -58,7 +75,8 @@ class RLE(_Strict):
 
     @model_validator(mode="after")
     def _well_formed(self) -> RLE:
-        check_rle({"size": self.size, "counts": self.counts})  # MaskFormatError is a ValueError -> 422
+        # The form only (MaskFormatError is a ValueError -> 422); the runs are decoded against the image later.
+        rle_size({"size": self.size, "counts": self.counts})
         return self
 
 
@@ -113,7 +131,7 @@ class ImageURL(BaseModel):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: UnicodeText
 
 
 class ImagePart(_Strict):
@@ -163,8 +181,10 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
     temperature: float | None = Field(None, ge=0, le=2, description="0 or omitted = greedy")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling (with temperature > 0)")
-    seed: int | None = Field(None, description="seeds the sampler: the same request gives the same answer")
-    stop: str | list[str] | None = Field(
+    seed: int | None = Field(
+        None, ge=0, lt=2**63, description="seeds the sampler: the same request gives the same answer"
+    )
+    stop: UnicodeText | list[UnicodeText] | None = Field(
         None, description="up to 4 strings; the answer ends before the first one generated"
     )
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
@@ -274,7 +294,7 @@ class PredictRequest(_Strict):
     slice_index: int | None = Field(
         None, ge=0, description="NIfTI slice (along the last axis) or DICOM frame; default the middle one"
     )
-    question: str = Field(min_length=1)
+    question: UnicodeText = Field(min_length=1)
     regions: list[Region] = Field(default_factory=list)
     max_new_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0, le=2)

@@ -24,7 +24,16 @@ import numpy as np
 
 from medplib.prediction import Prediction
 from serve.config import AppArgs
-from serve.masks import MaskFormatError, b64decode, b64encode, decode_rle, encode_rle, png_decode, png_encode
+from serve.masks import (
+    MaskFormatError,
+    MaskTooLarge,
+    b64decode,
+    b64encode,
+    decode_rle,
+    encode_rle,
+    png_decode,
+    png_encode,
+)
 from serve.schemas import (
     AssistantMessage,
     BoxPrompt,
@@ -63,7 +72,7 @@ _ACCEPTED_MEDIA = (
     "application/x-gzip",
     "application/x-nifti",
 )
-_DATA_URL = re.compile(r"^data:(?P<media>[^;,]*)(?P<params>(;[^;,]*)*),(?P<data>.*)$", re.DOTALL)
+_DATA_URL_HEADER_CHARS = 1024  # "data:<media type>;<parameters>," is at most this long
 
 
 class APIError(Exception):
@@ -166,11 +175,14 @@ def parse_data_url(url: str, param: str) -> bytes:
             param,
             "remote_url_not_supported",
         )
-    match = _DATA_URL.match(url)
-    if not match:
+    # The header (media type and parameters) is short: look for its end only near the start, so a long URL
+    # without one costs no more than a short one.
+    comma = url.find(",", 0, _DATA_URL_HEADER_CHARS)
+    if not url.startswith("data:") or comma < 0:
         raise APIError(400, f"{param}: not a data URL; expected data:image/png;base64,<base64 data>", param)
-    media = match["media"].strip().lower()
-    if "base64" not in [p.strip().lower() for p in match["params"].split(";") if p]:
+    media, *params = url[len("data:") : comma].split(";")
+    media = media.strip().lower()
+    if "base64" not in [p.strip().lower() for p in params]:
         raise APIError(
             400,
             f"{param}: the data URL must be base64-encoded (data:{media or 'image/png'};base64,...)",
@@ -182,7 +194,7 @@ def parse_data_url(url: str, param: str) -> bytes:
             f"{param}: media type {media!r} is not an image; send image/png, image/jpeg, application/dicom, ...",
             param,
         )
-    return _b64(match["data"], param)
+    return _b64(url[comma + 1 :], param)
 
 
 def _b64(text: str, param: str) -> bytes:
@@ -410,7 +422,7 @@ class MedPLIBService:
             )
         return image
 
-    def _region(self, prompt: Any, param: str) -> Any:
+    def _region(self, prompt: Any, param: str, image_hw: tuple[int, int]) -> Any:
         from medplib.data.schema import Box, Point
 
         if isinstance(prompt, PointPrompt):
@@ -418,12 +430,19 @@ class MedPLIBService:
         if isinstance(prompt, BoxPrompt):
             return Box(x0=prompt.x0, y0=prompt.y0, x1=prompt.x1, y1=prompt.y1)
         if isinstance(prompt, MaskPrompt):
+            limits = self.args.limits
+            # RLE problems are the schema's 422s, as when the form itself is wrong; a PNG that will not decode is 400.
+            field, status = (f"{param}.rle", 422) if prompt.rle is not None else (f"{param}.png_base64", 400)
             try:
                 if prompt.rle is not None:
-                    return decode_rle(prompt.rle.model_dump())
-                return png_decode(_b64(prompt.png_base64 or "", f"{param}.png_base64"))
+                    rle = {"size": prompt.rle.size, "counts": prompt.rle.counts}
+                    return decode_rle(rle, image_hw, limits.max_image_pixels, limits.max_mask_runs)
+                return png_decode(_b64(prompt.png_base64 or "", field), image_hw)
+            except MaskTooLarge as err:
+                limit = {"runs": "limits.max_mask_runs", "pixels": "limits.max_image_pixels"}[err.limit]
+                raise APIError(413, f"{field}: {err} ({limit})", field, "mask_too_large") from err
             except MaskFormatError as err:
-                raise APIError(400, f"{param}: {err}", param, "invalid_mask") from err
+                raise APIError(status, f"{field}: {err}", field, "invalid_mask") from err
         raise APIError(400, f"{param}: unknown region prompt", param)  # pragma: no cover - pydantic's union
 
     def _job(
@@ -461,7 +480,7 @@ class MedPLIBService:
                 f"{tokens_param}: {max_new} exceeds this server's limit of {limits.max_tokens}",
                 tokens_param,
             )
-        regions = [self._region(p, param) for param, p in prompts]
+        regions = [self._region(p, param, image.shape[:2]) for param, p in prompts]
         started = time.perf_counter()
         try:
             # The one prompt build and region rasterisation of this request; the job carries the result.

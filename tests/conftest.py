@@ -55,6 +55,29 @@ def rng_image():
     return rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)
 
 
+def _png_bomb(width: int, height: int) -> bytes:
+    """A 1-bit PNG of `width` x `height` zeros, written chunk by chunk: small on disk, huge once decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer = zlib.compressobj(9)
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then the row's bits
+    idat = b"".join(packer.compress(row * 1000) for _ in range(height // 1000))
+    idat += packer.compress(row * (height % 1000)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="session")
+def png_bomb():
+    """`png_bomb(width, height)` -> the bytes of a PNG of zeros: a few KB that declare any size (a decompression
+    bomb), written without ever holding the pixels."""
+    return _png_bomb
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray cluster for every test that needs Ray: 2 CPUs, no dashboard, a small object store (the

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from medplib import constants as C
-from medplib.data.conversation import tokenize_conversation
+from medplib.data.conversation import AnswerTruncated, PromptTooLong, tokenize_conversation
 from medplib.data.schema import Turn
 from medplib.tokenizer import SpecialIds, build_tokenizer
 
@@ -53,8 +53,18 @@ def test_truncation_never_splits_an_image_block_or_a_region(tok):
     ids = SpecialIds.of(tok)
     full = tokenize_conversation(TURNS, tok, "llava_v1", 16, 4096)
     region_at = full.input_ids.index(ids.region_feature)
-    # Cut right after `<region>`: the whole triple goes, so no region token is left dangling.
-    cut = tokenize_conversation(TURNS, tok, "llava_v1", 16, region_at)
+    # Cut right after `<region>`: the whole triple goes, so no region token is left dangling (a first answer
+    # before the region keeps the sample worth training on).
+    answered_first = [
+        Turn(role="human", text="<image>\nWhat is shown?"),
+        Turn(role="gpt", text="A brain."),
+        Turn(role="human", text="And <region></region>?"),
+        Turn(role="gpt", text="The putamen."),
+    ]
+    later = tokenize_conversation(answered_first, tok, "llava_v1", 16, 4096).input_ids.index(
+        ids.region_feature
+    )
+    cut = tokenize_conversation(answered_first, tok, "llava_v1", 16, later)
     assert ids.region_start not in cut.input_ids and cut.num_regions == 0
     # Cut after the region and part of the answer: the `<SEG>` is gone, so no mask is kept for it.
     answer = tokenize_conversation(TURNS, tok, "llava_v1", 16, region_at + 20)
@@ -62,6 +72,21 @@ def test_truncation_never_splits_an_image_block_or_a_region(tok):
     image_at = full.input_ids.index(ids.image)
     with pytest.raises(ValueError, match="cannot hold the image block"):
         tokenize_conversation(TURNS, tok, "llava_v1", 16, image_at + 5)
+
+
+def test_a_cut_that_leaves_no_answer_or_a_cut_prompt_is_refused(tok):
+    ids = SpecialIds.of(tok)
+    region_at = tokenize_conversation(TURNS, tok, "llava_v1", 16, 4096).input_ids.index(ids.region_feature)
+    # Training: the only answers come after the cut, so nothing would be supervised.
+    with pytest.raises(AnswerTruncated, match="cuts its answer away entirely"):
+        tokenize_conversation(TURNS, tok, "llava_v1", 16, region_at)
+    # Generation: a prompt is never cut (the assistant prefix would go); the error says what fits.
+    prompt = tokenize_conversation(TURNS[:1], tok, "llava_v1", 16, 4096, for_generation=True)
+    with pytest.raises(
+        PromptTooLong, match=f"is {len(prompt.input_ids)} tokens .* holds 40 .* at least"
+    ) as err:
+        tokenize_conversation(TURNS[:1], tok, "llava_v1", 16, 40, for_generation=True)
+    assert err.value.tokens == len(prompt.input_ids) and err.value.max_length == 40
 
 
 def test_unknown_template_is_named(tok):

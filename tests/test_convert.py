@@ -135,3 +135,35 @@ def test_missing_tokenizer_and_existing_output_are_refused(tiny_moe, tmp_path):
     (tmp_path / "taken" / "x").write_text("x")
     with pytest.raises(ValueError, match="not empty"):
         convert_upstream(tmp_path / "m.safetensors", tmp_path / "taken", preset=cfg_path)
+
+
+def test_shards_outside_the_folder_and_pickled_objects_are_refused(tiny_moe, tmp_path, caplog):
+    import argparse
+    import logging
+
+    from workflows.cli import main
+
+    model, cfg_path, upstream = tiny_moe
+    src = tmp_path / "src"
+    _write_upstream_dir(src, model, upstream)
+    index = json.loads((src / "pytorch_model.bin.index.json").read_text())
+    (tmp_path / "secret.bin").write_bytes(b"not yours")
+    (src / "linked.bin").symlink_to(tmp_path / "secret.bin")
+    for name in ("../secret.bin", str(tmp_path / "secret.bin"), "linked.bin"):
+        index["weight_map"]["model.norm.weight"] = name
+        (src / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+        with pytest.raises(ValueError, match=f"names shards outside .*{name.split('/')[-1]}"):
+            read_checkpoint(src)
+
+    # A .bin with objects besides tensors: refused without unpickling them, saying what to do instead.
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save({"model.norm.weight": torch.ones(64), "args": argparse.Namespace(lr=1e-4)}, pickled / "m.bin")
+    model.tokenizer.save_pretrained(pickled)
+    with pytest.raises(ValueError, match="convert it to safetensors") as err:
+        read_checkpoint(pickled / "m.bin")
+    assert "weights_only=False" in str(err.value) and "m.safetensors" in str(err.value)
+    with caplog.at_level(logging.ERROR, logger="medplib"):
+        rc = main(["convert-upstream", str(pickled), str(tmp_path / "out"), "--preset", str(cfg_path)])
+    assert rc == 2 and "convert it to safetensors" in caplog.text
+    assert "Traceback" not in caplog.text and not (tmp_path / "out").exists()

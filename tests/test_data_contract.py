@@ -84,7 +84,7 @@ def _write_nifti(path: Path, volume: np.ndarray) -> None:
 
 
 @pytest.fixture()
-def data_root(tmp_path: Path) -> Path:
+def data_root(tmp_path: Path, png_bomb) -> Path:
     """A tiny MeCoVQA-style tree: good images/masks plus one broken file for every failure mode."""
     root = tmp_path / "data"
     rng = np.random.default_rng(0)
@@ -105,6 +105,7 @@ def data_root(tmp_path: Path) -> Path:
         b"\x89PNG\r\n\x1a\n" + bytes(rng.integers(0, 256, 200, dtype=np.uint8))
     )
     (root / "images/empty.png").write_bytes(b"")
+    (root / "images/huge.png").write_bytes(png_bomb(12000, 12000))  # 140 KB that decode to 144 M pixels
 
     _save_png(root / "masks/organ.png", _square_mask())
     _save_png(root / "masks/region.png", _square_mask() * 255)
@@ -205,6 +206,8 @@ BAD_ROWS: list[tuple[Reason, dict | str]] = [
     (Reason.PATH_ESCAPES_ROOT, _row("escape-dotdot", "Segment.", "<SEG><mask>../outside/secret.png</mask>")),
     (Reason.PATH_ESCAPES_ROOT, _row("escape-abs", "<image>\nHi", "Hi", image="/etc/passwd")),
     (Reason.PATH_ESCAPES_ROOT, _row("escape-link", "Segment.", "<SEG><mask>masks/link.png</mask>")),
+    (Reason.PATH_TOO_LONG, _row("long-path", "<image>\nHi", "Hi", image="images/" + "a" * 5000 + ".png")),
+    (Reason.IMAGE_TOO_LARGE, _row("huge", "<image>\nHi", "Hi", image="images/huge.png")),
     (Reason.DUPLICATE_ID, _row("vqa-1", "<image>\nAgain?", "Again.")),
     (
         Reason.REGION_OUT_OF_BOUNDS,
@@ -241,12 +244,13 @@ def test_validation_counts_every_reason_and_quarantines_with_lines(data_root: Pa
     accepted = [r for r in results if isinstance(r, Accepted)]
     rejected = [r for r in results if isinstance(r, Rejection)]
     assert len(accepted) == len(GOOD_ROWS) == 9
-    assert len(rejected) == len(BAD_ROWS) == 23
+    assert len(rejected) == len(BAD_ROWS) == 25
     expected_counts: dict[str, int] = {}
     for reason, _ in BAD_ROWS:
         expected_counts[reason.value] = expected_counts.get(reason.value, 0) + 1
     assert dict(count_reasons(rejected)) == expected_counts
-    assert set(expected_counts) == {r.value for r in Reason} - {"unexpected_error"}
+    # unexpected_error is a reader's bug; answer_truncated is found by the encoder, which knows max_length.
+    assert set(expected_counts) == {r.value for r in Reason} - {"unexpected_error", "answer_truncated"}
 
     for rejection in rejected:  # each rejection points at its own line, with the line's text and a message
         reason, line = expected[rejection.line]
@@ -260,11 +264,11 @@ def test_validation_counts_every_reason_and_quarantines_with_lines(data_root: Pa
         assert expected[good.line][0] is None
 
     summary = summarize(results)
-    assert (summary.total, summary.accepted, summary.rejected, summary.fixed_suffix) == (32, 9, 23, 1)
+    assert (summary.total, summary.accepted, summary.rejected, summary.fixed_suffix) == (34, 9, 25, 1)
     assert summary.by_reason == expected_counts
 
     quarantine = tmp_path / "out" / "quarantine.jsonl"
-    assert write_quarantine(rejected, quarantine) == 23
+    assert write_quarantine(rejected, quarantine) == 25
     records = [json.loads(line) for line in quarantine.read_text().splitlines()]
     assert [r["line"] for r in records] == [r.line for r in rejected]
     assert all(set(r) == {"source", "line", "reason", "message", "raw"} for r in records)

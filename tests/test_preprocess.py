@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -342,3 +343,85 @@ def test_refuses_to_replace_a_foreign_folder(bad_input, tmp_path: Path) -> None:
         prepare(tmp_path / "ann", out, PrepareConfig(data_root=root), engine="local")
     assert (out / "precious.txt").exists()
     assert os.listdir(tmp_path).count("not-prepared") == 1
+
+
+# ------------------------------------------------------------------------------------ bounded work, nothing leaks
+def test_prepare_refuses_what_would_cost_without_bound(ray_local, tmp_path: Path, png_bomb) -> None:
+    """An annotation file symlinked out of the input folder, a 12,000 x 12,000 PNG of 140 KB, a question that
+    leaves the answer no room, a 5,000-character path, and the temp folders of a run killed with -9."""
+    import signal
+    import subprocess
+    import sys
+
+    from workflows.data.preprocess import remove_stale_temps
+
+    root = tmp_path / "data"
+    _png(root / "images/ct.png", np.random.default_rng(0).integers(0, 256, (H, W), dtype=np.uint8))
+    (root / "images/huge.png").write_bytes(png_bomb(12000, 12000))
+    assert (root / "images/huge.png").stat().st_size < 200_000
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "secret.jsonl").write_text(json.dumps(_row("out", "<image>\nHi", "Hi")) + "\nSECRET LINE\n")
+    rows = [
+        _row("ok", "<image>\nWhat is shown?", "A CT."),
+        _row("huge", "<image>\nWhat is shown?", "A CT.", image="images/huge.png"),
+        _row("long", "<image>\n" + "Describe the scan. " * 100, "A CT."),  # 1,900 tokens > max_length 512
+        _row("path", "<image>\nWhat is shown?", "A CT.", image="images/" + "a" * 5000 + ".png"),
+    ]
+    ann = root / "ann"
+    ann.mkdir()
+    (ann / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (ann / "outside.jsonl").symlink_to(elsewhere / "secret.jsonl")
+
+    # The temp folders of two runs killed with -9 (one locked while it lived), one of a run still alive, and the
+    # old output a swap left behind.
+    out = tmp_path / "prepared"
+    live, dead, unlocked, old = (
+        tmp_path / f".prepared.{name}" for name in ("tmp-live", "tmp-dead", "tmp-x", "old-1")
+    )
+    for folder in (live, dead, unlocked, old):
+        (folder / "_parts").mkdir(parents=True)
+    holder = "import sys, time; from pathlib import Path; from workflows.data.preprocess import _hold\n"
+    holder += "locks = [_hold(Path(p)) for p in sys.argv[1:]]; print('held', flush=True); time.sleep(600)"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", holder, str(folder)], stdout=subprocess.PIPE, text=True)
+        for folder in (live, dead)
+    ]
+    try:
+        assert all(p.stdout.readline().strip() == "held" for p in procs)
+        procs[1].send_signal(signal.SIGKILL)
+        procs[1].wait(timeout=30)
+        hour_ago = time.time() - 3600
+        for folder in (live, dead, unlocked, old):
+            os.utime(folder, (hour_ago, hour_ago))
+        fresh = tmp_path / ".prepared.tmp-fresh"  # no lock yet, a second old: a run starting
+        fresh.mkdir()
+        result = prepare(ann, out, PrepareConfig(data_root=root))
+        assert not dead.exists() and not unlocked.exists() and not old.exists()
+        assert live.exists() and fresh.exists()  # a live run's folder is never touched
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+    assert remove_stale_temps(out) == [live]  # its holder is gone now
+
+    quarantine = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    by_reason = {r["reason"]: r for r in quarantine}
+    assert sorted(by_reason) == ["answer_truncated", "image_too_large", "path_escapes_root", "path_too_long"]
+    assert result.manifest["counts"]["reason"] == {k: 1 for k in by_reason}
+    assert result.manifest["counts"]["accepted"] == 1
+    outside = by_reason["path_escapes_root"]
+    assert outside["source"].endswith("outside.jsonl") and outside["line"] == 0 and outside["raw"] == ""
+    assert "resolves outside the input folder" in outside["message"]
+    assert "SECRET" not in (out / "quarantine.jsonl").read_text()  # nothing of that file is read
+    assert "12000x12000" in by_reason["image_too_large"]["message"]
+    assert "max_image_pixels" in by_reason["image_too_large"]["message"]
+    assert "cuts its answer away entirely" in by_reason["answer_truncated"]["message"]
+    assert "image is 5011 characters" in by_reason["path_too_long"]["message"]
+    # The sequential validator agrees on the rows it checks (truncation is the encoder's: it knows max_length).
+    results = list(read_and_validate(ann, root))
+    reasons = sorted(r.reason.value for r in results if isinstance(r, Rejection))
+    assert reasons == ["image_too_large", "path_escapes_root", "path_too_long"]
+    # The pixel cap is configurable: below ct.png's size every row with an image is refused.
+    lowered = prepare(ann, tmp_path / "low", PrepareConfig(data_root=root, max_image_pixels=H * W - 1))
+    assert lowered.manifest["counts"]["reason"]["image_too_large"] == 3

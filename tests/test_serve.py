@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import io
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -24,7 +26,15 @@ import yaml
 from PIL import Image
 
 from serve.config import DEFAULT_CONFIG, GPU_CONFIG, ServeConfig
-from serve.masks import MaskFormatError, decode_rle, encode_rle, png_decode, string_to_counts
+from serve.masks import (
+    MaskFormatError,
+    MaskTooLarge,
+    b64decode,
+    decode_rle,
+    encode_rle,
+    png_decode,
+    string_to_counts,
+)
 
 API_KEY = "test-key-7c1d"
 H, W = 48, 64
@@ -102,6 +112,60 @@ def test_rle_rejects_malformed():
         decode_rle({"size": [2, 2], "counts": [5, -1]})
     with pytest.raises(MaskFormatError, match="PNG"):
         png_decode(b"not a png")
+
+
+def test_rle_decode_is_chunked_and_checks_size_before_allocating(monkeypatch):
+    import serve.masks
+
+    rng = np.random.default_rng(3)
+    mask = rng.random((37, 41)) < 0.5  # many short runs: numbers cross every chunk boundary below
+    mask[:, 20:] = False  # and long ones: multi-character numbers, negative deltas
+    rle = encode_rle(mask)
+    for chunk in (5, 13, 64):
+        monkeypatch.setattr(serve.masks, "_CHUNK_CHARS", chunk)
+        assert np.array_equal(decode_rle(rle), mask)
+        assert string_to_counts(rle["counts"]) == encode_rle(mask, compressed=False)["counts"]
+    monkeypatch.undo()
+    # The declared size is checked against the image and the pixel limit before a pixel is allocated.
+    with pytest.raises(MaskFormatError, match=r"size \[20000, 20000\] does not match the image"):
+        decode_rle({"size": [20000, 20000], "counts": "0"}, expected_hw=(37, 41))
+    with pytest.raises(MaskTooLarge, match="at most 100") as err:
+        decode_rle({"size": [10**30, 10**30], "counts": [1]}, max_pixels=100)
+    assert err.value.limit == "pixels"
+    with pytest.raises(MaskTooLarge, match="more than 1000 run lengths"):
+        decode_rle({"size": [37, 41], "counts": "0" * 5000}, max_runs=1000)
+    with pytest.raises(MaskTooLarge, match="5000 run lengths"):
+        decode_rle({"size": [37, 41], "counts": [0] * 5000}, max_runs=1000)
+    # A number with no end in sight (what made the old decoder quadratic) fails at its 13th character.
+    with pytest.raises(MaskFormatError, match="number of 13 characters at position 1"):
+        decode_rle({"size": [37, 41], "counts": "0" + "o" * 12 + "0"})
+    with pytest.raises(MaskFormatError, match="number of 100001 characters at position 0"):
+        decode_rle({"size": [37, 41], "counts": "o" * 100_000 + "0"})
+    monkeypatch.setattr(serve.masks, "_CHUNK_CHARS", 64)
+    with pytest.raises(MaskFormatError, match="longer than 12 characters at position 0"):
+        decode_rle({"size": [37, 41], "counts": "o" * 1000 + "0"})
+    monkeypatch.undo()
+    with pytest.raises(MaskFormatError, match="beyond"):
+        decode_rle({"size": [2, 2], "counts": [1, 10**40]})
+    with pytest.raises(MaskFormatError, match="'é' at position 2"):
+        decode_rle({"size": [2, 2], "counts": "00é"})
+
+
+def test_png_mask_size_is_checked_from_the_header(png_bomb):
+    bomb = png_bomb(20000, 20000)  # 400 M pixels in a ~60 KB file: Pillow refuses it at open
+    assert len(bomb) < 200_000
+    with pytest.raises(MaskTooLarge, match="too large"):
+        png_decode(bomb, expected_hw=(H, W))
+    # Under Pillow's own limit, a mask of another size is refused before its pixels are decoded.
+    with pytest.raises(MaskFormatError, match=f"9000x9000 \\(HxW\\), the image is {H}x{W}"):
+        png_decode(png_bomb(9000, 9000), expected_hw=(H, W))
+    region = np.zeros((H, W), bool)
+    region[3:9, 4:7] = True
+    assert np.array_equal(png_decode(base64.b64decode(_png_b64(region)), expected_hw=(H, W)), region)
+    text = " \n".join(_png_b64(region)[i : i + 7] for i in range(0, 200, 7))  # whitespace anywhere is fine
+    assert b64decode(text, "x") == base64.b64decode(text.replace(" ", "").replace("\n", ""))
+    with pytest.raises(MaskFormatError, match="non-ASCII"):
+        b64decode("QUJD\u00e9", "x")
 
 
 # --- config --------------------------------------------------------------------------------------------------------
@@ -375,6 +439,285 @@ def test_top_p_seed_and_stop_are_honoured(local_http, image):
     assert r.status_code == 422 and r.json()["error"]["param"] == "stop"
 
 
+# --- no request of death: bounded time and memory for every input ------------------------------------------------
+# Every bad request is answered within BAD_REQUEST_S, /healthz within HEALTHZ_S while one is being refused, and
+# the serving process's peak RSS grows by less than PEAK_RSS_MB. The times guard against hangs (the old RLE decoder
+# held a replica 82 s), not speed: on an oversubscribed machine they stretch by its load per core, and the work
+# itself is bounded by the serving process's CPU time, which the load does not stretch.
+BAD_REQUEST_S = 2.0
+HEALTHZ_S = 1.0
+PEAK_RSS_MB = 200
+
+
+def _proc_kb(pid: int, field: str) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split(f"{field}:")[1].split()[0])
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU time of all threads of `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _oversubscription() -> float:
+    """Runnable tasks per core we may use (1 when the machine is not oversubscribed)."""
+    return max(1.0, os.getloadavg()[0] / len(os.sched_getaffinity(0)))
+
+
+def _descendants_named(root: int, title: bytes) -> list[int]:
+    """Processes below `root` whose command line (Ray's process title) starts with `title`: this test's own
+    replicas, never another Ray's on the same machine."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            ppid = (
+                int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) if proc.name.isdigit() else -1
+            )
+        except OSError:  # gone meanwhile
+            continue
+        children.setdefault(ppid, []).append(int(proc.name)) if ppid >= 0 else None
+    found, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(title):
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def _chat_json(image: np.ndarray, text: str = "Segment <region>.", **medplib) -> bytes:
+    body = _chat_body(image, **medplib)
+    body["messages"][0]["content"][0]["text"] = text
+    return json.dumps(body).encode()
+
+
+def _attacks(image: np.ndarray, png_bomb) -> list[tuple[str, str, bytes, int, str, str]]:
+    """(name, route, body, status, param, a piece of the message): inputs that once cost minutes, gigabytes or a
+    500, each under the default 20 MiB body limit."""
+    mask_of = {"boxes": []}
+    big = 19_000_000
+    content = _chat_body(image)["messages"][0]["content"]
+    rle_list = [0] * 900_000 + [H * W]  # valid and empty, just under limits.max_json_values
+    return [
+        (
+            "quadratic RLE",  # one number 19 M characters long: the old decoder took 0.7 s for 100 k, ~7 h for this
+            "/v1/chat/completions",
+            _chat_json(image, **mask_of, masks=[{"rle": {"size": [H, W], "counts": "o" * big + "0"}}]),
+            422,
+            "medplib.masks[0].rle",
+            "longer than 12 characters at position 0",
+        ),
+        (
+            "RLE of 19 M runs",  # every number valid: the runs cap stops it after a million
+            "/v1/chat/completions",
+            _chat_json(image, **mask_of, masks=[{"rle": {"size": [H, W], "counts": "0" * big}}]),
+            413,
+            "medplib.masks[0].rle",
+            "limits.max_mask_runs",
+        ),
+        (
+            "RLE list of 900 k runs",
+            "/v1/chat/completions",
+            _chat_json(image, **mask_of, masks=[{"rle": {"size": [H, W], "counts": rle_list}}]),
+            400,
+            "medplib.masks[0]",
+            "empty",
+        ),
+        (
+            "RLE size 20000 x 20000",  # 60 bytes that once allocated 763 MB
+            "/v1/chat/completions",
+            _chat_json(image, **mask_of, masks=[{"rle": {"size": [20000, 20000], "counts": "0"}}]),
+            422,
+            "medplib.masks[0].rle",
+            f"does not match the image, which is [{H}, {W}]",
+        ),
+        (
+            "RLE size 10^30",
+            "/v1/chat/completions",
+            _chat_json(image, **mask_of, masks=[{"rle": {"size": [10**30, 10**30], "counts": [1]}}]),
+            422,
+            "medplib.masks[0].rle",
+            "does not match the image",
+        ),
+        (
+            "PNG bomb mask",
+            "/v1/chat/completions",
+            _chat_json(
+                image, **mask_of, masks=[{"png_base64": base64.b64encode(png_bomb(20000, 20000)).decode()}]
+            ),
+            413,
+            "medplib.masks[0].png_base64",
+            "limits.max_image_pixels",
+        ),
+        (
+            "lone surrogate (chat)",
+            "/v1/chat/completions",
+            _chat_json(image, text="Segment \ud800 <region>."),
+            422,
+            "messages[0].content[0].text.text",
+            "lone surrogate (U+D800) at character 8",
+        ),
+        (
+            "lone surrogate (predict)",
+            "/v1/predict",
+            json.dumps({"image": _png_b64(image), "question": "what\udfff?"}).encode(),
+            422,
+            "question",
+            "lone surrogate (U+DFFF)",
+        ),
+        (
+            "seed 2^64",  # torch cannot take it: once a 400 that named no field
+            "/v1/chat/completions",
+            json.dumps({**_chat_body(image), "seed": 2**64}).encode(),
+            422,
+            "seed",
+            "less than",
+        ),
+        (
+            "1 MB question",
+            "/v1/chat/completions",
+            _chat_json(image, text="Segment <region>. " + "x" * 1_000_000),
+            400,
+            "messages[0].content",
+            "context holds 512 tokens",
+        ),
+        (
+            "question just past the context",  # tokenised, then refused: no silent cut
+            "/v1/chat/completions",
+            _chat_json(image, text="Segment <region>. " + "x" * 600),
+            400,
+            "messages[0].content",
+            "holds 512 (max_length); shorten the conversation by at least",
+        ),
+        (
+            "19 MB of empty arrays",  # 500+ MB once parsed
+            "/v1/chat/completions",
+            b'{"messages": [], "x": [' + b"[]," * (big // 3) + b"[]]}",
+            413,
+            "body",
+            "limits.max_json_values",
+        ),
+        (
+            "100 k deep JSON",
+            "/v1/chat/completions",
+            b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            400,
+            "body",
+            "not usable JSON",
+        ),
+        (
+            "data URL without a comma",
+            "/v1/chat/completions",
+            json.dumps(
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                content[0],
+                                {
+                                    "type": "image_url",
+                                    "image_url": {"url": "data:image/png" + ";a" * (big // 2)},
+                                },
+                            ],
+                        }
+                    ]
+                }
+            ).encode(),
+            400,
+            "messages[0].content[1].image_url.url",
+            "not a data URL",
+        ),
+        (
+            "base64 split into 4 M pieces",  # ''.join(text.split()) once made a list of them
+            "/v1/predict",
+            json.dumps({"image": "QUJD " * (big // 5), "question": "what?"}).encode(),
+            400,
+            "image",
+            "not a readable image",
+        ),
+    ]
+
+
+def _send_while_polling_health(
+    url: str, route: str, body: bytes, pid: int
+) -> tuple[httpx.Response, float, list]:
+    """POST `body` while another client polls /healthz; -> (response, seconds, healthz (status, seconds) list).
+    The serving process's peak RSS is reset first, so `_proc_kb(pid, "VmHWM")` afterwards is this request's."""
+    health: list[tuple[int, float]] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not done.is_set():
+                t0 = time.perf_counter()
+                status = client.get(f"{url}/healthz").status_code
+                health.append((status, time.perf_counter() - t0))
+                time.sleep(0.02)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    headers = {**_auth(), "Content-Type": "application/json"}
+    with httpx.Client(timeout=60) as client:
+        client.get(f"{url}/healthz")  # connect before timing
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # Linux: peak RSS := current RSS
+        poller.start()
+        t0 = time.perf_counter()
+        r = client.post(f"{url}{route}", content=body, headers=headers)
+        elapsed = time.perf_counter() - t0
+    done.set()
+    poller.join(timeout=30)
+    return r, elapsed, health
+
+
+def _check_attacks(url: str, image: np.ndarray, png_bomb, pid: int) -> list[str]:
+    """Every attack: its status, the field it names, the message, the time, /healthz meanwhile and the peak RSS of
+    the serving process `pid`; returns what failed, and what was measured (logged)."""
+    failures, measured = [], []
+    for name, route, body, status, param, fragment in _attacks(image, png_bomb):
+        gc.collect()
+        rss_kb, cpu_s = _proc_kb(pid, "VmRSS"), _proc_cpu_s(pid)
+        r, elapsed, health = _send_while_polling_health(url, route, body, pid)
+        grew_mb = (_proc_kb(pid, "VmHWM") - rss_kb) / 1024
+        cpu_s = _proc_cpu_s(pid) - cpu_s
+        stretch = _oversubscription()
+        error = (
+            r.json().get("error", {})
+            if r.headers.get("content-type", "").startswith("application/json")
+            else {}
+        )
+        slowest_health = max((s for _, s in health), default=0.0)
+        measured.append(
+            f"{name}: {r.status_code} in {elapsed:.2f} s ({cpu_s:.2f} s CPU), peak RSS +{grew_mb:.0f} MB, "
+            f"healthz max {slowest_health:.2f} s over {len(health)}, load per core {stretch:.1f}"
+        )
+        if r.status_code != status or error.get("param") != param or fragment not in error.get("message", ""):
+            failures.append(f"{name}: {r.status_code} {r.text[:300]}")
+        if elapsed > BAD_REQUEST_S * stretch or cpu_s > BAD_REQUEST_S:
+            failures.append(
+                f"{name}: answered after {elapsed:.1f} s, {cpu_s:.1f} s CPU (load per core {stretch:.1f})"
+            )
+        if grew_mb >= PEAK_RSS_MB:
+            failures.append(f"{name}: peak RSS grew by {grew_mb:.0f} MB")
+        late = [(code, s) for code, s in health if code != 200 or s > HEALTHZ_S * stretch]
+        if (elapsed > 0.5 * stretch and not health) or late:
+            failures.append(f"{name}: /healthz {late or 'never answered'} (load per core {stretch:.1f})")
+    logging.getLogger(__name__).warning("attacks:\n%s", "\n".join(measured))
+    return failures
+
+
+def test_bad_requests_are_refused_in_bounded_time_and_memory(local_http, image, png_bomb):
+    """The attacks against the API over HTTP in this process, which is then the replica whose memory counts."""
+    url, _ = local_http
+    failures = _check_attacks(url, image, png_bomb, os.getpid())
+    assert not failures, "\n".join(failures)
+    r = httpx.post(f"{url}/v1/chat/completions", json=_chat_body(image), headers=_auth(), timeout=60)
+    assert r.status_code == 200, r.text  # and the server still serves
+
+
 # --- the Serve application on a local Ray cluster -----------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -578,6 +921,16 @@ def test_bad_requests_get_4xx_and_the_app_keeps_serving(server, image):
             failures.append(f"{name}: {type(err).__name__}: {err}")
         _good_request(server, image)  # the next good request is served
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.slow
+def test_serve_replica_refuses_bad_requests_in_bounded_time_and_memory(server, image, png_bomb):
+    """The attacks again, through Ray Serve's proxy, measuring the replica process itself."""
+    replicas = _descendants_named(os.getpid(), b"ray::ServeReplica:medplib:")
+    assert len(replicas) == 1, replicas
+    failures = _check_attacks(server, image, png_bomb, replicas[0])
+    assert not failures, "\n".join(failures)
+    _good_request(server, image)
 
 
 @pytest.mark.slow

@@ -4,7 +4,9 @@ Placeholders are expanded here, so the model sees final lengths: `<image>` becom
 `<im_start>` + `num_image_tokens` x `<image>` + `<im_end>` (LLaVA-1.5 with `mm_use_im_start_end`), and each
 `<region></region>` becomes `<region><region_feat></region>`; the model writes the image and region features into
 those positions. Truncation drops text from the end but never splits an image block or a region triple, and
-reports how many regions and target masks survive so their tensors can be trimmed to match.
+reports how many regions and target masks survive so their tensors can be trimmed to match. A training sample
+whose answer is cut away entirely raises `AnswerTruncated`; a generation prompt is never cut (that would drop the
+assistant prefix): one too long raises `PromptTooLong`.
 """
 
 from __future__ import annotations
@@ -79,6 +81,21 @@ def chat_template(template_name: str, num_image_tokens: int) -> str:
     )
 
 
+class PromptTooLong(ValueError):
+    """A generation prompt longer than `max_length`: cutting it would drop the assistant prefix, so it is refused."""
+
+    def __init__(self, tokens: int, max_length: int) -> None:
+        self.tokens, self.max_length = tokens, max_length
+        super().__init__(
+            f"the prompt is {tokens} tokens (image, region prompts and chat template included) but the model's "
+            f"context holds {max_length} (max_length); shorten the conversation by at least {tokens - max_length} tokens"
+        )
+
+
+class AnswerTruncated(ValueError):
+    """A training sample whose supervised answer `max_length` cuts away entirely: it would teach nothing."""
+
+
 @dataclass
 class Tokenized:
     input_ids: list[int]
@@ -140,11 +157,19 @@ def tokenize_conversation(
         C.IGNORE_INDEX if t in placeholder_ids else lab for t, lab in zip(input_ids, labels, strict=True)
     ]
     if len(input_ids) > max_length:
+        if for_generation:
+            raise PromptTooLong(len(input_ids), max_length)
         cut = _safe_cut(input_ids, max_length, ids)
         if cut <= 0 or (ids.image in input_ids and input_ids.index(ids.image) >= cut):
             raise ValueError(
                 f"sample {sample_id}: max_length {max_length} cannot hold the image block "
                 f"({num_image_tokens} tokens) and the prompt"
+            )
+        answer_at = next((i for i, lab in enumerate(labels) if lab != C.IGNORE_INDEX), None)
+        if answer_at is not None and answer_at >= cut:
+            raise AnswerTruncated(
+                f"sample {sample_id}: max_length {max_length} cuts its answer away entirely (the conversation "
+                f"is {len(input_ids)} tokens and the answer starts at token {answer_at})"
             )
         input_ids, labels = input_ids[:cut], labels[:cut]
     return Tokenized(

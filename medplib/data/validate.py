@@ -8,14 +8,19 @@ line, a `Reason` code, a message naming the field/file, and the raw row). Checks
 2. limits: at most `Limits.max_masks` `<SEG>` targets and `Limits.max_regions` region prompts (`too_many_tags`);
 3. ids are unique among accepted rows (`duplicate_id`; the first accepted row with an id wins);
 4. every path stays inside the data root: no absolute paths, no `..`, no symlink resolving outside
-   (`path_escapes_root`);
-5. the image exists and decodes to a non-empty picture (`image_missing`, `image_unreadable`, `image_empty`);
-6. every target mask and region mask exists, decodes, has foreground and matches the image size (`mask_missing`,
-   `mask_unreadable`, `mask_empty`, `mask_size_mismatch`);
+   (`path_escapes_root`), and fits the file system (`path_too_long`);
+5. the image exists, its header declares at most `Limits.max_image_pixels` (`image_too_large`, checked before
+   any pixel is decoded) and it decodes to a non-empty picture (`image_missing`, `image_unreadable`,
+   `image_empty`);
+6. every target mask and region mask exists, matches the image size (from its header), decodes and has
+   foreground (`mask_missing`, `mask_unreadable`, `mask_empty`, `mask_size_mismatch`);
 7. point/box prompts lie inside the image (`region_out_of_bounds`).
 
 A path without the `.png` suffix whose `path + ".png"` exists (a known MeCoVQA defect) is repaired in the
 `Sample`, listed in `Accepted.fixed_suffix` and counted in `ValidationSummary.fixed_suffix`, not rejected.
+
+An annotation file in an input folder obeys the same containment rule: one that resolves outside the folder (a
+symlink out) is not read, and is reported as one `path_escapes_root` rejection with line 0 (`annotation_files`).
 
 Line numbers: `line` is the 1-based line number in a JSONL file and the 0-based element index in a JSON-array
 file (matching the default ids "<stem>:<line>" / "<stem>:<index>").
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from enum import Enum
@@ -60,6 +66,9 @@ class Reason(str, Enum):
     REGION_COUNT_MISMATCH = "region_count_mismatch"
     TOO_MANY_TAGS = "too_many_tags"
     PATH_ESCAPES_ROOT = "path_escapes_root"
+    PATH_TOO_LONG = "path_too_long"
+    IMAGE_TOO_LARGE = "image_too_large"
+    ANSWER_TRUNCATED = "answer_truncated"  # set by preprocessing: max_length cuts the answer away entirely
     DUPLICATE_ID = "duplicate_id"
     REGION_OUT_OF_BOUNDS = "region_out_of_bounds"
     UNEXPECTED_ERROR = "unexpected_error"  # a bug in a reader, not in the row: logged with its traceback
@@ -70,6 +79,12 @@ class Limits(BaseModel):
 
     max_masks: int = Field(4, ge=0, description="most `<SEG>` targets (masks) one sample may have")
     max_regions: int = Field(4, ge=0, description="most region prompts one sample may have")
+    max_image_pixels: int = Field(
+        4096 * 4096,
+        ge=1,
+        description="most pixels (height x width) an image may declare; more is image_too_large, refused from "
+        "the header before decoding (a 140 KB PNG can declare 12,000 x 12,000 and cost 1.7 GB to encode)",
+    )
     decode_images: bool = Field(
         True,
         description="fully decode every image (catches truncated files); False reads only headers for the size",
@@ -154,8 +169,29 @@ class _Reject(Exception):
         super().__init__(message)
 
 
+def _name_limits(root: Path) -> tuple[int, int]:
+    """(longest path, longest file name) in bytes that the file system under `root` takes."""
+    try:
+        return os.pathconf(root, "PC_PATH_MAX"), os.pathconf(root, "PC_NAME_MAX")
+    except (
+        OSError,
+        ValueError,
+        AttributeError,
+    ):  # no pathconf (Windows) or the root is gone: POSIX's usual values
+        return 4096, 255
+
+
 def _inside_root(rel: str, root: Path, field: str) -> Path:
-    """`root / rel` if it cannot leave the data root; raises _Reject(path_escapes_root) otherwise."""
+    """`root / rel` if it cannot leave the data root and the file system can name it; raises _Reject
+    (path_escapes_root, path_too_long) otherwise."""
+    path_max, name_max = _name_limits(root)
+    longest = max((len(os.fsencode(part)) for part in PurePosixPath(rel).parts), default=0)
+    if len(os.fsencode(str(root / rel))) >= path_max or longest > name_max:
+        raise _Reject(
+            Reason.PATH_TOO_LONG,
+            f"{field} is {len(rel)} characters with a {longest}-byte name; this file system takes paths up to "
+            f"{path_max - 1} bytes and names up to {name_max} ({rel[:60]!r}...)",
+        )
     pure = PurePosixPath(rel)
     if pure.is_absolute() or Path(rel).is_absolute():
         raise _Reject(
@@ -197,17 +233,19 @@ def _check_mask(
         raise _Reject(Reason.MASK_MISSING, f"{field} {rel!r}: file not found under {root}")
     rel, full = located
     try:
+        # The header first: a mask of another size is refused before its pixels are decoded.
+        mask_hw = image_size(full)
+        if mask_hw != image_hw:
+            raise _Reject(
+                Reason.MASK_SIZE_MISMATCH,
+                f"{field} {rel!r} is {mask_hw[0]}x{mask_hw[1]} (HxW) but the image is {image_hw[0]}x{image_hw[1]}",
+            )
         mask = load_mask(full)
     except ImageReadError as err:
         reason = Reason.MASK_MISSING if err.problem == "missing" else Reason.MASK_UNREADABLE
         raise _Reject(reason, f"{field}: {err}") from err
     if not mask.any():
         raise _Reject(Reason.MASK_EMPTY, f"{field} {rel!r} has no foreground pixel (all values are 0)")
-    if mask.shape != image_hw:
-        raise _Reject(
-            Reason.MASK_SIZE_MISMATCH,
-            f"{field} {rel!r} is {mask.shape[0]}x{mask.shape[1]} (HxW) but the image is {image_hw[0]}x{image_hw[1]}",
-        )
     return rel
 
 
@@ -251,7 +289,15 @@ def _check_sample(sample: Sample, root: Path, limits: Limits, fixed: list[str]) 
         raise _Reject(Reason.IMAGE_MISSING, f"image {sample.image!r}: file not found under {root}")
     image_rel, image_path = located
     try:
-        image_hw = load_image(image_path).shape[:2] if limits.decode_images else image_size(image_path)
+        image_hw = image_size(image_path)
+        if image_hw[0] * image_hw[1] > limits.max_image_pixels:
+            raise _Reject(
+                Reason.IMAGE_TOO_LARGE,
+                f"image {image_rel!r} is {image_hw[0]}x{image_hw[1]} (HxW) = {image_hw[0] * image_hw[1]} pixels; "
+                f"the limit is {limits.max_image_pixels} (max_image_pixels)",
+            )
+        if limits.decode_images:
+            image_hw = load_image(image_path).shape[:2]
     except ImageReadError as err:
         reason = {"missing": Reason.IMAGE_MISSING, "empty": Reason.IMAGE_EMPTY}.get(
             err.problem, Reason.IMAGE_UNREADABLE
@@ -331,15 +377,29 @@ def validate_row(
     return Accepted(sample=sample, source=source, line=line_no, fixed_suffix=fixed)
 
 
-def _input_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in (".json", ".jsonl"))
-        if not files:
-            logger.warning("%s holds no .json or .jsonl files", path)
-        return files
-    if not path.exists():
-        raise FileNotFoundError(f"annotation file or folder not found: {path}")
-    return [path]
+def annotation_files(path: Path) -> tuple[list[Path], list[Rejection]]:
+    """The annotation files of an input, and the refused ones. A folder gives its *.json / *.jsonl in name order
+    (not recursively), except a file that resolves outside the folder (a symlink out), which is not read: the
+    containment rule of image paths. A file given by name is the caller's choice and is read as it is."""
+    if not path.is_dir():
+        if not path.exists():
+            raise FileNotFoundError(f"annotation file or folder not found: {path}")
+        return [path], []
+    files, refused = [], []
+    folder = path.resolve()
+    for entry in sorted(p for p in path.iterdir() if p.suffix.lower() in (".json", ".jsonl")):
+        target = entry.resolve()
+        if not target.is_relative_to(folder):
+            message = (
+                f"annotation file {entry.name!r} resolves outside the input folder (to {target}); not read"
+            )
+            refused.append(
+                Rejection(source=str(entry), line=0, reason=Reason.PATH_ESCAPES_ROOT, message=message, raw="")
+            )
+            logger.warning("%s", message)
+        elif target.is_file():
+            files.append(entry)
+    return files, refused
 
 
 def is_json_array(path: Path) -> bool:
@@ -437,7 +497,11 @@ def read_and_validate(
     if not root.is_dir():  # a configuration error, not a data error: every row would be image_missing
         raise FileNotFoundError(f"data root {root} is not a folder")
     seen = set() if seen_ids is None else seen_ids
-    for path in _input_files(Path(path_or_dir)):
+    files, refused = annotation_files(Path(path_or_dir))
+    if not files and not refused:
+        logger.warning("%s holds no .json or .jsonl files", path_or_dir)
+    yield from refused
+    for path in files:
         summary = ValidationSummary()
         reader = _iter_array_file if is_json_array(path) else _iter_jsonl_file
         for result in reader(path, root, limits, seen):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -171,7 +172,16 @@ def _checkpoint_files(src: Path) -> list[Path]:
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (src / index).is_file():
             weight_map = json.loads((src / index).read_text()).get("weight_map", {})
-            return [src / name for name in sorted(set(weight_map.values()))]
+            names = sorted(set(weight_map.values()))
+            # An index names shards beside it; one that leads elsewhere (`../`, an absolute path, a symlink out)
+            # would read whatever file it names.
+            outside = [n for n in names if not (src / n).resolve().is_relative_to(src.resolve())]
+            if outside:
+                raise ValueError(
+                    f"{src / index} names shards outside {src}: {', '.join(outside[:5])}; "
+                    "a checkpoint's shards must lie in its folder"
+                )
+            return [src / name for name in names]
     files = sorted(src.glob("*.safetensors")) or sorted(
         p for p in src.glob("*.bin") if p.name != "training_args.bin"
     )
@@ -182,7 +192,9 @@ def _checkpoint_files(src: Path) -> list[Path]:
 
 def read_checkpoint(src: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint: one `.safetensors` / `.bin` file, or a directory of shards (an index json,
-    else every `*.safetensors`, else every `*.bin`). `.bin` files are read with `weights_only=True`."""
+    else every `*.safetensors`, else every `*.bin`). `.bin` files are read with `weights_only=True`: one holding
+    other pickled objects is refused with a ValueError saying how to convert it; so is an index naming shards
+    outside the directory."""
     from safetensors.torch import load_file
 
     state: dict[str, torch.Tensor] = {}
@@ -190,7 +202,20 @@ def read_checkpoint(src: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             part = load_file(str(path))
         else:
-            part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except pickle.UnpicklingError as err:  # objects beyond tensors: unpickling them could run code
+                # torch's message is a page long; its "GLOBAL module.Name" names the object.
+                found = re.search(r"GLOBAL (\S+)", str(err))
+                reason = f"one is {found.group(1)}" if found else "it is not a plain state dict"
+                raise ValueError(
+                    f"{path} holds pickled objects besides tensors, which medplib does not load (unpickling can run "
+                    f"code; {reason}). Where you trust the file, convert it to safetensors and pass "
+                    'that instead, e.g. python -c "import torch; from safetensors.torch import save_file; '
+                    f"save_file(torch.load('{path.name}', weights_only=False), '{path.stem}.safetensors')\" "
+                    "(a DeepSpeed file keeps the tensors under 'module'; the upstream zero_to_fp32.py and "
+                    "merge scripts write plain state dicts)"
+                ) from err
             if isinstance(part, dict) and isinstance(
                 part.get("module"), dict
             ):  # a DeepSpeed model_states file

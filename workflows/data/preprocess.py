@@ -18,14 +18,16 @@ Pipeline, per run:
    Rejected rows go to per-chunk quarantine part files, and per-chunk counts to stats part files (both in the
    temp folder; names are deterministic, so a retried task overwrites its own parts).
 4. Driver: merge the parts into `quarantine.jsonl` (sorted by file and line) and `manifest.json`, then move the
-   temp folder into place (rename; an older output is renamed away first and deleted after).
+   temp folder into place (rename; an older output is renamed away first and deleted after). The temp folder is
+   locked while its run lives; a run starts by deleting the temp folders of runs that were killed.
 
 Rows and rejections: the contract's `validate_row` checks every row (see medplib/data/validate.py for the
 reasons), reading only image headers; the encode step then decodes each image once, so a file whose pixel data
 is corrupt is quarantined there, as `image_unreadable`, like the sequential validator would. Preprocessing adds
 one check: a row's `split` must be usable as a folder name (else `invalid_field`). A row's split is its `split`
 field, else the one its file name names (`MeCoVQA-mini_test.json` -> test), else `default_split`. Encode errors
-(a prompt too long for the preset's `max_length`) are quarantined as `invalid_field`. The text columns
+(a prompt too long for the preset's `max_length`) are quarantined as `invalid_field`, a row whose answer
+`max_length` cuts away entirely as `answer_truncated`. The text columns
 `question`/`answer` hold the first human turn (without `<image>`) and the first answer.
 
 Reuse: `manifest.json` records the input hash (names + bytes of the annotation files) and the config hash
@@ -39,6 +41,8 @@ with pyarrow: the single-process baseline of `bench/preprocess.py` and a Ray-fre
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import hashlib
 import json
 import logging
@@ -51,7 +55,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import IO, Any, ClassVar, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -62,7 +66,15 @@ from medplib.data.image import ImageReadError, load_image, load_mask
 from medplib.data.parse import default_sample_id
 from medplib.data.prepared import MANIFEST_NAME, QUARANTINE_NAME, ROW_SCHEMA, read_manifest, rows_to_table
 from medplib.data.rows import SCHEMA_VERSION
-from medplib.data.validate import Accepted, Limits, Reason, Rejection, is_json_array, validate_row
+from medplib.data.validate import (
+    Accepted,
+    Limits,
+    Reason,
+    Rejection,
+    annotation_files,
+    is_json_array,
+    validate_row,
+)
 from medplib.model.config import MedPLIBConfig, load_model_config
 from workflows.common import init_ray, write_text_atomic
 
@@ -74,6 +86,8 @@ _SPLIT_IN_NAME_RE = re.compile(
     r"(?:^|[_.-])((?:train|val|valid|validation|dev|test)(?:_[A-Za-z0-9]+)*)$", re.I
 )
 _PARTS = "_parts"
+_LOCK = ".lock"  # in the temp folder: held while its run lives
+_UNLOCKED_GRACE_S = 60.0
 RAW_PREVIEW_CHARS = 2000
 
 
@@ -101,6 +115,12 @@ class PrepareConfig(BaseModel):
     )
     max_masks: int = Field(
         4, ge=0, description="most `<SEG>` targets per row; more is rejected (too_many_tags)"
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096,
+        ge=1,
+        description="most pixels (height x width) an image may declare; more is rejected (image_too_large) "
+        "from its header, before an encode task decodes it",
     )
     fix_missing_suffix: bool = Field(
         True, description="repair an image/mask path lacking '.png' if path.png exists"
@@ -319,6 +339,7 @@ class ChunkProcessor:
     ) -> dict[str, Any] | Rejection | None:
         """One line -> an encoded row dict (with `_fixed_suffix`), a Rejection, or None (blank / other split)."""
         from medplib.data.batch import encode_sample
+        from medplib.data.conversation import AnswerTruncated
         from medplib.data.rows import encoded_to_row
 
         text, obj = decode_line(raw_bytes, file.kind == "jsonl" and line_no == 1)
@@ -375,6 +396,8 @@ class ChunkProcessor:
             encoded = encode_sample(
                 sample, image, self.tokenizer, self.job.model, target_masks=masks, data_root=self.root
             )
+        except AnswerTruncated as err:  # nothing left to learn from: a row with zero supervised tokens
+            return self._reject(file, line, Reason.ANSWER_TRUNCATED, f"{err}; shorten the row", raw_text)
         except ValueError as err:
             return self._reject(
                 file,
@@ -464,16 +487,14 @@ def _encode_chunks(batch: pa.Table, job_json: str) -> pa.Table:
 
 
 # ------------------------------------------------------------------------------------------------- the driver
-def input_files(path: Path) -> list[Path]:
-    """The annotation files of an input: the file itself, or a folder's *.json / *.jsonl in name order."""
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in (".json", ".jsonl"))
-        if not files:
-            raise FileNotFoundError(f"{path} holds no .json or .jsonl annotation files")
-        return files
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file or folder not found: {path}")
-    return [path]
+def input_files(path: Path) -> tuple[list[Path], list[Rejection]]:
+    """The annotation files of an input (the file itself, or a folder's *.json / *.jsonl in name order) and the
+    refused ones (resolving outside the folder; see `medplib.data.validate.annotation_files`)."""
+    files, refused = annotation_files(path)
+    if not files:
+        outside = f" inside it ({len(refused)} resolve outside it)" if refused else ""
+        raise FileNotFoundError(f"{path} holds no .json or .jsonl annotation files{outside}")
+    return files, refused
 
 
 def _sha256_file(path: Path) -> str:
@@ -745,7 +766,8 @@ def prepare(
     cfg = cfg or PrepareConfig()
     started = time.perf_counter()
     input_path, output = Path(input_path), Path(output)
-    paths = input_files(input_path)
+    remove_stale_temps(output)
+    paths, refused = input_files(input_path)
     data_root = _resolve_data_root(input_path, cfg)
     model = load_model_config(cfg.model_preset)
 
@@ -782,12 +804,17 @@ def prepare(
     tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
     parts = tmp / _PARTS
     parts.mkdir(parents=True)
+    lock = _hold(tmp)
     try:
-        array_failures = _convert_arrays(files, parts, engine)
+        array_failures = [
+            {**r.to_record(), "split": split_from_filename(r.source, cfg.default_split), "_file": -1}
+            for r in refused
+        ] + _convert_arrays(files, parts, engine)
         scan = scan_files(files, cfg)
         limits = Limits(
             max_masks=cfg.max_masks,
             max_regions=model.region.max_regions,
+            max_image_pixels=cfg.max_image_pixels,
             decode_images=False,
             fix_missing_suffix=cfg.fix_missing_suffix,
         )
@@ -853,8 +880,11 @@ def prepare(
         )
         shutil.rmtree(parts)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        lock.close()
+        (tmp / _LOCK).unlink()
         _swap_into_place(tmp, output)
     finally:
+        lock.close()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     counts = manifest["counts"]
@@ -968,6 +998,36 @@ def _manifest(
         "elapsed_s": round(elapsed_s, 3),
         "rows_per_s": round(scan.rows / elapsed_s, 1) if elapsed_s > 0 else 0.0,
     }
+
+
+def _hold(tmp: Path) -> IO[str]:
+    """An exclusive lock on `tmp`, held while this process lives: the OS drops it when the process dies, even by
+    kill -9, so `remove_stale_temps` can tell a live run's temp folder from a dead one's."""
+    lock = (tmp / _LOCK).open("w")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return lock
+
+
+def remove_stale_temps(output: Path) -> list[Path]:
+    """Delete what killed runs left beside `output`: `.NAME.tmp-*` folders older than a minute whose lock no live
+    process holds, and `.NAME.old-*` folders; returns them."""
+    pattern = glob.escape(f".{output.name}")
+    stale = sorted(output.parent.glob(f"{pattern}.old-*"))  # never in use once the swap is over
+    for path in sorted(output.parent.glob(f"{pattern}.tmp-*")):
+        try:
+            with (path / _LOCK).open("r+") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while a live run holds it
+        except BlockingIOError:
+            continue
+        except FileNotFoundError:  # no lock file: its run died, or is just starting or finishing
+            pass
+        # A run holds its lock from its first moment to its last but one: spare young folders for that moment.
+        if path.is_dir() and time.time() - path.stat().st_mtime >= _UNLOCKED_GRACE_S:
+            stale.append(path)
+    for path in stale:
+        logger.warning("removing %s, left by a run that was killed", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def _swap_into_place(tmp: Path, output: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from serve.masks import check_rle
+from medplib_client.masks import check_rle
 
 
 class _Strict(BaseModel):

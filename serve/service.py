@@ -22,9 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from medplib.prediction import Prediction
+from medplib_client import Prediction
+from medplib_client.masks import (
+    MaskFormatError,
+    b64decode,
+    b64encode,
+    decode_rle,
+    encode_rle,
+    png_decode,
+    png_encode,
+)
 from serve.config import AppArgs
-from serve.masks import MaskFormatError, b64decode, b64encode, decode_rle, encode_rle, png_decode, png_encode
 from serve.schemas import (
     AssistantMessage,
     BoxPrompt,

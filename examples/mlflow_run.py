@@ -3,7 +3,7 @@ card, its training data input, its eval predictions table, and the model itself 
 
     python examples/mlflow_run.py --tracking-uri sqlite:///work/pipeline-small/mlflow.db
 
-(`pip install 'medplib[core]'`; the store is the pipeline's, see `medplib pipeline run`'s summary.)
+(`pip install .`, no extras; the store is the pipeline's, see `medplib pipeline run`'s summary.)
 """
 
 from __future__ import annotations

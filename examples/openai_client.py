@@ -4,7 +4,8 @@ the same question streamed token by token, and a follow-up question about the sa
     medplib serve run --model models:/medplib@champion          # or: --model tiny
     python examples/openai_client.py --image scan.png --box 10,20,120,140 --out mask.png
 
-Needs only `pip install 'medplib[client]'` (no torch). The API key comes from --api-key or $MEDPLIB_API_KEY.
+Needs only `pip install './client[openai]'` (the client distribution and the `openai` package; no torch). The API
+key comes from --api-key or $MEDPLIB_API_KEY.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from openai import OpenAI
 
-from serve.client import decode_mask  # COCO RLE or PNG -> a bool (H, W) numpy array
+from medplib_client import decode_mask  # COCO RLE or PNG -> a bool (H, W) numpy array
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The model in this process, no server: `Predictor` (`pip install 'medplib[core]'`).
+"""The model in this process, no server: `Predictor` (`pip install .`, no extras).
 
     python examples/predictor.py --model tiny --image scan.png --box 10,10,40,30
     python examples/predictor.py --model models:/medplib@champion --image scan.nii.gz --box 60,60,120,120

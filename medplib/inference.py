@@ -26,7 +26,7 @@ from medplib.model.config import load_model_config
 from medplib.model.export import is_model_dir
 from medplib.model.medplib import MedPLIB
 from medplib.model.packaged import medplib_cache_dir
-from medplib.prediction import Prediction
+from medplib_client import Prediction
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from serve.masks import rle_size
+from medplib_client.masks import rle_size
 
 
 class _Strict(BaseModel):

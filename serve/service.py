@@ -22,9 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from medplib.prediction import Prediction
-from serve.config import AppArgs
-from serve.masks import (
+from medplib_client import Prediction
+from medplib_client.masks import (
     MaskFormatError,
     MaskTooLarge,
     b64decode,
@@ -34,6 +33,7 @@ from serve.masks import (
     png_decode,
     png_encode,
 )
+from serve.config import AppArgs
 from serve.schemas import (
     AssistantMessage,
     BoxPrompt,

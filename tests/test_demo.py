@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from serve.masks import decode_rle
+from medplib_client.masks import decode_rle
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 KEY = "demo-key-51"

@@ -81,8 +81,8 @@ def test_predictor_http_api_and_eval_agree(case: dict) -> None:
 
     from medplib.data.schema import Box
     from medplib.inference import Predictor
+    from medplib_client import decode_mask
     from serve.api import LocalBackend, create_api
-    from serve.client import decode_mask
     from serve.config import AppArgs
     from serve.service import MedPLIBService
     from workflows.cli import main

@@ -13,8 +13,6 @@ import json
 import logging
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,8 +23,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from serve.config import DEFAULT_CONFIG, GPU_CONFIG, ServeConfig
-from serve.masks import (
+from medplib_client.masks import (
     MaskFormatError,
     MaskTooLarge,
     b64decode,
@@ -35,6 +32,7 @@ from serve.masks import (
     png_decode,
     string_to_counts,
 )
+from serve.config import DEFAULT_CONFIG, GPU_CONFIG, ServeConfig
 
 API_KEY = "test-key-7c1d"
 H, W = 48, 64
@@ -115,14 +113,14 @@ def test_rle_rejects_malformed():
 
 
 def test_rle_decode_is_chunked_and_checks_size_before_allocating(monkeypatch):
-    import serve.masks
+    import medplib_client.masks
 
     rng = np.random.default_rng(3)
     mask = rng.random((37, 41)) < 0.5  # many short runs: numbers cross every chunk boundary below
     mask[:, 20:] = False  # and long ones: multi-character numbers, negative deltas
     rle = encode_rle(mask)
     for chunk in (5, 13, 64):
-        monkeypatch.setattr(serve.masks, "_CHUNK_CHARS", chunk)
+        monkeypatch.setattr(medplib_client.masks, "_CHUNK_CHARS", chunk)
         assert np.array_equal(decode_rle(rle), mask)
         assert string_to_counts(rle["counts"]) == encode_rle(mask, compressed=False)["counts"]
     monkeypatch.undo()
@@ -141,7 +139,7 @@ def test_rle_decode_is_chunked_and_checks_size_before_allocating(monkeypatch):
         decode_rle({"size": [37, 41], "counts": "0" + "o" * 12 + "0"})
     with pytest.raises(MaskFormatError, match="number of 100001 characters at position 0"):
         decode_rle({"size": [37, 41], "counts": "o" * 100_000 + "0"})
-    monkeypatch.setattr(serve.masks, "_CHUNK_CHARS", 64)
+    monkeypatch.setattr(medplib_client.masks, "_CHUNK_CHARS", 64)
     with pytest.raises(MaskFormatError, match="longer than 12 characters at position 0"):
         decode_rle({"size": [37, 41], "counts": "o" * 1000 + "0"})
     monkeypatch.undo()
@@ -197,13 +195,6 @@ def test_config_names_the_bad_field(tmp_path):
     assert (
         cfg.override({"deployment.ray_actor_options.num_gpus": 1}).deployment.ray_actor_options.num_gpus == 1
     )
-
-
-def test_client_imports_without_torch():
-    """The client returns medplib's `Prediction`, yet a client-only install needs no torch at import."""
-    code = "import sys, serve.client; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray')))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
 
 
 # --- the API in one process (no Ray) -------------------------------------------------------------------------------
@@ -718,6 +709,25 @@ def test_bad_requests_are_refused_in_bounded_time_and_memory(local_http, image, 
     assert r.status_code == 200, r.text  # and the server still serves
 
 
+def test_medplib_client_command_against_the_api(local_http, image, tmp_path, monkeypatch, caplog):
+    """`medplib-client predict`, the command of the client distribution: the answer JSON with a mask PNG at the
+    image's size; a region outside the image ends with one line naming the field and exit code 2."""
+    from medplib_client.cli import main
+
+    url, _ = local_http
+    path = tmp_path / "scan.png"
+    Image.fromarray(image).save(path)
+    out = tmp_path / "out" / "result.json"
+    monkeypatch.setenv("MEDPLIB_API_KEY", API_KEY)  # where the command reads the key
+    ask = ["predict", "--endpoint", url, "--image", str(path), "--question", "Segment <region>."]
+    assert main([*ask, "--box", "4,6,40,30", "--segment", "--max-new-tokens", "3", "--out", str(out)]) == 0
+    mask = json.loads(out.read_text())["masks"][0]
+    assert (mask["height"], mask["width"]) == (H, W)
+    assert png_decode(Path(mask["png"]).read_bytes()).shape == (H, W)
+    assert main([*ask, "--point", f"{W + 5},1", "--out", str(out)]) == 2
+    assert "HTTP 400" in caplog.text and "regions[0]" in caplog.text, caplog.text
+
+
 # --- the Serve application on a local Ray cluster -----------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -935,8 +945,7 @@ def test_serve_replica_refuses_bad_requests_in_bounded_time_and_memory(server, i
 
 @pytest.mark.slow
 def test_client_and_cli_predict_against_endpoint(server, image, tmp_path, monkeypatch):
-    from medplib.prediction import Prediction
-    from serve.client import MedPLIBAPIError, MedPLIBClient
+    from medplib_client import MedPLIBAPIError, MedPLIBClient, Prediction
     from workflows.cli import main
 
     path = tmp_path / "scan.png"

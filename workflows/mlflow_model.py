@@ -51,7 +51,7 @@ def signature():
 
 def _regions(text: Any, row: int) -> list:
     from medplib.data.schema import Box, Point
-    from serve.masks import decode_rle
+    from medplib_client.masks import decode_rle
 
     if text is None or (isinstance(text, float) and np.isnan(text)) or text == "":
         return []
@@ -85,7 +85,7 @@ class MedPLIBPyfunc(mlflow.pyfunc.PythonModel):
         import pandas as pd
 
         from medplib.inference import Request
-        from serve.masks import encode_rle
+        from medplib_client.masks import encode_rle
 
         params = params or {}
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
@@ -124,7 +124,7 @@ def example_from_rows(rows: list[dict], vision_size: int):
     import pandas as pd
 
     from medplib.data.rows import png_bytes
-    from serve.masks import encode_rle
+    from medplib_client.masks import encode_rle
     from workflows.train.samples import row_inputs
 
     for row in rows:
@@ -157,6 +157,6 @@ def save_pyfunc_model(export_dir: Path, dst: Path, input_example) -> Path:
             signature=signature(),
             input_example=None if input_example is None else (input_example, {"max_new_tokens": 8}),
             # Explicit: inferring them would load the model in a subprocess just to list its imports.
-            pip_requirements=[f"medplib[core]=={__version__}"],
+            pip_requirements=[f"medplib=={__version__}"],
         )
     return dst

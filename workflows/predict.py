@@ -1,13 +1,12 @@
-"""`medplib predict`: one question about one image, asked of the model in this process or of a running server,
-and the answer written as JSON with one PNG per mask beside it."""
+"""`medplib predict`: one question about one image, asked of the model in this process or of a running server
+(`medplib_client.ask_server`, which `medplib-client predict` uses too)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from medplib.prediction import Prediction
+from medplib_client import Prediction, ask_server
 
 
 def predict(
@@ -31,17 +30,7 @@ def predict(
         )
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "segment": segment}
     if endpoint:
-        import httpx
-
-        from serve.client import MedPLIBAPIError, MedPLIBClient
-
-        try:
-            with MedPLIBClient(endpoint) as client:
-                return client.predict(
-                    image, question, point=list(points), box=list(boxes), mask=list(masks), **settings
-                )
-        except (MedPLIBAPIError, httpx.HTTPError) as err:
-            raise ValueError(f"{endpoint}: {err}") from err
+        return ask_server(endpoint, image, question, points=points, boxes=boxes, masks=masks, **settings)
     from medplib.data.schema import Box, MaskRef, Point
     from medplib.inference import Predictor, resolve_model_source
 
@@ -51,25 +40,3 @@ def predict(
     return Predictor.from_pretrained(resolve_model_source(model)).predict(
         image, question, regions, **settings
     )
-
-
-def write_prediction(pred: Prediction, out: Path) -> list[Path]:
-    """`out` (answer, masks, timings as JSON) and `<out stem>_mask<i>.png` beside it; returns the PNG paths."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    mask_files = pred.save_masks(out.with_suffix(""))
-    result = {
-        "answer": pred.text,
-        "masks": [
-            {
-                "png": str(f),
-                "height": int(m.shape[0]),
-                "width": int(m.shape[1]),
-                "pixels": int(m.sum()),
-                "score": s,
-            }
-            for f, m, s in zip(mask_files, pred.masks, pred.scores, strict=True)
-        ],
-        "timings": pred.timings,
-    }
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    return mask_files

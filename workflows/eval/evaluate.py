@@ -35,7 +35,7 @@ from medplib.metrics import (
     segmentation_scores_from_counts,
     vqa_scores,
 )
-from medplib.prediction import Prediction
+from medplib_client import Prediction
 from workflows.common import cluster_gpus, decide_gpu, init_ray
 from workflows.data.prepared import load_prepared
 from workflows.eval.config import METRICS_NAME, PREDICTIONS_NAME, EvalConfig

@@ -1,6 +1,6 @@
 """A small Python client for the MedPLIB server's native API (no Ray, no torch: httpx, numpy, Pillow).
 
-    from serve.client import MedPLIBClient
+    from medplib_client import MedPLIBClient
     client = MedPLIBClient("http://127.0.0.1:8000")          # API key: api_key= or $MEDPLIB_API_KEY
     pred = client.predict("scan.png", "Please segment the liver.", box=(10, 20, 120, 140), segment=True)
     pred.text, pred.masks[0].shape                          # a medplib Prediction: bool masks at the image size
@@ -23,8 +23,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from medplib.prediction import Prediction
-from serve.masks import b64decode, decode_rle, encode_rle, png_decode
+from medplib_client.masks import b64decode, decode_rle, encode_rle, png_decode
+from medplib_client.prediction import Prediction
 
 Pair = tuple[float, float]
 Quad = tuple[float, float, float, float]
@@ -153,3 +153,33 @@ class MedPLIBClient:
 
     def health(self) -> dict[str, Any]:
         return self._check(self._http.get("/healthz"))
+
+
+def ask_server(
+    endpoint: str,
+    image: str | Path,
+    question: str,
+    *,
+    points: Sequence[Sequence[float]] = (),
+    boxes: Sequence[Sequence[float]] = (),
+    masks: Sequence[str | Path] = (),
+    max_new_tokens: int | None = None,
+    temperature: float = 0.0,
+    segment: bool = False,
+) -> Prediction:
+    """One question to the server at `endpoint` (API key from $MEDPLIB_API_KEY); a refusal or a connection failure
+    becomes a ValueError naming the endpoint, which the command lines report in one line."""
+    try:
+        with MedPLIBClient(endpoint) as client:
+            return client.predict(
+                image,
+                question,
+                point=list(points),
+                box=list(boxes),
+                mask=list(masks),
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                segment=segment,
+            )
+    except (MedPLIBAPIError, httpx.HTTPError) as err:
+        raise ValueError(f"{endpoint}: {err}") from err

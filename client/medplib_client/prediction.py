@@ -1,5 +1,5 @@
 """What the model answered about one image, whichever way it was asked: `medplib predict`, the HTTP API and its
-client, batch evaluation. numpy only, so `serve.client` returns it without importing torch."""
+client, batch evaluation. numpy only, so the client returns it without importing torch."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from medplib_client.masks import png_encode
 
 
 @dataclass
@@ -26,13 +28,11 @@ class Prediction:
 
     def save_masks(self, prefix: str | Path) -> list[Path]:
         """Write `<prefix>_mask<i>.png` (0/255) for each mask; returns the paths."""
-        from medplib.data.rows import png_bytes
-
         prefix = Path(prefix)
         prefix.parent.mkdir(parents=True, exist_ok=True)
         paths = []
         for i, mask in enumerate(self.masks):
             path = prefix.with_name(f"{prefix.name}_mask{i}.png")
-            path.write_bytes(png_bytes(mask))
+            path.write_bytes(png_encode(mask))
             paths.append(path)
         return paths

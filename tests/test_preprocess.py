@@ -81,6 +81,7 @@ def test_round_trip_mini_masks_and_region_boxes(ray_local, mini: Path, tmp_path:
         for i, row in enumerate(rows):
             src = source[row["sample_id"]]
             assert row["split"] == split == src["split"] and row["task"] == src["task"]
+            assert row["question_type"] == src["question_type"]  # carried for stratified evaluation
             # Target masks: the same pixels as the source PNG, at full resolution.
             mask_paths = [
                 seg.split("</mask>")[0] for seg in src["conversations"][1]["value"].split("<mask>")[1:]

@@ -399,6 +399,7 @@ class ChunkProcessor:
             "modality": sample.modality,
             "split": split,
             "answer_type": sample.answer_type,
+            "question_type": sample.question_type,
             "image_path": sample.image,
             "question": human.replace("<image>", "").strip(),
             "answer": answer.strip(),

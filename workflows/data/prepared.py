@@ -8,17 +8,21 @@ from pathlib import Path
 from typing import Any
 
 
-def load_prepared(directory: str | Path, split: str):  # -> ray.data.Dataset
+def load_prepared(directory: str | Path, split: str, *, preserve_order: bool = False):  # -> ray.data.Dataset
     """The Parquet shards of one split as a Ray Dataset (columns `rows.COLUMNS`), lazily.
 
     Training passes it to `TorchTrainer(datasets={"train": ds})`; each worker turns rows back into `Encoded`
-    with `rows.row_to_encoded` and batches them with `batch.collate`.
+    with `rows.row_to_encoded` and batches them with `batch.collate`. With `preserve_order` the rows come in the
+    order `prepare` wrote them (its seeded shuffle), as `medplib.data.prepared.iter_prepared_rows` yields them.
     """
     import ray
 
     from medplib.data.prepared import shard_files
 
-    return ray.data.read_parquet([str(p) for p in shard_files(directory, split)], partitioning=None)
+    ds = ray.data.read_parquet([str(p) for p in shard_files(directory, split)], partitioning=None)
+    if preserve_order:  # this dataset's own copy of the DataContext; read tasks follow the file order
+        ds.context.execution_options.preserve_order = True
+    return ds
 
 
 def row_lengths(directory: str | Path, split: str) -> list[tuple[str, int]]:

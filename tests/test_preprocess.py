@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -129,7 +130,7 @@ def _written_ids(out: Path) -> dict[str, list[str]]:
 def test_rows_are_written_in_a_seeded_shuffled_order(ray_local, mini: Path, tmp_path: Path) -> None:
     from workflows.data.prepared import load_prepared
 
-    cfg = PrepareConfig(batch_size=4, rows_per_file=8)  # several chunks and files per split
+    cfg = PrepareConfig(batch_size=4)  # several chunks and files per split
     first = _written_ids(prepare(mini, tmp_path / "a", cfg).output)
     again = _written_ids(prepare(mini, tmp_path / "b", cfg).output)
     local = _written_ids(prepare(mini, tmp_path / "local", cfg, engine="local").output)
@@ -151,6 +152,28 @@ def test_rows_are_written_in_a_seeded_shuffled_order(ray_local, mini: Path, tmp_
     # The Ray Data reader training uses gives the written order too.
     train = load_prepared(tmp_path / "a", "train", preserve_order=True).select_columns(["sample_id"])
     assert [r["sample_id"] for r in train.take_all()] == first["train"]
+
+
+def test_each_image_and_mask_is_decoded_once_per_process(mini: Path, tmp_path: Path) -> None:
+    images, masks, rows_with_image, mask_uses = set(), set(), 0, 0
+    for row in _source_rows(mini).values():
+        rows_with_image += 1
+        images.add(row["image"])
+        text = " ".join(turn["value"] for turn in row["conversations"])
+        paths = re.findall(r"<(?:mask|region)>([^<]+)</(?:mask|region)>", text)
+        paths += [r["mask"] for r in row.get("regions") or [] if "mask" in r]
+        masks.update(paths)
+        mask_uses += len(paths)
+    assert rows_with_image > len(images)  # rows share images (and validation and encoding share each mask)
+
+    cached = prepare(mini, tmp_path / "cached", PrepareConfig(batch_size=8), engine="local")
+    assert cached.manifest["counts"]["decoded"] == {"images": len(images), "masks": len(masks)}
+    # Without the cache every row decodes its image and validation and encoding each decode every mask it
+    # uses; the rows are the same bytes either way.
+    uncached = prepare(mini, tmp_path / "uncached", PrepareConfig(batch_size=8, cache_mb=0), engine="local")
+    assert uncached.manifest["counts"]["decoded"] == {"images": rows_with_image, "masks": 2 * mask_uses}
+    for split in cached.manifest["splits"]:
+        assert list(iter_prepared_rows(cached.output, split)) == list(iter_prepared_rows(uncached.output, split))
 
 
 # ---------------------------------------------------------------------------------------------- bad rows

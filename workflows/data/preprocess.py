@@ -15,17 +15,23 @@ Pipeline, per run:
 2. Duplicate ids: for the few ids seen more than once the driver validates their occurrences in file order and
    the first accepted one wins (`duplicate_winners`); every worker then rejects a later occurrence as
    `duplicate_id`, exactly as the sequential `medplib.data.validate.read_and_validate` would.
-3. Ray Data, one pipeline per split, all at once: `from_items(chunks)` -> `map_batches(one chunk per call: read the lines,
-   validate, decode the image, load target masks, encode_sample, encoded_to_row)` -> `write_parquet(DIR/<split>/)`
-   in chunk order (preserve_order; the file names follow it).
-   Rejected rows go to per-chunk quarantine part files, and per-chunk counts to stats part files (both in the
-   temp folder; names are deterministic, so a retried task overwrites its own parts).
+3. Ray Data, one pipeline for all splits: `from_items(chunks)` -> `map_batches(one chunk per call: read the lines,
+   validate, make the image's views, load target masks, encode, write DIR/<split>/part-<chunk id>.parquet)`.
+   File names sort in written order. Rejected rows go to per-chunk quarantine part files, and per-chunk counts to
+   stats part files (in the temp folder); every file is written under a temporary name and renamed, so a
+   retried task replaces its own output.
 4. Driver: merge the parts into `quarantine.jsonl` (sorted by file and line) and `manifest.json`, then move the
    temp folder into place (rename; an older output is renamed away first and deleted after).
 
+Decoding once: rows share images (~27 rows an image in MeCoVQA-mini) and masks (a region prompt of one row is
+the target of another; validation and encoding both read each). Each encode process keeps, per file (path, size,
+modification time), an image's stored view columns (decoded, resized and PNG-encoded once, the same bytes in
+every row of that image) and decoded masks and image sizes (`medplib.data.image.reusing`), least recently used
+out past `cache_mb`. The manifest counts the files decoded (`counts.decoded`).
+
 Rows and rejections: the contract's `validate_row` checks every row (see medplib/data/validate.py for the
-reasons), reading only image headers; the encode step then decodes each image once, so a file whose pixel data
-is corrupt is quarantined there, as `image_unreadable`, like the sequential validator would. Preprocessing adds
+reasons), reading only image headers; the encode step then decodes each image, so a file whose pixel data is
+corrupt is quarantined there, as `image_unreadable`, like the sequential validator would. Preprocessing adds
 one check: a row's `split` must be usable as a folder name (else `invalid_field`). A row's split is its `split`
 field, else the one its file name names (`MeCoVQA-mini_test.json` -> test), else `default_split`. Encode errors
 (a prompt too long for the preset's `max_length`) are quarantined as `invalid_field`. The text columns
@@ -36,8 +42,8 @@ Reuse: `manifest.json` records the input hash (names + bytes of the annotation f
 the same input and config returns the existing output and logs "reusing". Images and masks are not hashed
 (that would read the whole dataset): after editing them in place, pass `--force`.
 
-`engine="local"` runs the same chunk function in the driver process, one chunk after another, and writes Parquet
-with pyarrow: the single-process baseline of `bench/preprocess.py` and a Ray-free path for debugging.
+`engine="local"` runs the same chunk function in the driver process, one chunk after another: the
+single-process baseline of `bench/preprocess.py` and a Ray-free path for debugging.
 """
 
 from __future__ import annotations
@@ -53,7 +59,6 @@ import zlib
 from array import array
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
@@ -65,10 +70,11 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from medplib.data.image import ImageReadError, load_image, load_mask
+from medplib.data.image import DecodedFiles, ImageReadError, file_key, load_image, load_mask, reusing
+from medplib.data.lru import BoundedCache
 from medplib.data.parse import default_sample_id
 from medplib.data.prepared import MANIFEST_NAME, QUARANTINE_NAME, ROW_SCHEMA, read_manifest, rows_to_table
-from medplib.data.rows import SCHEMA_VERSION
+from medplib.data.rows import SCHEMA_VERSION, StoredViews, encoded_to_row
 from medplib.data.validate import Accepted, Limits, Reason, Rejection, is_json_array, validate_row
 from medplib.model.config import MedPLIBConfig, load_model_config
 from workflows.common import init_ray, write_text_atomic
@@ -81,6 +87,10 @@ _SPLIT_IN_NAME_RE = re.compile(
     r"(?:^|[_.-])((?:train|val|valid|validation|dev|test)(?:_[A-Za-z0-9]+)*)$", re.I
 )
 _PARTS = "_parts"
+# Rows of one image carry the same view bytes, which Parquet's dictionary encoding stores once per row group as
+# long as the dictionary fits this limit. pyarrow's default (1 MB) holds ~45 views of `small` (~23 kB each); a
+# shuffled row group of 2048 MeCoVQA-mini train rows holds ~270 images: 12.9 MB a file with 64 MB, 58 MB without.
+PARQUET_WRITE_OPTIONS = {"dictionary_pagesize_limit": 64 * 2**20}
 RAW_PREVIEW_CHARS = 2000
 
 
@@ -118,22 +128,20 @@ class PrepareConfig(BaseModel):
         True, description="repair an image/mask path lacking '.png' if path.png exists"
     )
     batch_size: int = Field(
-        64, ge=1, description="rows per chunk: one Ray task validates and encodes one chunk"
-    )
-    rows_per_file: int = Field(
-        2048, ge=1, description="Parquet rows per shard file, at least (the last may be less)"
+        1024,
+        ge=1,
+        description="rows per chunk: one Ray task validates, encodes and writes one chunk as one Parquet file",
     )
     cpus_per_task: float = Field(1.0, gt=0, description="CPUs reserved by each encode task")
-    writer_cpus: float = Field(
-        0.0,
+    cache_mb: int = Field(
+        256,
         ge=0,
-        description="CPUs reserved by each Parquet write task; 0: it never waits for the encoders (I/O)",
+        description="memory each encode process keeps to decode every image and mask once: half for image "
+        "views (PNG, ~15 kB an image for `small`), half for masks (1 bit a pixel); the least recently used go",
     )
 
     # Fields that change how fast the output is made, not what it contains: left out of the config hash.
-    EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset(
-        {"batch_size", "rows_per_file", "cpus_per_task", "writer_cpus"}
-    )
+    EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset({"batch_size", "cpus_per_task", "cache_mb"})
 
     @field_validator("splits")
     @classmethod
@@ -211,7 +219,9 @@ class ChunkJob(BaseModel):
         default_factory=dict,
         description="id seen more than once -> (file index, line) of the accepted one, or None",
     )
-    parts_dir: str
+    parts_dir: str = Field(description="folder of the per-chunk quarantine and stats parts")
+    output_dir: str = Field(description="the temporary output folder: chunks go to <output_dir>/<split>/")
+    cache_mb: int = Field(description="PrepareConfig.cache_mb")
 
 
 class PrepareResult(BaseModel):
@@ -304,6 +314,8 @@ def _new_stats() -> dict[str, Any]:
         "accepted": 0,
         "rejected": 0,
         "fixed_suffix": 0,
+        "images_decoded": 0,
+        "masks_decoded": 0,
         "task": Counter(),
         "modality": Counter(),
         "reason": Counter(),
@@ -311,7 +323,8 @@ def _new_stats() -> dict[str, Any]:
 
 
 class ChunkProcessor:
-    """Validates, decodes and encodes the rows of chunks; one per process (the tokenizer is built once)."""
+    """Validates, decodes and encodes the rows of chunks; one per process, so the tokenizer is built once and
+    each image and mask is decoded once per process (rows share them: ~27 rows an image in MeCoVQA-mini)."""
 
     def __init__(self, job: ChunkJob) -> None:
         from medplib.tokenizer import build_tokenizer  # transformers: workers only, the driver stays light
@@ -320,6 +333,23 @@ class ChunkProcessor:
         self.root = Path(job.data_root)
         self.tokenizer = build_tokenizer(job.model.llm.tokenizer)
         self.files = {f.index: f for f in job.files}
+        budget = job.cache_mb * 2**20 // 2
+        self.views: BoundedCache[StoredViews] = BoundedCache(budget)
+        self.decoded = DecodedFiles(budget)  # masks and image sizes, for validation and encoding alike
+        self.images_decoded = 0
+
+    def stored_views(self, path: Path) -> StoredViews:
+        """An image's view columns, made once per process and shared by its rows; ImageReadError names the file."""
+        from medplib.data.batch import image_views
+
+        key = file_key(path)
+        views = None if key is None else self.views.get(key)
+        if views is None:
+            views = StoredViews.of(*image_views(load_image(path), self.job.model))
+            self.images_decoded += 1
+            if key is not None:
+                self.views.put(key, views, len(views.vision_view_png) + len(views.sam_view_png))
+        return views
 
     def _reject(self, file: InputFile, line: int, reason: Reason, message: str, raw: str) -> Rejection:
         return Rejection(source=file.source, line=line, reason=reason, message=message, raw=raw)
@@ -329,8 +359,7 @@ class ChunkProcessor:
     ) -> dict[str, Any] | Rejection:
         """One non-blank line of `split` (the scan picked it) -> an encoded row dict (with `_fixed_suffix`) or a
         Rejection."""
-        from medplib.data.batch import encode_sample
-        from medplib.data.rows import encoded_to_row
+        from medplib.data.batch import encode_without_views
 
         text, obj = decode_line(raw_bytes, file.kind == "jsonl" and line_no == 1)
         _, split_problem = row_split(obj, file.default_split)
@@ -368,7 +397,7 @@ class ChunkProcessor:
             return result
         sample = result.sample
         try:
-            image = load_image(self.root / sample.image) if sample.image is not None else None
+            views = self.stored_views(self.root / sample.image) if sample.image is not None else None
         except ImageReadError as err:  # validation read only the header (limits.decode_images=False)
             reason = {"missing": Reason.IMAGE_MISSING, "empty": Reason.IMAGE_EMPTY}.get(
                 err.problem, Reason.IMAGE_UNREADABLE
@@ -379,8 +408,13 @@ class ChunkProcessor:
         except ImageReadError as err:
             return self._reject(file, line, Reason.MASK_UNREADABLE, f"mask: {err}", raw_text)
         try:
-            encoded = encode_sample(
-                sample, image, self.tokenizer, self.job.model, target_masks=masks, data_root=self.root
+            encoded = encode_without_views(
+                sample,
+                None if views is None else views.image_hw,
+                self.tokenizer,
+                self.job.model,
+                target_masks=masks,
+                data_root=self.root,
             )
         except ValueError as err:
             return self._reject(
@@ -411,7 +445,7 @@ class ChunkProcessor:
             "question": human.replace("<image>", "").strip(),
             "answer": answer.strip(),
         }
-        row = encoded_to_row(encoded, meta)
+        row = encoded_to_row(encoded, meta, views)
         row["_fixed_suffix"] = bool(result.fixed_suffix)
         return row
 
@@ -420,8 +454,15 @@ class ChunkProcessor:
         rows: list[dict[str, Any]] = []
         rejections: list[tuple[int, Rejection]] = []
         stats = _new_stats()
-        for file, line_no, raw in _read_lines(self.files, chunk.lines):
-            out = self.process_line(file, line_no, raw, chunk.split)
+        images_before, masks_before = self.images_decoded, self.decoded.masks_decoded
+        with reusing(self.decoded):
+            outs = [
+                (file, self.process_line(file, line_no, raw, chunk.split))
+                for file, line_no, raw in _read_lines(self.files, chunk.lines)
+            ]
+        stats["images_decoded"] = self.images_decoded - images_before
+        stats["masks_decoded"] = self.decoded.masks_decoded - masks_before
+        for file, out in outs:
             if isinstance(out, Rejection):
                 rejections.append((file.index, out))
                 stats["rejected"] += 1
@@ -434,12 +475,20 @@ class ChunkProcessor:
             rows.append(out)
         return rows_to_table(rows), rejections, stats
 
-    def run_chunk(self, chunk: Chunk) -> pa.Table:
-        """`process_chunk`, writing the rejections and counts to this chunk's part files."""
+    def run_chunk(self, chunk: Chunk) -> int:
+        """`process_chunk`, writing its rows to `<output_dir>/<split>/part-<chunk id>.parquet` (names sort in
+        written order) and its rejections and counts to part files; returns the rows written. Every file is
+        written under a temporary name and renamed, so a retried task replaces its own output."""
         table, rejections, stats = self.process_chunk(chunk)
+        name = f"{chunk.chunk_id:07d}"
+        if table.num_rows:
+            out_dir = Path(self.job.output_dir) / chunk.split
+            out_dir.mkdir(parents=True, exist_ok=True)
+            partial = out_dir / f".part-{name}.parquet.{uuid.uuid4().hex[:8]}"
+            pq.write_table(table, partial, **PARQUET_WRITE_OPTIONS)
+            partial.rename(out_dir / f"part-{name}.parquet")
         parts = Path(self.job.parts_dir) / chunk.split
         parts.mkdir(parents=True, exist_ok=True)
-        name = f"{chunk.chunk_id:07d}"
         if rejections:
             records = [{**r.to_record(), "split": chunk.split, "_file": index} for index, r in rejections]
             write_text_atomic(
@@ -447,7 +496,7 @@ class ChunkProcessor:
                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
             )
         write_text_atomic(parts / f"stats-{name}.json", json.dumps(stats))
-        return table
+        return table.num_rows
 
 
 # Per worker process: job JSON -> processor, so the tokenizer and model config are built once, not per chunk.
@@ -462,10 +511,11 @@ def _processor(job_json: str) -> ChunkProcessor:
 
 
 def _encode_chunks(batch: pa.Table, job_json: str) -> pa.Table:
-    """Ray Data UDF (map_batches, batch_size=1): chunk descriptions in, encoded sample rows out."""
+    """Ray Data UDF (map_batches, batch_size=1): chunk descriptions in, rows written out per chunk."""
     processor = _processor(job_json)
-    tables = [processor.run_chunk(Chunk.model_validate(item)) for item in batch.to_pylist()]
-    return pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
+    chunks = [Chunk.model_validate(item) for item in batch.to_pylist()]
+    written = [processor.run_chunk(chunk) for chunk in chunks]
+    return pa.table({"chunk_id": [c.chunk_id for c in chunks], "rows": written})
 
 
 # ------------------------------------------------------------------------------------------------- the driver
@@ -649,20 +699,15 @@ def _input_hash(files: list[InputFile]) -> str:
     return digest.hexdigest()
 
 
-def _run_ray(job: ChunkJob, chunks: list[Chunk], out_dir: Path, cfg: PrepareConfig) -> None:
+def _run_ray(job: ChunkJob, chunks: list[Chunk], cfg: PrepareConfig) -> None:
     import ray
 
-    # Ray Data touch-point: chunk descriptions in, one encode task per chunk, Parquet out (streaming: encoded
-    # rows flow from the encode tasks to the writer through the object store, never through the driver).
-    ds = ray.data.from_items([c.model_dump() for c in chunks], override_num_blocks=len(chunks))
-    # The chunks' order is the written order (shuffled or not): blocks reach the writer in chunk order, whose
-    # task index, in the file names, orders the files.
-    ds.context.execution_options.preserve_order = True
-    # Ray Data reserves part of the cluster for each operator (op_resource_reservation_ratio 0.5). With two
-    # operators on 2 CPUs that left the encoder one task at a time while the 0-CPU writer's share sat idle
-    # (measured: 46% encoder utilisation). The writer needs no CPU, so let the encoders have all of them. The
-    # setting lives in this dataset's own copy of the DataContext, not in the global one.
-    ds.context.op_resource_reservation_enabled = False
+    # Ray Data touch-point: one pipeline for every split, one task per chunk; each task writes its chunk's
+    # Parquet file itself and returns two numbers. Encoded rows (~50 kB each with their views) never travel
+    # through the object store to a writer, and one streaming executor polls instead of one per split.
+    # Largest chunks first, so the short last chunk of each split fills the end instead of leaving a core idle.
+    items = [c.model_dump() for c in sorted(chunks, key=lambda c: -len(c.lines))]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         _encode_chunks,
         batch_size=1,
@@ -670,32 +715,14 @@ def _run_ray(job: ChunkJob, chunks: list[Chunk], out_dir: Path, cfg: PrepareConf
         fn_kwargs={"job_json": job.model_dump_json()},
         num_cpus=cfg.cpus_per_task,  # 1: on 2 cores two chunks encode at once; no actor holds a CPU for the run
     )
-    # writer_cpus 0: the writer never waits for the encoders to free a CPU (0.25 would, then idle 0.75 CPU).
-    ds.write_parquet(
-        str(out_dir), min_rows_per_file=cfg.rows_per_file, ray_remote_args={"num_cpus": cfg.writer_cpus}
-    )
+    # Runs the pipeline; take_all streams the small outputs to the driver (ds.sum would add a shuffle stage).
+    written = sum(row["rows"] for row in ds.take_all())
+    logger.debug("Ray Data wrote %d rows in %d chunks", written, len(items))
 
 
-def _run_local(job: ChunkJob, chunks: list[Chunk], out_dir: Path, cfg: PrepareConfig) -> None:
-    processor = ChunkProcessor(job)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    writer: pq.ParquetWriter | None = None
-    rows_in_file, file_no = 0, 0
-    try:
-        for chunk in chunks:
-            table = processor.run_chunk(chunk)
-            if table.num_rows == 0:
-                continue
-            if writer is None:
-                writer = pq.ParquetWriter(out_dir / f"part-{file_no:05d}.parquet", ROW_SCHEMA)
-            writer.write_table(table)
-            rows_in_file += table.num_rows
-            if rows_in_file >= cfg.rows_per_file:
-                writer.close()
-                writer, rows_in_file, file_no = None, 0, file_no + 1
-    finally:
-        if writer is not None:
-            writer.close()
+def _run_local(processor: ChunkProcessor, chunks: list[Chunk]) -> None:
+    for chunk in chunks:
+        processor.run_chunk(chunk)
 
 
 def _merge_parts(
@@ -708,7 +735,7 @@ def _merge_parts(
         total = _new_stats()
         for stats_file in sorted(split_dir.glob("stats-*.json")):
             stats = json.loads(stats_file.read_text())
-            for key in ("accepted", "rejected", "fixed_suffix"):
+            for key in ("accepted", "rejected", "fixed_suffix", "images_decoded", "masks_decoded"):
                 total[key] += stats[key]
             for key in ("task", "modality", "reason"):
                 total[key].update(stats[key])
@@ -812,6 +839,8 @@ def prepare(
             files=files,
             duplicate_winners=duplicate_winners(scan, files, data_root, limits),
             parts_dir=str(parts),
+            output_dir=str(tmp),
+            cache_mb=cfg.cache_mb,
         )
         splits = [s for s in scan.splits_seen if not cfg.splits or s in cfg.splits]
         for split in cfg.splits or []:
@@ -827,27 +856,21 @@ def prepare(
             ", ".join(splits) or "none",
         )
 
-        def run_split(split: str) -> None:
-            chunks = [c for c in scan.chunks if c.split == split]
+        encode_started = time.perf_counter()
+        if engine == "ray":
+            _run_ray(job, scan.chunks, cfg)
+        else:
+            _run_local(ChunkProcessor(job), scan.chunks)
+        logger.info(
+            "%d chunks encoded and written in %.1f s", len(scan.chunks), time.perf_counter() - encode_started
+        )
+        for split in splits:
             split_dir = tmp / split
-            split_started = time.perf_counter()
-            (_run_ray if engine == "ray" else _run_local)(job, chunks, split_dir, cfg)
             split_dir.mkdir(parents=True, exist_ok=True)
+            for partial in split_dir.glob(".part-*"):  # left by a task that died while writing (then retried)
+                partial.unlink()
             if not any(split_dir.glob("*.parquet")):  # every row rejected: keep a readable, empty shard
                 pq.write_table(ROW_SCHEMA.empty_table(), split_dir / "part-empty.parquet")
-            logger.info(
-                "split %s: %d chunks in %.1f s", split, len(chunks), time.perf_counter() - split_started
-            )
-
-        if engine == "ray" and len(splits) > 1:
-            # One Ray Data pipeline per split (each ends in its own write_parquet), all running at once, so one
-            # split's start-up and last write overlap another's encoding instead of adding up.
-            with ThreadPoolExecutor(max_workers=len(splits), thread_name_prefix="prepare") as pool:
-                for future in [pool.submit(run_split, split) for split in splits]:
-                    future.result()
-        else:
-            for split in splits:
-                run_split(split)
         per_split = _merge_parts(parts, files, tmp / QUARANTINE_NAME, array_failures)
         manifest = _manifest(
             cfg,
@@ -969,6 +992,10 @@ def _manifest(
             "accepted": accepted,
             "rejected": rejected,
             "fixed_suffix": sum(s["fixed_suffix"] for s in per_split.values()),
+            # Files decoded, summed over the encode processes: each decodes a shared image or mask once.
+            "decoded": {
+                kind: sum(s[f"{kind}_decoded"] for s in per_split.values()) for kind in ("images", "masks")
+            },
             "skipped_other_split": scan.skipped_other_split,
             "stopped_at_max_rows": scan.stopped_at_max_rows,
             "split": {s: per_split.get(s, {}).get("accepted", 0) for s in splits},

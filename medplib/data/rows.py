@@ -20,8 +20,8 @@ if TYPE_CHECKING:  # torch-free at import: readers of the format (the preprocess
 
 SCHEMA_VERSION = 2
 
-COLUMNS = (
-    "sample_id",
+# What a row says about its sample, from `encoded_to_row`'s `meta`.
+DESCRIPTIVE_COLUMNS = (
     "task",
     "modality",
     "split",
@@ -30,6 +30,10 @@ COLUMNS = (
     "image_path",
     "question",
     "answer",
+)
+COLUMNS = (
+    "sample_id",
+    *DESCRIPTIVE_COLUMNS,
     "input_ids",
     "labels",
     "vision_view_png",
@@ -76,27 +80,14 @@ class StoredViews:
 
 
 def encoded_to_row(enc: Encoded, meta: dict, views: StoredViews | None = None) -> dict:
-    """`meta` carries the descriptive columns (task, modality, split, answer_type, question_type, image_path,
-    question, answer). `views`, when given, stands for the image columns of an `enc` built without views
+    """`meta` carries the `DESCRIPTIVE_COLUMNS`. `views`, when given, stands for the image columns of an `enc` built without views
     (`batch.encode_without_views`)."""
     if views is None and enc.vision_view is not None:
         views = StoredViews.of(enc.vision_view, enc.sam_view, enc.sam_geometry)
     r, size = enc.region_masks.shape[0], enc.region_masks.shape[-1]
     return {
         "sample_id": enc.sample_id,
-        **{
-            k: meta.get(k)
-            for k in (
-                "task",
-                "modality",
-                "split",
-                "answer_type",
-                "question_type",
-                "image_path",
-                "question",
-                "answer",
-            )
-        },
+        **{k: meta.get(k) for k in DESCRIPTIVE_COLUMNS},
         "input_ids": np.asarray(enc.input_ids, dtype=np.int32),
         "labels": np.asarray(enc.labels, dtype=np.int32),
         "vision_view_png": None if views is None else views.vision_view_png,

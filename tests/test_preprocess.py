@@ -154,7 +154,7 @@ def test_rows_are_written_in_a_seeded_shuffled_order(ray_local, mini: Path, tmp_
     assert [r["sample_id"] for r in train.take_all()] == first["train"]
 
 
-def test_each_image_and_mask_is_decoded_once_per_process(mini: Path, tmp_path: Path) -> None:
+def test_each_image_and_mask_is_decoded_once_per_process(ray_local, mini: Path, tmp_path: Path) -> None:
     images, masks, rows_with_image, mask_uses = set(), set(), 0, 0
     for row in _source_rows(mini).values():
         rows_with_image += 1
@@ -172,8 +172,14 @@ def test_each_image_and_mask_is_decoded_once_per_process(mini: Path, tmp_path: P
     # uses; the rows are the same bytes either way.
     uncached = prepare(mini, tmp_path / "uncached", PrepareConfig(batch_size=8, cache_mb=0), engine="local")
     assert uncached.manifest["counts"]["decoded"] == {"images": rows_with_image, "masks": 2 * mask_uses}
+    # Ray: the views pass makes each image's views once for all workers; masks are decoded once per worker.
+    on_ray = prepare(mini, tmp_path / "ray", PrepareConfig(batch_size=8))
+    assert on_ray.manifest["counts"]["decoded"]["images"] == len(images)
+    assert on_ray.manifest["counts"]["decoded"]["masks"] >= len(masks)
     for split in cached.manifest["splits"]:
-        assert list(iter_prepared_rows(cached.output, split)) == list(iter_prepared_rows(uncached.output, split))
+        rows = list(iter_prepared_rows(cached.output, split))
+        assert rows == list(iter_prepared_rows(uncached.output, split))
+        assert rows == list(iter_prepared_rows(on_ray.output, split))
 
 
 # ---------------------------------------------------------------------------------------------- bad rows

@@ -176,6 +176,15 @@ def _inside_root(rel: str, root: Path, field: str, real_root: Path) -> Path:
     return full
 
 
+def path_inside_root(rel: str, root: Path) -> Path | None:
+    """`root / rel` when `validate_row` would let a row use that path (relative, no `..`, resolving inside the
+    data root), else None."""
+    try:
+        return _inside_root(rel, root, "path", root.resolve())
+    except _Reject:
+        return None
+
+
 def _locate(
     rel: str, root: Path, field: str, limits: Limits, fixed: list[str], real_root: Path
 ) -> tuple[str, Path] | None:

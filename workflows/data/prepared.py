@@ -20,7 +20,7 @@ def load_prepared(directory: str | Path, split: str, *, preserve_order: bool = F
     from medplib.data.prepared import shard_files
 
     ds = ray.data.read_parquet([str(p) for p in shard_files(directory, split)], partitioning=None)
-    if preserve_order:  # this dataset's own copy of the DataContext; read tasks follow the file order
+    if preserve_order:  # this dataset's own copy of the DataContext; read tasks follow the file list
         ds.context.execution_options.preserve_order = True
     return ds
 
@@ -44,7 +44,8 @@ def row_lengths(directory: str | Path, split: str) -> list[tuple[str, int]]:
 def read_rows(
     directory: str | Path, split: str, tasks: Iterable[str] | None, limit: int
 ) -> list[dict[str, Any]]:
-    """The first `limit` rows of a split (file order), only those of `tasks` when given; no Ray."""
+    """The first `limit` rows of a split in written order (`prepare` shuffles it), only those of `tasks` when
+    given; no Ray."""
     from medplib.data.prepared import iter_prepared_rows
 
     wanted = None if tasks is None else set(tasks)

@@ -387,7 +387,8 @@ def test_both_forms_parse_to_the_same_sample() -> None:
         ],
     }
     a, b = parse_row(released), parse_row(explicit)
-    assert a == b
+    assert a == b and a.question_type is None
+    assert parse_row(released | {"question_type": "structure"}).question_type == "structure"
     assert a.turns[0].text == "<image>\nWhere is <region></region>?"
     assert a.masks == ["masks/organ.png", "masks/part_0.png"]
     # a dumped Sample's regions are accepted back
@@ -600,3 +601,16 @@ def test_load_mask(data_root: Path, tmp_path: Path) -> None:
     assert not load_mask(tmp_path / "alpha.png").any()  # alpha is not foreground
     with pytest.raises(ImageReadError, match="corrupt.png"):
         load_mask(data_root / "masks/corrupt.png")
+
+
+def test_bounded_cache_keeps_the_recently_used_within_its_budget() -> None:
+    from medplib.data.lru import BoundedCache
+
+    cache: BoundedCache[str] = BoundedCache(max_bytes=10)
+    cache.put("a", "A", 4)
+    cache.put("b", "B", 4)
+    assert cache.get("a") == "A"  # now "b" is the least recently used
+    cache.put("c", "C", 4)
+    assert (cache.get("a"), cache.get("b"), cache.get("c")) == ("A", None, "C") and cache.nbytes == 8
+    cache.put("big", "X", 11)  # larger than the whole budget: not kept, nothing evicted for it
+    assert cache.get("big") is None and len(cache) == 2

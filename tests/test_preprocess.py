@@ -4,7 +4,8 @@
   and, for box/point prompts, region masks exactly where the source prompt lies in the vision view;
 - bad rows: quarantine counts and reasons are exact and equal to the sequential validator's, the CLI exits 0;
 - reuse: a second run with the same input and config says so and leaves the files untouched;
-- the Ray engine and the single-process engine write the same rows.
+- the Ray engine and the single-process engine write the same rows, in the same seeded order, which every
+  reader returns.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections import Counter
@@ -82,6 +84,7 @@ def test_round_trip_mini_masks_and_region_boxes(ray_local, mini: Path, tmp_path:
         for i, row in enumerate(rows):
             src = source[row["sample_id"]]
             assert row["split"] == split == src["split"] and row["task"] == src["task"]
+            assert row["question_type"] == src["question_type"]  # carried for stratified evaluation
             # Target masks: the same pixels as the source PNG, at full resolution.
             mask_paths = [
                 seg.split("</mask>")[0] for seg in src["conversations"][1]["value"].split("<mask>")[1:]
@@ -118,6 +121,66 @@ def test_round_trip_mini_masks_and_region_boxes(ray_local, mini: Path, tmp_path:
                 assert np.allclose(got, want, atol=1.0), (row["sample_id"], kind, got, want)
                 checked[kind] += 1
     assert all(checked[k] > 0 for k in ("target_mask", "box", "point", "mask")), checked
+
+
+def _written_ids(out: Path) -> dict[str, list[str]]:
+    manifest = read_manifest(out)
+    return {split: [r["sample_id"] for r in iter_prepared_rows(out, split)] for split in manifest["splits"]}
+
+
+def test_rows_are_written_in_a_seeded_shuffled_order(ray_local, mini: Path, tmp_path: Path) -> None:
+    from workflows.data.prepared import load_prepared
+
+    cfg = PrepareConfig(batch_size=4)  # several chunks and files per split
+    first = _written_ids(prepare(mini, tmp_path / "a", cfg).output)
+    again = _written_ids(prepare(mini, tmp_path / "b", cfg).output)
+    local = _written_ids(prepare(mini, tmp_path / "local", cfg, engine="local").output)
+    unshuffled = cfg.model_copy(update={"shuffle_seed": None})  # with_overrides skips None values
+    in_file_order = _written_ids(prepare(mini, tmp_path / "ordered", unshuffled).output)
+    other_seed = _written_ids(prepare(mini, tmp_path / "seed1", cfg.with_overrides(shuffle_seed=1)).output)
+
+    source = {}
+    for path in sorted(mini.glob("MeCoVQA-mini_*.json")):
+        for row in json.loads(path.read_text()):
+            source.setdefault(row["split"], []).append(row["id"])
+    assert in_file_order == source  # shuffle_seed None: file order
+    assert first == again == local  # deterministic, and the same for both engines
+    for split, ids in first.items():
+        assert sorted(ids) == sorted(source[split]) and len(set(ids)) == len(ids)  # every row once
+    shuffled = [split for split in first if len(first[split]) > 2]
+    assert shuffled and all(first[s] != source[s] for s in shuffled)
+    assert any(other_seed[s] != first[s] for s in shuffled)
+    # The Ray Data reader training uses gives the written order too.
+    train = load_prepared(tmp_path / "a", "train", preserve_order=True).select_columns(["sample_id"])
+    assert [r["sample_id"] for r in train.take_all()] == first["train"]
+
+
+def test_each_image_and_mask_is_decoded_once_per_process(ray_local, mini: Path, tmp_path: Path) -> None:
+    images, masks, rows_with_image, mask_uses = set(), set(), 0, 0
+    for row in _source_rows(mini).values():
+        rows_with_image += 1
+        images.add(row["image"])
+        text = " ".join(turn["value"] for turn in row["conversations"])
+        paths = re.findall(r"<(?:mask|region)>([^<]+)</(?:mask|region)>", text)
+        paths += [r["mask"] for r in row.get("regions") or [] if "mask" in r]
+        masks.update(paths)
+        mask_uses += len(paths)
+    assert rows_with_image > len(images)  # rows share images (and validation and encoding share each mask)
+
+    cached = prepare(mini, tmp_path / "cached", PrepareConfig(batch_size=8), engine="local")
+    assert cached.manifest["counts"]["decoded"] == {"images": len(images), "masks": len(masks)}
+    # Without the cache every row decodes its image and validation and encoding each decode every mask it
+    # uses; the rows are the same bytes either way.
+    uncached = prepare(mini, tmp_path / "uncached", PrepareConfig(batch_size=8, cache_mb=0), engine="local")
+    assert uncached.manifest["counts"]["decoded"] == {"images": rows_with_image, "masks": 2 * mask_uses}
+    # Ray: the views pass makes each image's views once for all workers; masks are decoded once per worker.
+    on_ray = prepare(mini, tmp_path / "ray", PrepareConfig(batch_size=8))
+    assert on_ray.manifest["counts"]["decoded"]["images"] == len(images)
+    assert on_ray.manifest["counts"]["decoded"]["masks"] >= len(masks)
+    for split in cached.manifest["splits"]:
+        rows = list(iter_prepared_rows(cached.output, split))
+        assert rows == list(iter_prepared_rows(uncached.output, split))
+        assert rows == list(iter_prepared_rows(on_ray.output, split))
 
 
 # ---------------------------------------------------------------------------------------------- bad rows

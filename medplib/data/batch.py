@@ -46,6 +46,13 @@ def encode_regions(
     return out
 
 
+def image_views(image: np.ndarray, cfg: MedPLIBConfig) -> tuple[np.ndarray, np.ndarray, Geometry]:
+    """The vision-tower view, the SAM view and where the image sits in the SAM view (uint8 squares)."""
+    vision_view, _ = to_square(image, cfg.vision.image_size_px, "center", cfg.vision.pad_value)
+    sam_view, geo = to_square(image, cfg.sam.image_size_px, cfg.sam.pad_mode, 0)
+    return vision_view, sam_view, geo
+
+
 def encode_sample(
     sample: Sample | list[Turn],
     image: np.ndarray | None,
@@ -58,6 +65,35 @@ def encode_sample(
     for_generation: bool = False,
 ) -> Encoded:
     """Tokenise, build both image views and the region masks. `image` is uint8 HxWx3 (see `image.load_image`)."""
+    encoded = encode_without_views(
+        sample,
+        None if image is None else image.shape[:2],
+        tokenizer,
+        cfg,
+        regions=regions,
+        target_masks=target_masks,
+        data_root=data_root,
+        for_generation=for_generation,
+    )
+    if image is not None:
+        encoded.vision_view, encoded.sam_view, encoded.sam_geometry = image_views(image, cfg)
+    return encoded
+
+
+def encode_without_views(
+    sample: Sample | list[Turn],
+    image_hw: tuple[int, int] | None,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: MedPLIBConfig,
+    *,
+    regions: list[RegionPrompt] | None = None,
+    target_masks: list[np.ndarray] | None = None,
+    data_root: Path | None = None,
+    for_generation: bool = False,
+) -> Encoded:
+    """`encode_sample` without the image views (left None): for a caller that makes each image's views once and
+    shares them among the rows of that image (preprocessing). `image_hw` is the image's (height, width), None
+    for a text-only sample."""
     turns = sample.turns if isinstance(sample, Sample) else sample
     sample_id = sample.id if isinstance(sample, Sample) else "request"
     if regions is None:
@@ -68,9 +104,9 @@ def encode_sample(
             f"{cfg.region.max_regions} (region.max_regions)"
         )
     has_image_tag = any("<image>" in t.text for t in turns)
-    if image is not None and not has_image_tag:
+    if image_hw is not None and not has_image_tag:
         turns = [Turn(role=turns[0].role, text="<image>\n" + turns[0].text), *turns[1:]]
-    if image is None and has_image_tag:
+    if image_hw is None and has_image_tag:
         raise ValueError(f"sample {sample_id}: the text has <image> but no image was given")
     tok = tokenize_conversation(
         turns,
@@ -81,17 +117,14 @@ def encode_sample(
         for_generation=for_generation,
         sample_id=sample_id,
     )
-    if image is not None:
-        vision_view, _ = to_square(image, cfg.vision.image_size_px, "center", cfg.vision.pad_value)
-        sam_view, geo = to_square(image, cfg.sam.image_size_px, cfg.sam.pad_mode, 0)
-        region_masks = encode_regions(regions[: tok.num_regions], image.shape[:2], cfg, data_root)
+    if image_hw is not None:
+        region_masks = encode_regions(regions[: tok.num_regions], image_hw, cfg, data_root)
     else:
         if regions:
             raise ValueError(f"sample {sample_id}: region prompts need an image")
-        vision_view = sam_view = geo = None
         region_masks = np.zeros((0, cfg.vision.image_size_px, cfg.vision.image_size_px), dtype=bool)
     masks = list(target_masks or [])[: tok.num_masks]
-    return Encoded(tok.input_ids, tok.labels, vision_view, sam_view, geo, region_masks, masks, sample_id)
+    return Encoded(tok.input_ids, tok.labels, None, None, None, region_masks, masks, sample_id)
 
 
 def collate(items: list[Encoded], cfg: MedPLIBConfig, pad_id: int) -> dict:

@@ -23,6 +23,10 @@ Masks (`load_mask`) follow the MeCoVQA convention: any value >= 1 in any colour 
 
 Every failure raises `ImageReadError`, which names the file and says what was wrong; its `problem` attribute
 ("missing", "empty", "unreadable", "unsupported") lets callers map it to a rejection reason without parsing text.
+
+Inside `with reusing(files)`, `load_mask` and `image_size` look a file up in `files` (a `DecodedFiles`) by path,
+size and modification time before reading it: preprocessing validates a mask, then loads it as a target or a
+region prompt, and several rows share one mask, yet each is decoded once per process.
 """
 
 from __future__ import annotations
@@ -30,11 +34,16 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from medplib.data.lru import BoundedCache
 
 logger = logging.getLogger(__name__)
 
@@ -325,6 +334,37 @@ def load_image(src: ImageSource, *, slice_index: int | None = None, axis: int = 
         return _pil_to_rgb(image, str(path))
 
 
+class DecodedFiles:
+    """Masks (bit-packed) and image sizes already read, by what they are and the file's `file_key`, the least
+    recently used out past `max_bytes`; `masks_decoded` counts the masks actually decoded."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.entries: BoundedCache[Any] = BoundedCache(max_bytes)
+        self.masks_decoded = 0
+
+
+_REUSING: ContextVar[DecodedFiles | None] = ContextVar("medplib_decoded_files", default=None)
+
+
+@contextmanager
+def reusing(files: DecodedFiles) -> Iterator[DecodedFiles]:
+    """Within the block, `load_mask` and `image_size` reuse what `files` holds and add what they read."""
+    token = _REUSING.set(files)
+    try:
+        yield files
+    finally:
+        _REUSING.reset(token)
+
+
+def file_key(path: Path) -> tuple[str, int, int] | None:
+    """(path, size, modification time in ns) of a file, None when it cannot be stat'ed (the reader says why)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return str(path), stat.st_size, stat.st_mtime_ns
+
+
 def load_mask(path: str | Path) -> np.ndarray:
     """Load a mask image as bool (H, W): foreground wherever any colour channel is >= 1 (MeCoVQA convention).
 
@@ -332,6 +372,21 @@ def load_mask(path: str | Path) -> np.ndarray:
     supported (MeCoVQA and SA-Med2D-20M masks are PNG).
     """
     path = Path(path)
+    files = _REUSING.get()
+    key = None if files is None else file_key(path)
+    if key is None:
+        return _read_mask(path)
+    if (hit := files.entries.get(("mask", *key))) is not None:
+        packed, shape = hit
+        return np.unpackbits(packed, count=shape[0] * shape[1]).reshape(shape).view(bool)
+    mask = _read_mask(path)
+    files.masks_decoded += 1
+    packed = np.packbits(mask)  # 1 bit a pixel: the same budget holds 8x more masks than bool arrays would
+    files.entries.put(("mask", *key), (packed, mask.shape), packed.nbytes)
+    return mask
+
+
+def _read_mask(path: Path) -> np.ndarray:
     _check_file(path)
     kind = _file_format(path)
     if kind != "pillow":
@@ -360,6 +415,17 @@ def image_size(path: str | Path, *, axis: int = 2) -> tuple[int, int]:
     DICOM reads the header without pixel data; NIfTI reads the header. Raises ImageReadError like `load_image`.
     """
     path = Path(path)
+    files = _REUSING.get()
+    key = None if files is None else file_key(path)
+    if key is None:
+        return _read_image_size(path, axis)
+    if (size := files.entries.get(("size", *key, axis))) is None:
+        size = _read_image_size(path, axis)
+        files.entries.put(("size", *key, axis), size, 64)  # two ints and the key, roughly
+    return size
+
+
+def _read_image_size(path: Path, axis: int) -> tuple[int, int]:
     _check_file(path)
     kind = _file_format(path)
     if kind == "dicom":

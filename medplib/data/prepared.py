@@ -36,6 +36,7 @@ ROW_SCHEMA = pa.schema(
         ("modality", pa.string()),
         ("split", pa.string()),
         ("answer_type", pa.string()),
+        ("question_type", pa.string()),  # null where the source row names none
         ("image_path", pa.string()),
         ("question", pa.string()),
         ("answer", pa.string()),
@@ -90,7 +91,8 @@ def shard_files(directory: str | Path, split: str) -> list[Path]:
 def iter_prepared_rows(
     directory: str | Path, split: str, columns: Sequence[str] | None = None, batch_rows: int = 256
 ) -> Iterator[dict[str, Any]]:
-    """Yield the rows of one split as dicts (lists for list columns, bytes for PNG columns), file by file.
+    """Yield the rows of one split as dicts (lists for list columns, bytes for PNG columns) in the order `prepare`
+    wrote them (files in name order).
 
     Streams `batch_rows` rows at a time, so memory stays bounded for any split size. Feed a row to
     `rows.row_to_encoded(row, cfg.vision.image_size_px)` to get an `Encoded` for `batch.collate`.

@@ -7,6 +7,7 @@ bytes at the original resolution, so a row round-trips to exactly the pixels `en
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from typing import TYPE_CHECKING
 
@@ -15,18 +16,24 @@ from PIL import Image
 
 if TYPE_CHECKING:  # torch-free at import: readers of the format (the preprocessing driver) need no torch
     from medplib.data.batch import Encoded
+    from medplib.data.transforms import Geometry
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-COLUMNS = (
-    "sample_id",
+# What a row says about its sample, from `encoded_to_row`'s `meta`.
+DESCRIPTIVE_COLUMNS = (
     "task",
     "modality",
     "split",
     "answer_type",
+    "question_type",
     "image_path",
     "question",
     "answer",
+)
+COLUMNS = (
+    "sample_id",
+    *DESCRIPTIVE_COLUMNS,
     "input_ids",
     "labels",
     "vision_view_png",
@@ -52,22 +59,40 @@ def png_array(data: bytes, as_mask: bool = False) -> np.ndarray:
     return arr > 127 if as_mask else arr
 
 
-def encoded_to_row(enc: Encoded, meta: dict) -> dict:
-    """`meta` carries the descriptive columns (task, modality, split, answer_type, image_path, question, answer)."""
+@dataclasses.dataclass(frozen=True)
+class StoredViews:
+    """An image's columns as rows store them: both views as PNG bytes and the SAM geometry. Preprocessing makes
+    them once per image and gives the same bytes to every row of that image."""
+
+    vision_view_png: bytes
+    sam_view_png: bytes
+    sam_geometry: np.ndarray  # int32 (7,): Geometry.as_tensor() without torch
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return int(self.sam_geometry[0]), int(self.sam_geometry[1])
+
+    @classmethod
+    def of(cls, vision_view: np.ndarray, sam_view: np.ndarray, geometry: Geometry) -> StoredViews:
+        return cls(
+            png_bytes(vision_view), png_bytes(sam_view), np.asarray(dataclasses.astuple(geometry), np.int32)
+        )
+
+
+def encoded_to_row(enc: Encoded, meta: dict, views: StoredViews | None = None) -> dict:
+    """`meta` carries the `DESCRIPTIVE_COLUMNS`. `views`, when given, stands for the image columns of an `enc` built without views
+    (`batch.encode_without_views`)."""
+    if views is None and enc.vision_view is not None:
+        views = StoredViews.of(enc.vision_view, enc.sam_view, enc.sam_geometry)
     r, size = enc.region_masks.shape[0], enc.region_masks.shape[-1]
     return {
         "sample_id": enc.sample_id,
-        **{
-            k: meta.get(k)
-            for k in ("task", "modality", "split", "answer_type", "image_path", "question", "answer")
-        },
+        **{k: meta.get(k) for k in DESCRIPTIVE_COLUMNS},
         "input_ids": np.asarray(enc.input_ids, dtype=np.int32),
         "labels": np.asarray(enc.labels, dtype=np.int32),
-        "vision_view_png": None if enc.vision_view is None else png_bytes(enc.vision_view),
-        "sam_view_png": None if enc.sam_view is None else png_bytes(enc.sam_view),
-        "sam_geometry": None
-        if enc.sam_geometry is None
-        else enc.sam_geometry.as_tensor().numpy().astype(np.int32),
+        "vision_view_png": None if views is None else views.vision_view_png,
+        "sam_view_png": None if views is None else views.sam_view_png,
+        "sam_geometry": None if views is None else views.sam_geometry,
         "num_regions": r,
         "region_masks_png": png_bytes(enc.region_masks.reshape(r * size, size)) if r else None,
         "target_masks_png": [png_bytes(m) for m in enc.target_masks],

@@ -28,6 +28,7 @@ file (matching the default ids "<stem>:<line>" / "<stem>:<index>").
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -169,6 +170,7 @@ class _Reject(Exception):
         super().__init__(message)
 
 
+@functools.lru_cache(maxsize=64)  # a syscall pair per path otherwise
 def _name_limits(root: Path) -> tuple[int, int]:
     """(longest path, longest file name) in bytes that the file system under `root` takes."""
     try:
@@ -181,9 +183,9 @@ def _name_limits(root: Path) -> tuple[int, int]:
         return 4096, 255
 
 
-def _inside_root(rel: str, root: Path, field: str) -> Path:
-    """`root / rel` if it cannot leave the data root and the file system can name it; raises _Reject
-    (path_escapes_root, path_too_long) otherwise."""
+def _inside_root(rel: str, root: Path, field: str, real_root: Path) -> Path:
+    """`root / rel` if it cannot leave the data root (`real_root` is `root.resolve()`) and the file system can
+    name it; raises _Reject (path_escapes_root, path_too_long) otherwise."""
     path_max, name_max = _name_limits(root)
     longest = max((len(os.fsencode(part)) for part in PurePosixPath(rel).parts), default=0)
     if len(os.fsencode(str(root / rel))) >= path_max or longest > name_max:
@@ -204,21 +206,33 @@ def _inside_root(rel: str, root: Path, field: str) -> Path:
         resolved = full.resolve()
     except (OSError, ValueError, RuntimeError) as err:  # NUL bytes, symlink loops, over-long names
         raise _Reject(Reason.INVALID_FIELD, f"{field} {rel!r} is not a usable path ({err})") from err
-    if not resolved.is_relative_to(root.resolve()):
+    if not resolved.is_relative_to(real_root):
         raise _Reject(
             Reason.PATH_ESCAPES_ROOT, f"{field} {rel!r} resolves outside the data root (to {resolved})"
         )
     return full
 
 
-def _locate(rel: str, root: Path, field: str, limits: Limits, fixed: list[str]) -> tuple[str, Path] | None:
-    """(possibly repaired relative path, full path) of an existing file, or None if it does not exist."""
-    full = _inside_root(rel, root, field)
+def path_inside_root(rel: str, root: Path) -> Path | None:
+    """`root / rel` when `validate_row` would let a row use that path (relative, no `..`, resolving inside the
+    data root), else None."""
+    try:
+        return _inside_root(rel, root, "path", root.resolve())
+    except _Reject:
+        return None
+
+
+def _locate(
+    rel: str, root: Path, field: str, limits: Limits, fixed: list[str], real_root: Path
+) -> tuple[str, Path] | None:
+    """(possibly repaired relative path, full path) of an existing file, or None if it does not exist. `rel`
+    itself was checked to stay inside the root already (`_check_sample` checks every path first)."""
+    full = root / rel
     if full.exists():
         return rel, full
     if limits.fix_missing_suffix and not rel.lower().endswith(".png"):
         repaired = rel + ".png"
-        full_png = _inside_root(repaired, root, field)
+        full_png = _inside_root(repaired, root, field, real_root)
         if full_png.exists():
             fixed.append(rel)
             return repaired, full_png
@@ -226,9 +240,15 @@ def _locate(rel: str, root: Path, field: str, limits: Limits, fixed: list[str]) 
 
 
 def _check_mask(
-    rel: str, root: Path, field: str, image_hw: tuple[int, int], limits: Limits, fixed: list[str]
+    rel: str,
+    root: Path,
+    field: str,
+    image_hw: tuple[int, int],
+    limits: Limits,
+    fixed: list[str],
+    real_root: Path,
 ) -> str:
-    located = _locate(rel, root, field, limits, fixed)
+    located = _locate(rel, root, field, limits, fixed, real_root)
     if located is None:
         raise _Reject(Reason.MASK_MISSING, f"{field} {rel!r}: file not found under {root}")
     rel, full = located
@@ -274,17 +294,18 @@ def _check_sample(sample: Sample, root: Path, limits: Limits, fixed: list[str]) 
             Reason.TOO_MANY_TAGS, f"{len(sample.regions)} region prompts; the limit is {limits.max_regions}"
         )
     # Every path first, so an escaping path is reported as such even if another file is missing.
+    real_root = root.resolve()  # once a row, not once a path: resolving costs a stat per path component
     if sample.image is not None:
-        _inside_root(sample.image, root, "image")
+        _inside_root(sample.image, root, "image", real_root)
     for i, mask in enumerate(sample.masks):
-        _inside_root(mask, root, f"masks[{i}]")
+        _inside_root(mask, root, f"masks[{i}]", real_root)
     for i, region in enumerate(sample.regions):
         if isinstance(region, MaskRef):
-            _inside_root(region.path, root, f"regions[{i}] mask")
+            _inside_root(region.path, root, f"regions[{i}] mask", real_root)
     if sample.image is None:
         return sample  # text-only: the parser guarantees no masks or regions
 
-    located = _locate(sample.image, root, "image", limits, fixed)
+    located = _locate(sample.image, root, "image", limits, fixed, real_root)
     if located is None:
         raise _Reject(Reason.IMAGE_MISSING, f"image {sample.image!r}: file not found under {root}")
     image_rel, image_path = located
@@ -305,12 +326,15 @@ def _check_sample(sample: Sample, root: Path, limits: Limits, fixed: list[str]) 
         raise _Reject(reason, f"image: {err}") from err
     image_hw = (int(image_hw[0]), int(image_hw[1]))
 
-    masks = [_check_mask(m, root, f"masks[{i}]", image_hw, limits, fixed) for i, m in enumerate(sample.masks)]
+    masks = [
+        _check_mask(m, root, f"masks[{i}]", image_hw, limits, fixed, real_root)
+        for i, m in enumerate(sample.masks)
+    ]
     regions = []
     for i, region in enumerate(sample.regions):
         if isinstance(region, MaskRef):
             region = MaskRef(
-                path=_check_mask(region.path, root, f"regions[{i}] mask", image_hw, limits, fixed)
+                path=_check_mask(region.path, root, f"regions[{i}] mask", image_hw, limits, fixed, real_root)
             )
         else:
             _check_prompt_bounds(region, f"regions[{i}]", image_hw)

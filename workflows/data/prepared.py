@@ -8,17 +8,21 @@ from pathlib import Path
 from typing import Any
 
 
-def load_prepared(directory: str | Path, split: str):  # -> ray.data.Dataset
+def load_prepared(directory: str | Path, split: str, *, preserve_order: bool = False):  # -> ray.data.Dataset
     """The Parquet shards of one split as a Ray Dataset (columns `rows.COLUMNS`), lazily.
 
     Training passes it to `TorchTrainer(datasets={"train": ds})`; each worker turns rows back into `Encoded`
-    with `rows.row_to_encoded` and batches them with `batch.collate`.
+    with `rows.row_to_encoded` and batches them with `batch.collate`. With `preserve_order` the rows come in the
+    order `prepare` wrote them (its seeded shuffle), as `medplib.data.prepared.iter_prepared_rows` yields them.
     """
     import ray
 
     from medplib.data.prepared import shard_files
 
-    return ray.data.read_parquet([str(p) for p in shard_files(directory, split)], partitioning=None)
+    ds = ray.data.read_parquet([str(p) for p in shard_files(directory, split)], partitioning=None)
+    if preserve_order:  # this dataset's own copy of the DataContext; read tasks follow the file list
+        ds.context.execution_options.preserve_order = True
+    return ds
 
 
 def row_lengths(directory: str | Path, split: str) -> list[tuple[str, int]]:
@@ -40,7 +44,8 @@ def row_lengths(directory: str | Path, split: str) -> list[tuple[str, int]]:
 def read_rows(
     directory: str | Path, split: str, tasks: Iterable[str] | None, limit: int
 ) -> list[dict[str, Any]]:
-    """The first `limit` rows of a split (file order), only those of `tasks` when given; no Ray."""
+    """The first `limit` rows of a split in written order (`prepare` shuffles it), only those of `tasks` when
+    given; no Ray."""
     from medplib.data.prepared import iter_prepared_rows
 
     wanted = None if tasks is None else set(tasks)

@@ -6,24 +6,37 @@
 Pipeline, per run:
 
 1. Driver, streaming (never holds the rows): list the input files (a file, or every *.json / *.jsonl in a
-   folder, in name order), hash their bytes, and scan them line by line into *chunks*: byte ranges of
-   `batch_size` rows of one split in one file. The scan keeps only the ids (for duplicates, step 2), the chunk
-   table and counters. A JSON-array file cannot be cut into byte ranges, so one Ray task loads it and rewrites it
-   as JSONL first (one element per line; the reported line stays the array index).
+   folder, in name order), hash their bytes, and scan them line by line. The scan keeps only the ids (for
+   duplicates, step 2), where each row's line is (file, line, byte offset, length: 32 bytes a row) and counters.
+   Each split's rows are put in a seeded random order (`shuffle_seed`; None keeps file order) and cut into
+   *chunks* of `batch_size` rows: that order is the order the rows are written in. A JSON-array file has no lines
+   to point at, so one Ray task loads it and rewrites it as JSONL first (one element per line; the reported line
+   stays the array index).
 2. Duplicate ids: for the few ids seen more than once the driver validates their occurrences in file order and
    the first accepted one wins (`duplicate_winners`); every worker then rejects a later occurrence as
    `duplicate_id`, exactly as the sequential `medplib.data.validate.read_and_validate` would.
-3. Ray Data, one pipeline per split, all at once: `from_items(chunks)` -> `map_batches(one chunk per call: read the lines,
-   validate, decode the image, load target masks, encode_sample, encoded_to_row)` -> `write_parquet(DIR/<split>/)`.
-   Rejected rows go to per-chunk quarantine part files, and per-chunk counts to stats part files (both in the
-   temp folder; names are deterministic, so a retried task overwrites its own parts).
+3. Ray Data, two passes. Views: the distinct images the rows name, 64 a task -> each image's stored view
+   columns (decoded, resized, PNG-encoded once), left in the object store (`_views_pass`). Encode, one pipeline
+   for all splits: `from_items(chunks)` -> `map_batches(one chunk per call: read the views pass's output once
+   per process, read the lines, validate, load target masks, encode, write DIR/<split>/part-<chunk id>.parquet)`.
+   File names sort in written order. Rejected rows go to per-chunk quarantine part files, and per-chunk counts to
+   stats part files (in the temp folder); every file is written under a temporary name and renamed, so a
+   retried task replaces its own output.
 4. Driver: merge the parts into `quarantine.jsonl` (sorted by file and line) and `manifest.json`, then move the
    temp folder into place (rename; an older output is renamed away first and deleted after). The temp folder is
    locked while its run lives; a run starts by deleting the temp folders of runs that were killed.
 
+Decoding once: rows share images (~27 rows an image in MeCoVQA-mini) and masks (a region prompt of one row is
+the target of another; validation and encoding both read each). Each encode process keeps, per file (path, size,
+modification time), an image's stored view columns (the same bytes in every row of that image) and decoded
+masks and image sizes (`medplib.data.image.reusing`), least recently used out past `cache_mb`. On Ray the views
+pass fills every process's view cache, so each image is decoded once per prepare (when the views fit half of
+`cache_mb`; else once per process), each mask once per process. The manifest counts the files decoded
+(`counts.decoded`).
+
 Rows and rejections: the contract's `validate_row` checks every row (see medplib/data/validate.py for the
-reasons), reading only image headers; the encode step then decodes each image once, so a file whose pixel data
-is corrupt is quarantined there, as `image_unreadable`, like the sequential validator would. Preprocessing adds
+reasons), reading only image headers; the encode step then decodes each image, so a file whose pixel data is
+corrupt is quarantined there, as `image_unreadable`, like the sequential validator would. Preprocessing adds
 one check: a row's `split` must be usable as a folder name (else `invalid_field`). A row's split is its `split`
 field, else the one its file name names (`MeCoVQA-mini_test.json` -> test), else `default_split`. Encode errors
 (a prompt too long for the preset's `max_length`) are quarantined as `invalid_field`, a row whose answer
@@ -35,8 +48,8 @@ Reuse: `manifest.json` records the input hash (names + bytes of the annotation f
 the same input and config returns the existing output and logs "reusing". Images and masks are not hashed
 (that would read the whole dataset): after editing them in place, pass `--force`.
 
-`engine="local"` runs the same chunk function in the driver process, one chunk after another, and writes Parquet
-with pyarrow: the single-process baseline of `bench/preprocess.py` and a Ray-free path for debugging.
+`engine="local"` runs the same chunk function in the driver process, one chunk after another: the
+single-process baseline of `bench/preprocess.py` and a Ray-free path for debugging.
 """
 
 from __future__ import annotations
@@ -50,22 +63,26 @@ import re
 import shutil
 import time
 import uuid
+import zlib
+from array import array
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, ClassVar, Literal
+from typing import IO, Any, BinaryIO, ClassVar, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from medplib.data.image import ImageReadError, load_image, load_mask
+from medplib.data.image import DecodedFiles, ImageReadError, file_key, load_image, load_mask, reusing
+from medplib.data.lru import BoundedCache
 from medplib.data.parse import default_sample_id
 from medplib.data.prepared import MANIFEST_NAME, QUARANTINE_NAME, ROW_SCHEMA, read_manifest, rows_to_table
-from medplib.data.rows import SCHEMA_VERSION
+from medplib.data.rows import SCHEMA_VERSION, StoredViews, encoded_to_row
 from medplib.data.validate import (
     Accepted,
     Limits,
@@ -73,6 +90,7 @@ from medplib.data.validate import (
     Rejection,
     annotation_files,
     is_json_array,
+    path_inside_root,
     validate_row,
 )
 from medplib.model.config import MedPLIBConfig, load_model_config
@@ -88,6 +106,10 @@ _SPLIT_IN_NAME_RE = re.compile(
 _PARTS = "_parts"
 _LOCK = ".lock"  # in the temp folder: held while its run lives
 _UNLOCKED_GRACE_S = 60.0
+# Rows of one image carry the same view bytes, which Parquet's dictionary encoding stores once per row group as
+# long as the dictionary fits this limit. pyarrow's default (1 MB) holds ~45 views of `small` (~23 kB each); a
+# shuffled row group of 2048 MeCoVQA-mini train rows holds ~270 images: 12.9 MB a file with 64 MB, 58 MB without.
+PARQUET_WRITE_OPTIONS = {"dictionary_pagesize_limit": 64 * 2**20}
 RAW_PREVIEW_CHARS = 2000
 
 
@@ -113,6 +135,11 @@ class PrepareConfig(BaseModel):
     max_rows: int | None = Field(
         None, ge=1, description="stop after this many rows (file order), for quick runs"
     )
+    shuffle_seed: int | None = Field(
+        0,
+        description="each split's rows are written in the random order this seed gives (one order per split), "
+        "so a short training stage sees every modality and task; None keeps file order",
+    )
     max_masks: int = Field(
         4, ge=0, description="most `<SEG>` targets per row; more is rejected (too_many_tags)"
     )
@@ -126,22 +153,20 @@ class PrepareConfig(BaseModel):
         True, description="repair an image/mask path lacking '.png' if path.png exists"
     )
     batch_size: int = Field(
-        64, ge=1, description="rows per chunk: one Ray task validates and encodes one chunk"
-    )
-    rows_per_file: int = Field(
-        2048, ge=1, description="Parquet rows per shard file, at least (the last may be less)"
+        1024,
+        ge=1,
+        description="rows per chunk: one Ray task validates, encodes and writes one chunk as one Parquet file",
     )
     cpus_per_task: float = Field(1.0, gt=0, description="CPUs reserved by each encode task")
-    writer_cpus: float = Field(
-        0.0,
+    cache_mb: int = Field(
+        256,
         ge=0,
-        description="CPUs reserved by each Parquet write task; 0: it never waits for the encoders (I/O)",
+        description="memory each encode process keeps to decode every image and mask once: half for image "
+        "views (PNG, ~15 kB an image for `small`), half for masks (1 bit a pixel); the least recently used go",
     )
 
     # Fields that change how fast the output is made, not what it contains: left out of the config hash.
-    EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset(
-        {"batch_size", "rows_per_file", "cpus_per_task", "writer_cpus"}
-    )
+    EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset({"batch_size", "cpus_per_task", "cache_mb"})
 
     @field_validator("splits")
     @classmethod
@@ -197,15 +222,13 @@ class InputFile(BaseModel):
 
 
 class Chunk(BaseModel):
-    """A byte range of one input file holding up to `batch_size` rows of one split (other splits' lines skipped)."""
+    """Up to `batch_size` rows of one split, in the order they are written; chunk ids order the chunks."""
 
     chunk_id: int
     split: str
-    file_index: int
-    start: int = Field(description="byte offset of the first line")
-    end: int = Field(description="byte offset just past the last line")
-    first_line: int = Field(description="1-based line number of the first line in `read_path`")
-    rows: int
+    lines: list[tuple[int, int, int, int]] = Field(
+        description="(file index, 1-based line number in its `read_path`, byte offset, length) of each row"
+    )
 
 
 class ChunkJob(BaseModel):
@@ -221,7 +244,9 @@ class ChunkJob(BaseModel):
         default_factory=dict,
         description="id seen more than once -> (file index, line) of the accepted one, or None",
     )
-    parts_dir: str
+    parts_dir: str = Field(description="folder of the per-chunk quarantine and stats parts")
+    output_dir: str = Field(description="the temporary output folder: chunks go to <output_dir>/<split>/")
+    cache_mb: int = Field(description="PrepareConfig.cache_mb")
 
 
 class PrepareResult(BaseModel):
@@ -293,18 +318,18 @@ def _utf8_problem(raw: bytes) -> str:
     return "valid UTF-8"
 
 
-def _iter_lines(path: str, start: int, end: int, first_line: int) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw bytes) of every line in [start, end) of a file; lines end at b"\\n" only, as in
-    `for line in binary_file`."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read(end - start)
-    pos, line_no = 0, first_line
-    while pos < len(data):
-        newline = data.find(b"\n", pos)
-        stop = len(data) if newline < 0 else newline + 1
-        yield line_no, data[pos:stop]
-        pos, line_no = stop, line_no + 1
+def _read_lines(
+    files: dict[int, InputFile], lines: list[tuple[int, int, int, int]]
+) -> Iterator[tuple[InputFile, int, bytes]]:
+    """(file, line number, raw bytes) of each (file index, line, offset, length), in the order given."""
+    with ExitStack() as stack:
+        handles: dict[int, BinaryIO] = {}
+        for file_index, line_no, offset, length in lines:
+            if file_index not in handles:
+                handles[file_index] = stack.enter_context(open(files[file_index].read_path, "rb"))
+            handle = handles[file_index]
+            handle.seek(offset)
+            yield files[file_index], line_no, handle.read(length)
 
 
 # ------------------------------------------------------------------------------------------------- the worker
@@ -314,6 +339,8 @@ def _new_stats() -> dict[str, Any]:
         "accepted": 0,
         "rejected": 0,
         "fixed_suffix": 0,
+        "images_decoded": 0,
+        "masks_decoded": 0,
         "task": Counter(),
         "modality": Counter(),
         "reason": Counter(),
@@ -321,7 +348,8 @@ def _new_stats() -> dict[str, Any]:
 
 
 class ChunkProcessor:
-    """Validates, decodes and encodes the rows of chunks; one per process (the tokenizer is built once)."""
+    """Validates, decodes and encodes the rows of chunks; one per process, so the tokenizer is built once and
+    each image and mask is decoded once per process (rows share them: ~27 rows an image in MeCoVQA-mini)."""
 
     def __init__(self, job: ChunkJob) -> None:
         from medplib.tokenizer import build_tokenizer  # transformers: workers only, the driver stays light
@@ -330,24 +358,49 @@ class ChunkProcessor:
         self.root = Path(job.data_root)
         self.tokenizer = build_tokenizer(job.model.llm.tokenizer)
         self.files = {f.index: f for f in job.files}
+        budget = job.cache_mb * 2**20 // 2
+        self.views: BoundedCache[StoredViews] = BoundedCache(budget)
+        self.decoded = DecodedFiles(budget)  # masks and image sizes, for validation and encoding alike
+        self.images_decoded = 0
+        self.preloaded = False
+
+    def preload(self, tables: list[pa.Table]) -> None:
+        """Put the views pass's output (`_make_views`) in this process's view cache."""
+        for table in tables:
+            for row in table.to_pylist():
+                views = StoredViews(
+                    row["vision_view_png"], row["sam_view_png"], np.asarray(row["sam_geometry"], np.int32)
+                )
+                key = (row["path"], row["size"], row["mtime_ns"])
+                self.views.put(key, views, len(views.vision_view_png) + len(views.sam_view_png))
+        self.preloaded = True
+
+    def stored_views(self, path: Path) -> StoredViews:
+        """An image's view columns, made once per process and shared by its rows; ImageReadError names the file."""
+        from medplib.data.batch import image_views
+
+        key = file_key(path)
+        views = None if key is None else self.views.get(key)
+        if views is None:
+            views = StoredViews.of(*image_views(load_image(path), self.job.model))
+            self.images_decoded += 1
+            if key is not None:
+                self.views.put(key, views, len(views.vision_view_png) + len(views.sam_view_png))
+        return views
 
     def _reject(self, file: InputFile, line: int, reason: Reason, message: str, raw: str) -> Rejection:
         return Rejection(source=file.source, line=line, reason=reason, message=message, raw=raw)
 
     def process_line(
         self, file: InputFile, line_no: int, raw_bytes: bytes, split: str
-    ) -> dict[str, Any] | Rejection | None:
-        """One line -> an encoded row dict (with `_fixed_suffix`), a Rejection, or None (blank / other split)."""
-        from medplib.data.batch import encode_sample
+    ) -> dict[str, Any] | Rejection:
+        """One non-blank line of `split` (the scan picked it) -> an encoded row dict (with `_fixed_suffix`) or a
+        Rejection."""
+        from medplib.data.batch import encode_without_views
         from medplib.data.conversation import AnswerTruncated
-        from medplib.data.rows import encoded_to_row
 
         text, obj = decode_line(raw_bytes, file.kind == "jsonl" and line_no == 1)
-        if text is not None and not text.strip():
-            return None
-        own_split, split_problem = row_split(obj, file.default_split)
-        if own_split != split:
-            return None
+        _, split_problem = row_split(obj, file.default_split)
         # JSONL rows are validated from their text (quarantine keeps the line); array elements from the object.
         line = line_no if file.kind == "jsonl" else line_no - 1
         if text is None:
@@ -382,7 +435,7 @@ class ChunkProcessor:
             return result
         sample = result.sample
         try:
-            image = load_image(self.root / sample.image) if sample.image is not None else None
+            views = self.stored_views(self.root / sample.image) if sample.image is not None else None
         except ImageReadError as err:  # validation read only the header (limits.decode_images=False)
             reason = {"missing": Reason.IMAGE_MISSING, "empty": Reason.IMAGE_EMPTY}.get(
                 err.problem, Reason.IMAGE_UNREADABLE
@@ -393,8 +446,13 @@ class ChunkProcessor:
         except ImageReadError as err:
             return self._reject(file, line, Reason.MASK_UNREADABLE, f"mask: {err}", raw_text)
         try:
-            encoded = encode_sample(
-                sample, image, self.tokenizer, self.job.model, target_masks=masks, data_root=self.root
+            encoded = encode_without_views(
+                sample,
+                None if views is None else views.image_hw,
+                self.tokenizer,
+                self.job.model,
+                target_masks=masks,
+                data_root=self.root,
             )
         except AnswerTruncated as err:  # nothing left to learn from: a row with zero supervised tokens
             return self._reject(file, line, Reason.ANSWER_TRUNCATED, f"{err}; shorten the row", raw_text)
@@ -422,26 +480,31 @@ class ChunkProcessor:
             "modality": sample.modality,
             "split": split,
             "answer_type": sample.answer_type,
+            "question_type": sample.question_type,
             "image_path": sample.image,
             "question": human.replace("<image>", "").strip(),
             "answer": answer.strip(),
         }
-        row = encoded_to_row(encoded, meta)
+        row = encoded_to_row(encoded, meta, views)
         row["_fixed_suffix"] = bool(result.fixed_suffix)
         return row
 
-    def process_chunk(self, chunk: Chunk) -> tuple[pa.Table, list[Rejection], dict[str, Any]]:
-        """Encoded rows (ROW_SCHEMA), rejections and counts of one chunk."""
-        file = self.files[chunk.file_index]
+    def process_chunk(self, chunk: Chunk) -> tuple[pa.Table, list[tuple[int, Rejection]], dict[str, Any]]:
+        """Encoded rows (ROW_SCHEMA, in chunk order), (file index, rejection) pairs and counts of one chunk."""
         rows: list[dict[str, Any]] = []
-        rejections: list[Rejection] = []
+        rejections: list[tuple[int, Rejection]] = []
         stats = _new_stats()
-        for line_no, raw in _iter_lines(file.read_path, chunk.start, chunk.end, chunk.first_line):
-            out = self.process_line(file, line_no, raw, chunk.split)
-            if out is None:
-                continue
+        images_before, masks_before = self.images_decoded, self.decoded.masks_decoded
+        with reusing(self.decoded):
+            outs = [
+                (file, self.process_line(file, line_no, raw, chunk.split))
+                for file, line_no, raw in _read_lines(self.files, chunk.lines)
+            ]
+        stats["images_decoded"] = self.images_decoded - images_before
+        stats["masks_decoded"] = self.decoded.masks_decoded - masks_before
+        for file, out in outs:
             if isinstance(out, Rejection):
-                rejections.append(out)
+                rejections.append((file.index, out))
                 stats["rejected"] += 1
                 stats["reason"][out.reason.value] += 1
                 continue
@@ -452,20 +515,28 @@ class ChunkProcessor:
             rows.append(out)
         return rows_to_table(rows), rejections, stats
 
-    def run_chunk(self, chunk: Chunk) -> pa.Table:
-        """`process_chunk`, writing the rejections and counts to this chunk's part files."""
+    def run_chunk(self, chunk: Chunk) -> int:
+        """`process_chunk`, writing its rows to `<output_dir>/<split>/part-<chunk id>.parquet` (names sort in
+        written order) and its rejections and counts to part files; returns the rows written. Every file is
+        written under a temporary name and renamed, so a retried task replaces its own output."""
         table, rejections, stats = self.process_chunk(chunk)
+        name = f"{chunk.chunk_id:07d}"
+        if table.num_rows:
+            out_dir = Path(self.job.output_dir) / chunk.split
+            out_dir.mkdir(parents=True, exist_ok=True)
+            partial = out_dir / f".part-{name}.parquet.{uuid.uuid4().hex[:8]}"
+            pq.write_table(table, partial, **PARQUET_WRITE_OPTIONS)
+            partial.rename(out_dir / f"part-{name}.parquet")
         parts = Path(self.job.parts_dir) / chunk.split
         parts.mkdir(parents=True, exist_ok=True)
-        name = f"{chunk.chunk_id:07d}"
         if rejections:
-            records = [{**r.to_record(), "split": chunk.split, "_file": chunk.file_index} for r in rejections]
+            records = [{**r.to_record(), "split": chunk.split, "_file": index} for index, r in rejections]
             write_text_atomic(
                 parts / f"quarantine-{name}.jsonl",
                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
             )
         write_text_atomic(parts / f"stats-{name}.json", json.dumps(stats))
-        return table
+        return table.num_rows
 
 
 # Per worker process: job JSON -> processor, so the tokenizer and model config are built once, not per chunk.
@@ -479,11 +550,50 @@ def _processor(job_json: str) -> ChunkProcessor:
     return _PROCESSORS[job_json]
 
 
-def _encode_chunks(batch: pa.Table, job_json: str) -> pa.Table:
-    """Ray Data UDF (map_batches, batch_size=1): chunk descriptions in, encoded sample rows out."""
+VIEW_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("size", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("vision_view_png", pa.binary()),
+        ("sam_view_png", pa.binary()),
+        ("sam_geometry", pa.list_(pa.int32())),
+    ]
+)
+
+
+def _make_views(batch: pa.Table, job_json: str) -> pa.Table:
+    """Ray Data UDF of the views pass: image paths as rows name them in, their stored view columns out (keyed by
+    `file_key`). A path validation would refuse, or an image that does not decode, is left out: the encode pass
+    judges the rows that name it, as it would without this pass."""
     processor = _processor(job_json)
-    tables = [processor.run_chunk(Chunk.model_validate(item)) for item in batch.to_pylist()]
-    return pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
+    out: dict[str, list] = {name: [] for name in VIEW_SCHEMA.names}
+    for rel in batch.column("image").to_pylist():
+        path = path_inside_root(rel, processor.root)
+        key = None if path is None else file_key(path)
+        if key is None:
+            continue
+        try:
+            views = processor.stored_views(path)
+        except ImageReadError:
+            continue
+        values = (*key, views.vision_view_png, views.sam_view_png, views.sam_geometry)
+        for name, value in zip(VIEW_SCHEMA.names, values, strict=True):
+            out[name].append(value)
+    return pa.table(out, schema=VIEW_SCHEMA)
+
+
+def _encode_chunks(batch: pa.Table, job_json: str, views: list) -> pa.Table:
+    """Ray Data UDF (map_batches, batch_size=1): chunk descriptions in, rows written out per chunk. `views`:
+    object refs of the views pass's blocks, read once per process."""
+    processor = _processor(job_json)
+    if views and not processor.preloaded:
+        import ray
+
+        processor.preload(ray.get(views))
+    chunks = [Chunk.model_validate(item) for item in batch.to_pylist()]
+    written = [processor.run_chunk(chunk) for chunk in chunks]
+    return pa.table({"chunk_id": [c.chunk_id for c in chunks], "rows": written})
 
 
 # ------------------------------------------------------------------------------------------------- the driver
@@ -552,10 +662,14 @@ class _Scan(BaseModel):
     skipped_other_split: int = 0
     splits_seen: list[str] = Field(default_factory=list)
     stopped_at_max_rows: bool = False
+    images: list[str] = Field(
+        default_factory=list, description="distinct `image` values of the rows to prepare (the views pass)"
+    )
 
 
 def scan_files(files: list[InputFile], cfg: PrepareConfig) -> _Scan:
-    """Stream every file once: rows, their split and id -> chunks of `cfg.batch_size` rows per (file, split)."""
+    """Stream every file once: rows, their split and id -> chunks of `cfg.batch_size` rows of one split, in the
+    order they will be written (`make_chunks`)."""
     scan = _Scan()
     # Duplicates need global state: id -> where it was first seen, ~270 B per row with 50-character ids (~3 MB
     # for 10k rows, ~270 MB for 1M; beyond that, move this to a Ray Data groupby). Duplicates are judged among
@@ -563,8 +677,9 @@ def scan_files(files: list[InputFile], cfg: PrepareConfig) -> _Scan:
     first_seen: dict[str, tuple[int, int, int, int]] = {}
     wanted = set(cfg.splits) if cfg.splits else None
     splits_seen: dict[str, None] = {}
+    lines: dict[str, array] = {}
+    images: dict[str, None] = {}
     for file in files:
-        open_chunks: dict[str, Chunk] = {}
         with open(file.read_path, "rb") as f:
             offset = 0
             for line_no, raw in enumerate(f, start=1):
@@ -588,31 +703,37 @@ def scan_files(files: list[InputFile], cfg: PrepareConfig) -> _Scan:
                                 scan.duplicates.setdefault(rid, [first_seen[rid]]).append(where)
                             else:
                                 first_seen[rid] = where
-                        chunk = open_chunks.get(split)
-                        if chunk is not None and chunk.rows >= cfg.batch_size:
-                            scan.chunks.append(chunk)
-                            chunk = None
-                        if chunk is None:
-                            chunk = Chunk(
-                                chunk_id=0,
-                                split=split,
-                                file_index=file.index,
-                                start=offset,
-                                end=offset,
-                                first_line=line_no,
-                                rows=0,
-                            )
-                            open_chunks[split] = chunk
-                        chunk.end = offset + length
-                        chunk.rows += 1
+                        # 4 int64 a row (32 B; 32 MB for 1M rows), not a tuple each (~120 B).
+                        lines.setdefault(split, array("q")).extend((file.index, line_no, offset, length))
+                        if isinstance(obj, dict) and isinstance(obj.get("image"), str):
+                            images.setdefault(obj["image"], None)
                 offset += length
-        scan.chunks.extend(open_chunks.values())
         if scan.stopped_at_max_rows:
             break
-    for i, chunk in enumerate(scan.chunks):
-        chunk.chunk_id = i
     scan.splits_seen = list(splits_seen)
+    scan.images = list(images)
+    scan.chunks = make_chunks(lines, cfg.batch_size, cfg.shuffle_seed)
     return scan
+
+
+def make_chunks(lines: dict[str, array], batch_size: int, shuffle_seed: int | None) -> list[Chunk]:
+    """Cut each split's rows (flat (file index, line, offset, length) quadruples in file order) into chunks of
+    `batch_size`, after a seeded permutation unless `shuffle_seed` is None. Chunk ids follow the written order.
+
+    The permutation is the written order of the split: training reads the files in order, so a short stage sees
+    every modality and task instead of the first file's first images, and a resume replays nothing (the order is
+    in the files, not in a reader's random state)."""
+    chunks: list[Chunk] = []
+    for split, flat in lines.items():
+        table = np.frombuffer(flat, dtype=np.int64).reshape(-1, 4)
+        if shuffle_seed is not None:
+            # Seeded by split name too: each split has its own order, and adding a split changes no other's.
+            rng = np.random.default_rng([shuffle_seed, zlib.crc32(split.encode())])
+            table = table[rng.permutation(len(table))]
+        for start in range(0, len(table), batch_size):
+            rows = [tuple(row) for row in table[start : start + batch_size].tolist()]
+            chunks.append(Chunk(chunk_id=len(chunks), split=split, lines=rows))
+    return chunks
 
 
 def duplicate_winners(scan: _Scan, files: list[InputFile], root: Path, limits: Limits) -> dict[str, Any]:
@@ -661,50 +782,56 @@ def _input_hash(files: list[InputFile]) -> str:
     return digest.hexdigest()
 
 
-def _run_ray(job: ChunkJob, chunks: list[Chunk], out_dir: Path, cfg: PrepareConfig) -> None:
+def _run_ray(job: ChunkJob, scan: _Scan, cfg: PrepareConfig) -> int:
+    """Both passes on Ray Data; returns the images the views pass decoded."""
     import ray
 
-    # Ray Data touch-point: chunk descriptions in, one encode task per chunk, Parquet out (streaming: encoded
-    # rows flow from the encode tasks to the writer through the object store, never through the driver).
-    ds = ray.data.from_items([c.model_dump() for c in chunks], override_num_blocks=len(chunks))
-    # Ray Data reserves part of the cluster for each operator (op_resource_reservation_ratio 0.5). With two
-    # operators on 2 CPUs that left the encoder one task at a time while the 0-CPU writer's share sat idle
-    # (measured: 46% encoder utilisation). The writer needs no CPU, so let the encoders have all of them. The
-    # setting lives in this dataset's own copy of the DataContext, not in the global one.
-    ds.context.op_resource_reservation_enabled = False
+    job_json = job.model_dump_json()
+    views, decoded = _views_pass(job_json, scan.images, job.model, cfg)
+    # Ray Data touch-point: one pipeline for every split, one task per chunk; each task writes its chunk's
+    # Parquet file itself and returns two numbers. Encoded rows (~50 kB each with their views) never travel
+    # through the object store to a writer, and one streaming executor polls instead of one per split.
+    # Largest chunks first, so the short last chunk of each split fills the end instead of leaving a core idle.
+    items = [c.model_dump() for c in sorted(scan.chunks, key=lambda c: -len(c.lines))]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         _encode_chunks,
         batch_size=1,
         batch_format="pyarrow",
-        fn_kwargs={"job_json": job.model_dump_json()},
+        fn_kwargs={"job_json": job_json, "views": views},
         num_cpus=cfg.cpus_per_task,  # 1: on 2 cores two chunks encode at once; no actor holds a CPU for the run
     )
-    # writer_cpus 0: the writer never waits for the encoders to free a CPU (0.25 would, then idle 0.75 CPU).
-    ds.write_parquet(
-        str(out_dir), min_rows_per_file=cfg.rows_per_file, ray_remote_args={"num_cpus": cfg.writer_cpus}
-    )
+    # Runs the pipeline; take_all streams the small outputs to the driver (ds.sum would add a shuffle stage).
+    written = sum(row["rows"] for row in ds.take_all())
+    logger.debug("Ray Data wrote %d rows in %d chunks", written, len(items))
+    return decoded
 
 
-def _run_local(job: ChunkJob, chunks: list[Chunk], out_dir: Path, cfg: PrepareConfig) -> None:
-    processor = ChunkProcessor(job)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    writer: pq.ParquetWriter | None = None
-    rows_in_file, file_no = 0, 0
-    try:
-        for chunk in chunks:
-            table = processor.run_chunk(chunk)
-            if table.num_rows == 0:
-                continue
-            if writer is None:
-                writer = pq.ParquetWriter(out_dir / f"part-{file_no:05d}.parquet", ROW_SCHEMA)
-            writer.write_table(table)
-            rows_in_file += table.num_rows
-            if rows_in_file >= cfg.rows_per_file:
-                writer.close()
-                writer, rows_in_file, file_no = None, 0, file_no + 1
-    finally:
-        if writer is not None:
-            writer.close()
+def _views_pass(
+    job_json: str, images: list[str], model: MedPLIBConfig, cfg: PrepareConfig
+) -> tuple[list, int]:
+    """Make every distinct image's stored views once, spread over the workers (Ray Data), and keep them in the
+    object store: (block refs every encode process reads once, images decoded). Without it each encode process
+    decodes the images its chunks name, and shuffled chunks name nearly all: measured 985 image decodes for
+    MeCoVQA-mini's 633 images on 2 workers. Skipped (([], 0)) when the views would not fit the encode processes'
+    view cache (`cache_mb` / 2), estimated at a quarter of the raw views (PNG of MeCoVQA-mini views: ~0.19)."""
+    import ray
+
+    view_px = model.vision.image_size_px**2 + model.sam.image_size_px**2
+    if not images or len(images) * 3 * view_px // 4 > cfg.cache_mb * 2**20 // 2:
+        return [], 0
+    blocks = -(-len(images) // 64)  # ~0.4 s of work a task for `small`
+    ds = ray.data.from_items([{"image": image} for image in images], override_num_blocks=blocks)
+    # Ray Data touch-point: the views stay in the object store as Arrow blocks; the driver holds refs only.
+    ds = ds.map_batches(
+        _make_views, batch_size=None, batch_format="pyarrow", fn_kwargs={"job_json": job_json}
+    ).materialize()
+    return ds.to_arrow_refs(), ds.count()
+
+
+def _run_local(processor: ChunkProcessor, chunks: list[Chunk]) -> None:
+    for chunk in chunks:
+        processor.run_chunk(chunk)
 
 
 def _merge_parts(
@@ -717,7 +844,7 @@ def _merge_parts(
         total = _new_stats()
         for stats_file in sorted(split_dir.glob("stats-*.json")):
             stats = json.loads(stats_file.read_text())
-            for key in ("accepted", "rejected", "fixed_suffix"):
+            for key in ("accepted", "rejected", "fixed_suffix", "images_decoded", "masks_decoded"):
                 total[key] += stats[key]
             for key in ("task", "modality", "reason"):
                 total[key].update(stats[key])
@@ -827,6 +954,8 @@ def prepare(
             files=files,
             duplicate_winners=duplicate_winners(scan, files, data_root, limits),
             parts_dir=str(parts),
+            output_dir=str(tmp),
+            cache_mb=cfg.cache_mb,
         )
         splits = [s for s in scan.splits_seen if not cfg.splits or s in cfg.splits]
         for split in cfg.splits or []:
@@ -842,27 +971,22 @@ def prepare(
             ", ".join(splits) or "none",
         )
 
-        def run_split(split: str) -> None:
-            chunks = [c for c in scan.chunks if c.split == split]
+        encode_started = time.perf_counter()
+        views_pass_images = 0
+        if engine == "ray":
+            views_pass_images = _run_ray(job, scan, cfg)
+        else:
+            _run_local(ChunkProcessor(job), scan.chunks)
+        logger.info(
+            "%d chunks encoded and written in %.1f s", len(scan.chunks), time.perf_counter() - encode_started
+        )
+        for split in splits:
             split_dir = tmp / split
-            split_started = time.perf_counter()
-            (_run_ray if engine == "ray" else _run_local)(job, chunks, split_dir, cfg)
             split_dir.mkdir(parents=True, exist_ok=True)
+            for partial in split_dir.glob(".part-*"):  # left by a task that died while writing (then retried)
+                partial.unlink()
             if not any(split_dir.glob("*.parquet")):  # every row rejected: keep a readable, empty shard
                 pq.write_table(ROW_SCHEMA.empty_table(), split_dir / "part-empty.parquet")
-            logger.info(
-                "split %s: %d chunks in %.1f s", split, len(chunks), time.perf_counter() - split_started
-            )
-
-        if engine == "ray" and len(splits) > 1:
-            # One Ray Data pipeline per split (each ends in its own write_parquet), all running at once, so one
-            # split's start-up and last write overlap another's encoding instead of adding up.
-            with ThreadPoolExecutor(max_workers=len(splits), thread_name_prefix="prepare") as pool:
-                for future in [pool.submit(run_split, split) for split in splits]:
-                    future.result()
-        else:
-            for split in splits:
-                run_split(split)
         per_split = _merge_parts(parts, files, tmp / QUARANTINE_NAME, array_failures)
         manifest = _manifest(
             cfg,
@@ -875,6 +999,7 @@ def prepare(
             splits,
             per_split,
             array_failures,
+            views_pass_images,
             time.perf_counter() - started,
             tmp,
         )
@@ -940,6 +1065,7 @@ def _manifest(
     splits: list[str],
     per_split: dict[str, dict[str, Any]],
     array_failures: list[dict[str, Any]],
+    views_pass_images: int,
     elapsed_s: float,
     tmp: Path,
 ) -> dict[str, Any]:
@@ -987,6 +1113,11 @@ def _manifest(
             "accepted": accepted,
             "rejected": rejected,
             "fixed_suffix": sum(s["fixed_suffix"] for s in per_split.values()),
+            # Files decoded, by the views pass and the encode processes (each decodes a shared file once).
+            "decoded": {
+                "images": views_pass_images + sum(s["images_decoded"] for s in per_split.values()),
+                "masks": sum(s["masks_decoded"] for s in per_split.values()),
+            },
             "skipped_other_split": scan.skipped_other_split,
             "stopped_at_max_rows": scan.stopped_at_max_rows,
             "split": {s: per_split.get(s, {}).get("accepted", 0) for s in splits},

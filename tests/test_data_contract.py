@@ -383,7 +383,8 @@ def test_both_forms_parse_to_the_same_sample() -> None:
         ],
     }
     a, b = parse_row(released), parse_row(explicit)
-    assert a == b
+    assert a == b and a.question_type is None
+    assert parse_row(released | {"question_type": "structure"}).question_type == "structure"
     assert a.turns[0].text == "<image>\nWhere is <region></region>?"
     assert a.masks == ["masks/organ.png", "masks/part_0.png"]
     # a dumped Sample's regions are accepted back

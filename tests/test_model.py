@@ -347,3 +347,32 @@ def test_predictor_returns_text_masks_and_timings(rng_image, tiny_model):
     assert isinstance(pred.text, str)
     assert len(pred.masks) == 1 and pred.masks[0].shape == rng_image.shape[:2] and pred.masks[0].dtype == bool
     assert pred.timings["total_s"] >= pred.timings["generate_s"] > 0
+
+
+def test_a_trained_llava_projector_loads_from_a_file_or_the_base_weights_folder(tmp_path, tiny_cfg):
+    """`projector_weights` (LLaVA's mm_projector file) and a base-weights folder holding one (LLaVA-1.5's or the
+    llava-hf layout) load into mm_projector; without either the projector is random and says so."""
+    from safetensors.torch import save_file
+
+    from medplib.model.medplib import MedPLIB
+
+    torch.manual_seed(0)
+    reference = MedPLIB(tiny_cfg)
+    assert reference.projector_source is None
+    trained = {k: torch.randn_like(v) for k, v in reference.mm_projector.state_dict().items()}
+    save_file({f"model.mm_projector.{k}": v for k, v in trained.items()}, str(tmp_path / "mm_projector.safetensors"))
+    model = MedPLIB(tiny_cfg.model_copy(update={"projector_weights": str(tmp_path / "mm_projector.safetensors")}))
+    assert model.projector_source and all(
+        torch.equal(model.mm_projector.state_dict()[k], v) for k, v in trained.items()
+    )
+    hf = {"multi_modal_projector.linear_1." + k[2:]: v for k, v in trained.items() if k.startswith("0.")}
+    hf |= {"multi_modal_projector.linear_2." + k[2:]: v for k, v in trained.items() if k.startswith("2.")}
+    (tmp_path / "llava-hf").mkdir()
+    save_file(hf, str(tmp_path / "llava-hf" / "model-00001-of-00001.safetensors"))
+    from medplib.model.weights import projector_state
+
+    assert all(torch.equal(projector_state(tmp_path / "llava-hf")[k], v) for k, v in trained.items())
+    empty = tmp_path / "empty.safetensors"
+    save_file({"other.weight": torch.zeros(2)}, str(empty))
+    with pytest.raises(ValueError, match="projector_weights"):
+        MedPLIB(tiny_cfg.model_copy(update={"projector_weights": str(empty)}))

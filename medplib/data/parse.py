@@ -32,6 +32,8 @@ Normalisation (both forms):
 * `task` (unless given): grounding if any `<SEG>`, else region_vqa if any region, else vqa. `modality`: the field
   if present (aliases such as "MR" or "X-ray" accepted), else the SA-Med2D-20M filename prefix
   (`ct_00--AbdomenCT1K--...png` -> ct), else "other". `id` defaults to "<file stem>:<line or index>".
+  The optional string fields `answer_type`, `question_type` (MeCoVQA-mini: structure, presence, ...) and `split`
+  are kept as given.
 
 Parsing checks structure only; files, sizes and limits are checked by `medplib.data.validate`. Every failure
 raises `ParseError` with a reason code (`ParseReason`) and a message naming the field and turn.
@@ -363,6 +365,7 @@ def parse_row(row: Mapping[str, Any], *, source: str | Path = "<rows>", index: i
             regions=regions,
             masks=masks,
             answer_type=_optional_str(row, "answer_type"),
+            question_type=_optional_str(row, "question_type"),
             modality=modality,
             task=task,
             split=_optional_str(row, "split"),

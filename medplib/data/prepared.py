@@ -36,6 +36,7 @@ ROW_SCHEMA = pa.schema(
         ("modality", pa.string()),
         ("split", pa.string()),
         ("answer_type", pa.string()),
+        ("question_type", pa.string()),  # null where the source row names none
         ("image_path", pa.string()),
         ("question", pa.string()),
         ("answer", pa.string()),

@@ -16,7 +16,7 @@ from PIL import Image
 if TYPE_CHECKING:  # torch-free at import: readers of the format (the preprocessing driver) need no torch
     from medplib.data.batch import Encoded
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 COLUMNS = (
     "sample_id",
@@ -24,6 +24,7 @@ COLUMNS = (
     "modality",
     "split",
     "answer_type",
+    "question_type",
     "image_path",
     "question",
     "answer",
@@ -53,13 +54,23 @@ def png_array(data: bytes, as_mask: bool = False) -> np.ndarray:
 
 
 def encoded_to_row(enc: Encoded, meta: dict) -> dict:
-    """`meta` carries the descriptive columns (task, modality, split, answer_type, image_path, question, answer)."""
+    """`meta` carries the descriptive columns (task, modality, split, answer_type, question_type, image_path,
+    question, answer)."""
     r, size = enc.region_masks.shape[0], enc.region_masks.shape[-1]
     return {
         "sample_id": enc.sample_id,
         **{
             k: meta.get(k)
-            for k in ("task", "modality", "split", "answer_type", "image_path", "question", "answer")
+            for k in (
+                "task",
+                "modality",
+                "split",
+                "answer_type",
+                "question_type",
+                "image_path",
+                "question",
+                "answer",
+            )
         },
         "input_ids": np.asarray(enc.input_ids, dtype=np.int32),
         "labels": np.asarray(enc.labels, dtype=np.int32),

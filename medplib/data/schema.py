@@ -69,6 +69,11 @@ class Sample(BaseModel):
     )
     masks: list[str] = Field(default_factory=list, description="target mask PNG per `<SEG>`, in order")
     answer_type: str | None = None
+    question_type: str | None = Field(
+        None,
+        description="the question's kind when the source names it (MeCoVQA-mini: structure, presence, "
+        "structure_box, ...): evaluation stratifies by it and builds its question-only baseline from it",
+    )
     modality: str = "other"
     task: Literal["vqa", "region_vqa", "grounding"] = "vqa"
     split: str | None = None

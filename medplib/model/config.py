@@ -69,6 +69,9 @@ class VisionConfig(_Strict):
     pixel_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     pixel_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     pad_value: tuple[int, int, int] = Field((122, 116, 104), description="uint8 fill when padding to square")
+    pad_mode: Literal["center", "corner"] = Field(
+        "center", description="where the resized image sits in its square view (LLaVA-1.5 centre-pads)"
+    )
     normalization: Literal["mean_std", "min_max"] = Field(
         "mean_std", description="pixel scaling of the view; see `SAMConfig.normalization`"
     )
@@ -118,6 +121,13 @@ class SAMConfig(_Strict):
         "(x - min) / (max - min) over the resized image, padding 0 (LiteMedSAM; pixel_mean/std unused)",
     )
     mask_threshold: float = Field(0.1, description="a pixel is foreground when sigmoid(logit) > this (upstream 0.1)")
+    seg_prompt: Literal["token", "box"] = Field(
+        "token",
+        description='how a `<SEG>` hidden state prompts the mask decoder. "token": `text_hidden_fcs` writes one '
+        'sparse prompt token (upstream, for SAM-Med2D). "box": it regresses a box (x0, y0, x1, y1 as fractions of '
+        "the image) that the frozen prompt encoder turns into SAM's two corner tokens, plus one free token; for "
+        "decoders trained on box prompts only (LiteMedSAM), which return an empty mask for any single token",
+    )
 
     @field_validator("weights")
     @classmethod
@@ -165,6 +175,13 @@ class MoEConfig(_Strict):
     eval_capacity_factor: float = 2.0
     min_capacity: int = 0
     drop_tokens: bool = Field(True, description="tokens over an expert's capacity get zero FFN output")
+    gate_scale: Literal["prob", "straight_through"] = Field(
+        "prob",
+        description='top-1 output weight. "prob": the chosen expert\'s router probability (DeepSpeed TopKGate, '
+        'upstream), ~0.5 with a fresh 2-expert router, so every FFN output starts halved. "straight_through": '
+        "weight 1 in the forward pass (a fresh MoE computes what its experts did) with the probability's "
+        "gradient in the backward pass, so the router still learns; for short fine-tunes",
+    )
 
     def layer_indexes(self, num_layers: int) -> list[int]:
         if isinstance(self.layers, list):
@@ -187,6 +204,29 @@ class LoraSettings(_Strict):
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    layers: int | list[int] | None = Field(
+        None,
+        description="decoder layers that get adapters: all (null), the last N (an int), or these indexes. Fewer "
+        "top layers cut the backward pass short: autograd stops below the lowest layer that trains",
+    )
+    new_token_rows: bool = Field(
+        False,
+        description="also train the embedding rows of MedPLIB's added tokens (`<SEG>`, region/image markers), "
+        "and through a tied lm_head their logits, leaving every other row frozen (peft trainable tokens); "
+        "how a model learns to emit `<SEG>` without Adam moving all 49k rows as `embed_tokens` in sft does",
+    )
+
+    def layer_indexes(self, num_layers: int) -> list[int] | None:
+        if self.layers is None:
+            return None
+        if isinstance(self.layers, int):
+            if not 1 <= self.layers <= num_layers:
+                raise ValueError(f"lora.layers {self.layers} must be in 1..{num_layers} (the last N layers)")
+            return list(range(num_layers - self.layers, num_layers))
+        bad = [i for i in self.layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"lora.layers {bad} out of range for an LLM with {num_layers} layers")
+        return sorted(set(self.layers))
 
 
 class LossWeights(_Strict):
@@ -198,6 +238,9 @@ class LossWeights(_Strict):
     focal: float = 0.0
     iou: float = Field(0.0, description="MSE between the soft IoU and SAM's IoU head")
     moe_aux: float = Field(0.0, description="router load-balancing loss (upstream stage 4 uses 0.0)")
+    box: float = Field(
+        0.0, description='L1 + generalised-IoU loss of the regressed box against the target\'s tight box (seg_prompt "box")'
+    )
 
 
 class MedPLIBConfig(_Strict):
@@ -207,6 +250,12 @@ class MedPLIBConfig(_Strict):
     llm: LLMConfig = LLMConfig()
     vision: VisionConfig = VisionConfig()
     projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    projector_weights: str | None = Field(
+        None,
+        description="local file or folder holding a trained projector (LLaVA's `mm_projector.bin`/.safetensors, a "
+        "LLaVA-1.5 model folder); when null and `llm.weights` is a folder that holds one, that one loads. Without "
+        "either the projector starts at random init and the pipeline says so loudly",
+    )
     sam: SAMConfig = SAMConfig()
     region: RegionConfig = RegionConfig()
     moe: MoEConfig = MoEConfig()
@@ -218,6 +267,13 @@ class MedPLIBConfig(_Strict):
     def _fits(self) -> MedPLIBConfig:
         if self.vision.kind == "sam_encoder":
             v, s = self.vision, self.sam
+            # The tower pools the SAM embedding of the SAM view, so one encoder pass serves both: the two views
+            # must be the same picture.
+            if (v.pad_mode, v.normalization) != (s.pad_mode, s.normalization):
+                raise ValueError(
+                    f"vision.pad_mode/normalization ({v.pad_mode}, {v.normalization}) must equal sam's "
+                    f"({s.pad_mode}, {s.normalization}) with vision.kind sam_encoder"
+                )
             if v.weights is not None:
                 raise ValueError("vision.weights must be null with vision.kind sam_encoder (it shares sam's encoder)")
             if v.image_size_px != s.image_size_px:

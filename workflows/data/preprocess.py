@@ -6,15 +6,18 @@
 Pipeline, per run:
 
 1. Driver, streaming (never holds the rows): list the input files (a file, or every *.json / *.jsonl in a
-   folder, in name order), hash their bytes, and scan them line by line into *chunks*: byte ranges of
-   `batch_size` rows of one split in one file. The scan keeps only the ids (for duplicates, step 2), the chunk
-   table and counters. A JSON-array file cannot be cut into byte ranges, so one Ray task loads it and rewrites it
-   as JSONL first (one element per line; the reported line stays the array index).
+   folder, in name order), hash their bytes, and scan them line by line. The scan keeps only the ids (for
+   duplicates, step 2), where each row's line is (file, line, byte offset, length: 32 bytes a row) and counters.
+   Each split's rows are put in a seeded random order (`shuffle_seed`; None keeps file order) and cut into
+   *chunks* of `batch_size` rows: that order is the order the rows are written in. A JSON-array file has no lines
+   to point at, so one Ray task loads it and rewrites it as JSONL first (one element per line; the reported line
+   stays the array index).
 2. Duplicate ids: for the few ids seen more than once the driver validates their occurrences in file order and
    the first accepted one wins (`duplicate_winners`); every worker then rejects a later occurrence as
    `duplicate_id`, exactly as the sequential `medplib.data.validate.read_and_validate` would.
 3. Ray Data, one pipeline per split, all at once: `from_items(chunks)` -> `map_batches(one chunk per call: read the lines,
-   validate, decode the image, load target masks, encode_sample, encoded_to_row)` -> `write_parquet(DIR/<split>/)`.
+   validate, decode the image, load target masks, encode_sample, encoded_to_row)` -> `write_parquet(DIR/<split>/)`
+   in chunk order (preserve_order; the file names follow it).
    Rejected rows go to per-chunk quarantine part files, and per-chunk counts to stats part files (both in the
    temp folder; names are deterministic, so a retried task overwrites its own parts).
 4. Driver: merge the parts into `quarantine.jsonl` (sorted by file and line) and `manifest.json`, then move the
@@ -46,13 +49,17 @@ import re
 import shutil
 import time
 import uuid
+import zlib
+from array import array
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, BinaryIO, ClassVar, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
@@ -98,6 +105,11 @@ class PrepareConfig(BaseModel):
     )
     max_rows: int | None = Field(
         None, ge=1, description="stop after this many rows (file order), for quick runs"
+    )
+    shuffle_seed: int | None = Field(
+        0,
+        description="each split's rows are written in the random order this seed gives (one order per split), "
+        "so a short training stage sees every modality and task; None keeps file order",
     )
     max_masks: int = Field(
         4, ge=0, description="most `<SEG>` targets per row; more is rejected (too_many_tags)"
@@ -177,15 +189,13 @@ class InputFile(BaseModel):
 
 
 class Chunk(BaseModel):
-    """A byte range of one input file holding up to `batch_size` rows of one split (other splits' lines skipped)."""
+    """Up to `batch_size` rows of one split, in the order they are written; chunk ids order the chunks."""
 
     chunk_id: int
     split: str
-    file_index: int
-    start: int = Field(description="byte offset of the first line")
-    end: int = Field(description="byte offset just past the last line")
-    first_line: int = Field(description="1-based line number of the first line in `read_path`")
-    rows: int
+    lines: list[tuple[int, int, int, int]] = Field(
+        description="(file index, 1-based line number in its `read_path`, byte offset, length) of each row"
+    )
 
 
 class ChunkJob(BaseModel):
@@ -273,18 +283,18 @@ def _utf8_problem(raw: bytes) -> str:
     return "valid UTF-8"
 
 
-def _iter_lines(path: str, start: int, end: int, first_line: int) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw bytes) of every line in [start, end) of a file; lines end at b"\\n" only, as in
-    `for line in binary_file`."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read(end - start)
-    pos, line_no = 0, first_line
-    while pos < len(data):
-        newline = data.find(b"\n", pos)
-        stop = len(data) if newline < 0 else newline + 1
-        yield line_no, data[pos:stop]
-        pos, line_no = stop, line_no + 1
+def _read_lines(
+    files: dict[int, InputFile], lines: list[tuple[int, int, int, int]]
+) -> Iterator[tuple[InputFile, int, bytes]]:
+    """(file, line number, raw bytes) of each (file index, line, offset, length), in the order given."""
+    with ExitStack() as stack:
+        handles: dict[int, BinaryIO] = {}
+        for file_index, line_no, offset, length in lines:
+            if file_index not in handles:
+                handles[file_index] = stack.enter_context(open(files[file_index].read_path, "rb"))
+            handle = handles[file_index]
+            handle.seek(offset)
+            yield files[file_index], line_no, handle.read(length)
 
 
 # ------------------------------------------------------------------------------------------------- the worker
@@ -316,17 +326,14 @@ class ChunkProcessor:
 
     def process_line(
         self, file: InputFile, line_no: int, raw_bytes: bytes, split: str
-    ) -> dict[str, Any] | Rejection | None:
-        """One line -> an encoded row dict (with `_fixed_suffix`), a Rejection, or None (blank / other split)."""
+    ) -> dict[str, Any] | Rejection:
+        """One non-blank line of `split` (the scan picked it) -> an encoded row dict (with `_fixed_suffix`) or a
+        Rejection."""
         from medplib.data.batch import encode_sample
         from medplib.data.rows import encoded_to_row
 
         text, obj = decode_line(raw_bytes, file.kind == "jsonl" and line_no == 1)
-        if text is not None and not text.strip():
-            return None
-        own_split, split_problem = row_split(obj, file.default_split)
-        if own_split != split:
-            return None
+        _, split_problem = row_split(obj, file.default_split)
         # JSONL rows are validated from their text (quarantine keeps the line); array elements from the object.
         line = line_no if file.kind == "jsonl" else line_no - 1
         if text is None:
@@ -399,6 +406,7 @@ class ChunkProcessor:
             "modality": sample.modality,
             "split": split,
             "answer_type": sample.answer_type,
+            "question_type": sample.question_type,
             "image_path": sample.image,
             "question": human.replace("<image>", "").strip(),
             "answer": answer.strip(),
@@ -407,18 +415,15 @@ class ChunkProcessor:
         row["_fixed_suffix"] = bool(result.fixed_suffix)
         return row
 
-    def process_chunk(self, chunk: Chunk) -> tuple[pa.Table, list[Rejection], dict[str, Any]]:
-        """Encoded rows (ROW_SCHEMA), rejections and counts of one chunk."""
-        file = self.files[chunk.file_index]
+    def process_chunk(self, chunk: Chunk) -> tuple[pa.Table, list[tuple[int, Rejection]], dict[str, Any]]:
+        """Encoded rows (ROW_SCHEMA, in chunk order), (file index, rejection) pairs and counts of one chunk."""
         rows: list[dict[str, Any]] = []
-        rejections: list[Rejection] = []
+        rejections: list[tuple[int, Rejection]] = []
         stats = _new_stats()
-        for line_no, raw in _iter_lines(file.read_path, chunk.start, chunk.end, chunk.first_line):
+        for file, line_no, raw in _read_lines(self.files, chunk.lines):
             out = self.process_line(file, line_no, raw, chunk.split)
-            if out is None:
-                continue
             if isinstance(out, Rejection):
-                rejections.append(out)
+                rejections.append((file.index, out))
                 stats["rejected"] += 1
                 stats["reason"][out.reason.value] += 1
                 continue
@@ -436,7 +441,7 @@ class ChunkProcessor:
         parts.mkdir(parents=True, exist_ok=True)
         name = f"{chunk.chunk_id:07d}"
         if rejections:
-            records = [{**r.to_record(), "split": chunk.split, "_file": chunk.file_index} for r in rejections]
+            records = [{**r.to_record(), "split": chunk.split, "_file": index} for index, r in rejections]
             write_text_atomic(
                 parts / f"quarantine-{name}.jsonl",
                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
@@ -534,7 +539,8 @@ class _Scan(BaseModel):
 
 
 def scan_files(files: list[InputFile], cfg: PrepareConfig) -> _Scan:
-    """Stream every file once: rows, their split and id -> chunks of `cfg.batch_size` rows per (file, split)."""
+    """Stream every file once: rows, their split and id -> chunks of `cfg.batch_size` rows of one split, in the
+    order they will be written (`make_chunks`)."""
     scan = _Scan()
     # Duplicates need global state: id -> where it was first seen, ~270 B per row with 50-character ids (~3 MB
     # for 10k rows, ~270 MB for 1M; beyond that, move this to a Ray Data groupby). Duplicates are judged among
@@ -542,8 +548,8 @@ def scan_files(files: list[InputFile], cfg: PrepareConfig) -> _Scan:
     first_seen: dict[str, tuple[int, int, int, int]] = {}
     wanted = set(cfg.splits) if cfg.splits else None
     splits_seen: dict[str, None] = {}
+    lines: dict[str, array] = {}
     for file in files:
-        open_chunks: dict[str, Chunk] = {}
         with open(file.read_path, "rb") as f:
             offset = 0
             for line_no, raw in enumerate(f, start=1):
@@ -567,31 +573,34 @@ def scan_files(files: list[InputFile], cfg: PrepareConfig) -> _Scan:
                                 scan.duplicates.setdefault(rid, [first_seen[rid]]).append(where)
                             else:
                                 first_seen[rid] = where
-                        chunk = open_chunks.get(split)
-                        if chunk is not None and chunk.rows >= cfg.batch_size:
-                            scan.chunks.append(chunk)
-                            chunk = None
-                        if chunk is None:
-                            chunk = Chunk(
-                                chunk_id=0,
-                                split=split,
-                                file_index=file.index,
-                                start=offset,
-                                end=offset,
-                                first_line=line_no,
-                                rows=0,
-                            )
-                            open_chunks[split] = chunk
-                        chunk.end = offset + length
-                        chunk.rows += 1
+                        # 4 int64 a row (32 B; 32 MB for 1M rows), not a tuple each (~120 B).
+                        lines.setdefault(split, array("q")).extend((file.index, line_no, offset, length))
                 offset += length
-        scan.chunks.extend(open_chunks.values())
         if scan.stopped_at_max_rows:
             break
-    for i, chunk in enumerate(scan.chunks):
-        chunk.chunk_id = i
     scan.splits_seen = list(splits_seen)
+    scan.chunks = make_chunks(lines, cfg.batch_size, cfg.shuffle_seed)
     return scan
+
+
+def make_chunks(lines: dict[str, array], batch_size: int, shuffle_seed: int | None) -> list[Chunk]:
+    """Cut each split's rows (flat (file index, line, offset, length) quadruples in file order) into chunks of
+    `batch_size`, after a seeded permutation unless `shuffle_seed` is None. Chunk ids follow the written order.
+
+    The permutation is the written order of the split: training reads the files in order, so a short stage sees
+    every modality and task instead of the first file's first images, and a resume replays nothing (the order is
+    in the files, not in a reader's random state)."""
+    chunks: list[Chunk] = []
+    for split, flat in lines.items():
+        table = np.frombuffer(flat, dtype=np.int64).reshape(-1, 4)
+        if shuffle_seed is not None:
+            # Seeded by split name too: each split has its own order, and adding a split changes no other's.
+            rng = np.random.default_rng([shuffle_seed, zlib.crc32(split.encode())])
+            table = table[rng.permutation(len(table))]
+        for start in range(0, len(table), batch_size):
+            rows = [tuple(row) for row in table[start : start + batch_size].tolist()]
+            chunks.append(Chunk(chunk_id=len(chunks), split=split, lines=rows))
+    return chunks
 
 
 def duplicate_winners(scan: _Scan, files: list[InputFile], root: Path, limits: Limits) -> dict[str, Any]:
@@ -646,6 +655,9 @@ def _run_ray(job: ChunkJob, chunks: list[Chunk], out_dir: Path, cfg: PrepareConf
     # Ray Data touch-point: chunk descriptions in, one encode task per chunk, Parquet out (streaming: encoded
     # rows flow from the encode tasks to the writer through the object store, never through the driver).
     ds = ray.data.from_items([c.model_dump() for c in chunks], override_num_blocks=len(chunks))
+    # The chunks' order is the written order (shuffled or not): blocks reach the writer in chunk order, whose
+    # task index, in the file names, orders the files.
+    ds.context.execution_options.preserve_order = True
     # Ray Data reserves part of the cluster for each operator (op_resource_reservation_ratio 0.5). With two
     # operators on 2 CPUs that left the encoder one task at a time while the 0-CPU writer's share sat idle
     # (measured: 46% encoder utilisation). The writer needs no CPU, so let the encoders have all of them. The

@@ -513,10 +513,15 @@ def test_stratified_sample_is_deterministic_and_covers_every_kind():
 def test_question_only_baseline_is_the_majority_closed_answer_per_kind():
     from workflows.eval.sample import majority_answers
 
-    rows = [("presence", "vqa", "closed", "Yes."), ("presence", "vqa", "closed", "no"),
-            ("presence", "vqa", "closed", "No."), ("plane", "vqa", "closed", "Axial."),
-            ("plane", "vqa", "closed", "Coronal."), ("describe", "vqa", "open", "A long answer."),
-            (None, "vqa", "closed", "CT.")]  # fmt: skip
+    rows = [
+        ("presence", "vqa", "closed", "Yes."),
+        ("presence", "vqa", "closed", "no"),
+        ("presence", "vqa", "closed", "No."),
+        ("plane", "vqa", "closed", "Axial."),
+        ("plane", "vqa", "closed", "Coronal."),
+        ("describe", "vqa", "open", "A long answer."),
+        (None, "vqa", "closed", "CT."),
+    ]
     # "no" wins presence 2:1 after normalisation; the plane tie breaks by text; open rows do not count.
     assert majority_answers(rows) == {"presence": "no", "plane": "axial", "vqa": "ct"}
 
@@ -553,8 +558,16 @@ def test_stratified_eval_scores_teacher_forced_masks_and_a_baseline(prepared: Pa
     if vqa and vqa["n_closed"]:
         assert 0.0 <= vqa["baseline_closed_accuracy"] <= 1.0 and vqa["closed_by_kind"]
     # The same call scores the same rows.
-    again = evaluate(model="tiny", data=prepared, splits=["test"], out=tmp_path / "again", engine="local",
-                     max_new_tokens=4, sample="stratified", per_kind={"grounding": 2, "vqa": 1})  # fmt: skip
+    again = evaluate(
+        model="tiny",
+        data=prepared,
+        splits=["test"],
+        out=tmp_path / "again",
+        engine="local",
+        max_new_tokens=4,
+        sample="stratified",
+        per_kind={"grounding": 2, "vqa": 1},
+    )
     again_ids = sorted(
         json.loads(line)["question_id"] for line in again.predictions_path.read_text().splitlines()
     )

@@ -112,9 +112,7 @@ def test_pyfunc_folder_loads_through_mlflow_and_medplib(sharded_export, tmp_path
 
     model, out = sharded_export
     write_toy_prepared(tmp_path / "prepared", "tiny", {"val": 4})
-    example = example_from_rows(
-        read_rows(tmp_path / "prepared", "val", None, 4), model.cfg.vision
-    )
+    example = example_from_rows(read_rows(tmp_path / "prepared", "val", None, 4), model.cfg.vision)
     folder = save_pyfunc_model(out, tmp_path / "mlflow_model", example)
     assert not list(folder.rglob("*.pkl")), "the pyfunc model must not pickle anything"
     loaded = mlflow_pyfunc.load_model(str(folder))

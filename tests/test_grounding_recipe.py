@@ -79,8 +79,11 @@ def test_twenty_steps_on_a_handful_of_rows_raise_teacher_forced_dice(tmp_path):
         middle = brain.shape[1] // 2
         left, right = brain.copy(), brain.copy()
         left[:, middle:], right[:, :middle] = False, False  # neurological view: patient left on image left
-        items += [(image, "Segment the brain.", brain), (image, "Segment the left hemisphere.", left),
-                  (image, "Segment the right hemisphere.", right)]  # fmt: skip
+        items += [
+            (image, "Segment the brain.", brain),
+            (image, "Segment the left hemisphere.", left),
+            (image, "Segment the right hemisphere.", right),
+        ]
     encoded = rows(model, items)
     predictor = Predictor(model, autocast=False)
     predictor.embedding_cache = EmbeddingCache(tmp_path, model)  # the encoder runs once per slice

@@ -221,23 +221,52 @@ def _upstream_normalize(text: str) -> str:
     period, comma = re.compile(r"(?!<=\d)(\.)(?!\d)"), re.compile(r"(\d)(\,)(\d)")
     text = text.lower()
     out = text
-    for p in ";/[]\"{}()=+\\_-><@`,?!":
+    for p in ';/[]"{}()=+\\_-><@`,?!':
         if (p + " " in text or " " + p in text) or comma.search(text) is not None:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
     out = period.sub("", out)
-    numbers = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-               "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}  # fmt: skip
+    numbers = {
+        "none": "0",
+        "zero": "0",
+        "one": "1",
+        "two": "2",
+        "three": "3",
+        "four": "4",
+        "five": "5",
+        "six": "6",
+        "seven": "7",
+        "eight": "8",
+        "nine": "9",
+        "ten": "10",
+    }
     words = [numbers.get(w, w) for w in out.split()]
     return " ".join(w for w in words if w not in ("a", "an", "the"))
 
 
 @pytest.mark.parametrize(
     "raw",
-    ["3.", "3.5", "yes.", "Yes.", "No.", "3.5 cm.", ".5 mm", "v2.0.", "The left putamen.", "2, 3 and 4.",
-     "1,000.5", "T1-weighted MRI.", "a.b", "(CT).", "It is 12.", "e.g. the brain", "..."],
-)  # fmt: skip
+    [
+        "3.",
+        "3.5",
+        "yes.",
+        "Yes.",
+        "No.",
+        "3.5 cm.",
+        ".5 mm",
+        "v2.0.",
+        "The left putamen.",
+        "2, 3 and 4.",
+        "1,000.5",
+        "T1-weighted MRI.",
+        "a.b",
+        "(CT).",
+        "It is 12.",
+        "e.g. the brain",
+        "...",
+    ],
+)
 def test_normalize_answer_matches_upstream(raw):
     assert normalize_answer(raw) == _upstream_normalize(raw)
 

@@ -360,8 +360,12 @@ def test_a_trained_llava_projector_loads_from_a_file_or_the_base_weights_folder(
     reference = MedPLIB(tiny_cfg)
     assert reference.projector_source is None
     trained = {k: torch.randn_like(v) for k, v in reference.mm_projector.state_dict().items()}
-    save_file({f"model.mm_projector.{k}": v for k, v in trained.items()}, str(tmp_path / "mm_projector.safetensors"))
-    model = MedPLIB(tiny_cfg.model_copy(update={"projector_weights": str(tmp_path / "mm_projector.safetensors")}))
+    save_file(
+        {f"model.mm_projector.{k}": v for k, v in trained.items()}, str(tmp_path / "mm_projector.safetensors")
+    )
+    model = MedPLIB(
+        tiny_cfg.model_copy(update={"projector_weights": str(tmp_path / "mm_projector.safetensors")})
+    )
     assert model.projector_source and all(
         torch.equal(model.mm_projector.state_dict()[k], v) for k, v in trained.items()
     )

@@ -320,8 +320,9 @@ def test_sam_encoder_vision_tower_shares_weights_and_round_trips(tmp_path):
     from medplib.model.medplib import MedPLIB
 
     base = load_model_config("tiny").model_dump()
-    base["vision"].update(kind="sam_encoder", image_size_px=64, patch_size_px=32, normalization="min_max",
-                          pad_mode="corner")
+    base["vision"].update(
+        kind="sam_encoder", image_size_px=64, patch_size_px=32, normalization="min_max", pad_mode="corner"
+    )
     base["sam"].update(normalization="min_max", pad_mode="corner")
     with pytest.raises(ValueError, match="must equal sam"):  # the tower pools the SAM view's embedding
         MedPLIBConfig.model_validate({**base, "vision": {**base["vision"], "pad_mode": "center"}})

@@ -196,8 +196,10 @@ def test_balanced_rows_follow_the_group_shares() -> None:
     uniform = stage.model_copy(update={"balance_by": "question_type", "balance_alpha": 0.0})
     factors = group_factors(uniform, rows)
     assert factors == pytest.approx({"structure": 500 / 900, "brain": 5.0})
-    counts = {k: sum(repeat_count(r.sample_id, factors[k]) for r in rows if r.question_type == k)
-              for k in ("structure", "brain")}  # fmt: skip
+    counts = {
+        k: sum(repeat_count(r.sample_id, factors[k]) for r in rows if r.question_type == k)
+        for k in ("structure", "brain")
+    }
     assert counts["brain"] == 500 and abs(counts["structure"] - 500) < 50
     assert abs(plan_steps(uniform, rows, world=1, max_steps=None)["rows"] - natural) < 50
     assert [repeat_count(r.sample_id, factors["structure"]) for r in rows[:50]] == [

@@ -244,7 +244,10 @@ def _write_card(
         model_name=REGISTERED_MODEL[name],
         stage=name,
         preset=load_model_config(cfg.stages[name].preset),
-        stage_configs={s: cfg.stages[s].model_dump(mode="json") for s in STAGES[: STAGES.index(name) + 1]},
+        stage_configs={
+            s: cfg.stages[s].model_dump(mode="json")
+            for s in cfg.stage_order[: cfg.stage_order.index(name) + 1]
+        },
         manifest=read_manifest(ctx.prepared),
         data_fingerprint=ctx.data_fp,
         pipeline=cfg.name,

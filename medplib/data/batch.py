@@ -116,7 +116,8 @@ def collate(items: list[Encoded], cfg: MedPLIBConfig, pad_id: int) -> dict:
         if it.vision_view is None:
             continue
         geo = it.sam_geometry
-        vision_geo = Geometry.fit(geo.orig_h, geo.orig_w, v, cfg.vision.pad_mode)  # where encode_sample put the image
+        # Where encode_sample put the image in the vision view.
+        vision_geo = Geometry.fit(geo.orig_h, geo.orig_w, v, cfg.vision.pad_mode)
         pixel_values[i] = normalize_view(
             it.vision_view,
             vision_geo,
@@ -141,6 +142,8 @@ def collate(items: list[Encoded], cfg: MedPLIBConfig, pad_id: int) -> dict:
         "target_masks": [[torch.from_numpy(m) for m in it.target_masks] for it in items],
         # Precomputed frozen-encoder outputs by row; the model adds the ones it computes (`MedPLIB.sam_embeddings`).
         "sam_embeddings": {
-            i: torch.from_numpy(it.sam_embedding) for i, it in enumerate(items) if it.sam_embedding is not None
+            i: torch.from_numpy(it.sam_embedding)
+            for i, it in enumerate(items)
+            if it.sam_embedding is not None
         },
     }

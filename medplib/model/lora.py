@@ -30,11 +30,14 @@ def prepare_trainable(model: nn.Module, lora: LoraSettings | None, sft_modules: 
     model.requires_grad_(False)
     if lora is not None:
         config = LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=lora.target_modules, bias="none",
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            bias="none",
             layers_to_transform=lora.layer_indexes(model.llm.config.num_hidden_layers),
             trainable_token_indices=added_token_ids(model.tokenizer) if lora.new_token_rows else None,
-        )  # fmt: skip
+        )
         model.llm = get_peft_model(model.llm, config)  # marks only the adapters trainable
     unknown = [m for m in sft_modules if not any(m in name for name, _ in model.named_parameters())]
     if unknown:

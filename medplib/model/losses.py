@@ -23,7 +23,9 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> 
     return 1 - (2 * (p * t).sum() + eps) / (p.sum() + t.sum() + eps)
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+def focal_loss(
+    logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> torch.Tensor:
     p = torch.sigmoid(logits)
     ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     p_t = p * target + (1 - p) * (1 - target)
@@ -31,7 +33,9 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, 
     return (alpha_t * ce * (1 - p_t) ** gamma).mean()
 
 
-def mask_losses(pred_logits: list[torch.Tensor], pred_iou: list[torch.Tensor], targets: list[torch.Tensor]) -> dict:
+def mask_losses(
+    pred_logits: list[torch.Tensor], pred_iou: list[torch.Tensor], targets: list[torch.Tensor]
+) -> dict:
     """Per-mask losses at the original image size, averaged over masks. Empty input gives zeros."""
     if not pred_logits:
         return {}

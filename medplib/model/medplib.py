@@ -46,7 +46,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 WHOLE_IMAGE_BOX = (0.02, 0.02, 0.98, 0.98)
 GROUNDING_TERMS = ("bce", "dice", "focal", "iou", "box")
 # transformers renamed `past_key_values` to `cache` in 5.2x; use whichever this version takes.
-_CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+_CACHE_KW = (
+    "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+)
 
 
 @dataclass
@@ -116,7 +118,9 @@ class MedPLIB(nn.Module):
         rows = len(self.tokenizer)
         if cfg.llm.vocab_size is not None:
             if cfg.llm.vocab_size < rows:
-                raise ValueError(f"llm.vocab_size {cfg.llm.vocab_size} is smaller than the tokenizer ({rows} tokens)")
+                raise ValueError(
+                    f"llm.vocab_size {cfg.llm.vocab_size} is smaller than the tokenizer ({rows} tokens)"
+                )
             rows = cfg.llm.vocab_size
         base_rows = self.llm.get_input_embeddings().weight.shape[0]
         self.llm.resize_token_embeddings(rows, mean_resizing=False)
@@ -166,7 +170,12 @@ class MedPLIB(nn.Module):
                 raise ValueError(f"projector_weights: {cfg.projector_weights} holds no mm_projector tensors")
             return cfg.projector_weights
         base = cfg.llm.weights
-        if base and not base.startswith("pkg:") and Path(base).is_dir() and load_projector(self.mm_projector, base):
+        if (
+            base
+            and not base.startswith("pkg:")
+            and Path(base).is_dir()
+            and load_projector(self.mm_projector, base)
+        ):
             return base
         return None
 
@@ -184,8 +193,10 @@ class MedPLIB(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.mm_projector[0].weight.device if isinstance(self.mm_projector, nn.Sequential) else (
-            self.mm_projector.weight.device
+        return (
+            self.mm_projector[0].weight.device
+            if isinstance(self.mm_projector, nn.Sequential)
+            else (self.mm_projector.weight.device)
         )
 
     @property
@@ -202,7 +213,9 @@ class MedPLIB(nn.Module):
         if not has_image.any():
             return emb
         if self.cfg.vision.kind == "sam_encoder":
-            feats = self.vision_tower.pool(self.sam_embeddings(batch, torch.nonzero(has_image).flatten().tolist()))
+            feats = self.vision_tower.pool(
+                self.sam_embeddings(batch, torch.nonzero(has_image).flatten().tolist())
+            )
         else:
             with torch.no_grad():
                 feats = self.vision_tower(batch["pixel_values"][has_image].to(self.device, self.dtype))
@@ -218,7 +231,9 @@ class MedPLIB(nn.Module):
         if region_feats is not None:
             region_pos = ids == self.ids.region_feature
             if int(region_pos.sum()) != region_feats.shape[0]:
-                raise ValueError(f"{int(region_pos.sum())} region tokens but {region_feats.shape[0]} region masks")
+                raise ValueError(
+                    f"{int(region_pos.sum())} region tokens but {region_feats.shape[0]} region masks"
+                )
             emb = emb.masked_scatter(region_pos[..., None], region_feats.to(emb.dtype))
         return emb
 
@@ -251,9 +266,14 @@ class MedPLIB(nn.Module):
         aux = [m.aux_loss for m in moe_layers(self.llm) if m.aux_loss is not None]
         out["moe_aux"] = torch.stack(aux).sum() if aux else zero
         out["loss"] = (
-            w.ce * out["ce"] + w.bce * out["bce"] + w.dice * out["dice"] + w.focal * out["focal"]
-            + w.iou * out["iou"] + w.box * out["box"] + w.moe_aux * out["moe_aux"]
-        )  # fmt: skip
+            w.ce * out["ce"]
+            + w.bce * out["bce"]
+            + w.dice * out["dice"]
+            + w.focal * out["focal"]
+            + w.iou * out["iou"]
+            + w.box * out["box"]
+            + w.moe_aux * out["moe_aux"]
+        )
         out["logits"] = logits
         return out
 
@@ -290,7 +310,9 @@ class MedPLIB(nn.Module):
                     known[r] = e
         return torch.stack([known[r].to(self.device) for r in rows])
 
-    def seg_prompts(self, hidden: torch.Tensor, geometries: list[Geometry]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def seg_prompts(
+        self, hidden: torch.Tensor, geometries: list[Geometry]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`<SEG>` hidden states (N, H) -> sparse prompts (N, K, C) for the mask decoder: one token, or with
         `seg_prompt: box` the two corner tokens of the regressed box and a free token; plus the boxes (N, 4) as
         fractions of each image (x0, y0, x1, y1)."""
@@ -304,10 +326,16 @@ class MedPLIB(nn.Module):
         y0, y1 = torch.minimum(frac[:, 1], frac[:, 3]), torch.maximum(frac[:, 1], frac[:, 3])
         boxes = torch.stack([x0, y0, x1, y1], dim=1)
         # Fractions of the image -> pixels of the SAM view the image was resized and padded into.
-        scale = torch.tensor([[g.resized_w, g.resized_h, g.resized_w, g.resized_h] for g in geometries],
-                             dtype=boxes.dtype, device=boxes.device)  # fmt: skip
-        offset = torch.tensor([[g.pad_left, g.pad_top, g.pad_left, g.pad_top] for g in geometries],
-                              dtype=boxes.dtype, device=boxes.device)  # fmt: skip
+        scale = torch.tensor(
+            [[g.resized_w, g.resized_h, g.resized_w, g.resized_h] for g in geometries],
+            dtype=boxes.dtype,
+            device=boxes.device,
+        )
+        offset = torch.tensor(
+            [[g.pad_left, g.pad_top, g.pad_left, g.pad_top] for g in geometries],
+            dtype=boxes.dtype,
+            device=boxes.device,
+        )
         corners = self.sam.prompt_encoder.embed_boxes(boxes * scale + offset)
         return torch.cat([corners, token[:, None].to(corners.dtype)], dim=1), boxes
 
@@ -363,7 +391,11 @@ class MedPLIB(nn.Module):
         step_emb, step_pos = emb, positions
         for _ in range(max_new_tokens):
             h = decoder(
-                inputs_embeds=step_emb, attention_mask=am, position_ids=step_pos, use_cache=True, **{_CACHE_KW: cache}
+                inputs_embeds=step_emb,
+                attention_mask=am,
+                position_ids=step_pos,
+                use_cache=True,
+                **{_CACHE_KW: cache},
             ).last_hidden_state[:, -1]
             logits = head(h).float()
             nxt = self._pick(logits, temperature, top_p, generator)
@@ -424,7 +456,9 @@ class MedPLIB(nn.Module):
         from medplib.model.lora import is_lora
 
         if is_lora(self):
-            raise ValueError("the model still has unmerged LoRA adapters: call medplib.model.lora.merge_lora first")
+            raise ValueError(
+                "the model still has unmerged LoRA adapters: call medplib.model.lora.merge_lora first"
+            )
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         export.write_config(self.cfg, path / "config.json")

@@ -69,8 +69,12 @@ def load_sam_checkpoint(sam: nn.Module, path: str | Path) -> None:
 
 # LLaVA keeps its `mlp2x_gelu` projector as `model.mm_projector.{0,2}.*` (also in the `mm_projector.bin` its
 # pretraining stage writes); the transformers port (llava-hf) as `multi_modal_projector.linear_{1,2}.*`.
-_PROJECTOR_KEYS = (("mm_projector.0.", "0."), ("mm_projector.2.", "2."), ("multi_modal_projector.linear_1.", "0."),
-                   ("multi_modal_projector.linear_2.", "2."))  # fmt: skip
+_PROJECTOR_KEYS = (
+    ("mm_projector.0.", "0."),
+    ("mm_projector.2.", "2."),
+    ("multi_modal_projector.linear_1.", "0."),
+    ("multi_modal_projector.linear_2.", "2."),
+)
 
 
 def projector_state(source: str | Path) -> dict[str, torch.Tensor] | None:

@@ -49,10 +49,18 @@ def row_index(directory: str | Path, split: str) -> list[RowInfo]:
         wanted = ["sample_id", "task", "input_ids"] + [c for c in ("question_type", "modality") if c in names]
         table = pq.read_table(path, columns=wanted)
         lengths = pc.list_value_length(table.column("input_ids")).to_pylist()
-        optional = {c: table.column(c).to_pylist() if c in names else [None] * len(lengths)
-                    for c in ("question_type", "modality")}  # fmt: skip
-        out += map(RowInfo, table.column("sample_id").to_pylist(), table.column("task").to_pylist(), lengths,
-                   optional["question_type"], optional["modality"])  # fmt: skip
+        optional = {
+            c: table.column(c).to_pylist() if c in names else [None] * len(lengths)
+            for c in ("question_type", "modality")
+        }
+        out += map(
+            RowInfo,
+            table.column("sample_id").to_pylist(),
+            table.column("task").to_pylist(),
+            lengths,
+            optional["question_type"],
+            optional["modality"],
+        )
     return out
 
 

@@ -63,7 +63,9 @@ def row_inputs(row: dict, vision):
         return None
     image = _unpad(enc.sam_view, enc.sam_geometry)
     # Region masks live in the vision view (`vision`: a `VisionConfig`), wherever it put the image.
-    vgeo = Geometry.fit(enc.sam_geometry.orig_h, enc.sam_geometry.orig_w, vision.image_size_px, vision.pad_mode)
+    vgeo = Geometry.fit(
+        enc.sam_geometry.orig_h, enc.sam_geometry.orig_w, vision.image_size_px, vision.pad_mode
+    )
     regions = [_unpad(m, vgeo) for m in enc.region_masks]
     return image, [m for m in regions if m.any()], enc
 

@@ -6,11 +6,14 @@ Supported, per stage (`StageConfig`, `configs/stages/<preset>/<stage>.yaml`):
   the `vl` export) and `moe` (all rows; the `vl` model with MoE FFNs whose experts are the `grounding` and `vl`
   FFNs, `build_moe_init`);
 * LoRA on the LLM + fully trained `sft_modules` (`medplib.model.lora`); LoRA merged into the weights at export;
-* DeepSpeed ZeRO-2 (configurable 0-3), AdamW (a torch optimiser, see below), warm-up + linear decay, gradient
-  clipping, gradient accumulation, bf16 on GPUs, gradient checkpointing;
+* DeepSpeed ZeRO-2 (configurable 0-3), AdamW (a torch optimiser, see below) with a learning rate per module
+  (`lr_groups`), warm-up + linear decay, gradient clipping, gradient accumulation, bf16 on GPUs and bf16
+  autocast on CPUs that have bf16 instructions (`precision`), optional gradient checkpointing;
 * data: each worker reads its shard of the Ray Dataset (`ray.train.get_dataset_shard`), in a deterministic order
-  (`preserve_order` split + a seeded per-epoch window shuffle), so a resume can skip exactly the rows already
-  consumed in the epoch instead of replaying them;
+  (the seeded order `prepare` wrote, rows repeated per `balance_by` group on the driver's factors, a
+  `preserve_order` split and a seeded per-epoch window shuffle), so a resume can skip exactly the rows already
+  consumed in the epoch instead of replaying them; the frozen image encoder's outputs come from the pipeline's
+  per-image cache (`medplib.model.embedding_cache`) and are computed only for images it has not seen;
 * checkpoints every `checkpoint_every_steps` and at the end: every worker saves its DeepSpeed shard, the
   directory is renamed into place (atomic), then `ray.train.report` (a barrier) registers it; they hold the
   trainable parameters (LoRA + sft modules; frozen weights come from the stage's `init_model/`), the optimiser

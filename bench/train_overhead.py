@@ -97,7 +97,7 @@ def main() -> None:
     from medplib.model.config import configs_dir, load_model_config
     from medplib.model.medplib import MedPLIB
     from medplib_datasets.toy import write_toy_prepared
-    from workflows.data.prepared import load_prepared, read_rows, row_lengths
+    from workflows.data.prepared import load_prepared, read_rows, row_index
     from workflows.train.config import fingerprint, load_stage_config
     from workflows.train.stage import StagePlan, fit_stage, plan_steps, save_model_atomic, select_rows
 
@@ -127,7 +127,7 @@ def main() -> None:
     client = mlflow.MlflowClient(uri)
     exp = client.create_experiment("bench", artifact_location=(work / "mlartifacts").as_uri())
     run_id = client.create_run(exp, run_name="train-overhead").info.run_id
-    arithmetic = plan_steps(stage, row_lengths(prepared, "train"), 1, args.steps)
+    arithmetic = plan_steps(stage, row_index(prepared, "train"), 1, args.steps)
     plan = StagePlan(
         stage=stage,
         fingerprint=fingerprint(stage, "bench"),

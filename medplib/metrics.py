@@ -234,7 +234,10 @@ def segmentation_scores_by(
 # % * # & $ ~ ^ |.
 _PUNCTUATION = tuple(';/[]"{}()=+\\_-><@`,?!')
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
-_PERIOD_NOT_BY_DIGIT = re.compile(r"(?<!\d)\.(?!\d)")
+# Upstream writes "(?!<=\d)(\.)(?!\d)": a typo for a look-behind that makes the first group a look-ahead for the
+# text "<=" + digit, always true at a period. The rule that runs is "a period not followed by a digit"
+# ("3." -> "3", "3.5" and ".5" kept), and that is the rule we keep, so our numbers compare with its tables.
+_PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
 _NUMBER_WORDS = {
     "none": "0",
     "zero": "0",
@@ -259,7 +262,7 @@ def normalize_answer(text: str) -> str:
     2. Punctuation ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !``: each mark is deleted if it touches a
        space anywhere in the text ("yes, it" -> "yes it") or if the text has a digit-comma-digit anywhere
        ("1,000" -> "1000"); otherwise it becomes a space ("left-sided" -> "left sided").
-    3. Periods are deleted unless a digit is on either side ("3.5 cm" keeps its point, "yes." -> "yes").
+    3. Periods are deleted unless a digit follows ("3.5 cm" keeps its point, "yes." -> "yes", "3." -> "3").
     4. Split on whitespace; number words zero..ten become digits and "none" becomes "0"; articles a/an/the
        are dropped; words re-joined by single spaces.
     Colons, apostrophes and % # & * $ ~ ^ | are kept, as upstream keeps them.
@@ -275,7 +278,7 @@ def normalize_answer(text: str) -> str:
     for mark in _PUNCTUATION:
         touches_space = (mark + " ") in text or (" " + mark) in text
         cleaned = cleaned.replace(mark, "" if (delete_marks or touches_space) else " ")
-    cleaned = _PERIOD_NOT_BY_DIGIT.sub("", cleaned)
+    cleaned = _PERIOD_NOT_BEFORE_DIGIT.sub("", cleaned)
     words = (_NUMBER_WORDS.get(word, word) for word in cleaned.split())
     return " ".join(word for word in words if word not in _ARTICLES)
 

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
     "argv",
     [
         ["bench.moe_cost", "--hidden", "64", "--layers", "1", "--tokens", "32", "--repeats", "1"],
-        ["bench.train_step", "--preset", "tiny", "--batch", "1", "--repeats", "1"],
+        ["bench.train_step", "--batch", "1", "--repeats", "1"],  # the small preset: real weights
         ["bench.stream_latency", "--tokens", "16", "--repeats", "1"],
     ],
 )

@@ -487,3 +487,88 @@ def test_cli_eval_on_a_ray_actor_pool(ray_local, prepared: Path, local_eval, tmp
     for r in records:
         assert r["text"] == local[r["question_id"]]["text"]
         assert r["seg_counts"] == local[r["question_id"]]["seg_counts"]
+
+
+# ------------------------------------------------------------------------------------- the evaluation protocol
+def test_stratified_sample_is_deterministic_and_covers_every_kind():
+    from workflows.data.prepared import RowInfo
+    from workflows.eval.sample import stratified_ids
+
+    kinds = {"brain": 30, "bone": 3, "structure": 400}
+    rows = [RowInfo(f"{k}-{i}", "grounding", 50, k) for k, n in kinds.items() for i in range(n)]
+    rows += [RowInfo(f"q-{i}", "vqa", 50, "presence" if i % 2 else None) for i in range(20)]
+    chosen = stratified_ids(rows, {"grounding": 8, "vqa": 4}, seed=0)
+    assert chosen == stratified_ids(list(reversed(rows)), {"grounding": 8, "vqa": 4}, seed=0)  # order-free
+    assert chosen != stratified_ids(rows, {"grounding": 8, "vqa": 4}, seed=1)
+    picked = [next(r for r in rows if r.sample_id == s) for s in chosen]
+    per_kind = {}
+    for r in picked:
+        key = r.question_type or r.task
+        per_kind[key] = per_kind.get(key, 0) + 1
+    # Every kind present, capped per family: rare kinds whole, a row without a question type under its task.
+    assert per_kind == {"bone": 3, "brain": 8, "structure": 8, "presence": 4, "vqa": 4}
+    assert stratified_ids(rows, {"grounding": 8}, seed=0) == [s for s in chosen if not s.startswith("q-")]
+
+
+def test_question_only_baseline_is_the_majority_closed_answer_per_kind():
+    from workflows.eval.sample import majority_answers
+
+    rows = [
+        ("presence", "vqa", "closed", "Yes."),
+        ("presence", "vqa", "closed", "no"),
+        ("presence", "vqa", "closed", "No."),
+        ("plane", "vqa", "closed", "Axial."),
+        ("plane", "vqa", "closed", "Coronal."),
+        ("describe", "vqa", "open", "A long answer."),
+        (None, "vqa", "closed", "CT."),
+    ]
+    # "no" wins presence 2:1 after normalisation; the plane tie breaks by text; open rows do not count.
+    assert majority_answers(rows) == {"presence": "no", "plane": "axial", "vqa": "ct"}
+
+
+def test_stratified_eval_scores_teacher_forced_masks_and_a_baseline(prepared: Path, tmp_path):
+    result = evaluate(
+        model="tiny",
+        data=prepared,
+        splits=["test"],
+        out=tmp_path,
+        engine="local",
+        max_new_tokens=4,
+        sample="stratified",
+        per_kind={"grounding": 2, "vqa": 1},
+        baseline_split="test",
+    )
+    records = [json.loads(line) for line in result.predictions_path.read_text().splitlines()]
+    grounding = [r for r in records if r["task"] == "grounding"]
+    assert grounding and all(r["tf_seg_counts"] and r["tf_dice"] is not None for r in grounding)
+    assert all(len(r["tf_scores"]) == len(r["tf_seg_counts"]) for r in grounding)
+    kinds = {r["kind"] for r in records}
+    assert all(sum(r["kind"] == k for r in records) <= 2 for k in kinds)
+    section = result.metrics["splits"]["test"]
+    seg = section["grounding"]
+    assert seg["teacher_forced"]["n"] == sum(len(r["tf_seg_counts"]) for r in grounding)
+    assert seg["teacher_forced_mDice"] == pytest.approx(
+        np.mean(
+            [d for r in grounding for d in [2 * i / (i + u) if u else 0.0 for i, u in r["tf_seg_counts"]]]
+        )
+    )
+    assert set(seg["by_kind"]) == {r["kind"] for r in grounding}
+    assert seg["seg_token_rate"] + seg["forced_mask_rate"] == pytest.approx(1.0)
+    vqa = section["vqa"]
+    if vqa and vqa["n_closed"]:
+        assert 0.0 <= vqa["baseline_closed_accuracy"] <= 1.0 and vqa["closed_by_kind"]
+    # The same call scores the same rows.
+    again = evaluate(
+        model="tiny",
+        data=prepared,
+        splits=["test"],
+        out=tmp_path / "again",
+        engine="local",
+        max_new_tokens=4,
+        sample="stratified",
+        per_kind={"grounding": 2, "vqa": 1},
+    )
+    again_ids = sorted(
+        json.loads(line)["question_id"] for line in again.predictions_path.read_text().splitlines()
+    )
+    assert again_ids == sorted(r["question_id"] for r in records)

@@ -112,9 +112,7 @@ def test_pyfunc_folder_loads_through_mlflow_and_medplib(sharded_export, tmp_path
 
     model, out = sharded_export
     write_toy_prepared(tmp_path / "prepared", "tiny", {"val": 4})
-    example = example_from_rows(
-        read_rows(tmp_path / "prepared", "val", None, 4), model.cfg.vision.image_size_px
-    )
+    example = example_from_rows(read_rows(tmp_path / "prepared", "val", None, 4), model.cfg.vision)
     folder = save_pyfunc_model(out, tmp_path / "mlflow_model", example)
     assert not list(folder.rglob("*.pkl")), "the pyfunc model must not pickle anything"
     loaded = mlflow_pyfunc.load_model(str(folder))
@@ -132,7 +130,7 @@ def test_pyfunc_folder_loads_through_mlflow_and_medplib(sharded_export, tmp_path
     b = via_mlflow.predict(image, "What is this?", max_new_tokens=4)
     assert a.token_ids == b.token_ids
     # A split without image rows gives no input example; the model still saves, with its signature.
-    assert example_from_rows([], model.cfg.vision.image_size_px) is None
+    assert example_from_rows([], model.cfg.vision) is None
     bare = mlflow_pyfunc.load_model(str(save_pyfunc_model(out, tmp_path / "bare", None)))
     assert bare.input_example is None and bare.metadata.get_input_schema() is not None
     bad = example.assign(regions='[{"kind": "circle"}]')

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import warnings
 
 import numpy as np
@@ -197,7 +198,10 @@ def test_iou_dice_match_torchmetrics_on_random_masks():
         ("The liver, and two kidneys!", "liver and 2 kidneys"),
         ("left-sided", "left sided"),  # a mark touching no space becomes a space
         ("left - sided", "left sided"),  # one touching a space is deleted
-        ("3.5 cm.", "3.5 cm"),  # a period by a digit stays
+        ("3.5 cm.", "3.5 cm"),  # a period before a digit stays
+        ("3.", "3"),  # ... and one after a digit goes
+        ("yes.", "yes"),
+        (".5 mm", ".5 mm"),
         ("1,000 ml", "1000 ml"),  # a digit-comma-digit anywhere deletes every mark
         ("None", "0"),
         ("(CT)", "ct"),
@@ -209,6 +213,62 @@ def test_iou_dice_match_torchmetrics_on_random_masks():
 def test_normalize_answer(raw, normalised):
     assert normalize_answer(raw) == normalised
     assert normalize_answer(normalised) == normalised  # idempotent
+
+
+def _upstream_normalize(text: str) -> str:
+    """The VQA/LLaVA-Med normaliser upstream's `cal_metric.py` calls, restated from its rules (periodStrip with its
+    look-ahead typo, commaStrip, the punctuation list, the number map and articles; contractions left out)."""
+    period, comma = re.compile(r"(?!<=\d)(\.)(?!\d)"), re.compile(r"(\d)(\,)(\d)")
+    text = text.lower()
+    out = text
+    for p in ';/[]"{}()=+\\_-><@`,?!':
+        if (p + " " in text or " " + p in text) or comma.search(text) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    out = period.sub("", out)
+    numbers = {
+        "none": "0",
+        "zero": "0",
+        "one": "1",
+        "two": "2",
+        "three": "3",
+        "four": "4",
+        "five": "5",
+        "six": "6",
+        "seven": "7",
+        "eight": "8",
+        "nine": "9",
+        "ten": "10",
+    }
+    words = [numbers.get(w, w) for w in out.split()]
+    return " ".join(w for w in words if w not in ("a", "an", "the"))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "3.",
+        "3.5",
+        "yes.",
+        "Yes.",
+        "No.",
+        "3.5 cm.",
+        ".5 mm",
+        "v2.0.",
+        "The left putamen.",
+        "2, 3 and 4.",
+        "1,000.5",
+        "T1-weighted MRI.",
+        "a.b",
+        "(CT).",
+        "It is 12.",
+        "e.g. the brain",
+        "...",
+    ],
+)
+def test_normalize_answer_matches_upstream(raw):
+    assert normalize_answer(raw) == _upstream_normalize(raw)
 
 
 def test_closed_answer_correct():

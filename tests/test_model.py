@@ -166,21 +166,36 @@ def test_top2_renormalises_the_two_probabilities():
     torch.testing.assert_close(moe(x), expected)
 
 
-def test_capacity_overflow_drops_tokens_in_sequence_order():
+def test_capacity_overflow_drops_the_tokens_the_router_is_least_sure_of():
     moe = _moe(capacity_factor=0.5).train()
-    with torch.no_grad():  # route every token to expert 0
+    with torch.no_grad():  # route every token to expert 0, more surely the larger its first feature
         moe.router.weight.zero_()
         moe.router.weight[0, 0] = 10.0
     x = torch.randn(8, 8)
-    x[:, 0] = 1.0
+    x[:, 0] = torch.tensor([0.3, 0.9, 0.1, 0.5, 1.0, 0.2, 0.4, 0.6])
     out = moe(x)
     capacity = moe.capacity(8)  # ceil(8 * 1 / 2 * 0.5) = 2
     assert capacity == 2 and moe.dropped_tokens == 6
-    assert torch.all(out[capacity:] == 0)  # overflow tokens get no FFN output
-    assert torch.all(out[:capacity].abs().sum(-1) > 0)
+    kept = [1, 4]  # the two highest router probabilities, wherever they sit in the sequence
+    assert torch.all(out[kept].abs().sum(-1) > 0)
+    assert torch.all(out[[i for i in range(8) if i not in kept]] == 0)  # overflow tokens get no FFN output
     moe.eval()  # eval capacity factor 2.0: no drops with two experts
     moe(x)
     assert moe.dropped_tokens == 0
+
+
+def test_straight_through_gate_keeps_the_expert_output_and_the_router_gradient():
+    moe = _moe(capacity_factor=2.0)
+    moe.cfg = moe.cfg.model_copy(update={"gate_scale": "straight_through"})
+    x = torch.randn(6, 8)
+    out = moe(x)
+    expected = torch.zeros_like(x)
+    choice = torch.softmax(x @ moe.router.weight.T, -1).argmax(-1)
+    for i in range(6):
+        expected[i] = moe.experts[int(choice[i])](x[i : i + 1])[0]
+    assert torch.allclose(out, expected, atol=1e-6)  # weight 1, not the router probability
+    out.sum().backward()
+    assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
 
 
 def test_experts_equal_their_source_ffns(tiny_cfg, all_tasks, make_batch):
@@ -347,3 +362,36 @@ def test_predictor_returns_text_masks_and_timings(rng_image, tiny_model):
     assert isinstance(pred.text, str)
     assert len(pred.masks) == 1 and pred.masks[0].shape == rng_image.shape[:2] and pred.masks[0].dtype == bool
     assert pred.timings["total_s"] >= pred.timings["generate_s"] > 0
+
+
+def test_a_trained_llava_projector_loads_from_a_file_or_the_base_weights_folder(tmp_path, tiny_cfg):
+    """`projector_weights` (LLaVA's mm_projector file) and a base-weights folder holding one (LLaVA-1.5's or the
+    llava-hf layout) load into mm_projector; without either the projector is random and says so."""
+    from safetensors.torch import save_file
+
+    from medplib.model.medplib import MedPLIB
+
+    torch.manual_seed(0)
+    reference = MedPLIB(tiny_cfg)
+    assert reference.projector_source is None
+    trained = {k: torch.randn_like(v) for k, v in reference.mm_projector.state_dict().items()}
+    save_file(
+        {f"model.mm_projector.{k}": v for k, v in trained.items()}, str(tmp_path / "mm_projector.safetensors")
+    )
+    model = MedPLIB(
+        tiny_cfg.model_copy(update={"projector_weights": str(tmp_path / "mm_projector.safetensors")})
+    )
+    assert model.projector_source and all(
+        torch.equal(model.mm_projector.state_dict()[k], v) for k, v in trained.items()
+    )
+    hf = {"multi_modal_projector.linear_1." + k[2:]: v for k, v in trained.items() if k.startswith("0.")}
+    hf |= {"multi_modal_projector.linear_2." + k[2:]: v for k, v in trained.items() if k.startswith("2.")}
+    (tmp_path / "llava-hf").mkdir()
+    save_file(hf, str(tmp_path / "llava-hf" / "model-00001-of-00001.safetensors"))
+    from medplib.model.weights import projector_state
+
+    assert all(torch.equal(projector_state(tmp_path / "llava-hf")[k], v) for k, v in trained.items())
+    empty = tmp_path / "empty.safetensors"
+    save_file({"other.weight": torch.zeros(2)}, str(empty))
+    with pytest.raises(ValueError, match="projector_weights"):
+        MedPLIB(tiny_cfg.model_copy(update={"projector_weights": str(empty)}))

@@ -320,8 +320,12 @@ def test_sam_encoder_vision_tower_shares_weights_and_round_trips(tmp_path):
     from medplib.model.medplib import MedPLIB
 
     base = load_model_config("tiny").model_dump()
-    base["vision"].update(kind="sam_encoder", image_size_px=64, patch_size_px=32, normalization="min_max")
+    base["vision"].update(
+        kind="sam_encoder", image_size_px=64, patch_size_px=32, normalization="min_max", pad_mode="corner"
+    )
     base["sam"].update(normalization="min_max", pad_mode="corner")
+    with pytest.raises(ValueError, match="must equal sam"):  # the tower pools the SAM view's embedding
+        MedPLIBConfig.model_validate({**base, "vision": {**base["vision"], "pad_mode": "center"}})
     cfg = MedPLIBConfig.model_validate(base)
     torch.manual_seed(0)
     model = MedPLIB(cfg).eval()
@@ -332,10 +336,11 @@ def test_sam_encoder_vision_tower_shares_weights_and_round_trips(tmp_path):
     enc = encode_sample(turns, image, model.tokenizer, cfg, for_generation=True)
     batch = collate([enc], cfg, model.ids.pad)
     assert batch["sam_pixel_values"].min() == 0 and batch["sam_pixel_values"].max() == 1
-    assert batch["pixel_values"].max() == 1
+    assert torch.equal(batch["pixel_values"], batch["sam_pixel_values"])  # one view, one encoder pass
     with torch.no_grad():
         feats = model.vision_tower(batch["pixel_values"])
         assert feats.shape == (1, 4, cfg.sam.prompt_embed_dim)
+        assert torch.allclose(feats, model.vision_tower.pool(model.sam_embeddings(batch, [0])))
         before = model.generate(batch, max_new_tokens=4, segment=True)[0]
     model.save_pretrained(tmp_path / "m")
     assert not (tmp_path / "m" / "vision_config.json").exists()

@@ -8,11 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from medplib.model.config import configs_dir, load_model_config
 from medplib.model.medplib import MedPLIB
+from workflows.data.prepared import RowInfo
 from workflows.train.config import (
+    REQUIRED_STAGES,
     STAGES,
+    PipelineConfig,
     fingerprint,
     flatten,
     load_pipeline_config,
@@ -23,9 +27,11 @@ from workflows.train.stage import (
     build_moe_init,
     deepspeed_config,
     fail_hook_steps,
+    group_factors,
     lr_factor,
     parameter_anchor,
     plan_steps,
+    repeat_count,
     save_model_atomic,
     window_shuffle,
 )
@@ -47,7 +53,14 @@ def test_stage_files_validate_and_show_their_command(preset: str, stage: str) ->
 
 
 def test_7b_stages_are_the_upstream_table() -> None:
-    vl, gr, moe = (load_stage_config(CONFIGS / "stages" / "7b" / f"{s}.yaml") for s in STAGES)
+    align, vl, gr, moe = (load_stage_config(CONFIGS / "stages" / "7b" / f"{s}.yaml") for s in STAGES)
+    # Stage I (optional): LLaVA-1.5's projector pretraining, the projector alone at 1e-3 and batch 256.
+    assert (align.lora, align.sft_modules, align.lr, align.global_batch(4)) == (
+        None,
+        ["mm_projector"],
+        1e-3,
+        256,
+    )
     assert (vl.micro_batch_size, vl.grad_accum, vl.lr, vl.epochs, vl.max_length) == (16, 2, 1e-4, 3, 2048)
     assert (vl.lora.r, vl.lora.alpha) == (16, 16)
     assert vl.lora.target_modules == [
@@ -89,7 +102,8 @@ def test_7b_stages_are_the_upstream_table() -> None:
 def test_pipeline_configs_load() -> None:
     for preset in ("tiny", "small"):
         cfg = load_pipeline_config(CONFIGS / "pipeline" / f"{preset}.yaml", workdir="/tmp/x")
-        assert cfg.preset == preset and set(cfg.stages) == set(STAGES) and cfg.workdir == "/tmp/x"
+        assert cfg.preset == preset and cfg.stage_order == list(REQUIRED_STAGES) and cfg.workdir == "/tmp/x"
+        assert cfg.stage_inputs("vl") == () and cfg.stage_inputs("moe") == ("vl", "grounding")
         assert cfg.resolved_tracking_uri().startswith("sqlite:////tmp/x/mlflow.db") or cfg.tracking_uri
 
 
@@ -159,13 +173,40 @@ def test_window_shuffle_is_a_deterministic_permutation_and_resume_skips_exactly(
 
 def test_plan_steps_arithmetic_and_errors() -> None:
     stage = load_stage_config(CONFIGS / "stages" / "tiny" / "moe.yaml")  # micro 1 x accum 2
-    rows = [("vqa", 100)] * 10 + [("grounding", 100)] * 9 + [("region_vqa", 9999)]
+    rows = [RowInfo(f"v{i}", "vqa", 100) for i in range(10)] + [
+        RowInfo(f"g{i}", "grounding", 100) for i in range(9)
+    ]
+    rows.append(RowInfo("long", "region_vqa", 9999))
     plan = plan_steps(stage, rows, world=2, max_steps=None)
     assert plan["rows"] == 19 and plan["rows_per_worker"] == 9 and plan["steps_per_epoch"] == 4
     assert plan_steps(stage, rows, world=2, max_steps=3)["total_steps"] == 3
+    capped = stage.model_copy(update={"max_steps": 2})  # the stage's own cap and the pipeline's: the smaller
+    assert plan_steps(capped, rows, world=2, max_steps=3)["total_steps"] == 2
     vl = load_stage_config(CONFIGS / "stages" / "tiny" / "vl.yaml")
     with pytest.raises(ValueError, match="micro_batch_size x grad_accum"):
-        plan_steps(vl, [("vqa", 10)] * 3, world=2, max_steps=None)
+        plan_steps(vl, [RowInfo(str(i), "vqa", 10) for i in range(3)], world=2, max_steps=None)
+
+
+def test_balanced_rows_follow_the_group_shares() -> None:
+    """balance_by/balance_alpha: a group of n rows gets a share proportional to n ** alpha, by deterministic
+    repeats, and the epoch keeps (about) its length."""
+    stage = load_stage_config(CONFIGS / "stages" / "tiny" / "grounding.yaml")
+    rows = [RowInfo(f"s{i}", "grounding", 50, "structure") for i in range(900)]
+    rows += [RowInfo(f"b{i}", "grounding", 50, "brain") for i in range(100)]
+    natural = plan_steps(stage, rows, world=1, max_steps=None)["rows"]
+    uniform = stage.model_copy(update={"balance_by": "question_type", "balance_alpha": 0.0})
+    factors = group_factors(uniform, rows)
+    assert factors == pytest.approx({"structure": 500 / 900, "brain": 5.0})
+    counts = {
+        k: sum(repeat_count(r.sample_id, factors[k]) for r in rows if r.question_type == k)
+        for k in ("structure", "brain")
+    }
+    assert counts["brain"] == 500 and abs(counts["structure"] - 500) < 50
+    assert abs(plan_steps(uniform, rows, world=1, max_steps=None)["rows"] - natural) < 50
+    assert [repeat_count(r.sample_id, factors["structure"]) for r in rows[:50]] == [
+        repeat_count(r.sample_id, factors["structure"]) for r in rows[:50]
+    ]
+    assert group_factors(stage, rows) is None  # no balance_by: the data's own mix
 
 
 def test_fail_hook(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -239,3 +280,15 @@ def test_cpu_workers_never_build_deepspeeds_shm_comm_op(tmp_path: Path, monkeypa
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     _without_cpu_shm_comm()
     assert build_shm_op() is None
+
+
+def test_the_align_stage_is_optional_and_feeds_vl() -> None:
+    data = yaml.safe_load((CONFIGS / "pipeline" / "tiny.yaml").read_text())
+    data["stages"]["align"] = "stages/tiny/align.yaml"
+    cfg = PipelineConfig.model_validate(
+        {**data, "stages": {k: load_stage_config(CONFIGS / v) for k, v in data["stages"].items()}}
+    )
+    assert cfg.stage_order == ["align", "vl", "grounding", "moe"] and cfg.stage_inputs("vl") == ("align",)
+    without = {k: v for k, v in cfg.stages.items() if k != "vl"}
+    with pytest.raises(ValueError, match="missing"):
+        PipelineConfig.model_validate({**data, "stages": without})

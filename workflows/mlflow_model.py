@@ -118,7 +118,7 @@ class MedPLIBPyfunc(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(out, columns=["answer", "masks", "scores"])
 
 
-def example_from_rows(rows: list[dict], vision_size: int):
+def example_from_rows(rows: list[dict], vision):
     """The input example: the first prepared row with an image, as a request (its image as PNG base64, its
     region masks as RLE, `segment` for grounding rows); None when no row has an image."""
     import pandas as pd
@@ -128,7 +128,7 @@ def example_from_rows(rows: list[dict], vision_size: int):
     from workflows.train.samples import row_inputs
 
     for row in rows:
-        inputs = row_inputs(row, vision_size)
+        inputs = row_inputs(row, vision)
         if inputs is None:
             continue
         image, regions, _ = inputs

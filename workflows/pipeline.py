@@ -41,11 +41,10 @@ import yaml
 from medplib.data.prepared import MANIFEST_NAME, read_manifest
 from medplib.model.export import is_model_dir
 from workflows.common import cluster_gpus, decide_gpu, init_ray, write_json_atomic
-from workflows.data.prepared import load_prepared, read_rows, row_lengths
+from workflows.data.prepared import RowInfo, load_prepared, read_rows, row_index
 from workflows.tracking import FINGERPRINT_TAG, PIPELINE_TAG, STAGE_TAG, Tracker, latest_alias
 from workflows.train.config import (
     REGISTERED_MODEL,
-    STAGES,
     PipelineConfig,
     StageName,
     fingerprint,
@@ -56,7 +55,6 @@ log = logging.getLogger(__name__)
 
 DONE_FILE = "done.json"
 COMPARE_LABELS = ("before training", "after training")
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {"vl": (), "grounding": ("vl",), "moe": ("vl", "grounding")}
 
 
 @dataclass
@@ -81,7 +79,6 @@ class PipelineResult:
     champion: bool = False
     pipeline: str = ""
     eval_split: str = ""
-    eval_rows: int = 0
     eval_dir: Path | None = None  # the trained model's eval folder (report.html, comparison.html)
     before_dir: Path | None = None  # the untrained model's eval folder
     data_input: str | None = None
@@ -97,7 +94,7 @@ class _Context:
     data_fp: str
     fps: dict[str, str]
     use_gpu: bool
-    lengths: list[tuple[str, int]] = field(default_factory=list)
+    rows: list[RowInfo] = field(default_factory=list)  # the train split, for stage planning
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -131,7 +128,7 @@ def prepare_data(cfg: PipelineConfig) -> tuple[Path, str]:
     return folder, data_fp
 
 
-def stage_fingerprints(cfg: PipelineConfig, data_fp: str, lengths: list[tuple[str, int]]) -> dict[str, str]:
+def stage_fingerprints(cfg: PipelineConfig, data_fp: str, rows: list[RowInfo]) -> dict[str, str]:
     """Each stage's fingerprint: its config, the model preset, the data, its input stages' fingerprints, the
     number of workers and the steps it will actually run (so raising max_steps past a stage's own length does
     not redo it)."""
@@ -140,29 +137,36 @@ def stage_fingerprints(cfg: PipelineConfig, data_fp: str, lengths: list[tuple[st
 
     model_fp = fingerprint(load_model_config(cfg.preset))
     fps: dict[str, str] = {}
-    for name in STAGES:
-        steps = plan_steps(cfg.stages[name], lengths, cfg.num_workers, cfg.max_steps)["total_steps"]
+    for name in cfg.stage_order:
+        steps = plan_steps(cfg.stages[name], rows, cfg.num_workers, cfg.max_steps)["total_steps"]
         fps[name] = fingerprint(
             name,
             cfg.stages[name],
             model_fp,
             data_fp,
-            [fps[s] for s in STAGE_INPUTS[name]],
+            [fps[s] for s in cfg.stage_inputs(name)],
             cfg.num_workers,
             steps,
         )
     fps["eval"] = fingerprint("eval", fps["moe"], cfg.eval, cfg.data.eval_split, data_fp)
-    # The untrained side: what `vl` starts from (the preset, torch seeded with the vl seed) on the same rows.
+    # The untrained side: what the first stage starts from (the preset, torch seeded with its seed), same rows.
+    first = cfg.stages[cfg.stage_order[0]]
     fps["before"] = fingerprint(
         "before",
         model_fp,
-        cfg.stages["vl"].preset,
-        cfg.stages["vl"].seed,
+        first.preset,
+        first.seed,
         cfg.eval,
         cfg.data.eval_split,
         data_fp,
     )
     return fps
+
+
+def embedding_cache_dir(cfg: PipelineConfig) -> Path:
+    """The frozen image encoder's outputs, shared by every stage and eval of this workdir (keyed inside by the
+    encoder's fingerprint, so a different encoder never reads them)."""
+    return cfg.workdir_path / "embeddings"
 
 
 def _stage_dir(ctx: _Context, name: str) -> Path:
@@ -194,23 +198,34 @@ def _init_model(ctx: _Context, name: StageName, stage_dir: Path) -> Path:
     from medplib.model.medplib import MedPLIB
     from workflows.train.stage import build_moe_init, save_model_atomic
 
-    stage = ctx.cfg.stages[name]
+    cfg, stage = ctx.cfg, ctx.cfg.stages[name]
     init = stage_dir / "init_model"
     if is_model_dir(init):
         return init
-    alias = latest_alias(ctx.cfg.name)
-    if name == "vl":
+    alias = latest_alias(cfg.name)
+    if not cfg.stage_inputs(name):  # the first stage: the preset
         torch.manual_seed(stage.seed)  # the same random-init weights for every worker (and every rerun)
-        return save_model_atomic(MedPLIB(load_model_config(stage.preset)), init)
+        model = MedPLIB(load_model_config(stage.preset))
+        if model.projector_source is None:
+            log.warning(
+                "== stage %s STARTS FROM A RANDOM PROJECTOR: the LLM sees nothing of the image until %s. Give the "
+                "preset `projector_weights` (LLaVA's trained mm_projector), base weights that hold one, or add "
+                "the `align` stage (upstream stage I) to the pipeline.",
+                name,
+                "this stage trains mm_projector"
+                if "mm_projector" in stage.sft_modules
+                else "a stage trains it",
+            )
+        return save_model_atomic(model, init)
     inputs = stage_dir / "inputs"
     downloaded = {}
-    for source in STAGE_INPUTS[name]:
+    for source in cfg.stage_inputs(name):
         # Registry touch point: the input is whatever `latest-<pipeline>` points to, checked by fingerprint.
         downloaded[source] = ctx.tracker.download_by_alias(
             REGISTERED_MODEL[source], alias, inputs / source, ctx.fps[source]
         )
-    if name == "grounding":
-        os.replace(downloaded["vl"], init)
+    if name in ("vl", "grounding"):  # from the previous stage's model as it is
+        os.replace(downloaded[cfg.stage_inputs(name)[0]], init)
     else:
         save_model_atomic(build_moe_init(downloaded["vl"], downloaded["grounding"], stage), init)
     shutil.rmtree(inputs, ignore_errors=True)
@@ -229,7 +244,10 @@ def _write_card(
         model_name=REGISTERED_MODEL[name],
         stage=name,
         preset=load_model_config(cfg.stages[name].preset),
-        stage_configs={s: cfg.stages[s].model_dump(mode="json") for s in STAGES[: STAGES.index(name) + 1]},
+        stage_configs={
+            s: cfg.stages[s].model_dump(mode="json")
+            for s in cfg.stage_order[: cfg.stage_order.index(name) + 1]
+        },
         manifest=read_manifest(ctx.prepared),
         data_fingerprint=ctx.data_fp,
         pipeline=cfg.name,
@@ -250,19 +268,21 @@ def _log_model(ctx: _Context, name: StageName, run_id: str, export: Path) -> Non
     folder = export.parent / "mlflow_model"
     shutil.rmtree(folder, ignore_errors=True)
     rows = read_rows(ctx.prepared, ctx.cfg.data.eval_split, None, 8)
-    vision_size = load_model_config(ctx.cfg.stages[name].preset).vision.image_size_px
-    save_pyfunc_model(export, folder, example_from_rows(rows, vision_size))
+    vision = load_model_config(ctx.cfg.stages[name].preset).vision
+    save_pyfunc_model(export, folder, example_from_rows(rows, vision))
     ctx.tracker.log_artifacts(run_id, folder, "model")
     ctx.tracker.log_dataset(run_id, ctx.prepared, "training")
 
 
 def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
-    from workflows.train.samples import sample_predictions
+    from workflows.train.samples import loss_curves_png, sample_predictions
     from workflows.train.stage import (
+        LOSS_TERMS,
         StagePlan,
         export_stage_model,
         fail_hook_steps,
         fit_stage,
+        group_factors,
         plan_steps,
         resolve_precision,
         select_rows,
@@ -280,7 +300,7 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
         "data_fingerprint": ctx.data_fp,
         "num_workers": str(cfg.num_workers),
         "max_steps": str(cfg.max_steps),
-        **{f"input.{s}": ctx.fps[s] for s in STAGE_INPUTS[name]},
+        **{f"input.{s}": ctx.fps[s] for s in cfg.stage_inputs(name)},
     }
     run_id = tracker.stage_run(ctx.experiment_id, ctx.parent_id, cfg.name, name, stage_dir, fp, params)
     try:
@@ -288,8 +308,9 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
         metrics: dict[str, Any] = {}
         if not is_model_dir(export):
             init = _init_model(ctx, name, stage_dir)
-            arithmetic = plan_steps(stage, ctx.lengths, cfg.num_workers, cfg.max_steps)
-            train_ds = select_rows(stage, load_prepared(ctx.prepared, cfg.data.train_split))
+            arithmetic = plan_steps(stage, ctx.rows, cfg.num_workers, cfg.max_steps)
+            factors = group_factors(stage, ctx.rows)
+            train_ds = select_rows(stage, load_prepared(ctx.prepared, cfg.data.train_split), factors)
             plan = StagePlan(
                 stage=stage,
                 fingerprint=fp,
@@ -300,6 +321,9 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
                 precision=resolve_precision(stage, ctx.use_gpu),
                 tracking_uri=tracker.uri,
                 mlflow_run_id=run_id,
+                embedding_cache=str(embedding_cache_dir(cfg)),
+                torch_threads=cfg.threads_per_worker,
+                factors=factors,
                 fail_after_steps=fail_hook_steps(name),
                 **arithmetic,
             )
@@ -323,6 +347,9 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
             )
             metrics = run.metrics
             export_stage_model(plan, run.checkpoint_dir, export)
+            curves = stage_dir / "plots" / "loss_curves.png"
+            if loss_curves_png(tracker.client, run_id, curves, LOSS_TERMS):
+                tracker.log_file(run_id, curves, "plots")
             tracker.set_tags(
                 run_id, {"checkpoint": str(run.checkpoint_dir), "final_step": str(metrics.get("step"))}
             )
@@ -400,8 +427,9 @@ def _stage_step(ctx: _Context, name: StageName) -> StageOutcome:
 
 
 def champion_score(split_metrics: dict[str, Any]) -> float:
-    """The number `champion` compares: the mean of the available grounding mDice, closed-question accuracy and
-    open-question token F1 (each in [0, 1]) of one split's `workflows.eval.evaluate` metrics."""
+    """The number `champion` compares: the mean of the available grounding mDice (of the generated answers: what
+    serving returns), closed-question accuracy and open-question token F1 (each in [0, 1]) of one split's
+    `workflows.eval.evaluate` metrics."""
     import math
 
     seg, vqa = split_metrics.get("grounding") or {}, split_metrics.get("vqa") or {}
@@ -410,13 +438,46 @@ def champion_score(split_metrics: dict[str, Any]) -> float:
     return sum(parts) / len(parts) if parts else float("nan")
 
 
+def eval_splits(ctx: _Context) -> list[str]:
+    """`data.eval_split` (it picks the champion) then `eval.splits` (reported), those the prepared data has."""
+    from medplib.data.prepared import read_manifest
+
+    known = read_manifest(ctx.prepared).get("splits", {})
+    wanted = list(dict.fromkeys([ctx.cfg.data.eval_split, *ctx.cfg.eval.splits]))
+    missing = [s for s in wanted if s not in known]
+    if missing:
+        log.warning(
+            "eval: the prepared data has no split %s; scoring %s", missing, [s for s in wanted if s in known]
+        )
+    return [s for s in wanted if s in known]
+
+
+def _eval_fields(ctx: _Context) -> dict[str, Any]:
+    """What the before and the after evaluation share, so they score the same rows the same way."""
+    cfg = ctx.cfg
+    return dict(
+        data=ctx.prepared,
+        splits=eval_splits(ctx),
+        sample=cfg.eval.sample,
+        per_kind=cfg.eval.per_kind,
+        split_per_kind=cfg.eval.split_per_kind,
+        max_rows=cfg.eval.max_samples if cfg.eval.sample == "first" else None,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        baseline_split=cfg.data.train_split,
+        embedding_cache=embedding_cache_dir(cfg),
+        tracking_uri=ctx.tracker.uri,
+        engine="ray" if ctx.use_gpu else "local",
+    )
+
+
 def _evaluate_before(ctx: _Context) -> Path | None:
     """Score the untrained starting model (the vl stage's: the preset built after `torch.manual_seed(vl.seed)`)
-    on the eval split with the same row cap, into `<workdir>/eval/before-<fp12>/`; skipped when done for the same
+    on the same rows as the trained one, into `<workdir>/eval/before-<fp12>/`; skipped when done for the same
     fingerprint. Its metrics go to the parent run (prefix `eval_before`)."""
     from workflows.eval.evaluate import evaluate
 
-    cfg, vl = ctx.cfg, ctx.cfg.stages["vl"]
+    cfg = ctx.cfg
+    vl = cfg.stages[cfg.stage_order[0]]  # the first stage's starting point
     out = cfg.workdir_path / "eval" / f"before-{ctx.fps['before'][:12]}"
     done = out / "pipeline_metrics.json"
     if done.is_file() and (out / "metrics.json").is_file():
@@ -426,28 +487,17 @@ def _evaluate_before(ctx: _Context) -> Path | None:
             out,
         )
         return out
-    log.info(
-        "== eval before training: scoring the untrained %s model (seed %d) on <= %d rows of split %s",
-        vl.preset,
-        vl.seed,
-        cfg.eval.max_samples,
-        cfg.data.eval_split,
-    )
+    log.info("== eval before training: the untrained %s model (seed %d)", vl.preset, vl.seed)
     out.mkdir(parents=True, exist_ok=True)
     result = evaluate(
         model=vl.preset,
         seed=vl.seed,
-        data=ctx.prepared,
-        splits=[cfg.data.eval_split],
         out=out,
-        max_rows=cfg.eval.max_samples,
-        max_new_tokens=cfg.eval.max_new_tokens,
         mlflow_run_id=ctx.parent_id,
-        tracking_uri=ctx.tracker.uri,
         mlflow_prefix="eval_before",
         mlflow_artifact_path="eval_before",
-        engine="ray" if ctx.use_gpu else "local",
         model_id=f"{vl.preset} (untrained)",
+        **_eval_fields(ctx),
     )
     score = champion_score(result.metrics["splits"][cfg.data.eval_split])
     write_json_atomic(done, {"fingerprint": ctx.fps["before"], "score": score})
@@ -456,33 +506,25 @@ def _evaluate_before(ctx: _Context) -> Path | None:
 
 
 def _evaluate(ctx: _Context, moe: StageOutcome, out: Path, before: Path | None = None) -> dict[str, float]:
-    """Score the final model on the eval split with `workflows.eval.evaluate` (batch inference and report, logged into
-    the moe run), compared with the untrained model's scores when `before` is given."""
+    """Score the final model with `workflows.eval.evaluate` (batch inference and report, logged into the moe run),
+    compared with the untrained model's scores when `before` is given."""
     from workflows.eval.evaluate import evaluate
 
-    cfg = ctx.cfg
-    split = cfg.data.eval_split
     result = evaluate(
         model=str(moe.stage_dir / "export"),
-        data=ctx.prepared,
-        splits=[split],
         out=out,
-        max_rows=cfg.eval.max_samples,
-        max_new_tokens=cfg.eval.max_new_tokens,
         mlflow_run_id=moe.run_id,
-        tracking_uri=ctx.tracker.uri,
-        engine="ray" if ctx.use_gpu else "local",
         model_id=f"{REGISTERED_MODEL['moe']}/{moe.version}",
         compare_with=before,
         compare_labels=COMPARE_LABELS,
+        **_eval_fields(ctx),
     )
-    section = result.metrics["splits"][split]
     metrics = {
         k.replace("/", "_"): v
         for k, v in result.flat_metrics("eval").items()
-        if "/by_" not in k and "/generation/" not in k
+        if "/by_" not in k and "/generation/" not in k and "_by_kind/" not in k
     }
-    metrics["score"] = champion_score(section)
+    metrics["score"] = champion_score(result.metrics["splits"][ctx.cfg.data.eval_split])
     return metrics
 
 
@@ -509,13 +551,7 @@ def _eval_and_register(
             metrics["score"],
         )
     else:
-        log.info(
-            "== eval: scoring models:/%s/%s on <= %d rows of split %s",
-            REGISTERED_MODEL["moe"],
-            moe.version,
-            cfg.eval.max_samples,
-            cfg.data.eval_split,
-        )
+        log.info("== eval: scoring models:/%s/%s", REGISTERED_MODEL["moe"], moe.version)
         out.mkdir(parents=True, exist_ok=True)
         metrics = _evaluate(ctx, moe, out, before)
         tracker.log_metrics(ctx.parent_id, metrics)
@@ -583,10 +619,10 @@ def run_pipeline(
     )
     prepared, data_fp = prepare_data(cfg)
     try:
-        lengths = row_lengths(prepared, cfg.data.train_split)
+        rows = row_index(prepared, cfg.data.train_split)
     except ValueError as err:
         raise ValueError(f"data.train_split: {err}") from err
-    fps = stage_fingerprints(cfg, data_fp, lengths)
+    fps = stage_fingerprints(cfg, data_fp, rows)
     pipeline_fp = fingerprint(cfg.name, fps["eval"])
     params = {
         **flatten(cfg.model_dump(mode="json", exclude={"stages"})),
@@ -597,19 +633,18 @@ def run_pipeline(
     tracker.client.log_text(
         parent_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/pipeline.yaml"
     )
-    ctx = _Context(cfg, tracker, experiment_id, parent_id, prepared, data_fp, fps, use_gpu, lengths)
+    ctx = _Context(cfg, tracker, experiment_id, parent_id, prepared, data_fp, fps, use_gpu, rows)
     result = PipelineResult(
         parent_id,
         experiment_id,
         tracker.uri,
         pipeline=cfg.name,
         eval_split=cfg.data.eval_split,
-        eval_rows=cfg.eval.max_samples,
         data_input=cfg.data.input,
     )
     try:
         if from_stage is not None:
-            for name in STAGES[STAGES.index(from_stage) :]:
+            for name in cfg.stage_order[cfg.stage_order.index(from_stage) :]:
                 stage_dir = _stage_dir(ctx, name)
                 if stage_dir.exists():
                     aside = stage_dir.with_name(f"{stage_dir.name}.old-{int(time.time())}")
@@ -621,7 +656,7 @@ def run_pipeline(
                         aside,
                     )
                     os.replace(stage_dir, aside)
-        for name in STAGES:
+        for name in cfg.stage_order:
             if only_stage is not None and name != only_stage:
                 continue
             result.stages[name] = _stage_step(ctx, name)
@@ -647,16 +682,35 @@ def run_pipeline(
 # ---------------------------------------------------------------------------------------------- summary
 
 HEADLINE = (
-    ("grounding", "mDice", "grounding mDice"),
-    ("grounding", "mIoU", "grounding mIoU"),
-    ("vqa", "closed_accuracy", "closed accuracy"),
-    ("vqa", "open_f1", "open F1"),
+    ("grounding", ("teacher_forced", "mDice"), "grounding mDice, teacher-forced", ("teacher_forced", "n")),
+    ("grounding", ("mDice",), "grounding mDice, generated", ("n",)),
+    ("grounding", ("seg_token_rate",), "<SEG> emitted (rate)", ("rows",)),
+    ("vqa", ("closed_accuracy",), "closed accuracy", ("n_closed",)),
+    ("vqa", ("open_f1",), "open F1", ("n_open",)),
 )
 
 
-def before_after_rows(before_dir: Path | None, after_dir: Path | None) -> list[tuple[str, str, Any, Any]]:
-    """(split, metric, before, after) of the headline metrics per split, from the two eval folders' metrics.json
-    (None where a side or a value is missing)."""
+@dataclass
+class ComparedMetric:
+    """One line of the before/after table: a metric of a split on both sides, its n, and a baseline if any."""
+
+    split: str
+    label: str
+    before: float | None
+    after: float | None
+    n: int | None = None
+    baseline: float | None = None
+
+
+def _dig(node: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+def before_after_rows(before_dir: Path | None, after_dir: Path | None) -> list[ComparedMetric]:
+    """The headline metrics per split from the two eval folders' metrics.json (None where a side lacks them),
+    then the teacher-forced Dice per grounding kind."""
 
     def load(folder: Path | None) -> dict[str, Any]:
         path = None if folder is None else folder / "metrics.json"
@@ -665,15 +719,30 @@ def before_after_rows(before_dir: Path | None, after_dir: Path | None) -> list[t
     before, after = load(before_dir), load(after_dir)
     rows = []
     for split in list(after) + [s for s in before if s not in after]:
-        for section, key, label in HEADLINE:
-            values = [((side.get(split) or {}).get(section) or {}).get(key) for side in (before, after)]
+        sides = [side.get(split) or {} for side in (before, after)]
+        for section, key, label, n_key in HEADLINE:
+            values = [_dig(side, (section, *key)) for side in sides]
+            if all(v is None for v in values):
+                continue
+            n = _dig(sides[1], (section, *n_key)) or _dig(sides[0], (section, *n_key))
+            base = (
+                _dig(sides[1], ("vqa", "baseline_closed_accuracy")) if key == ("closed_accuracy",) else None
+            )
+            rows.append(ComparedMetric(split, label, *values, n, base))
+        kinds = sorted(
+            set(_dig(sides[0], ("grounding", "by_kind")) or {})
+            | set(_dig(sides[1], ("grounding", "by_kind")) or {})
+        )
+        for kind in kinds:
+            values = [_dig(side, ("grounding", "by_kind", kind, "teacher_forced_mDice")) for side in sides]
             if any(v is not None for v in values):
-                rows.append((split, label, *values))
+                n = _dig(sides[1], ("grounding", "by_kind", kind, "rows"))
+                rows.append(ComparedMetric(split, f"  {kind} (tf mDice)", *values, n))
     return rows
 
 
 def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+    return "-" if value is None else f"{value:.3f}"
 
 
 def summary_text(result: PipelineResult) -> str:
@@ -701,12 +770,20 @@ def summary_text(result: PipelineResult) -> str:
     rows = before_after_rows(result.before_dir, result.eval_dir)
     if rows:
         lines.append(
-            f"Eval on split {result.eval_split} (<= {result.eval_rows} rows), untrained start vs trained:"
+            "Held-out evaluation, untrained start vs trained, the same rows on both sides "
+            f"({result.eval_split} picks the champion; n = rows or masks scored; baseline = the train split's "
+            "majority answer per question type, without the image):"
         )
-        lines.append(f"  {'split':<10} {'metric':<17} {'before':>8} {'after':>8} {'change':>8}")
-        for split, label, before, after in rows:
-            change = "-" if before is None or after is None else f"{after - before:+.4f}"
-            lines.append(f"  {split:<10} {label:<17} {_fmt(before):>8} {_fmt(after):>8} {change:>8}")
+        lines.append(
+            f"  {'split':<13} {'metric':<34} {'n':>4} {'before':>7} {'after':>7} {'change':>7} {'baseline':>8}"
+        )
+        for r in rows:
+            change = "-" if r.before is None or r.after is None else f"{r.after - r.before:+.3f}"
+            n = "-" if r.n is None else str(r.n)
+            lines.append(
+                f"  {r.split:<13} {r.label:<34} {n:>4} {_fmt(r.before):>7} {_fmt(r.after):>7} {change:>7} "
+                f"{_fmt(r.baseline) if r.baseline is not None else '':>8}"
+            )
     elif result.eval:
         lines.append("Eval: " + ", ".join(f"{k} {v:.4f}" for k, v in result.eval.items()))
     if "score" in result.eval:

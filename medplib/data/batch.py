@@ -32,6 +32,7 @@ class Encoded:
     region_masks: np.ndarray  # (R, Hv, Wv) bool, in the vision view
     target_masks: list[np.ndarray] = field(default_factory=list)  # M x (H, W) bool at original size
     sample_id: str = ""
+    sam_embedding: np.ndarray | None = None  # (C, e, e) frozen SAM encoder output of sam_view, when cached
 
 
 def encode_regions(
@@ -42,13 +43,13 @@ def encode_regions(
     out = np.zeros((len(regions), size, size), dtype=bool)
     for i, region in enumerate(regions):
         mask = region_to_mask(region, image_hw, cfg.region.point_square_px, data_root)
-        out[i], _ = to_square(mask, size, "center")
+        out[i], _ = to_square(mask, size, cfg.vision.pad_mode)
     return out
 
 
 def image_views(image: np.ndarray, cfg: MedPLIBConfig) -> tuple[np.ndarray, np.ndarray, Geometry]:
     """The vision-tower view, the SAM view and where the image sits in the SAM view (uint8 squares)."""
-    vision_view, _ = to_square(image, cfg.vision.image_size_px, "center", cfg.vision.pad_value)
+    vision_view, _ = to_square(image, cfg.vision.image_size_px, cfg.vision.pad_mode, cfg.vision.pad_value)
     sam_view, geo = to_square(image, cfg.sam.image_size_px, cfg.sam.pad_mode, 0)
     return vision_view, sam_view, geo
 
@@ -148,7 +149,8 @@ def collate(items: list[Encoded], cfg: MedPLIBConfig, pad_id: int) -> dict:
         if it.vision_view is None:
             continue
         geo = it.sam_geometry
-        vision_geo = Geometry.fit(geo.orig_h, geo.orig_w, v, "center")  # where encode_sample put the image
+        # Where encode_sample put the image in the vision view.
+        vision_geo = Geometry.fit(geo.orig_h, geo.orig_w, v, cfg.vision.pad_mode)
         pixel_values[i] = normalize_view(
             it.vision_view,
             vision_geo,
@@ -171,4 +173,10 @@ def collate(items: list[Encoded], cfg: MedPLIBConfig, pad_id: int) -> dict:
         "sam_geometry": sam_geometry,
         "region_masks": [torch.from_numpy(it.region_masks) for it in items],
         "target_masks": [[torch.from_numpy(m) for m in it.target_masks] for it in items],
+        # Precomputed frozen-encoder outputs by row; the model adds the ones it computes (`MedPLIB.sam_embeddings`).
+        "sam_embeddings": {
+            i: torch.from_numpy(it.sam_embedding)
+            for i, it in enumerate(items)
+            if it.sam_embedding is not None
+        },
     }

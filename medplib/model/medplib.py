@@ -32,7 +32,7 @@ from transformers import (
 from medplib.data.transforms import Geometry, region_cells, unpad_mask_logits
 from medplib.model import export
 from medplib.model.config import LossWeights, MedPLIBConfig
-from medplib.model.losses import mask_losses, next_token_ce
+from medplib.model.losses import box_loss, mask_losses, next_token_ce
 from medplib.model.moe import convert_to_moe, moe_layers
 from medplib.model.packaged import resolve_weights
 from medplib.model.sam import SAM
@@ -42,8 +42,23 @@ from medplib.tokenizer import SpecialIds, build_tokenizer
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# (x0, y0, x1, y1) as fractions of the image: where a `seg_prompt: box` head starts (sigmoid never reaches 0 or 1).
+WHOLE_IMAGE_BOX = (0.02, 0.02, 0.98, 0.98)
+GROUNDING_TERMS = ("bce", "dice", "focal", "iou", "box")
 # transformers renamed `past_key_values` to `cache` in 5.2x; use whichever this version takes.
-_CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+_CACHE_KW = (
+    "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+)
+
+
+@dataclass
+class Segmentation:
+    """Mask logits at original size per `<SEG>`, SAM's IoU prediction, and the regressed boxes (box prompts)."""
+
+    logits: list[torch.Tensor]
+    iou: torch.Tensor
+    boxes: torch.Tensor | None
+    rows: list[int] = field(default_factory=list)  # batch row of each mask
 
 
 @dataclass
@@ -76,6 +91,16 @@ def _build_llm(cfg: MedPLIBConfig, llm_config: LlamaConfig | None) -> LlamaForCa
     return LlamaForCausalLM(llm_config)
 
 
+def _init_added_rows(weight: torch.Tensor, base_rows: int) -> None:
+    """Rows of tokens added to a pretrained vocabulary start near the mean row (plus a little noise, so the
+    tokens differ). Random rows would give `<SEG>` an arbitrary logit and an out-of-distribution input; near the
+    mean it is an average token the model can learn to predict (LLaVA initialises its added tokens at the mean too)."""
+    with torch.no_grad():
+        old = weight[:base_rows].float()
+        noise = torch.randn(weight.shape[0] - base_rows, weight.shape[1]) * old.std(0) * 0.1
+        weight[base_rows:] = (old.mean(0) + noise).to(weight.dtype)
+
+
 class MedPLIB(nn.Module):
     def __init__(
         self,
@@ -93,9 +118,14 @@ class MedPLIB(nn.Module):
         rows = len(self.tokenizer)
         if cfg.llm.vocab_size is not None:
             if cfg.llm.vocab_size < rows:
-                raise ValueError(f"llm.vocab_size {cfg.llm.vocab_size} is smaller than the tokenizer ({rows} tokens)")
+                raise ValueError(
+                    f"llm.vocab_size {cfg.llm.vocab_size} is smaller than the tokenizer ({rows} tokens)"
+                )
             rows = cfg.llm.vocab_size
+        base_rows = self.llm.get_input_embeddings().weight.shape[0]
         self.llm.resize_token_embeddings(rows, mean_resizing=False)
+        if cfg.llm.weights and rows > base_rows:
+            _init_added_rows(self.llm.get_input_embeddings().weight, base_rows)
         self.llm.config.pad_token_id = self.ids.pad
         hidden = self.llm.config.hidden_size
         self.sam = SAM(cfg.sam)
@@ -109,14 +139,45 @@ class MedPLIB(nn.Module):
         self.vision_tower.requires_grad_(False)
         vdim = self.vision_tower.hidden_size
         self.mm_projector = build_projector(cfg.projector, vdim, hidden)
+        self.projector_source = self._load_projector()
         # Region features are pooled from pre-projector patch features (upstream: Linear(1024, 4096)).
         self.region_fea_adapter = nn.Linear(vdim, hidden)
+        box = cfg.sam.seg_prompt == "box"
+        prompt_dim = cfg.sam.prompt_embed_dim
         self.text_hidden_fcs = nn.Sequential(
-            nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, cfg.sam.prompt_embed_dim), nn.Dropout(0.0)
+            nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 4 * box + prompt_dim), nn.Dropout(0.0)
         )
+        if box:
+            # Start at the whole-image box plus a zero token whatever the hidden state: LiteMedSAM answers that
+            # with a real mask (a single token alone gives an empty one), so the mask losses have a gradient from
+            # the first step; the extra token (no effect at zero: Dice 0.502 vs 0.498 with tight boxes) is where
+            # the trained head can say what a box cannot (grey vs white matter inside the same brain box).
+            nn.init.zeros_(self.text_hidden_fcs[2].weight)
+            with torch.no_grad():
+                self.text_hidden_fcs[2].bias.zero_()
+                self.text_hidden_fcs[2].bias[:4] = torch.logit(torch.tensor(WHOLE_IMAGE_BOX))
         if cfg.moe.enabled:
             self.enable_moe()
         self.to(DTYPES[cfg.dtype])
+
+    def _load_projector(self) -> str | None:
+        """Where the projector's trained weights came from; None when it starts at random init."""
+        from medplib.model.weights import load_projector
+
+        cfg = self.cfg
+        if cfg.projector_weights:
+            if not load_projector(self.mm_projector, resolve_weights(cfg.projector_weights)):
+                raise ValueError(f"projector_weights: {cfg.projector_weights} holds no mm_projector tensors")
+            return cfg.projector_weights
+        base = cfg.llm.weights
+        if (
+            base
+            and not base.startswith("pkg:")
+            and Path(base).is_dir()
+            and load_projector(self.mm_projector, base)
+        ):
+            return base
+        return None
 
     # ------------------------------------------------------------------ structure
 
@@ -132,8 +193,10 @@ class MedPLIB(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.mm_projector[0].weight.device if isinstance(self.mm_projector, nn.Sequential) else (
-            self.mm_projector.weight.device
+        return (
+            self.mm_projector[0].weight.device
+            if isinstance(self.mm_projector, nn.Sequential)
+            else (self.mm_projector.weight.device)
         )
 
     @property
@@ -149,8 +212,13 @@ class MedPLIB(nn.Module):
         has_image = batch["has_image"]
         if not has_image.any():
             return emb
-        with torch.no_grad():
-            feats = self.vision_tower(batch["pixel_values"][has_image].to(self.device, self.dtype))
+        if self.cfg.vision.kind == "sam_encoder":
+            feats = self.vision_tower.pool(
+                self.sam_embeddings(batch, torch.nonzero(has_image).flatten().tolist())
+            )
+        else:
+            with torch.no_grad():
+                feats = self.vision_tower(batch["pixel_values"][has_image].to(self.device, self.dtype))
         image_pos = ids == self.ids.image
         projected = self.mm_projector(feats.to(self.dtype))
         if int(image_pos.sum()) != projected.shape[0] * projected.shape[1]:
@@ -163,7 +231,9 @@ class MedPLIB(nn.Module):
         if region_feats is not None:
             region_pos = ids == self.ids.region_feature
             if int(region_pos.sum()) != region_feats.shape[0]:
-                raise ValueError(f"{int(region_pos.sum())} region tokens but {region_feats.shape[0]} region masks")
+                raise ValueError(
+                    f"{int(region_pos.sum())} region tokens but {region_feats.shape[0]} region masks"
+                )
             emb = emb.masked_scatter(region_pos[..., None], region_feats.to(emb.dtype))
         return emb
 
@@ -192,13 +262,18 @@ class MedPLIB(nn.Module):
         logits = self.llm.get_output_embeddings()(hidden)
         out: dict[str, torch.Tensor] = {"ce": next_token_ce(logits, batch["labels"].to(self.device))}
         zero = out["ce"] * 0.0
-        out.update(self._grounding_losses(batch, ids, hidden) or {k: zero for k in ("bce", "dice", "focal", "iou")})
+        out.update(self._grounding_losses(batch, ids, hidden) or dict.fromkeys(GROUNDING_TERMS, zero))
         aux = [m.aux_loss for m in moe_layers(self.llm) if m.aux_loss is not None]
         out["moe_aux"] = torch.stack(aux).sum() if aux else zero
         out["loss"] = (
-            w.ce * out["ce"] + w.bce * out["bce"] + w.dice * out["dice"] + w.focal * out["focal"]
-            + w.iou * out["iou"] + w.moe_aux * out["moe_aux"]
-        )  # fmt: skip
+            w.ce * out["ce"]
+            + w.bce * out["bce"]
+            + w.dice * out["dice"]
+            + w.focal * out["focal"]
+            + w.iou * out["iou"]
+            + w.box * out["box"]
+            + w.moe_aux * out["moe_aux"]
+        )
         out["logits"] = logits
         return out
 
@@ -214,21 +289,66 @@ class MedPLIB(nn.Module):
                 targets.append(target)
         if not rows:
             return None
-        prompts = self.text_hidden_fcs(hidden[rows, positions])
-        logits, iou = self.segment(batch["sam_pixel_values"], batch["sam_geometry"], rows, prompts)
-        return mask_losses(logits, list(iou), targets)
+        seg = self.segment(batch, rows, hidden[rows, positions])
+        losses = mask_losses(seg.logits, list(seg.iou), targets)
+        losses["box"] = box_loss(seg.boxes, targets) if seg.boxes is not None else losses["bce"] * 0.0
+        # Teacher-forced masks (the ground-truth answer's `<SEG>` positions), for in-training validation.
+        seg.rows = rows
+        losses["segmentation"] = seg
+        return losses
 
-    def segment(
-        self, sam_pixel_values: torch.Tensor, sam_geometry: torch.Tensor, rows: list[int], prompts: torch.Tensor
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Mask logits at original size for prompt k on image `rows[k]`; SAM's encoder runs once per image."""
+    def sam_embeddings(self, batch: dict, rows: list[int]) -> torch.Tensor:
+        """The frozen SAM image embeddings (len(rows), C, e, e) of batch rows. Each row's is computed at most once
+        per batch and kept in `batch["sam_embeddings"]` ({row: tensor}), where a per-image cache may also have
+        put it before (`collate` does, from `Encoded.sam_embedding`)."""
+        known = batch.setdefault("sam_embeddings", {})
+        missing = sorted({r for r in rows if r not in known})
+        if missing:
+            with torch.no_grad():
+                pixels = batch["sam_pixel_values"][missing].to(self.device, self.dtype)
+                for r, e in zip(missing, self.sam.image_encoder(pixels), strict=True):
+                    known[r] = e
+        return torch.stack([known[r].to(self.device) for r in rows])
+
+    def seg_prompts(
+        self, hidden: torch.Tensor, geometries: list[Geometry]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`<SEG>` hidden states (N, H) -> sparse prompts (N, K, C) for the mask decoder: one token, or with
+        `seg_prompt: box` the two corner tokens of the regressed box and a free token; plus the boxes (N, 4) as
+        fractions of each image (x0, y0, x1, y1)."""
+        out = self.text_hidden_fcs(hidden.to(self.dtype))
+        if self.cfg.sam.seg_prompt == "token":
+            return out[:, None], None
+        out, token = out[:, :4], out[:, 4:]
+        frac = torch.sigmoid(out.float())
+        # Corners in either order are one box; SAM's prompt encoder expects (top-left, bottom-right).
+        x0, x1 = torch.minimum(frac[:, 0], frac[:, 2]), torch.maximum(frac[:, 0], frac[:, 2])
+        y0, y1 = torch.minimum(frac[:, 1], frac[:, 3]), torch.maximum(frac[:, 1], frac[:, 3])
+        boxes = torch.stack([x0, y0, x1, y1], dim=1)
+        # Fractions of the image -> pixels of the SAM view the image was resized and padded into.
+        scale = torch.tensor(
+            [[g.resized_w, g.resized_h, g.resized_w, g.resized_h] for g in geometries],
+            dtype=boxes.dtype,
+            device=boxes.device,
+        )
+        offset = torch.tensor(
+            [[g.pad_left, g.pad_top, g.pad_left, g.pad_top] for g in geometries],
+            dtype=boxes.dtype,
+            device=boxes.device,
+        )
+        corners = self.sam.prompt_encoder.embed_boxes(boxes * scale + offset)
+        return torch.cat([corners, token[:, None].to(corners.dtype)], dim=1), boxes
+
+    def segment(self, batch: dict, rows: list[int], hidden: torch.Tensor) -> Segmentation:
+        """Masks at original size for `<SEG>` hidden state k on the image of batch row `rows[k]`."""
+        geos = [Geometry.from_tensor(batch["sam_geometry"][r]) for r in rows]
         unique = sorted(set(rows))
-        with torch.no_grad():
-            emb = self.sam.image_encoder(sam_pixel_values[unique].to(self.device, self.dtype))
+        emb = self.sam_embeddings(batch, unique)
         index = torch.tensor([unique.index(r) for r in rows], device=self.device)
-        low_res, iou = self.sam.decode(emb.index_select(0, index), prompts[:, None].to(self.dtype))
-        masks = [unpad_mask_logits(low_res[k], Geometry.from_tensor(sam_geometry[r])) for k, r in enumerate(rows)]
-        return masks, iou
+        sparse, boxes = self.seg_prompts(hidden, geos)
+        low_res, iou = self.sam.decode(emb.index_select(0, index).to(self.dtype), sparse.to(self.dtype))
+        masks = [unpad_mask_logits(low_res[k], geo) for k, geo in enumerate(geos)]
+        return Segmentation(masks, iou, boxes)
 
     # ------------------------------------------------------------------ generation
 
@@ -271,7 +391,11 @@ class MedPLIB(nn.Module):
         step_emb, step_pos = emb, positions
         for _ in range(max_new_tokens):
             h = decoder(
-                inputs_embeds=step_emb, attention_mask=am, position_ids=step_pos, use_cache=True, **{_CACHE_KW: cache}
+                inputs_embeds=step_emb,
+                attention_mask=am,
+                position_ids=step_pos,
+                use_cache=True,
+                **{_CACHE_KW: cache},
             ).last_hidden_state[:, -1]
             logits = head(h).float()
             nxt = self._pick(logits, temperature, top_p, generator)
@@ -304,12 +428,10 @@ class MedPLIB(nn.Module):
             rows += [i] * len(seg_hidden[i])
             hiddens += seg_hidden[i]
         if rows and batch["has_image"][rows].all():
-            masks, iou = self.segment(
-                batch["sam_pixel_values"], batch["sam_geometry"], rows, self.text_hidden_fcs(torch.stack(hiddens))
-            )
+            seg = self.segment(batch, rows, torch.stack(hiddens))
             for k, r in enumerate(rows):
-                results[r].mask_logits.append(masks[k].float().cpu())
-                results[r].mask_scores.append(float(iou[k]))
+                results[r].mask_logits.append(seg.logits[k].float().cpu())
+                results[r].mask_scores.append(float(seg.iou[k]))
         return results
 
     @staticmethod
@@ -334,7 +456,9 @@ class MedPLIB(nn.Module):
         from medplib.model.lora import is_lora
 
         if is_lora(self):
-            raise ValueError("the model still has unmerged LoRA adapters: call medplib.model.lora.merge_lora first")
+            raise ValueError(
+                "the model still has unmerged LoRA adapters: call medplib.model.lora.merge_lora first"
+            )
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         export.write_config(self.cfg, path / "config.json")
@@ -360,6 +484,7 @@ class MedPLIB(nn.Module):
                 "llm": cfg.llm.model_copy(update={"weights": None}),
                 "vision": cfg.vision.model_copy(update={"weights": None}),
                 "sam": cfg.sam.model_copy(update={"weights": None}),
+                "projector_weights": None,
             }
         )
         if dtype:

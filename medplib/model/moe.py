@@ -1,10 +1,11 @@
 """Top-k mixture of expert FFNs, in plain PyTorch (no DeepSpeed launcher, process group or port at inference).
 
 Router: `router` = Linear(hidden, E, bias=False) in fp32, softmax, top-k. At top-1 the output of a token is
-`p_chosen * expert(x)` with the probability not renormalised (DeepSpeed TopKGate, which upstream used); at
-top-k > 1 the k probabilities are renormalised to sum to 1. Capacity per expert is
-`max(min_capacity, ceil(tokens * k / E * factor))`; when `drop_tokens` is on, tokens past an expert's capacity
-(in sequence order; DeepSpeed picks them at random) get zero FFN output, so only the residual carries them.
+`p_chosen * expert(x)` with the probability not renormalised (DeepSpeed TopKGate, which upstream used;
+`gate_scale: straight_through` keeps the weight at 1 and only its gradient); at top-k > 1 the k probabilities
+are renormalised to sum to 1. Capacity per expert is
+`max(min_capacity, ceil(tokens * k / E * factor))`; when `drop_tokens` is on, the tokens an expert has no room for
+(those with the lowest router probability) get zero FFN output, so only the residual carries them.
 Aux loss (Switch/GShard): `E * sum_e mean_prob_e * fraction_routed_e`. Every token runs exactly its top-k experts:
 the dispatch gathers each expert's tokens and scatters the results back.
 """
@@ -68,12 +69,18 @@ class MoEFeedForward(nn.Module):
             slots = torch.nonzero(flat_i == j).flatten()
             if self.cfg.drop_tokens and slots.numel() > cap:
                 dropped += slots.numel() - cap
-                slots = slots[:cap]
+                # Keep the tokens the router is surest of. Dropping in sequence order would always cut the last
+                # rows of a micro-batch (DeepSpeed's random choice is fair to rows but not reproducible).
+                keep = flat_p[slots].topk(cap).indices.sort().values
+                slots = slots[keep]
             # An expert with no tokens still runs (on zero rows), so the autograd graph has the same parameters on
             # every data-parallel rank whatever the routing did there.
             tokens = token_of[slots]
             counts[j] = tokens.numel()
-            y = expert(x.index_select(0, tokens)) * flat_p[slots].unsqueeze(-1).to(x.dtype)
+            weight = flat_p[slots]
+            if self.cfg.gate_scale == "straight_through" and k == 1:
+                weight = weight / weight.detach()  # value 1, gradient of p (see MoEConfig.gate_scale)
+            y = expert(x.index_select(0, tokens)) * weight.unsqueeze(-1).to(x.dtype)
             out.index_add_(0, tokens, y)
         self.expert_counts, self.dropped_tokens = counts, dropped
         return out.reshape(shape)

@@ -77,7 +77,9 @@ class EncoderAttention(nn.Module):
             rq = q.reshape(b * self.heads, h, w, -1)
             bias_h = torch.einsum("bhwc,hkc->bhwk", rq, rh)
             bias_w = torch.einsum("bhwc,wkc->bhwk", rq, rw)
-            attn = (attn.view(-1, h, w, h, w) + bias_h[..., None] + bias_w[..., None, :]).view(-1, h * w, h * w)
+            attn = (attn.view(-1, h, w, h, w) + bias_h[..., None] + bias_w[..., None, :]).view(
+                -1, h * w, h * w
+            )
         x = (attn.softmax(-1) @ v).view(b, self.heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(x)
 
@@ -100,9 +102,11 @@ class Adapter(nn.Module):
             nn.Linear(dim, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, dim, bias=False), nn.Sigmoid()
         )
         self.spatial = nn.Sequential(
-            nn.Conv2d(dim, dim, 3, stride=2, padding=1, bias=False), nn.ReLU(),
-            nn.ConvTranspose2d(dim, dim, 4, stride=2, padding=1, bias=False), nn.ReLU(),
-        )  # fmt: skip
+            nn.Conv2d(dim, dim, 3, stride=2, padding=1, bias=False),
+            nn.ReLU(),
+            nn.ConvTranspose2d(dim, dim, 4, stride=2, padding=1, bias=False),
+            nn.ReLU(),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
@@ -151,7 +155,9 @@ def _window_partition(x: torch.Tensor, win: int) -> tuple[torch.Tensor, tuple[in
     return x.reshape(-1, win, win, c), (hp, wp)
 
 
-def _window_unpartition(x: torch.Tensor, win: int, pad_hw: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
+def _window_unpartition(
+    x: torch.Tensor, win: int, pad_hw: tuple[int, int], hw: tuple[int, int]
+) -> torch.Tensor:
     hp, wp = pad_hw
     b = x.shape[0] // (hp * wp // win // win)
     x = x.view(b, hp // win, wp // win, win, win, -1).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
@@ -180,7 +186,10 @@ class ImageEncoderViT(nn.Module):
         )
         p = cfg.prompt_embed_dim
         self.neck = nn.Sequential(
-            nn.Conv2d(dim, p, 1, bias=False), LayerNorm2d(p), nn.Conv2d(p, p, 3, padding=1, bias=False), LayerNorm2d(p)
+            nn.Conv2d(dim, p, 1, bias=False),
+            LayerNorm2d(p),
+            nn.Conv2d(p, p, 3, padding=1, bias=False),
+            LayerNorm2d(p),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -227,10 +236,14 @@ class PromptEncoder(nn.Module):
         # SAM's mask_in_chans is 16 at dim 256 (SAM, SAM-Med2D, LiteMedSAM): 1 -> 4 -> 16 -> dim channels.
         mask_in = max(4, dim // 16)
         self.mask_downscaling = nn.Sequential(
-            nn.Conv2d(1, mask_in // 4, 2, 2), LayerNorm2d(mask_in // 4), nn.GELU(),
-            nn.Conv2d(mask_in // 4, mask_in, 2, 2), LayerNorm2d(mask_in), nn.GELU(),
+            nn.Conv2d(1, mask_in // 4, 2, 2),
+            LayerNorm2d(mask_in // 4),
+            nn.GELU(),
+            nn.Conv2d(mask_in // 4, mask_in, 2, 2),
+            LayerNorm2d(mask_in),
+            nn.GELU(),
             nn.Conv2d(mask_in, dim, 1),
-        )  # fmt: skip
+        )
         self.no_mask_embed = nn.Embedding(1, dim)
 
     def dense_pe(self) -> torch.Tensor:
@@ -266,7 +279,11 @@ class Attention(nn.Module):
         super().__init__()
         inner = dim // downsample
         self.heads = heads
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, inner), nn.Linear(dim, inner), nn.Linear(dim, inner)
+        self.q_proj, self.k_proj, self.v_proj = (
+            nn.Linear(dim, inner),
+            nn.Linear(dim, inner),
+            nn.Linear(dim, inner),
+        )
         self.out_proj = nn.Linear(inner, dim)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -337,14 +354,23 @@ class MaskDecoder(nn.Module):
         self.iou_token = nn.Embedding(1, dim)
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, dim)
         self.output_upscaling = nn.Sequential(
-            nn.ConvTranspose2d(dim, dim // 4, 2, 2), LayerNorm2d(dim // 4), nn.GELU(),
-            nn.ConvTranspose2d(dim // 4, dim // 8, 2, 2), nn.GELU(),
-        )  # fmt: skip
-        self.output_hypernetworks_mlps = nn.ModuleList(MLP(dim, dim, dim // 8, 3) for _ in range(self.num_mask_tokens))
+            nn.ConvTranspose2d(dim, dim // 4, 2, 2),
+            LayerNorm2d(dim // 4),
+            nn.GELU(),
+            nn.ConvTranspose2d(dim // 4, dim // 8, 2, 2),
+            nn.GELU(),
+        )
+        self.output_hypernetworks_mlps = nn.ModuleList(
+            MLP(dim, dim, dim // 8, 3) for _ in range(self.num_mask_tokens)
+        )
         self.iou_prediction_head = MLP(dim, 256, self.num_mask_tokens, 3)
 
     def forward(
-        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One mask per prompt row: embeddings (N,C,e,e), sparse (N,K,C), dense (N,C,e,e) ->
         low-res logits (N, 4e, 4e) and predicted IoU (N,) of the single-mask output."""

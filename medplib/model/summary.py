@@ -27,8 +27,11 @@ def parameter_summary(preset: str) -> dict[str, int]:
         model = MedPLIB(cfg, llm_config=llm_config, vision_config=vision_config)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     llm = model.llm.get_decoder()
-    moe_experts = sum(count(layer.mlp) - layer.mlp.router.weight.numel()
-                      for layer in llm.layers if hasattr(layer.mlp, "experts"))  # fmt: skip
+    moe_experts = sum(
+        count(layer.mlp) - layer.mlp.router.weight.numel()
+        for layer in llm.layers
+        if hasattr(layer.mlp, "experts")
+    )
     rows = {
         "llm (all)": count(model.llm),
         "llm embeddings + lm_head": count(model.llm.get_input_embeddings())

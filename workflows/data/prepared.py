@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 
 def load_prepared(directory: str | Path, split: str, *, preserve_order: bool = False):  # -> ray.data.Dataset
@@ -25,19 +25,42 @@ def load_prepared(directory: str | Path, split: str, *, preserve_order: bool = F
     return ds
 
 
-def row_lengths(directory: str | Path, split: str) -> list[tuple[str, int]]:
-    """(task, token count) of every row of a split, read on the driver with pyarrow (two columns only; a Ray Data
-    job here would cost a worker start-up for a few kilobytes)."""
+class RowInfo(NamedTuple):
+    """What the driver needs of a row to plan a stage: which rows it takes, how often, how long they are."""
+
+    sample_id: str
+    task: str
+    length: int
+    question_type: str | None = None
+    modality: str | None = None
+
+
+def row_index(directory: str | Path, split: str) -> list[RowInfo]:
+    """`RowInfo` of every row of a split in file order, read on the driver with pyarrow (a few small columns; a Ray
+    Data job here would cost a worker start-up for a few kilobytes)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from medplib.data.prepared import shard_files
 
-    out: list[tuple[str, int]] = []
+    out: list[RowInfo] = []
     for path in shard_files(directory, split):
-        table = pq.read_table(path, columns=["task", "input_ids"])
+        names = set(pq.read_schema(path).names)
+        wanted = ["sample_id", "task", "input_ids"] + [c for c in ("question_type", "modality") if c in names]
+        table = pq.read_table(path, columns=wanted)
         lengths = pc.list_value_length(table.column("input_ids")).to_pylist()
-        out += zip(table.column("task").to_pylist(), lengths, strict=True)
+        optional = {
+            c: table.column(c).to_pylist() if c in names else [None] * len(lengths)
+            for c in ("question_type", "modality")
+        }
+        out += map(
+            RowInfo,
+            table.column("sample_id").to_pylist(),
+            table.column("task").to_pylist(),
+            lengths,
+            optional["question_type"],
+            optional["modality"],
+        )
     return out
 
 

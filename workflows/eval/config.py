@@ -29,9 +29,40 @@ class EvalConfig(BaseModel):
         Path("eval"), description="output folder (created; files of the same name are replaced)"
     )
     max_rows: int | None = Field(
-        None, ge=1, description="evaluate at most this many rows per split (file order)"
+        None, ge=1, description="sample 'first': evaluate at most this many rows per split (file order)"
     )
-    max_new_tokens: int = Field(64, ge=1, description="greedy decoding length limit (upstream eval: 1024)")
+    sample: Literal["first", "stratified"] = Field(
+        "first",
+        description="first: the split's rows in file order (up to max_rows); stratified: `per_kind` rows of every "
+        "question type, seeded (`sample_seed`), so before/after compare the same rows",
+    )
+    per_kind: dict[Literal["grounding", "vqa"], int] = Field(
+        default_factory=lambda: {"grounding": 16, "vqa": 8},
+        description="sample stratified: rows per question type, by family (a family left out is not scored)",
+    )
+    split_per_kind: dict[str, dict[Literal["grounding", "vqa"], int]] = Field(
+        default_factory=dict,
+        description="per-split overrides of `per_kind`, e.g. fewer rows for the split that only picks the champion",
+    )
+    sample_seed: int = Field(0, description="seed of the stratified sample")
+    teacher_forced: bool = Field(
+        True,
+        description="also score grounding masks from the ground-truth answer's <SEG> positions (upstream's "
+        "in-training validation), beside the masks of the generated answer",
+    )
+    baseline_split: str | None = Field(
+        "train",
+        description="split whose majority closed answer per question type is the question-only baseline "
+        "(null: none)",
+    )
+    embedding_cache: Path | None = Field(
+        None, description="folder of cached frozen image-encoder outputs (shared with training), or none"
+    )
+    max_new_tokens: int = Field(
+        112,
+        ge=1,
+        description="greedy decoding length limit (upstream eval: 1024; MeCoVQA-mini's longest answer: 105)",
+    )
     batch_size: int = Field(8, ge=1, description="rows per generate call inside an actor")
     concurrency: int | None = Field(
         None, ge=1, description="actors (one model each); default: one per GPU, or 1 on a CPU-only cluster"
@@ -69,6 +100,10 @@ class EvalConfig(BaseModel):
         if len(set(value)) != len(value):
             raise ValueError(f"splits must be distinct, got {value}")
         return value
+
+    def kind_caps(self, split: str) -> dict[str, int]:
+        """Rows per question type of `split` (sample stratified)."""
+        return self.split_per_kind.get(split, self.per_kind)
 
     @property
     def label(self) -> str:

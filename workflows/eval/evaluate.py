@@ -32,14 +32,16 @@ from medplib.inference import MLFLOW_URI_PREFIXES
 from medplib.metrics import (
     group_indices,
     mask_intersection_union,
+    normalize_answer,
     segmentation_scores_from_counts,
     vqa_scores,
 )
 from medplib_client import Prediction
 from workflows.common import cluster_gpus, decide_gpu, init_ray
-from workflows.data.prepared import load_prepared
+from workflows.data.prepared import load_prepared, row_index
 from workflows.eval.config import METRICS_NAME, PREDICTIONS_NAME, EvalConfig
 from workflows.eval.report import write_comparison_report, write_report
+from workflows.eval.sample import kind_of, majority_answers, stratified_ids
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +123,7 @@ def predict_rows(
     max_new_tokens: int,
     model_id: str,
     batch_size: int | None = None,
+    teacher_forced: bool = False,
 ) -> list[RowResult]:
     """Generate (greedy) and score prepared rows (dicts with `rows.COLUMNS`) through `Predictor.run`, the code
     that serves; results in input order.
@@ -149,7 +152,11 @@ def predict_rows(
             preds = predictor.run(
                 prompts, max_new_tokens=max_new_tokens, temperature=0.0, segment=bool(grounding)
             )
-            for i, prompt, pred in zip(chunk, prompts, preds, strict=True):
+            forced = [None] * len(chunk)
+            if grounding and teacher_forced:
+                full = [row_to_encoded(rows[i], predictor.cfg.vision.image_size_px) for i in chunk]
+                forced = predictor.teacher_forced(full)
+            for i, prompt, pred, tf in zip(chunk, prompts, preds, forced, strict=True):
                 emitted_seg = model.ids.seg in pred.token_ids
                 per_row_s = pred.timings["generate_s"] / len(chunk)
                 results[i] = _row_result(
@@ -162,6 +169,7 @@ def predict_rows(
                     bool(grounding),
                     per_row_s,
                     len(chunk),
+                    tf,
                 )
     return [r for r in results if r is not None]
 
@@ -176,19 +184,27 @@ def _row_result(
     segment: bool,
     generate_s: float,
     batch_rows: int,
+    forced: Prediction | None = None,
 ) -> RowResult:
     masks = pred.masks
     split = str(row.get("split") or "")
     question_id = str(row["sample_id"])
-    seg_counts: list[list[int]] = []
-    for k, target in enumerate(prompt.target_masks if segment else []):
-        try:
-            intersection, union = mask_intersection_union(masks[k] if k < len(masks) else None, target)
-        except ValueError as err:
-            raise ValueError(f"row {question_id} ({split}), mask {k}: {err}") from err
-        seg_counts.append([intersection, union])
+
+    def counts(predicted: list[np.ndarray]) -> list[list[int]]:
+        out = []
+        for k, target in enumerate(prompt.target_masks if segment else []):
+            try:
+                out.append(
+                    list(mask_intersection_union(predicted[k] if k < len(predicted) else None, target))
+                )
+            except ValueError as err:
+                raise ValueError(f"row {question_id} ({split}), mask {k}: {err}") from err
+        return out
+
+    seg_counts = counts(masks)
     ious = [i / u if u else 0.0 for i, u in seg_counts]
     dices = [2 * i / (i + u) if u else 0.0 for i, u in seg_counts]
+    tf_counts = counts(forced.masks) if forced is not None else None
     record = {
         # upstream MedPLIB / LLaVA-Med answer record
         "question_id": question_id,
@@ -213,6 +229,7 @@ def _row_result(
         },
         # ours
         "task": row.get("task"),
+        "kind": kind_of(row.get("question_type"), str(row.get("task"))),
         "modality": row.get("modality"),
         "split": split,
         "pred_masks": [
@@ -227,6 +244,12 @@ def _row_result(
         "seg_counts": seg_counts,
         "iou": float(np.mean(ious)) if ious else None,
         "dice": float(np.mean(dices)) if dices else None,
+        # Teacher-forced masks (the ground-truth answer's <SEG>): counts, Dice and SAM's IoU score per mask.
+        "tf_seg_counts": tf_counts,
+        "tf_dice": float(np.mean([2 * i / (i + u) if u else 0.0 for i, u in tf_counts]))
+        if tf_counts
+        else None,
+        "tf_scores": list(forced.scores) if forced is not None else None,
     }
     return RowResult(record, masks)
 
@@ -249,10 +272,13 @@ class EvalWorker:
         model_id: str,
         batch_size: int,
         tracking_uri: str | None = None,
+        teacher_forced: bool = False,
+        embedding_cache: str | None = None,
     ) -> None:
         import torch
 
         from medplib.inference import Predictor, resolve_model_source
+        from medplib.model.embedding_cache import EmbeddingCache
 
         logging.basicConfig(level=logging.INFO)  # a fresh Ray worker has no handler; a no-op elsewhere
         device = "cuda" if use_gpu and torch.cuda.is_available() else None
@@ -260,6 +286,11 @@ class EvalWorker:
         torch.manual_seed(seed)  # a random-init preset builds the same weights in every actor
         began = time.perf_counter()
         self.predictor = Predictor.from_pretrained(source, dtype=dtype, device=device)
+        if embedding_cache:
+            self.predictor.embedding_cache = EmbeddingCache(
+                embedding_cache, self.predictor.model, autocast=self.predictor.autocast
+            )
+        self.teacher_forced = teacher_forced
         logger.info(
             "eval actor: model %s on %s in %.1f s", model, device or "cpu", time.perf_counter() - began
         )
@@ -274,6 +305,7 @@ class EvalWorker:
             max_new_tokens=self.max_new_tokens,
             model_id=self.model_id,
             batch_size=self.batch_size,
+            teacher_forced=self.teacher_forced,
         )
         return pa.Table.from_pylist(
             [
@@ -292,6 +324,11 @@ def _want_gpus(cfg: EvalConfig) -> bool:
     return decide_gpu(cfg.use_gpu, cluster_gpus())
 
 
+def selected_ids(cfg: EvalConfig, split: str) -> list[str]:
+    """The stratified sample of a split (`workflows.eval.sample.stratified_ids`)."""
+    return stratified_ids(row_index(cfg.data, split), cfg.kind_caps(split), cfg.sample_seed)
+
+
 def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
     init_ray()
     gpus = _want_gpus(cfg)
@@ -305,6 +342,9 @@ def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
     for split in cfg.splits:
         # Ray Data touch-point: the split's Parquet shards, lazily; `limit` stops reading after max_rows.
         ds = load_prepared(cfg.data, split)
+        if cfg.sample == "stratified":
+            chosen = set(selected_ids(cfg, split))
+            ds = ds.filter(lambda r, chosen=chosen: r["sample_id"] in chosen)
         datasets.append(ds.limit(cfg.max_rows) if cfg.max_rows else ds)
     ds = (
         datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
@@ -322,6 +362,8 @@ def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
             "model_id": cfg.label,
             "batch_size": cfg.batch_size,
             "tracking_uri": tracking_uri,
+            "teacher_forced": cfg.teacher_forced,
+            "embedding_cache": str(cfg.embedding_cache) if cfg.embedding_cache else None,
         },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
@@ -349,9 +391,14 @@ def _iter_outputs_local(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
         model_id=cfg.label,
         batch_size=cfg.batch_size,
         tracking_uri=cfg.tracking_uri,
+        teacher_forced=cfg.teacher_forced,
+        embedding_cache=str(cfg.embedding_cache) if cfg.embedding_cache else None,
     )
     for split in cfg.splits:
         rows = iter_prepared_rows(cfg.data, split, batch_rows=cfg.batch_size)
+        if cfg.sample == "stratified":
+            chosen = set(selected_ids(cfg, split))
+            rows = (r for r in rows if r["sample_id"] in chosen)
         taken = 0
         while cfg.max_rows is None or taken < cfg.max_rows:
             room = cfg.batch_size if cfg.max_rows is None else min(cfg.batch_size, cfg.max_rows - taken)
@@ -380,27 +427,90 @@ def _is_grounding_record(record: dict[str, Any]) -> bool:
     return record["task"] == "grounding" or bool(record["seg_counts"])
 
 
+def _dice(pairs: Sequence[Sequence[int]]) -> float:
+    return float(np.mean([2 * i / (i + u) if u else 0.0 for i, u in pairs])) if pairs else float("nan")
+
+
 def _seg_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    pairs = [pair for r in records for pair in r["seg_counts"]]
+    """Grounding: the generated answer's masks (`segmentation_scores` over every mask pair: mIoU, mDice, gIoU,
+    cIoU, n), the teacher-forced masks (`teacher_forced`), how often the model emitted `<SEG>` itself, the Dice
+    of the rows that did and of those whose mask was forced from the last hidden state, whether SAM's IoU score
+    says anything (Pearson r against the teacher-forced IoU), and all of it per kind."""
     if not records:
         return None
+    pairs = [pair for r in records for pair in r["seg_counts"]]
     scores = segmentation_scores_from_counts([p[0] for p in pairs], [p[1] for p in pairs])
     scores["rows"] = len(records)
     scores["unscored_rows"] = sum(1 for r in records if not r["seg_counts"])
-    scores["seg_token_rate"] = float(np.mean([bool(r["metadata"]["emitted_seg"]) for r in records]))
+    emitted = [r for r in records if r["metadata"]["emitted_seg"]]
+    scores["seg_token_rate"] = len(emitted) / len(records)
+    scores["forced_mask_rate"] = 1.0 - scores["seg_token_rate"]
+    scores["mDice_given_seg"] = _dice([p for r in emitted for p in r["seg_counts"]])
+    scores["mDice_forced"] = _dice(
+        [p for r in records if not r["metadata"]["emitted_seg"] for p in r["seg_counts"]]
+    )
+    forced = [r for r in records if r.get("tf_seg_counts") is not None]
+    if forced:
+        tf = [p for r in forced for p in r["tf_seg_counts"]]
+        scores["teacher_forced"] = segmentation_scores_from_counts([p[0] for p in tf], [p[1] for p in tf])
+        scores["teacher_forced_mDice"] = scores["teacher_forced"]["mDice"]
+        scored = np.array(
+            [
+                (score, i / u if u else 0.0)
+                for r in forced
+                for score, (i, u) in zip(r["tf_scores"], r["tf_seg_counts"], strict=False)
+            ]
+        )
+        if len(scored) >= 3 and scored.std(0).min() > 0:
+            scores["score_iou_pearson"] = float(np.corrcoef(scored.T)[0, 1])
+    scores["by_kind"] = {
+        kind: {
+            "rows": len(idx),
+            "mDice": _dice([p for i in idx for p in records[i]["seg_counts"]]),
+            "teacher_forced_mDice": _dice([p for i in idx for p in records[i].get("tf_seg_counts") or []]),
+            "seg_token_rate": float(np.mean([records[i]["metadata"]["emitted_seg"] for i in idx])),
+        }
+        for kind, idx in sorted(group_indices(r.get("kind") or r["task"] for r in records).items())
+    }
     return scores
 
 
-def _vqa_summary(records: Sequence[dict[str, Any]], keep_modality: bool = False) -> dict[str, Any] | None:
+def _vqa_summary(
+    records: Sequence[dict[str, Any]], baseline: dict[str, str] | None = None, keep_modality: bool = False
+) -> dict[str, Any] | None:
+    """`vqa_scores` of the VQA and region-VQA rows, the question-only baseline's closed accuracy on the same rows
+    (the train split's majority answer of each kind) and closed accuracy per kind."""
     if not records:
         return None
     scores = vqa_scores(records)
     if not keep_modality:
         scores.pop("by_modality", None)
+    closed = [r for r in records if r.get("answer_type") == "closed"]
+
+    def correct(record: dict[str, Any], answer: str | None) -> bool:
+        return answer is not None and normalize_answer(answer) == normalize_answer(record["gt"] or "")
+
+    def baseline_of(record: dict[str, Any]) -> str | None:
+        return None if baseline is None else baseline.get(record.get("kind") or record["task"])
+
+    if baseline is not None and closed:
+        scores["baseline_closed_accuracy"] = float(np.mean([correct(r, baseline_of(r)) for r in closed]))
+    scores["closed_by_kind"] = {
+        kind: {
+            "n": len(idx),
+            "accuracy": float(np.mean([correct(closed[i], closed[i]["text"]) for i in idx])),
+            "baseline": float(np.mean([correct(closed[i], baseline_of(closed[i])) for i in idx]))
+            if baseline is not None
+            else None,
+        }
+        for kind, idx in sorted(group_indices(r.get("kind") or r["task"] for r in closed).items())
+    }
     return scores
 
 
-def split_metrics(records: Sequence[dict[str, Any]], kind: str = "in_distribution") -> dict[str, Any]:
+def split_metrics(
+    records: Sequence[dict[str, Any]], kind: str = "in_distribution", baseline: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Metrics of one split's prediction records (NaN where a group has no rows; `_finite` turns it into null).
 
     `grounding`: `medplib.metrics.segmentation_scores` over every (predicted, target) mask pair of the grounding
@@ -413,7 +523,7 @@ def split_metrics(records: Sequence[dict[str, Any]], kind: str = "in_distributio
         return {
             "rows": len(subset),
             "grounding": _seg_summary([r for r in subset if _is_grounding_record(r)]),
-            "vqa": _vqa_summary([r for r in subset if not _is_grounding_record(r)]),
+            "vqa": _vqa_summary([r for r in subset if not _is_grounding_record(r)], baseline),
         }
 
     overall = sections(records)
@@ -441,13 +551,38 @@ def split_metrics(records: Sequence[dict[str, Any]], kind: str = "in_distributio
     }
 
 
-def compute_metrics(records: Sequence[dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
+def question_only_baseline(cfg: EvalConfig) -> dict[str, str] | None:
+    """`majority_answers` of `cfg.baseline_split` (None when there is none), read with pyarrow on the driver."""
+    import pyarrow.parquet as pq
+
+    from medplib.data.prepared import read_manifest, shard_files
+
+    if cfg.baseline_split is None:
+        return None
+    if cfg.baseline_split not in read_manifest(cfg.data).get("splits", {}):
+        logger.warning(
+            "eval: no split %r for the question-only baseline; none is reported", cfg.baseline_split
+        )
+        return None
+
+    rows = []
+    for path in shard_files(cfg.data, cfg.baseline_split):
+        names = pq.read_schema(path).names
+        columns = [c for c in ("question_type", "task", "answer_type", "answer") if c in names]
+        for r in pq.read_table(path, columns=columns).to_pylist():
+            rows.append((r.get("question_type"), r["task"], r.get("answer_type"), r.get("answer")))
+    return majority_answers(rows)
+
+
+def compute_metrics(
+    records: Sequence[dict[str, Any]], cfg: EvalConfig, baseline: dict[str, str] | None = None
+) -> dict[str, Any]:
     """`metrics.json`: run description plus `splits: {split: split_metrics}` in the order asked for."""
     by_split = group_indices(r["split"] for r in records)
     splits = {}
     for split in cfg.splits:
         subset = [records[i] for i in by_split.get(split, [])]
-        splits[split] = split_metrics(subset, cfg.split_kind(split))
+        splits[split] = split_metrics(subset, cfg.split_kind(split), baseline)
     return _finite(
         {
             "model": cfg.model,
@@ -455,6 +590,10 @@ def compute_metrics(records: Sequence[dict[str, Any]], cfg: EvalConfig) -> dict[
             "data": str(cfg.data),
             "splits_order": list(cfg.splits),
             "max_rows": cfg.max_rows,
+            "sample": cfg.sample,
+            "per_kind": {s: cfg.kind_caps(s) for s in cfg.splits} if cfg.sample == "stratified" else None,
+            "sample_seed": cfg.sample_seed,
+            "baseline_split": cfg.baseline_split,
             "max_new_tokens": cfg.max_new_tokens,
             "decoding": "greedy",
             "scale": "fractions in [0, 1] (the report shows x100)",
@@ -532,7 +671,7 @@ def evaluate(config: EvalConfig | None = None, **fields: Any) -> EvalResult:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     inference_s = time.perf_counter() - began
 
-    metrics = compute_metrics(records, cfg)
+    metrics = compute_metrics(records, cfg, question_only_baseline(cfg))
     metrics["elapsed_s"] = round(inference_s, 3)
     metrics["rows_per_s"] = round(len(records) / inference_s, 3) if inference_s > 0 else None
     metrics_path = cfg.out / METRICS_NAME

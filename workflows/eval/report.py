@@ -45,11 +45,14 @@ GALLERY_DISPLAY_PX = 256
 CHART_DPI = 110
 # (section, key, label) of the headline numbers in tables and in the before/after comparison.
 KEY_METRICS = (
+    ("grounding", "teacher_forced_mDice", "Grounding mDice, teacher-forced"),
     ("grounding", "mDice", "Grounding mDice"),
+    ("grounding", "seg_token_rate", "<SEG> emitted (rate)"),
     ("grounding", "mIoU", "Grounding mIoU"),
     ("grounding", "gIoU", "Grounding gIoU"),
     ("grounding", "cIoU", "Grounding cIoU"),
     ("vqa", "closed_accuracy", "VQA closed accuracy"),
+    ("vqa", "baseline_closed_accuracy", "VQA closed accuracy, question-only baseline"),
     ("vqa", "open_f1", "VQA open token F1"),
     ("vqa", "open_recall", "VQA open recall"),
     ("vqa", "open_bleu_1", "VQA open BLEU-1"),
@@ -383,6 +386,34 @@ def _summary_table(metrics: dict[str, Any]) -> str:
     return f"<table>{header}{''.join(rows)}</table>"
 
 
+def _kinds_html(section: dict[str, Any]) -> str:
+    """Grounding per kind (teacher-forced and generated Dice, <SEG> emission) and closed VQA per kind beside the
+    question-only baseline: where the model learned, and whether it uses the image."""
+    out = []
+    kinds = (section.get("grounding") or {}).get("by_kind") or {}
+    if kinds:
+        rows = "".join(
+            f"<tr><td>{_text(k)}</td>{_int(v.get('rows'))}{_num(v.get('teacher_forced_mDice'))}"
+            f"{_num(v.get('mDice'))}{_num(v.get('seg_token_rate'))}</tr>"
+            for k, v in kinds.items()
+        )
+        out.append(
+            "<h3>Grounding by kind</h3><table><tr><th>kind</th><th>rows</th><th>mDice, teacher-forced</th>"
+            f"<th>mDice, generated</th><th>&lt;SEG&gt; emitted %</th></tr>{rows}</table>"
+        )
+    closed = (section.get("vqa") or {}).get("closed_by_kind") or {}
+    if closed:
+        rows = "".join(
+            f"<tr><td>{_text(k)}</td>{_int(v.get('n'))}{_num(v.get('accuracy'))}{_num(v.get('baseline'))}</tr>"
+            for k, v in closed.items()
+        )
+        out.append(
+            "<h3>Closed questions by kind</h3><table><tr><th>kind</th><th>n</th><th>accuracy</th>"
+            f"<th>question-only baseline</th></tr>{rows}</table>"
+        )
+    return "".join(out)
+
+
 def _gallery_html(title: str, cases: Sequence[GalleryCase], images: Sequence[bytes]) -> str:
     if not cases:
         return ""
@@ -533,6 +564,7 @@ def write_report(
             body.append('<p class="note">No rows were evaluated in this split.</p>')
             continue
         body += [
+            _kinds_html(section),
             "<h3>By task</h3>",
             _score_table("task", section["by_task"]),
             "<h3>By modality</h3>",
@@ -602,6 +634,20 @@ def compare_metrics(before: dict[str, Any], after: dict[str, Any], labels: tuple
         if b is None:
             continue
         rows = _metric_rows(b, a)
+        for kind, after_kind in ((a.get("grounding") or {}).get("by_kind") or {}).items():
+            before_kind = ((b.get("grounding") or {}).get("by_kind") or {}).get(kind) or {}
+            values = before_kind.get("teacher_forced_mDice"), after_kind.get("teacher_forced_mDice")
+            if any(v is not None for v in values):
+                rows.append(
+                    {
+                        "label": f"{kind}: grounding mDice, teacher-forced",
+                        "section": "grounding",
+                        "key": "teacher_forced_mDice",
+                        "before": values[0],
+                        "after": values[1],
+                        "delta": None if None in values else values[1] - values[0],
+                    }
+                )
         for modality in a.get("by_modality", {}):
             b_mod = b.get("by_modality", {}).get(modality)
             a_mod = a["by_modality"][modality]

@@ -23,11 +23,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from medplib.model.config import LoraSettings, LossWeights, MoEConfig, configs_dir
 
-StageName = Literal["vl", "grounding", "moe"]
-STAGES: tuple[StageName, ...] = ("vl", "grounding", "moe")
+StageName = Literal["align", "vl", "grounding", "moe"]
+STAGES: tuple[StageName, ...] = ("align", "vl", "grounding", "moe")
+# `align` (upstream stage I: the projector alone, on image-text rows) is optional; the other three are not.
+REQUIRED_STAGES: tuple[StageName, ...] = ("vl", "grounding", "moe")
 Task = Literal["vqa", "region_vqa", "grounding"]
 # The registered MLflow model of each stage's output.
-REGISTERED_MODEL = {"vl": "medplib-vl", "grounding": "medplib-grounding", "moe": "medplib"}
+REGISTERED_MODEL = {
+    "align": "medplib-align",
+    "vl": "medplib-vl",
+    "grounding": "medplib-grounding",
+    "moe": "medplib",
+}
 
 
 class _Strict(BaseModel):
@@ -39,7 +46,8 @@ class StageConfig(_Strict):
     `micro_batch_size * grad_accum * num_workers` samples per optimiser step."""
 
     stage: StageName
-    """Which stage this is: vl (VQA + region-VQA expert), grounding (pixel-grounding expert), moe (MoE fine-tune)."""
+    """Which stage this is: align (the projector alone, optional), vl (VQA + region-VQA expert), grounding
+    (pixel-grounding expert), moe (MoE fine-tune)."""
     preset: str
     """Model preset (`configs/model/<preset>.yaml`). `vl` builds its starting model from it; `grounding` and `moe`
     start from the previous stages' registered models, which were built from the same preset."""
@@ -50,9 +58,20 @@ class StageConfig(_Strict):
     sft_modules: list[str] = Field(default_factory=list)
     """Name substrings of parameters trained in full (upstream `--sft_modules`; `router` is upstream `wg`)."""
     loss_weights: LossWeights
-    """Weight of each loss term (ce, bce, dice, focal, iou, moe_aux)."""
+    """Weight of each loss term (ce, bce, dice, focal, iou, box, moe_aux)."""
     lr: float = Field(gt=0)
-    """Peak learning rate of AdamW."""
+    """Peak learning rate of AdamW for every trainable parameter `lr_groups` does not name (LoRA, ...)."""
+    lr_groups: dict[str, float] = Field(default_factory=dict)
+    """Peak learning rates by parameter-name substring, first match wins, e.g. `{text_hidden_fcs: 1.0e-3,
+    mask_decoder: 5.0e-5}`: a head that starts at random init learns fast, a pretrained decoder slowly."""
+    max_steps: int | None = Field(None, ge=1)
+    """Cap on this stage's optimiser steps (the pipeline's `max_steps` caps every stage as well)."""
+    balance_by: Literal["question_type", "task", "modality"] | None = None
+    """Resample the stage's rows by this column so rare kinds are seen (null: the data's own mix)."""
+    balance_alpha: float = Field(0.5, ge=0, le=1)
+    """With `balance_by`: a group of n rows gets a share proportional to n ** alpha (1 = the data's mix,
+    0 = every group alike). Rows of a group are repeated (or thinned) deterministically to that share; the epoch
+    keeps its length."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay (upstream 0.0)."""
     betas: tuple[float, float] = (0.9, 0.95)
@@ -71,8 +90,10 @@ class StageConfig(_Strict):
     logged); rows are tokenised once by `medplib data prepare`, so they are not re-truncated here."""
     grad_clip: float = Field(1.0, gt=0)
     """Gradient clipping by global norm."""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """auto = bf16 on GPUs, fp32 on CPU workers (bf16 also works on CPU; fp16 never does, so it is not offered)."""
+    precision: Literal["auto", "bf16", "bf16-mixed", "fp32"] = "auto"
+    """bf16: DeepSpeed bf16 (bf16 weights, fp32 master copy); bf16-mixed: fp32 weights, forward under bf16
+    autocast; auto = bf16 on GPUs, bf16-mixed on CPUs with bf16 matrix instructions (~4x their fp32 matmul),
+    else fp32. fp16 never works on CPU, so it is not offered."""
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage (upstream 2; ZeRO-3 is known not to work with MoE, MoE-LLaVA #20)."""
     gradient_checkpointing: bool = True
@@ -139,12 +160,26 @@ class DataSettings(_Strict):
 
 
 class EvalSettings(_Strict):
-    """The pipeline's eval step on the final model (and the per-stage sample predictions)."""
+    """The pipeline's evaluation: the untrained starting model and the final model on the same rows of
+    `data.eval_split` (which picks the champion) and of `splits` (reported; the first is the headline)."""
 
+    splits: list[str] = Field(default_factory=lambda: ["test", "test_xsubject"])
+    """Splits reported beside `data.eval_split`: the headline (`test`) and the zero-shot ones (other subjects);
+    a split the prepared data lacks is skipped with a warning."""
+    sample: Literal["stratified", "first"] = "stratified"
+    """stratified: `per_kind` rows of every question type, seeded, the same rows before and after training;
+    first: the first `max_samples` rows of each split."""
+    per_kind: dict[Literal["grounding", "vqa"], int] = Field(
+        default_factory=lambda: {"grounding": 16, "vqa": 8}
+    )
+    """Rows per question type (sample stratified), by family: grounding kinds (brain, tissue, structure, ...),
+    VQA and region-VQA kinds (presence, plane, structure_box, ...)."""
+    split_per_kind: dict[str, dict[Literal["grounding", "vqa"], int]] = Field(default_factory=dict)
+    """Per-split overrides of `per_kind` (e.g. a smaller sample of the split that only picks the champion)."""
     max_samples: int = Field(32, ge=1)
-    """Rows of the eval split scored (the first N, in file order)."""
-    max_new_tokens: int = Field(32, ge=1)
-    """Generation budget per answer."""
+    """Rows per split with sample: first."""
+    max_new_tokens: int = Field(112, ge=1)
+    """Generation budget per answer (the longest MeCoVQA-mini answer, a slice description, is 105 tokens)."""
     sample_predictions: int = Field(4, ge=0)
     """Rows rendered as PNG mask overlays + answers into each stage's MLflow run."""
 
@@ -172,6 +207,9 @@ class PipelineConfig(_Strict):
     cpus_per_worker: float = Field(0.5, gt=0)
     """CPUs reserved per worker. Keep it fractional on small machines: Ray Data needs CPU left to feed the
     workers (with 1 CPU each on 2 cores, ingestion deadlocks)."""
+    threads_per_worker: int | None = Field(None, ge=1)
+    """Torch threads of each training worker (null: its CPU reservation, Ray's default). A lone CPU worker may
+    take every core while its reservation stays fractional, so Ray Data still gets a CPU to read with."""
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     """auto = GPUs when the Ray cluster has any. `yes` without GPUs is an error (Ray would wait forever)."""
     max_steps: int | None = Field(None, ge=1)
@@ -183,9 +221,9 @@ class PipelineConfig(_Strict):
 
     @model_validator(mode="after")
     def _stages(self) -> PipelineConfig:
-        missing = [s for s in STAGES if s not in self.stages]
+        missing = [s for s in REQUIRED_STAGES if s not in self.stages]
         if missing:
-            raise ValueError(f"stages: missing {missing}; a pipeline runs vl, grounding and moe")
+            raise ValueError(f"stages: missing {missing}; a pipeline runs [align,] vl, grounding and moe")
         for key, stage in self.stages.items():
             if stage.stage != key:
                 raise ValueError(f"stages.{key}: the file configures stage {stage.stage!r}")
@@ -194,6 +232,21 @@ class PipelineConfig(_Strict):
                     f"stages.{key}.preset is {stage.preset!r} but the pipeline preset is {self.preset!r}"
                 )
         return self
+
+    @property
+    def stage_order(self) -> list[StageName]:
+        """The stages this pipeline runs, in order (align only when configured)."""
+        return [s for s in STAGES if s in self.stages]
+
+    def stage_inputs(self, name: StageName) -> tuple[StageName, ...]:
+        """The stages whose registered models a stage starts from: vl from align (when there is one), grounding
+        from vl, moe from vl and grounding (its experts); the first stage from the preset."""
+        return {
+            "align": (),
+            "vl": ("align",) if "align" in self.stages else (),
+            "grounding": ("vl",),
+            "moe": ("vl", "grounding"),
+        }[name]
 
     @property
     def workdir_path(self) -> Path:

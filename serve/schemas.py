@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from medplib.data.display import View
 from serve.masks import check_rle
 
 
@@ -104,6 +105,11 @@ class MedPLIBOptions(_Strict):
     )
     return_masks: bool = Field(True, description="include the masks in the response")
     mask_encoding: MaskEncoding = Field("both", description="'rle', 'png' or 'both'")
+    view: View | None = Field(
+        None,
+        description="DICOM/NIfTI: slice_index, axis (0-2 or sagittal/coronal/axial) and window (a preset such as "
+        "brain, bone, lung, soft_tissue, or {center, width})",
+    )
 
 
 class ImageURL(BaseModel):
@@ -261,6 +267,9 @@ class PredictRequest(_Strict):
     segment: bool = Field(False, description="return a mask even when the answer has no <SEG>")
     return_masks: bool = True
     mask_encoding: MaskEncoding = "both"
+    view: View | None = Field(
+        None, description="DICOM/NIfTI: slice_index, axis and window (see MedPLIBOptions)"
+    )
 
     @field_validator("question")
     @classmethod

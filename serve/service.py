@@ -9,7 +9,6 @@ status, the field at fault and a message saying what was expected. `run_batch` i
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 import threading
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from medplib.data.reading import ImageReadError
 from medplib.prediction import Prediction
 from serve.config import AppArgs
 from serve.masks import MaskFormatError, b64decode, b64encode, decode_rle, encode_rle, png_decode, png_encode
@@ -62,6 +62,14 @@ _ACCEPTED_MEDIA = (
     "application/x-nifti",
 )
 _DATA_URL = re.compile(r"^data:(?P<media>[^;,]*)(?P<params>(;[^;,]*)*),(?P<data>.*)$", re.DOTALL)
+
+
+# ReadLimits fields -> the serve config's names for them, for messages.
+_LIMIT_NAMES = {
+    "max_pixels": "limits.max_image_pixels",
+    "max_volume_bytes": "limits.max_volume_bytes",
+    "max_files": "limits.max_volume_files",
+}
 
 
 class APIError(Exception):
@@ -129,6 +137,16 @@ class JobResult:
     @property
     def num_generated_tokens(self) -> int:
         return self.prediction.num_generated_tokens if self.prediction is not None else 0
+
+
+def image_error(err: ImageReadError, param: str) -> APIError:
+    """413 for an input over a limit (naming the limit), 400 for anything else the readers refused."""
+    if err.problem == "too_large":
+        detail = err.detail
+        if err.limit in _LIMIT_NAMES:
+            detail = detail.replace(f"({err.limit})", f"({_LIMIT_NAMES[err.limit]})")
+        return APIError(413, f"{param}: {detail}", param, "too_large")
+    return APIError(400, f"{param}: not a readable image: {err.detail}", param, "invalid_image")
 
 
 def parse_data_url(url: str, param: str) -> bytes:
@@ -255,8 +273,10 @@ class MedPLIBService:
             )
         i, j, part = in_last[0] if in_last else images[-1]
         param = f"messages[{i}].content[{j}].image_url.url"
-        image = self._decode_image(parse_data_url(part.image_url.url, param), param)
         opts = req.medplib
+        image = self._decode_image(
+            parse_data_url(part.image_url.url, param), param, opts.view if opts else None
+        )
         regions: list[tuple[str, Any]] = []
         if opts:
             regions += [(f"medplib.points[{k}]", p) for k, p in enumerate(opts.points)]
@@ -281,7 +301,7 @@ class MedPLIBService:
         raw = (
             parse_data_url(req.image, "image") if req.image.startswith("data:") else _b64(req.image, "image")
         )
-        image = self._decode_image(raw, "image")
+        image = self._decode_image(raw, "image", req.view)
         regions = [(f"regions[{k}]", r) for k, r in enumerate(req.regions)]
         return self._job(
             image,
@@ -297,43 +317,14 @@ class MedPLIBService:
             question_param="question",
         )
 
-    def _decode_image(self, data: bytes, param: str) -> np.ndarray:
-        from PIL import Image
+    def _decode_image(self, data: bytes, param: str, view: Any = None) -> np.ndarray:
+        from medplib.data.image import load_image
 
-        from medplib.data.image import ImageReadError, load_image
-
-        limit = self.args.limits.max_image_pixels
-        try:  # header only: refuse an oversized image before decoding its pixels
-            with Image.open(io.BytesIO(data)) as peek:
-                w, h = peek.size
-        except Image.DecompressionBombError as err:
-            raise APIError(413, f"{param}: image too large to decode ({err})", param) from err
-        except Exception:  # not a Pillow format (DICOM, NIfTI) or not an image: load_image decides
-            w = h = 0
-        if w * h > limit:
-            raise APIError(
-                413,
-                f"{param}: image is {w}x{h} = {w * h} pixels; this server takes at most {limit} "
-                "(limits.max_image_pixels)",
-                param,
-            )
         try:
-            image = load_image(data)
+            # Headers are checked against the limits before any pixel is decoded or any gzip inflated.
+            return load_image(data, view=view, limits=self.args.limits.read_limits())
         except ImageReadError as err:
-            raise APIError(
-                400, f"{param}: not a readable image: {err.detail}", param, "invalid_image"
-            ) from err
-        except Image.DecompressionBombError as err:
-            raise APIError(413, f"{param}: image too large to decode ({err})", param) from err
-        h, w = image.shape[:2]
-        if w * h > limit:
-            raise APIError(
-                413,
-                f"{param}: image is {w}x{h} = {w * h} pixels; this server takes at most {limit} "
-                "(limits.max_image_pixels)",
-                param,
-            )
-        return image
+            raise image_error(err, param) from err
 
     def _region(self, prompt: Any, param: str) -> Any:
         from medplib.data.schema import Box, Point

@@ -9,7 +9,8 @@ line, a `Reason` code, a message naming the field/file, and the raw row). Checks
 3. ids are unique among accepted rows (`duplicate_id`; the first accepted row with an id wins);
 4. every path stays inside the data root: no absolute paths, no `..`, no symlink resolving outside
    (`path_escapes_root`);
-5. the image exists and decodes to a non-empty picture (`image_missing`, `image_unreadable`, `image_empty`);
+5. the image exists and decodes to a non-empty picture (`image_missing`, `image_unreadable`, `image_empty`,
+   `image_too_large`); a volume, DICOM series or multi-frame image is read at the row's `view`;
 6. every target mask and region mask exists, decodes, has foreground and matches the image size (`mask_missing`,
    `mask_unreadable`, `mask_empty`, `mask_size_mismatch`);
 7. point/box prompts lie inside the image (`region_out_of_bounds`).
@@ -51,6 +52,7 @@ class Reason(str, Enum):
     IMAGE_MISSING = "image_missing"
     IMAGE_UNREADABLE = "image_unreadable"
     IMAGE_EMPTY = "image_empty"
+    IMAGE_TOO_LARGE = "image_too_large"
     MASK_MISSING = "mask_missing"
     MASK_UNREADABLE = "mask_unreadable"
     MASK_EMPTY = "mask_empty"
@@ -143,6 +145,15 @@ def summarize(results: Iterable[Accepted | Rejection]) -> ValidationSummary:
 def count_reasons(rejections: Iterable[Rejection]) -> Counter[str]:
     """Rejections per reason code."""
     return Counter(r.reason.value for r in rejections)
+
+
+def image_reason(err: ImageReadError) -> Reason:
+    """The quarantine reason for an image that could not be read."""
+    return {
+        "missing": Reason.IMAGE_MISSING,
+        "empty": Reason.IMAGE_EMPTY,
+        "too_large": Reason.IMAGE_TOO_LARGE,
+    }.get(err.problem, Reason.IMAGE_UNREADABLE)
 
 
 class _Reject(Exception):
@@ -251,12 +262,12 @@ def _check_sample(sample: Sample, root: Path, limits: Limits, fixed: list[str]) 
         raise _Reject(Reason.IMAGE_MISSING, f"image {sample.image!r}: file not found under {root}")
     image_rel, image_path = located
     try:
-        image_hw = load_image(image_path).shape[:2] if limits.decode_images else image_size(image_path)
+        if limits.decode_images:
+            image_hw = load_image(image_path, view=sample.view).shape[:2]
+        else:
+            image_hw = image_size(image_path, axis=sample.view.axis if sample.view else None)
     except ImageReadError as err:
-        reason = {"missing": Reason.IMAGE_MISSING, "empty": Reason.IMAGE_EMPTY}.get(
-            err.problem, Reason.IMAGE_UNREADABLE
-        )
-        raise _Reject(reason, f"image: {err}") from err
+        raise _Reject(image_reason(err), f"image: {err}") from err
     image_hw = (int(image_hw[0]), int(image_hw[1]))
 
     masks = [_check_mask(m, root, f"masks[{i}]", image_hw, limits, fixed) for i, m in enumerate(sample.masks)]

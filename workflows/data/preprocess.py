@@ -58,11 +58,20 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from medplib.data.display import View, Window, parse_window
 from medplib.data.image import ImageReadError, load_image, load_mask
 from medplib.data.parse import default_sample_id
 from medplib.data.prepared import MANIFEST_NAME, QUARANTINE_NAME, ROW_SCHEMA, read_manifest, rows_to_table
 from medplib.data.rows import SCHEMA_VERSION
-from medplib.data.validate import Accepted, Limits, Reason, Rejection, is_json_array, validate_row
+from medplib.data.validate import (
+    Accepted,
+    Limits,
+    Reason,
+    Rejection,
+    image_reason,
+    is_json_array,
+    validate_row,
+)
 from medplib.model.config import MedPLIBConfig, load_model_config
 from workflows.common import init_ray, write_text_atomic
 
@@ -111,6 +120,11 @@ class PrepareConfig(BaseModel):
     rows_per_file: int = Field(
         2048, ge=1, description="Parquet rows per shard file, at least (the last may be less)"
     )
+    window: Window | None = Field(
+        None,
+        description="intensity window for DICOM/NIfTI images of rows whose `view` names none: a preset (brain, "
+        "bone, lung, soft_tissue, ...) or 'centre,width'; None = the file's own window or min-max",
+    )
     cpus_per_task: float = Field(1.0, gt=0, description="CPUs reserved by each encode task")
     writer_cpus: float = Field(
         0.0,
@@ -132,6 +146,11 @@ class PrepareConfig(BaseModel):
                     f"split name {name!r} must match {SPLIT_NAME_RE.pattern} (it becomes a folder)"
                 )
         return value
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _window(cls, value: Any) -> Window | None:
+        return parse_window(value)
 
     @field_validator("default_split")
     @classmethod
@@ -196,6 +215,7 @@ class ChunkJob(BaseModel):
     model_preset: str
     data_root: str
     limits: Limits
+    default_window: Window | None = None
     files: list[InputFile]
     duplicate_winners: dict[str, tuple[int, int] | None] = Field(
         default_factory=dict,
@@ -360,13 +380,13 @@ class ChunkProcessor:
         if isinstance(result, Rejection):
             return result
         sample = result.sample
+        view = sample.view or View()
+        if view.window is None and self.job.default_window is not None:
+            view = view.model_copy(update={"window": self.job.default_window})
         try:
-            image = load_image(self.root / sample.image) if sample.image is not None else None
+            image = load_image(self.root / sample.image, view=view) if sample.image is not None else None
         except ImageReadError as err:  # validation read only the header (limits.decode_images=False)
-            reason = {"missing": Reason.IMAGE_MISSING, "empty": Reason.IMAGE_EMPTY}.get(
-                err.problem, Reason.IMAGE_UNREADABLE
-            )
-            return self._reject(file, line, reason, f"image: {err}", raw_text)
+            return self._reject(file, line, image_reason(err), f"image: {err}", raw_text)
         try:
             masks = [load_mask(self.root / m) for m in sample.masks]
         except ImageReadError as err:
@@ -797,6 +817,7 @@ def prepare(
             model_preset=cfg.model_preset,
             data_root=str(data_root.resolve()),
             limits=limits,
+            default_window=cfg.window,
             files=files,
             duplicate_winners=duplicate_winners(scan, files, data_root, limits),
             parts_dir=str(parts),

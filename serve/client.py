@@ -123,9 +123,11 @@ class MedPLIBClient:
         max_new_tokens: int | None = None,
         temperature: float = 0.0,
         segment: bool = False,
+        view: Any = None,
     ) -> Prediction:
         """Ask `question` about `image` with optional region prompts (pixels; one or a list of each kind; used in
-        the order points, boxes, masks). A mask is a PNG path or a bool array of the image's size."""
+        the order points, boxes, masks). A mask is a PNG path or a bool array of the image's size. `view` (a
+        `medplib.data.display.View` or its dict) picks the slice, axis and window of a DICOM or NIfTI."""
         regions: list[dict[str, Any]] = [{"kind": "point", "x": x, "y": y} for x, y in _many(point, 2)]
         regions += [{"kind": "box", "x0": a, "y0": b, "x1": c, "y1": d} for a, b, c, d in _many(box, 4)]
         masks = [] if mask is None else [mask] if isinstance(mask, (str, Path, np.ndarray)) else list(mask)
@@ -139,6 +141,8 @@ class MedPLIBClient:
             "segment": segment,
             "mask_encoding": "rle",
         }
+        if view is not None:
+            payload["view"] = view if isinstance(view, dict) else view.model_dump(mode="json")
         body = self._check(self._http.post("/v1/predict", json=payload))
         return Prediction(
             text=body["answer"],

@@ -80,9 +80,9 @@ COMMANDS = {
     "data build-mini": "--output --seed --max-samples",
     "data synth": "--rows --output --seed --pool-size --image-px",
     "data show": "--n --out --seed --task --split path",
-    "data prepare": "--input --output --config --model-preset --data-root --max-rows --splits --force",
-    "predict": "--model --endpoint --image --question --point --box --mask --segment --max-new-tokens --temperature "
-    "--out",
+    "data prepare": "--input --output --config --model-preset --data-root --max-rows --splits --window --force",
+    "predict": "--model --endpoint --image --question --point --box --mask --segment --slice --axis --window "
+    "--answer-slices --batch-size --max-new-tokens --temperature --out",
     "model": "summary",
     "model summary": "--preset",
     "eval": "--model --data --split --out --max-rows --max-new-tokens --batch-size --concurrency --gpus "

@@ -4,8 +4,10 @@ stored slice (nibabel's `dataobj` slicing), reoriented to the display convention
 
 from __future__ import annotations
 
+import gzip
 import io
 import math
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +129,18 @@ def slice_index(index: int | None, length: int, axis: int, name: str | Path) -> 
     return index % length
 
 
+def read_voxels(image: Any, key: tuple, name: str | Path, dtype: Any) -> np.ndarray:
+    """`image.dataobj[key]` (scl_slope/scl_inter applied), its failures as ImageReadError."""
+    try:
+        return np.asarray(image.dataobj[key], dtype=dtype)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:  # a cut or damaged .nii.gz
+        raise ImageReadError(name, "unreadable", f"truncated or corrupt gzip data ({err})") from err
+    except Exception as err:  # nibabel: ValueError and friends for bad offsets, dtypes, ...
+        raise ImageReadError(
+            name, "unreadable", f"cannot read NIfTI voxel data ({type(err).__name__}: {err})"
+        ) from err
+
+
 def display_plane(ras_plane: np.ndarray) -> np.ndarray:
     """A slice of a RAS volume (its two remaining axes in RAS order) in display orientation."""
     return np.rot90(ras_plane)
@@ -148,12 +162,7 @@ def read_plane(
     if stored_axis < ndim:
         key[stored_axis] = stored_k
     check_plane(name, *[spatial[a] for a in range(3) if a != stored_axis], limits)
-    try:
-        plane = np.asarray(image.dataobj[tuple(key)], dtype=np.float64)  # applies scl_slope/scl_inter
-    except Exception as err:
-        raise ImageReadError(
-            name, "unreadable", f"cannot read NIfTI voxel data ({type(err).__name__}: {err})"
-        ) from err
+    plane = read_voxels(image, tuple(key), name, np.float64)
     remaining = [a for a in range(3) if a != stored_axis]
     plane = plane.reshape([spatial[a] for a in remaining])
     for position, stored in enumerate(remaining):

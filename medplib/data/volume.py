@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 
 from medplib.data.display import Window
-from medplib.data.nifti import NIFTI_SUFFIXES, display_plane, load_nifti, orientation, slice_index
+from medplib.data.nifti import (
+    NIFTI_SUFFIXES,
+    display_plane,
+    load_nifti,
+    orientation,
+    read_voxels,
+    slice_index,
+)
 from medplib.data.reading import (
     ImageReadError,
     ReadLimits,
@@ -128,12 +135,7 @@ def load_volume(
 
 def _nifti_volume(source: Path | bytes, name: str, limits: ReadLimits) -> Volume:
     image = load_nifti(source, name, limits)
-    try:
-        data = np.asarray(image.dataobj, dtype=np.float32)
-    except Exception as err:
-        raise ImageReadError(
-            name, "unreadable", f"cannot read NIfTI voxel data ({type(err).__name__}: {err})"
-        ) from err
+    data = read_voxels(image, (), name, np.float32)
     while data.ndim > 3:  # time or other extra dimensions: the first volume
         data = data[..., 0]
     if data.ndim == 2:

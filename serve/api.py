@@ -1,7 +1,7 @@
 """The HTTP API: a FastAPI app built per replica around a `Backend` (Ray Serve's replica, or `LocalBackend`).
 
 `create_api(backend)` returns the app. Routes: `POST /v1/chat/completions` (OpenAI-compatible, SSE streaming),
-`POST /v1/predict` (native), `GET /v1/models`, `GET /healthz`, plus FastAPI's `/docs` and `/openapi.json`.
+`POST /v1/predict` (native), `POST /v1/volumes` + `GET /v1/volumes/{id}` (volume jobs), `GET /v1/models`, `GET /healthz`, plus FastAPI's `/docs` and `/openapi.json`.
 
 Before a route sees a request, `GuardMiddleware` checks, in this order: the API key (401), the content type of a
 POST (415), the body size (413, from Content-Length before any byte is read, and while reading). Every error is
@@ -36,13 +36,15 @@ from serve.schemas import (
     ModelList,
     PredictRequest,
     PredictResponse,
+    VolumeJob,
+    VolumeRequest,
 )
 from serve.service import APIError, Job, JobResult, MedPLIBService
 
 logger = logging.getLogger("ray.serve.medplib")
 
 PUBLIC_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
-ROUTES = frozenset({"/v1/chat/completions", "/v1/predict", "/v1/models", "/healthz"})
+ROUTES = frozenset({"/v1/chat/completions", "/v1/predict", "/v1/volumes", "/v1/models", "/healthz"})
 INLINE_DECODE_CHARS = 512 * 1024  # base64 characters of image data decoded on the event loop
 
 
@@ -60,6 +62,8 @@ class Backend(Protocol):
     def record_error(self, kind: str) -> None: ...
 
     def record_result(self, result: JobResult, masks_returned: int) -> None: ...
+
+    async def volume_job(self, job_id: str) -> dict[str, Any] | None: ...
 
 
 class LocalBackend:
@@ -82,6 +86,9 @@ class LocalBackend:
 
     def record_result(self, result: JobResult, masks_returned: int) -> None:
         pass
+
+    async def volume_job(self, job_id: str) -> dict[str, Any] | None:
+        return self.service.volume_store.get(job_id)
 
 
 def error_json(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -370,6 +377,26 @@ def create_api(backend: Backend) -> FastAPI:
         """Native prediction: image (base64), question, region prompts -> answer, masks, timings."""
         job = await parse(service.job_from_predict, body, len(body.image))
         return service.predict_response(job, await run(job))
+
+    @api.post("/v1/volumes", response_model=VolumeJob, status_code=202, responses=errors)
+    async def start_volume(body: VolumeRequest) -> VolumeJob:
+        """A NIfTI or zipped DICOM series and a question -> a job that reads it slice by slice; poll
+        `GET /v1/volumes/{id}` for progress and, when done, the answers and the 3-D mask."""
+        backend.arriving += 1
+        try:  # reading a volume and checking the question take CPU: off the event loop
+            return await asyncio.to_thread(service.start_volume_job, body)
+        finally:
+            backend.arriving -= 1
+
+    @api.get("/v1/volumes/{job_id}", response_model=VolumeJob, responses={401: errors[401], 404: errors[400]})
+    async def volume_status(job_id: str) -> VolumeJob:
+        """A volume job's progress (`slices_done` of `slices_total`), then its result or error."""
+        state = await backend.volume_job(job_id)
+        if state is None:
+            raise APIError(
+                404, f"job_id: no volume job {job_id!r} (finished jobs are kept for a while only)", "job_id"
+            )
+        return VolumeJob.model_validate(state)
 
     @api.get("/v1/models", response_model=ModelList, responses={401: errors[401]})
     async def models() -> ModelList:

@@ -55,6 +55,22 @@ def _image_bytes(image: str | Path | bytes | np.ndarray | Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _volume_bytes(image: str | Path | bytes) -> bytes:
+    """A NIfTI file's bytes as they are; a DICOM series folder zipped (flat, file names only)."""
+    if isinstance(image, bytes):
+        return image
+    path = Path(image)
+    if not path.is_dir():
+        return path.read_bytes()
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+        for file in sorted(p for p in path.iterdir() if p.is_file()):
+            archive.write(file, file.name)
+    return buf.getvalue()
+
+
 def _many(value: Any, arity: int) -> list[Sequence[float]]:
     """One pair/quad or a list of them -> a list."""
     if value is None:
@@ -150,6 +166,66 @@ class MedPLIBClient:
             scores=[m["score"] for m in body["masks"]],
             timings=body.get("timings", {}),
             num_generated_tokens=body.get("num_generated_tokens", 0),
+        )
+
+    def predict_volume(
+        self,
+        image: str | Path | bytes,
+        question: str,
+        *,
+        axis: int | str = 2,
+        window: Any = None,
+        answer_slices: str | None = None,
+        segment: bool = True,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        poll_s: float = 0.5,
+        timeout_s: float = 3600.0,
+    ) -> Any:
+        """Ask about a whole volume (a NIfTI file, a DICOM series folder, which is zipped for the upload, or the
+        bytes of either) as a job: POST /v1/volumes, then poll until it is done. Returns a
+        `medplib.volume_prediction.VolumePrediction` whose mask is in the input's stored voxel order."""
+        import gzip
+        import time
+
+        import nibabel as nib
+
+        from medplib.volume_prediction import VolumePrediction
+
+        payload = {
+            "image": base64.b64encode(_volume_bytes(image)).decode("ascii"),
+            "question": question,
+            "axis": axis,
+            "window": window if window is None or isinstance(window, (str, dict)) else window.model_dump(),
+            "answer_slices": answer_slices,
+            "segment": segment,
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "mask_format": "nifti",
+        }
+        job = self._check(self._http.post("/v1/volumes", json=payload))
+        deadline = time.monotonic() + timeout_s
+        while job["status"] in ("queued", "running"):
+            if time.monotonic() > deadline:
+                raise MedPLIBAPIError(504, f"volume job {job['id']} not done after {timeout_s:g} s")
+            time.sleep(poll_s)
+            job = self._check(self._http.get(f"/v1/volumes/{job['id']}"))
+        if job["status"] == "failed":
+            err = job.get("error") or {}
+            raise MedPLIBAPIError(500, err.get("message", "volume job failed"), None, err.get("error_id"))
+        result = job["result"]
+        mask = None
+        if result.get("mask_nifti_base64"):
+            raw = gzip.decompress(b64decode(result["mask_nifti_base64"], "mask_nifti_base64"))
+            mask = np.asarray(nib.Nifti1Image.from_bytes(raw).dataobj).astype(bool)
+        return VolumePrediction(
+            answer=result["answer"],
+            axis=result["axis"],
+            slices_read=result["slices_read"],
+            answer_slices=result["answer_slices"],
+            answers={a["slice"]: a["answer"] for a in result["answers"]},
+            mask=mask,
+            mask_slices=result["mask_slices"],
         )
 
     def models(self) -> list[str]:

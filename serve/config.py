@@ -56,6 +56,10 @@ class Limits(_Strict):
     max_volume_files: PositiveInt = Field(
         2048, description="most files in a zipped DICOM series (413 above it)"
     )
+    max_volume_slices: PositiveInt = Field(1024, description="most slices along the axis a volume job reads")
+    max_volume_jobs: PositiveInt = Field(
+        2, description="volume jobs running at once per replica (503 above it); each reads its slices in batches"
+    )
     max_regions: PositiveInt | None = Field(
         None, description="region prompts per request; None = the model's own `region.max_regions`"
     )

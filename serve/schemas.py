@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from medplib.data.display import View
+from medplib.data.display import View, Window, parse_axis, parse_window
 from serve.masks import check_rle
 
 
@@ -324,3 +324,78 @@ class ErrorResponse(BaseModel):
     """Every error, 4xx and 5xx, in OpenAI's shape."""
 
     error: ErrorBody
+
+
+# --- volumes -----------------------------------------------------------------------------------------------------
+class VolumeRequest(_Strict):
+    """A question about a whole volume, run slice by slice as a job: POST returns its id, GET polls it."""
+
+    image: str = Field(
+        description="base64 (or a data URL) of a NIfTI (.nii or .nii.gz) or a zipped DICOM series"
+    )
+    question: str = Field(min_length=1)
+    axis: int = Field(2, description="0 sagittal, 1 coronal, 2 axial (after reorientation to RAS)")
+    window: Window | None = Field(
+        None, description="a preset (brain, bone, lung, soft_tissue, ...) or {center, width}"
+    )
+    answer_slices: str | None = Field(
+        None, description="whose text answers to keep: 'mask', 'all', 'A:B' or an index (default: see /docs)"
+    )
+    segment: bool = Field(True, description="make the 3-D mask (reads every slice along `axis`)")
+    max_new_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0, le=2)
+    mask_format: Literal["nifti", "rle", "both"] = Field(
+        "nifti",
+        description="the 3-D mask as gzipped NIfTI bytes with the input's affine, COCO RLE per slice, or both",
+    )
+
+    @field_validator("axis", mode="before")
+    @classmethod
+    def _axis(cls, v: Any) -> int:
+        return parse_axis(v)
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _window(cls, v: Any) -> Window | None:
+        return parse_window(v)
+
+    @field_validator("question")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("question is blank")
+        return v
+
+
+class SliceAnswer(BaseModel):
+    slice: int
+    answer: str
+
+
+class SliceMask(BaseModel):
+    slice: int = Field(description="index along `axis`; the mask is that slice as displayed (see /docs)")
+    rle: MaskRLE
+
+
+class VolumeResult(BaseModel):
+    answer: str = Field(description="the most frequent answer over `answer_slices`")
+    answers: list[SliceAnswer]
+    axis: int
+    slices_read: list[int]
+    answer_slices: list[int]
+    mask_slices: list[int] = Field(description="slices where the mask is present")
+    mask_nifti_base64: str | None = Field(None, description="gzipped NIfTI, the input's shape and affine")
+    masks_rle: list[SliceMask] | None = None
+
+
+class VolumeJob(BaseModel):
+    """A volume job's state; `result` once `status` is done, `error` when it failed."""
+
+    id: str
+    object: Literal["volume.job"] = "volume.job"
+    status: Literal["queued", "running", "done", "failed"]
+    slices_done: int = 0
+    slices_total: int
+    created: int
+    result: VolumeResult | None = None
+    error: ErrorBody | None = None

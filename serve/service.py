@@ -14,7 +14,7 @@ import re
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +34,7 @@ from serve.schemas import (
     Choice,
     ChunkChoice,
     Delta,
+    ErrorBody,
     ImagePart,
     MaskEncoding,
     MaskOut,
@@ -45,9 +46,14 @@ from serve.schemas import (
     PointPrompt,
     PredictRequest,
     PredictResponse,
+    SliceAnswer,
+    SliceMask,
     TextPart,
     Timings,
     Usage,
+    VolumeJob,
+    VolumeRequest,
+    VolumeResult,
 )
 
 logger = logging.getLogger(__name__)
@@ -224,6 +230,9 @@ class MedPLIBService:
         self.last_failure: BaseException | None = None
         from medplib.data.schema import Box
 
+        self.volume_store: Any = LocalJobStore()
+        self._volume_jobs_running = 0
+        self._volume_lock = threading.Lock()  # the job count only: never held while the model runs
         probe = np.zeros((32, 32, 3), dtype=np.uint8)
         probe[8:24, 8:24] = 200
         self._probe = predictor.encode(probe, "probe", [Box(x0=8, y0=8, x1=24, y1=24)])
@@ -396,6 +405,149 @@ class MedPLIBService:
             mask_encoding=mask_encoding,
         )
 
+    # --- volumes ----------------------------------------------------------------------------------------------------
+    def start_volume_job(self, req: VolumeRequest) -> VolumeJob:
+        """Check the volume and the request (4xx like any request), then run it slice by slice in a thread; the
+        job's state goes to `volume_store` after every batch."""
+        from medplib.data.volume import load_volume
+        from medplib.inference import InvalidRequest
+        from medplib.volume_prediction import parse_slices
+
+        limits = self.args.limits
+        raw = (
+            parse_data_url(req.image, "image") if req.image.startswith("data:") else _b64(req.image, "image")
+        )
+        try:
+            volume = load_volume(raw, limits.read_limits(), name="image")
+        except ImageReadError as err:
+            raise image_error(err, "image") from err
+        count = volume.num_slices(req.axis)
+        if count > limits.max_volume_slices:
+            raise APIError(
+                413,
+                f"image: {count} slices along axis {req.axis}; this server takes at most {limits.max_volume_slices} "
+                "(limits.max_volume_slices)",
+                "image",
+            )
+        try:
+            selection = parse_slices(req.answer_slices, count)
+        except ValueError as err:
+            raise APIError(400, str(err), "answer_slices") from err
+        if selection == "mask" and not req.segment:
+            raise APIError(400, "answer_slices: 'mask' needs segment", "answer_slices")
+        max_new = req.max_new_tokens or limits.default_max_tokens
+        if max_new > limits.max_tokens:
+            raise APIError(
+                400,
+                f"max_new_tokens: {max_new} exceeds this server's limit of {limits.max_tokens}",
+                "max_new_tokens",
+            )
+        try:  # the question is the same for every slice: one encode says whether it fits
+            self.predictor.encode(volume.display_slice(req.axis, 0, req.window), req.question)
+        except InvalidRequest as err:
+            raise APIError(
+                400, f"{'question' if err.field == 'question' else err.field}: {err.detail}", err.field
+            ) from err
+        with self._volume_lock:
+            if self._volume_jobs_running >= limits.max_volume_jobs:
+                raise APIError(
+                    503,
+                    f"{self._volume_jobs_running} volume jobs are running on this replica "
+                    f"(limits.max_volume_jobs); try again later",
+                    code="busy",
+                )
+            self._volume_jobs_running += 1
+        total = count if req.segment else len(selection) if isinstance(selection, list) else 1
+        job = VolumeJob(
+            id=f"vol-{uuid.uuid4().hex[:24]}", status="queued", slices_total=total, created=int(time.time())
+        )
+        self.volume_store.put(job.id, job.model_dump(mode="json"))
+        threading.Thread(
+            target=self._run_volume_job,
+            args=(job, volume, req, max_new),
+            name=f"medplib-{job.id}",
+            daemon=True,
+        ).start()
+        return job
+
+    def _run_volume_job(self, job: VolumeJob, volume: Any, req: VolumeRequest, max_new: int) -> None:
+        from medplib.volume_prediction import predict_volume
+
+        def progress(done: int, total: int) -> None:
+            self.volume_store.put(
+                job.id,
+                job.model_copy(update={"status": "running", "slices_done": done}).model_dump(mode="json"),
+            )
+
+        try:
+            pred = predict_volume(
+                _LockedPredictor(self.predictor, self._lock),
+                volume,
+                req.question,
+                axis=req.axis,
+                window=req.window,
+                answer_slices=req.answer_slices,
+                segment=req.segment,
+                batch_size=self.args.batching.max_batch_size,
+                max_new_tokens=max_new,
+                temperature=req.temperature,
+                progress=progress,
+            )
+            done = job.model_copy(
+                update={
+                    "status": "done",
+                    "slices_done": job.slices_total,
+                    "result": self._volume_result(volume, pred, req),
+                }
+            )
+            self.last_success_s = time.monotonic()
+        except Exception as err:  # noqa: BLE001 - reported in the job, with an id in the log
+            error_id = uuid.uuid4().hex[:16]
+            logger.error("error_id=%s: volume job %s failed: %s", error_id, job.id, err, exc_info=err)
+            done = job.model_copy(
+                update={
+                    "status": "failed",
+                    "error": ErrorBody(
+                        message=f"the volume job failed (error_id {error_id}); the server log has the details",
+                        type="server_error",
+                        code="internal_error",
+                        error_id=error_id,
+                    ),
+                }
+            )
+        finally:
+            with self._volume_lock:
+                self._volume_jobs_running -= 1
+        self.volume_store.put(job.id, done.model_dump(mode="json"))
+
+    @staticmethod
+    def _volume_result(volume: Any, pred: Any, req: VolumeRequest) -> VolumeResult:
+        import gzip
+
+        import nibabel as nib
+        from nibabel.orientations import apply_orientation
+
+        nifti = rle = None
+        if pred.mask is not None and req.mask_format in ("nifti", "both"):
+            data = nib.Nifti1Image(pred.mask.astype(np.uint8), volume.affine).to_bytes()
+            nifti = b64encode(gzip.compress(data, compresslevel=6))
+        if pred.mask is not None and req.mask_format in ("rle", "both"):
+            ras = apply_orientation(pred.mask, volume.ornt)
+            rle = [
+                SliceMask(slice=k, rle=MaskRLE(**encode_rle(np.rot90(np.take(ras, k, axis=pred.axis)))))
+                for k in pred.mask_slices
+            ]
+        return VolumeResult(
+            answer=pred.answer,
+            answers=[SliceAnswer(slice=k, answer=t) for k, t in pred.answers.items()],
+            axis=pred.axis,
+            slices_read=pred.slices_read,
+            answer_slices=pred.answer_slices,
+            mask_slices=pred.mask_slices,
+            mask_nifti_base64=nifti,
+            masks_rle=rle,
+        )
+
     # --- the model --------------------------------------------------------------------------------------------------
     def run_batch(self, jobs: list[Job]) -> list[JobResult]:
         """Run jobs; those with the same generation settings share one `Predictor.run` pass."""
@@ -554,3 +706,40 @@ class MedPLIBService:
                 )
             ]
         )
+
+
+class LocalJobStore:
+    """Volume job states in this process (`LocalBackend`, one replica); the oldest finished ones are dropped past
+    `keep`. The Ray app replaces it with a named actor so that any replica answers a poll."""
+
+    def __init__(self, keep: int = 64) -> None:
+        self.keep = keep
+        self._jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, job_id: str, state: dict[str, Any]) -> None:
+        with self._lock:
+            self._jobs[job_id] = state
+            self._jobs.move_to_end(job_id)
+            finished = [k for k, v in self._jobs.items() if v["status"] in ("done", "failed")]
+            for k in finished[: max(0, len(self._jobs) - self.keep)]:
+                del self._jobs[k]
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+
+class _LockedPredictor:
+    """The replica's predictor for a volume job: each `run` (one batch of slices) takes the model lock, so the job
+    interleaves with request batches instead of holding the model for the whole volume."""
+
+    def __init__(self, predictor: Any, lock: threading.Lock) -> None:
+        self.predictor, self.lock = predictor, lock
+
+    def encode(self, *args: Any, **kwargs: Any) -> Any:
+        return self.predictor.encode(*args, **kwargs)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return self.predictor.run(*args, **kwargs)

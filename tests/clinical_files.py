@@ -91,3 +91,13 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(data, affine), path)
     return path
+
+
+def small_brain(tmp_path: Path) -> Path:
+    """nilearn's T1 template at 8 mm, stored L-A-S (x reversed) so that the mask must come back reoriented."""
+    image = nib.load(mni_t1())
+    data = np.asarray(image.dataobj)[::8, ::8, ::8][::-1].copy()
+    affine = image.affine @ np.diag([8.0, 8.0, 8.0, 1.0])
+    affine[:, 0] *= -1
+    affine[0, 3] = image.affine[0, 3] + 8 * image.affine[0, 0] * (data.shape[0] - 1)
+    return write_nifti(tmp_path / "brain.nii.gz", data, affine)

@@ -17,7 +17,6 @@ from medplib.data.reading import (
     ImageReadError,
     ReadLimits,
     check_plane,
-    gunzip_bounded,
     gunzip_prefix,
     too_large,
 )
@@ -76,7 +75,8 @@ def load_nifti(
             shape, itemsize = tuple(int(n) for n in header.get_data_shape()), header.get_data_dtype().itemsize
             check_shape(shape, itemsize, name, limits)
             needed = int(header.get_data_offset()) + math.prod(shape) * itemsize
-            data = gunzip_bounded(source, needed, name) if gzipped else source
+            # Never inflated past what the header declares (checked against the limits above).
+            data = gunzip_prefix(source, needed, name) if gzipped else source
             if len(data) < needed:
                 raise ImageReadError(
                     name, "unreadable", f"truncated NIfTI: {len(data)} bytes, the header declares {needed}"

@@ -62,18 +62,6 @@ def check_plane(name: str | Path, height: int, width: int, limits: ReadLimits) -
         )
 
 
-def gunzip_bounded(data: bytes, max_bytes: int, name: str | Path) -> bytes:
-    """Inflate `data` up to `max_bytes` (more is refused as too large); a truncated stream is unreadable."""
-    with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
-        try:
-            out = stream.read(max_bytes + 1)
-        except (OSError, EOFError, gzip.BadGzipFile) as err:
-            raise ImageReadError(name, "unreadable", f"truncated or corrupt gzip data ({err})") from err
-    if len(out) > max_bytes:
-        raise too_large(name, "the inflated gzip stream in bytes", len(out), max_bytes, "max_volume_bytes")
-    return out
-
-
 def gunzip_prefix(data: bytes, size: int, name: str | Path) -> bytes:
     """The first `size` inflated bytes of a gzip stream (fewer if it is shorter); never inflates more."""
     with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:

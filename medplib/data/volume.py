@@ -112,6 +112,12 @@ def load_volume(
             raise ImageReadError(label, "empty", "no bytes")
         if data[:4] == b"PK\x03\x04":
             return _zip_series(data, label, limits)
+        if data[128:132] == b"DICM":
+            raise ImageReadError(
+                label,
+                "unsupported",
+                "one DICOM file is not a volume: send the series as a zip (or one frame as an image)",
+            )
         return _nifti_volume(data, label, limits)
     path = Path(source)
     label = name or str(path)

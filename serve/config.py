@@ -58,7 +58,8 @@ class Limits(_Strict):
     )
     max_volume_slices: PositiveInt = Field(1024, description="most slices along the axis a volume job reads")
     max_volume_jobs: PositiveInt = Field(
-        2, description="volume jobs running at once per replica (503 above it); each reads its slices in batches"
+        2,
+        description="volume jobs running at once per replica (503 above it); each reads its slices in batches",
     )
     max_regions: PositiveInt | None = Field(
         None, description="region prompts per request; None = the model's own `region.max_regions`"

@@ -86,7 +86,8 @@ COMMANDS = {
     "model": "summary",
     "model summary": "--preset",
     "eval": "--model --data --split --out --max-rows --max-new-tokens --batch-size --concurrency --gpus "
-    "--cpus-per-actor --dtype --seed --model-id --engine --gallery-size --mlflow-run-id --tracking-uri --compare-with",
+    "--cpus-per-actor --dtype --seed --model-id --engine --gallery-size --mlflow-run-id --tracking-uri --compare-with "
+    "--volumes",
     "eval-compare": "--before --after --out --labels",
     "serve": "run config",
     "serve run": "--config --model --port --set",

@@ -169,6 +169,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_compressed_bombs_cost_the_server_little_memory(tmp_path: Path) -> None:
     """Each request runs in a fresh serving process's lifetime, measured by its peak RSS (issue 16)."""
     script = tmp_path / "bomb_server.py"

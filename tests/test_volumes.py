@@ -30,6 +30,7 @@ def _small_series_volume() -> np.ndarray:
     return np.asarray(nib.load(mni_t1()).dataobj)[::8, ::8, ::8].astype(np.int16) * 4 + 1024
 
 
+@pytest.mark.slow
 def test_predict_on_the_cross_subject_t1_writes_a_mask_with_its_affine(tmp_path: Path) -> None:
     t1 = itk_t1()
     if t1 is None:
@@ -52,6 +53,7 @@ def test_predict_on_the_cross_subject_t1_writes_a_mask_with_its_affine(tmp_path:
     assert "slices" in r.stdout and "result_mask.nii.gz" in r.stdout
 
 
+@pytest.mark.slow
 def test_predict_on_a_dicom_series_writes_a_dicom_seg(tmp_path: Path) -> None:
     import highdicom as hd
 
@@ -149,6 +151,7 @@ def test_bad_volumes_are_refused_by_the_cli(tmp_path: Path) -> None:
     assert gzip.decompress((tmp_path / "good.nii.gz").read_bytes())  # the intact file next to them is fine
 
 
+@pytest.mark.slow
 def test_bad_volumes_are_quarantined_by_prepare(ray_local, tmp_path: Path) -> None:
     from workflows.data.preprocess import PrepareConfig, prepare
 

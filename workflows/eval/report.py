@@ -474,8 +474,10 @@ def write_report(
     metrics: dict[str, Any],
     records: Sequence[dict[str, Any]],
     comparison: dict[str, Any] | None = None,
+    extra_html: str = "",
 ) -> ReportFiles:
-    """Write `report.html`, `plots/<split>_per_modality.png` and the gallery PNGs into `cfg.out`."""
+    """Write `report.html`, `plots/<split>_per_modality.png` and the gallery PNGs into `cfg.out`; `extra_html`
+    (e.g. the 3-D section) goes at the end."""
     out = cfg.out
     (out / "plots").mkdir(parents=True, exist_ok=True)
     (out / "gallery").mkdir(parents=True, exist_ok=True)
@@ -566,6 +568,7 @@ def write_report(
             body.append(_gallery_html(title, shown, images))
         body.append(_examples_html(by_split.get(split, []), cfg.examples_per_split))
 
+    body.append(extra_html)
     html_path = out / REPORT_NAME
     html_path.write_text(
         _page(f"MedPLIB evaluation: {metrics['model_id']}", "\n".join(body)), encoding="utf-8"

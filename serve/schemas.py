@@ -16,7 +16,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from medplib.data.display import View, Window, parse_axis, parse_window
 from serve.masks import check_rle
@@ -24,6 +32,15 @@ from serve.masks import check_rle
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _not_blank(v: str) -> str:
+    if not v.strip():
+        raise ValueError("question is blank")
+    return v
+
+
+Question = Annotated[str, Field(min_length=1), AfterValidator(_not_blank)]
 
 
 # --- region prompts ------------------------------------------------------------------------------------------------
@@ -260,7 +277,7 @@ class PredictRequest(_Strict):
     """The native request: one image, one question, region prompts in the order of the `<region>` marks."""
 
     image: str = Field(description="base64 of the file (PNG, JPEG, DICOM, NIfTI) or a data URL")
-    question: str = Field(min_length=1)
+    question: Question
     regions: list[Region] = Field(default_factory=list)
     max_new_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0, le=2)
@@ -270,13 +287,6 @@ class PredictRequest(_Strict):
     view: View | None = Field(
         None, description="DICOM/NIfTI: slice_index, axis and window (see MedPLIBOptions)"
     )
-
-    @field_validator("question")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("question is blank")
-        return v
 
 
 class PredictResponse(BaseModel):
@@ -333,7 +343,7 @@ class VolumeRequest(_Strict):
     image: str = Field(
         description="base64 (or a data URL) of a NIfTI (.nii or .nii.gz) or a zipped DICOM series"
     )
-    question: str = Field(min_length=1)
+    question: Question
     axis: int = Field(2, description="0 sagittal, 1 coronal, 2 axial (after reorientation to RAS)")
     window: Window | None = Field(
         None, description="a preset (brain, bone, lung, soft_tissue, ...) or {center, width}"
@@ -358,13 +368,6 @@ class VolumeRequest(_Strict):
     @classmethod
     def _window(cls, v: Any) -> Window | None:
         return parse_window(v)
-
-    @field_validator("question")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("question is blank")
-        return v
 
 
 class SliceAnswer(BaseModel):

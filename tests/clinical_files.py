@@ -87,6 +87,24 @@ def write_series(volume: np.ndarray, folder: Path, spacing=(2.0, 2.0, 3.0), **el
     return paths
 
 
+def write_mixed_series(folder: Path, volume: np.ndarray) -> list[Path]:
+    """A series of `volume` plus one 8x8 slice of the same series: a series of mixed sizes."""
+    import pydicom
+
+    paths = write_series(volume, folder)
+    first = pydicom.dcmread(paths[0])
+    small = dicom_dataset(np.zeros((8, 8)))
+    for keyword in (
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "ImageOrientationPatient",
+        "ImagePositionPatient",
+    ):
+        setattr(small, keyword, first.get(keyword))
+    save(small, folder / "small.dcm")
+    return paths
+
+
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(data, affine), path)

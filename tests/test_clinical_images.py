@@ -13,7 +13,16 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from clinical_files import dicom_dataset, itk_t1, mni_t1, pydicom_file, save, write_nifti, write_series
+from clinical_files import (
+    dicom_dataset,
+    itk_t1,
+    mni_t1,
+    pydicom_file,
+    save,
+    write_mixed_series,
+    write_nifti,
+    write_series,
+)
 from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import RLELossless
@@ -289,17 +298,7 @@ def test_dicom_series_folder_and_zip(tmp_path: Path) -> None:
 
 def test_bad_series_and_zips_are_refused(tmp_path: Path) -> None:
     volume = _series_volume()
-    paths = write_series(volume, tmp_path / "mixed")
-    odd = pydicom.dcmread(paths[0])
-    small = dicom_dataset(np.zeros((8, 8)))
-    for keyword in (
-        "StudyInstanceUID",
-        "SeriesInstanceUID",
-        "ImageOrientationPatient",
-        "ImagePositionPatient",
-    ):
-        setattr(small, keyword, odd.get(keyword))
-    save(small, tmp_path / "mixed" / "small.dcm")
+    paths = write_mixed_series(tmp_path / "mixed", volume)
     with pytest.raises(ImageReadError, match="mixes slice sizes") as caught:
         load_image(tmp_path / "mixed")
     assert "mixed" in str(caught.value)

@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from clinical_files import dicom_dataset, save
 from PIL import Image
 
 from medplib.constants import MODALITIES
@@ -49,33 +50,7 @@ def _square_mask(height: int = H, width: int = W) -> np.ndarray:
 
 
 def _write_dicom(path: Path, pixels: np.ndarray, **elements: object) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    for key, value in elements.items():
-        setattr(ds, key, value)
-    ds.PixelData = pixels.astype(np.int16).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        ds.save_as(path, enforce_file_format=True)  # pydicom >= 3
-    except TypeError:  # pydicom 2.x
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-        ds.save_as(path, write_like_original=False)
+    save(dicom_dataset(pixels, **elements), path)
 
 
 def _write_nifti(path: Path, volume: np.ndarray) -> None:

@@ -73,6 +73,36 @@ def test_volume_job_returns_the_mask_with_the_inputs_affine(local_api, tmp_path:
     assert local_api.get("/v1/volumes/vol-nope").status_code == 404
 
 
+def test_view_picks_slice_axis_and_window_in_both_routes(local_api, tmp_path: Path) -> None:
+    path = small_brain(tmp_path)
+    data = base64.b64encode(path.read_bytes()).decode()
+    view = {"axis": "coronal", "slice_index": 3, "window": "brain"}
+    r = local_api.post(
+        "/v1/predict",
+        json={"image": data, "question": "Segment.", "segment": True, "max_new_tokens": 1, "view": view},
+    )
+    x, _, z = nib.load(path).shape
+    assert r.status_code == 200 and r.json()["masks"][0]["size"] == [z, x]  # a coronal slice: S x R
+    chat = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Segment."},
+                    {"type": "image_url", "image_url": {"url": "data:application/gzip;base64," + data}},
+                ],
+            }
+        ],
+        "max_tokens": 1,
+        "medplib": {"segment": True, "view": {**view, "slice_index": 99}},
+    }
+    r = local_api.post("/v1/chat/completions", json=chat)
+    assert r.status_code == 400 and "slice_index 99 out of range" in r.json()["error"]["message"]
+    chat["medplib"]["view"] = {"window": "spleen"}
+    r = local_api.post("/v1/chat/completions", json=chat)
+    assert r.status_code == 422 and "preset" in r.json()["error"]["message"]
+
+
 def test_bad_volumes_get_4xx_naming_the_field(local_api, tmp_path: Path) -> None:
     bad = write_bad_volumes(tmp_path)
     zipped = io.BytesIO()
@@ -118,17 +148,8 @@ from serve.service import MedPLIBService
 def rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-def nifti_bomb():  # 512 MiB of voxels declared and present, ~0.5 MB gzipped
-    header = nib.Nifti1Header(); header.set_data_shape((1024, 1024, 512)); header.set_data_dtype(np.uint8)
-    out = io.BytesIO()
-    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=9) as f:
-        f.write(header.binaryblock + bytes(4))
-        for _ in range(512):
-            f.write(bytes(1024 * 1024))
-    return out.getvalue()
-
-def liar():  # a header declaring 64x64x8, followed by 512 MiB more than that: inflated no further than declared
-    header = nib.Nifti1Header(); header.set_data_shape((64, 64, 8)); header.set_data_dtype(np.uint8)
+def gzipped_nifti(shape):  # a header declaring `shape` (uint8), then 512 MiB of zeros: ~0.5 MB gzipped
+    header = nib.Nifti1Header(); header.set_data_shape(shape); header.set_data_dtype(np.uint8)
     out = io.BytesIO()
     with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=9) as f:
         f.write(header.binaryblock + bytes(4))
@@ -148,7 +169,8 @@ def many_frames(count):  # RLE frames of 512x512: 0.5 MiB each decoded, 8 KB eac
     return buf.getvalue()
 
 bodies = {name: base64.b64encode(make()).decode() for name, make in
-          (("nifti_bomb", nifti_bomb), ("liar", liar), ("frames_1000", lambda: many_frames(1000)),
+          # the bomb declares all 512 MiB; the liar declares 64x64x8 and is inflated no further than that
+          (("nifti_bomb", lambda: gzipped_nifti((1024, 1024, 512))), ("liar", lambda: gzipped_nifti((64, 64, 8))), ("frames_1000", lambda: many_frames(1000)),
            ("frames_200", lambda: many_frames(200)))}
 service = MedPLIBService(AppArgs(model="tiny"))
 client = TestClient(create_api(LocalBackend(service)))

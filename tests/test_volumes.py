@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from clinical_files import dicom_dataset, itk_t1, mni_t1, save, write_nifti, write_series
+from clinical_files import itk_t1, mni_t1, write_mixed_series, write_nifti, write_series
 from PIL import Image
 
 
@@ -119,17 +119,7 @@ def write_bad_volumes(root: Path) -> dict[str, str]:
     noise = np.random.default_rng(0).random((16, 16, 8)).astype(np.float32)
     good = write_nifti(root / "good.nii.gz", noise, np.eye(4)).read_bytes()
     (root / "truncated.nii.gz").write_bytes(good[: len(good) * 2 // 5])
-    paths = write_series(_small_series_volume(), root / "mixed")
-    first = pydicom.dcmread(paths[0])
-    small = dicom_dataset(np.zeros((8, 8)))
-    for keyword in (
-        "StudyInstanceUID",
-        "SeriesInstanceUID",
-        "ImageOrientationPatient",
-        "ImagePositionPatient",
-    ):
-        setattr(small, keyword, first.get(keyword))
-    save(small, root / "mixed" / "odd.dcm")
+    paths = write_mixed_series(root / "mixed", _small_series_volume())
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as out:
         out.writestr("series/slice_000.dcm", paths[1].read_bytes())

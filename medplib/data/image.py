@@ -60,6 +60,7 @@ __all__ = [
     "ImageReadError",
     "ImageSource",
     "ReadLimits",
+    "depends_on_view",
     "image_size",
     "load_image",
     "load_mask",
@@ -258,6 +259,12 @@ def _read(
         return read_volume_plane(volume, view.axis, view.slice_index, view.window, limits)
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     return _read_pillow(stream, name, limits)
+
+
+def depends_on_view(path: str | Path) -> bool:
+    """True for DICOM, NIfTI and volumes: what `load_image` shows of them depends on the `View` (slice, window)."""
+    path = Path(path)
+    return path.exists() and _file_format(path) != "pillow"
 
 
 def load_mask(path: str | Path) -> np.ndarray:

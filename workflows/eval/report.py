@@ -284,7 +284,7 @@ def load_gallery_cases(cfg: EvalConfig, split: str, chosen: Sequence[dict[str, A
     """Images and target masks of the chosen records from the prepared split; predictions from `masks/`."""
     if not chosen:
         return []
-    from medplib.data.image import load_image
+    from medplib.data.image import depends_on_view, load_image
     from medplib.data.prepared import iter_prepared_rows, read_manifest
     from medplib.data.rows import png_array
 
@@ -302,7 +302,8 @@ def load_gallery_cases(cfg: EvalConfig, split: str, chosen: Sequence[dict[str, A
         gt = np.logical_or.reduce(targets)
         image = None
         image_file = data_root / str(row.get("image_path") or "")
-        if row.get("image_path") and image_file.is_file():
+        # A DICOM/NIfTI row was rendered at its own view (slice, window): the stored view shows that picture.
+        if row.get("image_path") and image_file.is_file() and not depends_on_view(image_file):
             try:
                 image = load_image(image_file)
             except (OSError, ValueError) as err:

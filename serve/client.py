@@ -45,7 +45,8 @@ class MedPLIBAPIError(RuntimeError):
 
 def _image_bytes(image: str | Path | bytes | np.ndarray | Image.Image) -> bytes:
     if isinstance(image, (str, Path)):
-        return Path(image).read_bytes()  # sent as is: the server reads PNG, JPEG, DICOM and NIfTI
+        # Sent as is (the server reads PNG, JPEG, DICOM and NIfTI); a DICOM series folder goes as a zip.
+        return _volume_bytes(image)
     if isinstance(image, bytes):
         return image
     if isinstance(image, np.ndarray):

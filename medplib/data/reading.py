@@ -42,8 +42,8 @@ class ReadLimits(BaseModel):
     max_volume_bytes: int = Field(
         1024 * 1024 * 1024,
         gt=0,
-        description="largest voxel data of a volume or multi-frame file as stored (declared shape x bytes per "
-        "voxel); also bounds how far a gzip stream is inflated",
+        description="largest voxel data of a volume or multi-frame file as its header declares (shape x bytes per "
+        "voxel; x 4 for a volume read whole, which is held as float32); also bounds how far gzip is inflated",
     )
     max_files: int = Field(4096, gt=0, description="most files of one DICOM series (folder or zip)")
 

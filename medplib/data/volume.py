@@ -11,6 +11,7 @@ absolute, climbs out with `..` or is a symlink is refused, and no more than the 
 from __future__ import annotations
 
 import io
+import math
 import stat
 import tempfile
 import zipfile
@@ -141,9 +142,21 @@ def load_volume(
 
 def _nifti_volume(source: Path | bytes, name: str, limits: ReadLimits) -> Volume:
     image = load_nifti(source, name, limits)
-    data = read_voxels(image, (), name, np.float32)
-    while data.ndim > 3:  # time or other extra dimensions: the first volume
-        data = data[..., 0]
+    voxels = math.prod(int(n) for n in image.shape[:3])
+    if voxels * 4 > limits.max_volume_bytes:  # held whole as float32, whatever the stored type
+        raise too_large(
+            name,
+            f"the volume {tuple(image.shape)} as float32 in bytes",
+            voxels * 4,
+            limits.max_volume_bytes,
+            "max_volume_bytes",
+        )
+    data = read_voxels(
+        image,
+        (slice(None),) * min(3, len(image.shape)) + (0,) * max(0, len(image.shape) - 3),
+        name,
+        np.float32,
+    )
     if data.ndim == 2:
         data = data[:, :, None]
     return Volume(data=data, affine=np.asarray(image.affine, dtype=np.float64), name=name)

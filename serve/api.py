@@ -1,8 +1,9 @@
 """The HTTP API: a FastAPI app built per replica around a `Backend` (Ray Serve's replica, or `LocalBackend`).
 
 `create_api(backend)` returns the app. Routes: `POST /v1/chat/completions` (OpenAI-compatible, multi-turn, SSE
-streaming token by token), `POST /v1/predict` (native), `POST /v1/preview` (a file's slice as PNG), `GET /v1/models`,
-`GET /healthz`, the demo page `GET /demo`, plus FastAPI's `/docs` and `/openapi.json` (bearer scheme declared).
+streaming token by token), `POST /v1/predict` (native), `POST /v1/preview` (a file's slice as PNG),
+`POST /v1/volumes` + `GET /v1/volumes/{id}` (volume jobs), `GET /v1/models`, `GET /healthz`, the demo page
+`GET /demo`, plus FastAPI's `/docs` and `/openapi.json` (bearer scheme declared).
 
 Before a route sees a request, `GuardMiddleware` checks, in this order: the API key (401), the content type of a
 POST (415), the body size (413, from Content-Length before any byte is read, and while reading). Every error is
@@ -48,6 +49,8 @@ from serve.schemas import (
     PredictResponse,
     PreviewRequest,
     PreviewResponse,
+    VolumeJob,
+    VolumeRequest,
 )
 from serve.service import APIError, Job, JobResult, MedPLIBService
 
@@ -55,7 +58,9 @@ logger = logging.getLogger("ray.serve.medplib")
 
 # The demo page itself is public (it holds no data); the API calls it makes send the key the user types in.
 PUBLIC_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/demo"})
-ROUTES = frozenset({"/v1/chat/completions", "/v1/predict", "/v1/preview", "/v1/models", "/healthz", "/demo"})
+ROUTES = frozenset(
+    {"/v1/chat/completions", "/v1/predict", "/v1/preview", "/v1/volumes", "/v1/models", "/healthz", "/demo"}
+)
 DEMO_PAGE = Path(__file__).with_name("static") / "demo.html"
 # Threads that turn request bodies into jobs (JSON, validation, image and mask decoding, tokenising), so the event
 # loop only moves bytes and `/healthz` answers whatever a body costs. More threads than cores add memory, not speed.
@@ -81,6 +86,8 @@ class Backend(Protocol):
 
     def record_result(self, result: JobResult, masks_returned: int) -> None: ...
 
+    async def volume_job(self, job_id: str) -> dict[str, Any] | None: ...
+
 
 class LocalBackend:
     """Runs jobs one at a time in a thread, no Ray: for tests and for debugging the API in one process."""
@@ -105,6 +112,9 @@ class LocalBackend:
 
     def record_result(self, result: JobResult, masks_returned: int) -> None:
         pass
+
+    async def volume_job(self, job_id: str) -> dict[str, Any] | None:
+        return self.service.volume_store.get(job_id)
 
 
 def serve_in_thread(
@@ -523,6 +533,36 @@ def create_api(backend: Backend) -> FastAPI:
         """The demo page: upload, draw a region, ask, see the mask (it calls /v1/preview and /v1/predict)."""
         return HTMLResponse(DEMO_PAGE.read_text())
 
+    @api.post(
+        "/v1/volumes",
+        response_model=VolumeJob,
+        status_code=202,
+        responses=errors,
+        dependencies=[key],
+        openapi_extra=_body_doc(VolumeRequest),
+    )
+    async def start_volume(request: Request) -> VolumeJob:
+        """A NIfTI or zipped DICOM series and a question -> a job that reads it slice by slice; poll
+        `GET /v1/volumes/{id}` for progress and, when done, the answers and the 3-D mask."""
+        # Reading the volume and checking the question take CPU: on the parse threads, like any body.
+        _, job = await off_loop(await request.body(), VolumeRequest, service.start_volume_job)
+        return job
+
+    @api.get(
+        "/v1/volumes/{job_id}",
+        response_model=VolumeJob,
+        responses={401: errors[401], 404: errors[400]},
+        dependencies=[key],
+    )
+    async def volume_status(job_id: str) -> VolumeJob:
+        """A volume job's progress (`slices_done` of `slices_total`), then its result or error."""
+        state = await backend.volume_job(job_id)
+        if state is None:
+            raise APIError(
+                404, f"job_id: no volume job {job_id!r} (finished jobs are kept for a while only)", "job_id"
+            )
+        return VolumeJob.model_validate(state)
+
     @api.get("/v1/models", response_model=ModelList, responses={401: errors[401]}, dependencies=[key])
     async def models() -> ModelList:
         """The model this deployment serves (OpenAI's list format)."""
@@ -549,7 +589,10 @@ def create_api(backend: Backend) -> FastAPI:
         if api.openapi_schema is None:
             schema = default_openapi()
             _, defs = models_json_schema(
-                [(m, "validation") for m in (ChatCompletionRequest, PredictRequest, PreviewRequest)],
+                [
+                    (m, "validation")
+                    for m in (ChatCompletionRequest, PredictRequest, PreviewRequest, VolumeRequest)
+                ],
                 ref_template="#/components/schemas/{model}",
             )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])

@@ -15,6 +15,9 @@ Ray touch-points, each marked `# Ray:` below:
 * `check_health`: Serve calls it every `health_check_period_s`; it raises (and Serve restarts the replica) when
   the model cannot run: after a failed model call, or when no request succeeded for `health_probe_interval_s`, it
   runs a one-token probe.
+* a named, detached actor (`VolumeJobStoreActor`) holds the states of volume jobs: the replica that took the
+  POST runs the job in a thread (its batches share the model lock with request batches) and reports progress to the
+  actor, and a poll on any replica reads it there.
 * `ray.serve.metrics`: counters and a latency histogram, tagged with deployment/replica by Serve, on Ray's
   Prometheus endpoint (names start with `ray_medplib_`).
 """
@@ -36,7 +39,7 @@ from ray.serve import metrics
 
 from serve.api import create_api
 from serve.config import DEPLOYMENT_NAME, AppArgs, ServeConfig
-from serve.service import Job, JobResult, MedPLIBService
+from serve.service import Job, JobResult, LocalJobStore, MedPLIBService
 
 logger = logging.getLogger("ray.serve.medplib")
 
@@ -68,6 +71,33 @@ class ServeMetrics:
         )
 
 
+VOLUME_JOBS_ACTOR = "medplib-volume-jobs"
+
+
+# Ray: one named actor per application holds the volume jobs' states, so a poll reaches them from any replica.
+@ray.remote(num_cpus=0)
+class VolumeJobStoreActor:
+    def __init__(self, keep: int = 64) -> None:
+        self.store = LocalJobStore(keep)
+
+    def put(self, job_id: str, state: dict[str, Any]) -> None:
+        self.store.put(job_id, state)
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        return self.store.get(job_id)
+
+
+class ActorJobStore:
+    """`LocalJobStore`'s `put` for the service's job threads, sent to the named actor (calls from one caller
+    run in order, so progress never goes backwards)."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    def put(self, job_id: str, state: dict[str, Any]) -> None:
+        self.actor.put.remote(job_id, state)
+
+
 # Ray: the deployment. Its options here are defaults; `build_application` (or the config file) sets the real ones.
 @serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=32, ray_actor_options={"num_cpus": 1})
 @serve.ingress()
@@ -78,6 +108,13 @@ class MedPLIBDeployment:
         self.args = AppArgs.model_validate(args)
         num_cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         self.service = MedPLIBService(self.args, num_cpus=num_cpus)
+        # Ray: get_if_exists makes every replica share the first one's actor; detached, so it outlives the
+        # replica that created it (a scale-down must not lose the jobs of the others).
+        app_name = serve.get_replica_context().app_name
+        self.volume_jobs = VolumeJobStoreActor.options(
+            name=f"{VOLUME_JOBS_ACTOR}-{app_name}", get_if_exists=True, lifetime="detached"
+        ).remote()
+        self.service.volume_store = ActorJobStore(self.volume_jobs)
         self.api_key = os.environ.get(self.args.api_key_env or "", "") or None
         self.arriving = 0  # maintained by the API: requests being parsed
         self.metrics = ServeMetrics()
@@ -126,6 +163,9 @@ class MedPLIBDeployment:
         except Exception as err:
             logger.error("health probe failed: %s: %s", type(err).__name__, err)
             raise RuntimeError(f"model cannot run: {type(err).__name__}: {err}") from err
+
+    async def volume_job(self, job_id: str) -> dict[str, Any] | None:
+        return await self.volume_jobs.get.remote(job_id)  # Ray: an ObjectRef is awaitable
 
     # --- metrics (called by the API) ---------------------------------------------------------------------------
     def record_request(self, route: str, status: int, latency_s: float) -> None:
@@ -196,6 +236,9 @@ def wait_then_shutdown() -> None:
     except KeyboardInterrupt:
         logger.info("shutting down Serve")
         serve.shutdown()
+        for entry in ray.util.list_named_actors(all_namespaces=True):  # the detached volume job stores
+            if entry["name"].startswith(VOLUME_JOBS_ACTOR):
+                ray.kill(ray.get_actor(entry["name"], namespace=entry["namespace"]))
 
 
 def replica_counts(app_name: str) -> dict[str, int]:

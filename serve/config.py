@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from medplib.data.reading import ReadLimits
+
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
 GPU_CONFIG = Path(__file__).with_name("config.gpu.yaml")
 DEPLOYMENT_NAME = "MedPLIB"
@@ -55,6 +57,19 @@ class Limits(_Strict):
         1_000_000,
         description="most run lengths in one RLE mask prompt (413 above it); a drawn region has a few per column",
     )
+    max_volume_bytes: PositiveInt = Field(
+        128 * 1024 * 1024,
+        description="largest voxel data of a NIfTI, DICOM series or multi-frame DICOM as its header declares "
+        "(413 above it, before anything is inflated or decoded)",
+    )
+    max_volume_files: PositiveInt = Field(
+        2048, description="most files in a zipped DICOM series (413 above it)"
+    )
+    max_volume_slices: PositiveInt = Field(1024, description="most slices along the axis a volume job reads")
+    max_volume_jobs: PositiveInt = Field(
+        2,
+        description="volume jobs running at once per replica (503 above it); each reads its slices in batches",
+    )
     max_regions: PositiveInt | None = Field(
         None, description="region prompts per request; None = the model's own `region.max_regions`"
     )
@@ -71,6 +86,14 @@ class Limits(_Strict):
                 f"default_max_tokens {self.default_max_tokens} exceeds max_tokens {self.max_tokens}"
             )
         return self
+
+    def read_limits(self) -> ReadLimits:
+        """What the image readers may decode for one request."""
+        return ReadLimits(
+            max_pixels=self.max_image_pixels,
+            max_volume_bytes=self.max_volume_bytes,
+            max_files=self.max_volume_files,
+        )
 
 
 class Batching(_Strict):

@@ -16,8 +16,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
+from medplib.data.display import View, Window, parse_axis, parse_window
 from medplib_client.masks import rle_size
 
 
@@ -40,6 +49,50 @@ def valid_unicode(text: Any) -> Any:
 
 
 UnicodeText = Annotated[str, BeforeValidator(valid_unicode)]
+
+
+def _not_blank(v: str) -> str:
+    if not v.strip():
+        raise ValueError("question is blank")
+    return v
+
+
+Question = Annotated[str, BeforeValidator(valid_unicode), Field(min_length=1), AfterValidator(_not_blank)]
+
+
+class _ViewedImage(_Strict):
+    """A request with an image file whose slice, axis and window may be chosen: `slice_index` alone (the demo
+    page's slider) or a whole `view`."""
+
+    slice_index: int | None = Field(
+        None,
+        ge=0,
+        description="DICOM frame or volume slice (along `view.axis`, default axial); default the middle one",
+    )
+    view: View | None = Field(
+        None,
+        description="DICOM/NIfTI: slice_index, axis (0-2 or sagittal/coronal/axial) and window (a preset such as "
+        "brain, bone, lung, soft_tissue, or {center, width})",
+    )
+
+    @model_validator(mode="after")
+    def _one_slice(self) -> _ViewedImage:
+        if (
+            self.slice_index is not None
+            and self.view is not None
+            and self.view.slice_index not in (None, self.slice_index)
+        ):
+            raise ValueError(
+                f"slice_index {self.slice_index} and view.slice_index {self.view.slice_index} differ; "
+                "give the slice once"
+            )
+        return self
+
+    def image_view(self) -> View | None:
+        """`view` with `slice_index` folded in; None when neither is given."""
+        if self.slice_index is None:
+            return self.view
+        return (self.view or View()).model_copy(update={"slice_index": self.slice_index})
 
 
 # --- region prompts ------------------------------------------------------------------------------------------------
@@ -122,6 +175,11 @@ class MedPLIBOptions(_Strict):
     )
     return_masks: bool = Field(True, description="include the masks in the response")
     mask_encoding: MaskEncoding = Field("both", description="'rle', 'png' or 'both'")
+    view: View | None = Field(
+        None,
+        description="DICOM/NIfTI: slice_index, axis (0-2 or sagittal/coronal/axial) and window (a preset such as "
+        "brain, bone, lung, soft_tissue, or {center, width})",
+    )
 
 
 class ImageURL(BaseModel):
@@ -287,27 +345,17 @@ class ChatCompletionChunk(BaseModel):
 
 
 # --- native ------------------------------------------------------------------------------------------------------
-class PredictRequest(_Strict):
+class PredictRequest(_ViewedImage):
     """The native request: one image, one question, region prompts in the order of the `<region>` marks."""
 
     image: str = Field(description="base64 of the file (PNG, JPEG, DICOM, NIfTI) or a data URL")
-    slice_index: int | None = Field(
-        None, ge=0, description="NIfTI slice (along the last axis) or DICOM frame; default the middle one"
-    )
-    question: UnicodeText = Field(min_length=1)
+    question: Question
     regions: list[Region] = Field(default_factory=list)
     max_new_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0, le=2)
     segment: bool = Field(False, description="return a mask even when the answer has no <SEG>")
     return_masks: bool = True
     mask_encoding: MaskEncoding = "both"
-
-    @field_validator("question")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("question is blank")
-        return v
 
 
 class PredictResponse(BaseModel):
@@ -320,18 +368,19 @@ class PredictResponse(BaseModel):
     timings: Timings
 
 
-class PreviewRequest(_Strict):
+class PreviewRequest(_ViewedImage):
     """An image file to show: the demo page renders DICOM and NIfTI slices through it."""
 
     image: str = Field(description="base64 of the file (PNG, JPEG, DICOM, NIfTI) or a data URL")
-    slice_index: int | None = Field(None, ge=0, description="as in PredictRequest")
 
 
 class PreviewResponse(BaseModel):
     png_base64: str = Field(description="the slice the model sees, as an 8-bit RGB PNG")
     width: int
     height: int
-    num_slices: int = Field(description="slices (NIfTI) or frames (DICOM) in the file; 1 for a plain image")
+    num_slices: int = Field(
+        description="slices (NIfTI, along the view's axis) or frames (DICOM) in the file; 1 for a plain image"
+    )
     slice_index: int = Field(description="the slice shown")
 
 
@@ -370,3 +419,71 @@ class ErrorResponse(BaseModel):
     """Every error, 4xx and 5xx, in OpenAI's shape."""
 
     error: ErrorBody
+
+
+# --- volumes -----------------------------------------------------------------------------------------------------
+class VolumeRequest(_Strict):
+    """A question about a whole volume, run slice by slice as a job: POST returns its id, GET polls it."""
+
+    image: str = Field(
+        description="base64 (or a data URL) of a NIfTI (.nii or .nii.gz) or a zipped DICOM series"
+    )
+    question: Question
+    axis: int = Field(2, description="0 sagittal, 1 coronal, 2 axial (after reorientation to RAS)")
+    window: Window | None = Field(
+        None, description="a preset (brain, bone, lung, soft_tissue, ...) or {center, width}"
+    )
+    answer_slices: str | None = Field(
+        None, description="whose text answers to keep: 'mask', 'all', 'A:B' or an index (default: see /docs)"
+    )
+    segment: bool = Field(True, description="make the 3-D mask (reads every slice along `axis`)")
+    max_new_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0, le=2)
+    mask_format: Literal["nifti", "rle", "both"] = Field(
+        "nifti",
+        description="the 3-D mask as gzipped NIfTI bytes with the input's affine, COCO RLE per slice, or both",
+    )
+
+    @field_validator("axis", mode="before")
+    @classmethod
+    def _axis(cls, v: Any) -> int:
+        return parse_axis(v)
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _window(cls, v: Any) -> Window | None:
+        return parse_window(v)
+
+
+class SliceAnswer(BaseModel):
+    slice: int
+    answer: str
+
+
+class SliceMask(BaseModel):
+    slice: int = Field(description="index along `axis`; the mask is that slice as displayed (see /docs)")
+    rle: MaskRLE
+
+
+class VolumeResult(BaseModel):
+    answer: str = Field(description="the most frequent answer over `answer_slices`")
+    answers: list[SliceAnswer]
+    axis: int
+    slices_read: list[int]
+    answer_slices: list[int]
+    mask_slices: list[int] = Field(description="slices where the mask is present")
+    mask_nifti_base64: str | None = Field(None, description="gzipped NIfTI, the input's shape and affine")
+    masks_rle: list[SliceMask] | None = None
+
+
+class VolumeJob(BaseModel):
+    """A volume job's state; `result` once `status` is done, `error` when it failed."""
+
+    id: str
+    object: Literal["volume.job"] = "volume.job"
+    status: Literal["queued", "running", "done", "failed"]
+    slices_done: int = 0
+    slices_total: int
+    created: int
+    result: VolumeResult | None = None
+    error: ErrorBody | None = None

@@ -9,19 +9,19 @@ status, the field at fault and a message saying what was expected. `run_batch` i
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from medplib.data.reading import ImageReadError
 from medplib_client import Prediction
 from medplib_client.masks import (
     MaskFormatError,
@@ -43,6 +43,7 @@ from serve.schemas import (
     Choice,
     ChunkChoice,
     Delta,
+    ErrorBody,
     ImagePart,
     MaskEncoding,
     MaskOut,
@@ -56,9 +57,14 @@ from serve.schemas import (
     PredictResponse,
     PreviewRequest,
     PreviewResponse,
+    SliceAnswer,
+    SliceMask,
     TextPart,
     Timings,
     Usage,
+    VolumeJob,
+    VolumeRequest,
+    VolumeResult,
 )
 
 logger = logging.getLogger(__name__)
@@ -73,6 +79,14 @@ _ACCEPTED_MEDIA = (
     "application/x-nifti",
 )
 _DATA_URL_HEADER_CHARS = 1024  # "data:<media type>;<parameters>," is at most this long
+
+
+# ReadLimits fields -> the serve config's names for them, for messages.
+_LIMIT_NAMES = {
+    "max_pixels": "limits.max_image_pixels",
+    "max_volume_bytes": "limits.max_volume_bytes",
+    "max_files": "limits.max_volume_files",
+}
 
 
 class APIError(Exception):
@@ -165,6 +179,16 @@ class JobResult:
         return self.prediction.num_generated_tokens if self.prediction is not None else 0
 
 
+def image_error(err: ImageReadError, param: str) -> APIError:
+    """413 for an input over a limit (naming the limit), 400 for anything else the readers refused."""
+    if err.problem == "too_large":
+        detail = err.detail
+        if err.limit in _LIMIT_NAMES:
+            detail = detail.replace(f"({err.limit})", f"({_LIMIT_NAMES[err.limit]})")
+        return APIError(413, f"{param}: {detail}", param, "too_large")
+    return APIError(400, f"{param}: not a readable image: {err.detail}", param, "invalid_image")
+
+
 def parse_data_url(url: str, param: str) -> bytes:
     """`data:<media>;base64,<data>` -> bytes. Remote URLs are refused (400), non-image media types get 415."""
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url):
@@ -207,30 +231,6 @@ def _b64(text: str, param: str) -> bytes:
     return data
 
 
-def slice_count(data: bytes) -> int:
-    """Slices of a NIfTI volume (along axis 2, the one `load_image` picks from) or frames of a DICOM file; 1 for
-    anything else. The demo page's slice slider reads it."""
-    import gzip
-
-    if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
-    if data[344:348] in (b"n+1\x00", b"ni1\x00") or data[4:8] == b"n+2\x00":
-        import nibabel
-
-        for kind in (nibabel.Nifti1Image, nibabel.Nifti2Image):
-            try:
-                shape = kind.from_bytes(data).shape
-            except Exception:  # noqa: BLE001 - not this NIfTI flavour; load_image reported real errors first
-                continue
-            return int(shape[2]) if len(shape) >= 3 else 1
-    if data[128:132] == b"DICM":
-        import pydicom
-
-        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        return int(getattr(header, "NumberOfFrames", 1) or 1)
-    return 1
-
-
 class MedPLIBService:
     """The model plus everything between HTTP bodies and `Predictor.run` (see the module docstring)."""
 
@@ -267,6 +267,9 @@ class MedPLIBService:
         self.last_failure: BaseException | None = None
         from medplib.data.schema import Box
 
+        self.volume_store: Any = LocalJobStore()
+        self._volume_jobs_running = 0
+        self._volume_lock = threading.Lock()  # the job count only: never held while the model runs
         probe = np.zeros((32, 32, 3), dtype=np.uint8)
         probe[8:24, 8:24] = 200
         self._probe = predictor.encode(probe, "probe", [Box(x0=8, y0=8, x1=24, y1=24)])
@@ -336,8 +339,10 @@ class MedPLIBService:
             )
         i, j, part = images[0]
         param = f"messages[{i}].content[{j}].image_url.url"
-        image = self._decode_image(parse_data_url(part.image_url.url, param), param)
         opts = req.medplib
+        image = self._decode_image(
+            parse_data_url(part.image_url.url, param), param, opts.view if opts else None
+        )
         regions: list[tuple[str, Any]] = []
         if opts:
             regions += [(f"medplib.points[{k}]", p) for k, p in enumerate(opts.points)]
@@ -368,7 +373,7 @@ class MedPLIBService:
         raw = (
             parse_data_url(req.image, "image") if req.image.startswith("data:") else _b64(req.image, "image")
         )
-        image = self._decode_image(raw, "image", req.slice_index)
+        image = self._decode_image(raw, "image", req.image_view())
         regions = [(f"regions[{k}]", r) for k, r in enumerate(req.regions)]
         return self._job(
             image,
@@ -384,43 +389,14 @@ class MedPLIBService:
             question_param="question",
         )
 
-    def _decode_image(self, data: bytes, param: str, slice_index: int | None = None) -> np.ndarray:
-        from PIL import Image
+    def _decode_image(self, data: bytes, param: str, view: Any = None) -> np.ndarray:
+        from medplib.data.image import load_image
 
-        from medplib.data.image import ImageReadError, load_image
-
-        limit = self.args.limits.max_image_pixels
-        try:  # header only: refuse an oversized image before decoding its pixels
-            with Image.open(io.BytesIO(data)) as peek:
-                w, h = peek.size
-        except Image.DecompressionBombError as err:
-            raise APIError(413, f"{param}: image too large to decode ({err})", param) from err
-        except Exception:  # not a Pillow format (DICOM, NIfTI) or not an image: load_image decides
-            w = h = 0
-        if w * h > limit:
-            raise APIError(
-                413,
-                f"{param}: image is {w}x{h} = {w * h} pixels; this server takes at most {limit} "
-                "(limits.max_image_pixels)",
-                param,
-            )
         try:
-            image = load_image(data, slice_index=slice_index)
+            # Headers are checked against the limits before any pixel is decoded or any gzip inflated.
+            return load_image(data, view=view, limits=self.args.limits.read_limits())
         except ImageReadError as err:
-            raise APIError(
-                400, f"{param}: not a readable image: {err.detail}", param, "invalid_image"
-            ) from err
-        except Image.DecompressionBombError as err:
-            raise APIError(413, f"{param}: image too large to decode ({err})", param) from err
-        h, w = image.shape[:2]
-        if w * h > limit:
-            raise APIError(
-                413,
-                f"{param}: image is {w}x{h} = {w * h} pixels; this server takes at most {limit} "
-                "(limits.max_image_pixels)",
-                param,
-            )
-        return image
+            raise image_error(err, param) from err
 
     def _region(self, prompt: Any, param: str, image_hw: tuple[int, int]) -> Any:
         from medplib.data.schema import Box, Point
@@ -503,6 +479,149 @@ class MedPLIBService:
             mask_encoding=mask_encoding,
         )
 
+    # --- volumes ----------------------------------------------------------------------------------------------------
+    def start_volume_job(self, req: VolumeRequest) -> VolumeJob:
+        """Check the volume and the request (4xx like any request), then run it slice by slice in a thread; the
+        job's state goes to `volume_store` after every batch."""
+        from medplib.data.volume import load_volume
+        from medplib.inference import InvalidRequest
+        from medplib.volume_prediction import parse_slices
+
+        limits = self.args.limits
+        raw = (
+            parse_data_url(req.image, "image") if req.image.startswith("data:") else _b64(req.image, "image")
+        )
+        try:
+            volume = load_volume(raw, limits.read_limits(), name="image")
+        except ImageReadError as err:
+            raise image_error(err, "image") from err
+        count = volume.num_slices(req.axis)
+        if count > limits.max_volume_slices:
+            raise APIError(
+                413,
+                f"image: {count} slices along axis {req.axis}; this server takes at most {limits.max_volume_slices} "
+                "(limits.max_volume_slices)",
+                "image",
+            )
+        try:
+            selection = parse_slices(req.answer_slices, count)
+        except ValueError as err:
+            raise APIError(400, str(err), "answer_slices") from err
+        if selection == "mask" and not req.segment:
+            raise APIError(400, "answer_slices: 'mask' needs segment", "answer_slices")
+        max_new = req.max_new_tokens or limits.default_max_tokens
+        if max_new > limits.max_tokens:
+            raise APIError(
+                400,
+                f"max_new_tokens: {max_new} exceeds this server's limit of {limits.max_tokens}",
+                "max_new_tokens",
+            )
+        try:  # the question is the same for every slice: one encode says whether it fits
+            self.predictor.encode(volume.display_slice(req.axis, 0, req.window), req.question)
+        except InvalidRequest as err:
+            raise APIError(
+                400, f"{'question' if err.field == 'question' else err.field}: {err.detail}", err.field
+            ) from err
+        with self._volume_lock:
+            if self._volume_jobs_running >= limits.max_volume_jobs:
+                raise APIError(
+                    503,
+                    f"{self._volume_jobs_running} volume jobs are running on this replica "
+                    f"(limits.max_volume_jobs); try again later",
+                    code="busy",
+                )
+            self._volume_jobs_running += 1
+        total = count if req.segment else len(selection) if isinstance(selection, list) else 1
+        job = VolumeJob(
+            id=f"vol-{uuid.uuid4().hex[:24]}", status="queued", slices_total=total, created=int(time.time())
+        )
+        self.volume_store.put(job.id, job.model_dump(mode="json"))
+        threading.Thread(
+            target=self._run_volume_job,
+            args=(job, volume, req, max_new),
+            name=f"medplib-{job.id}",
+            daemon=True,
+        ).start()
+        return job
+
+    def _run_volume_job(self, job: VolumeJob, volume: Any, req: VolumeRequest, max_new: int) -> None:
+        from medplib.volume_prediction import predict_volume
+
+        def progress(done: int, total: int) -> None:
+            self.volume_store.put(
+                job.id,
+                job.model_copy(update={"status": "running", "slices_done": done}).model_dump(mode="json"),
+            )
+
+        try:
+            pred = predict_volume(
+                _LockedPredictor(self.predictor, self._lock),
+                volume,
+                req.question,
+                axis=req.axis,
+                window=req.window,
+                answer_slices=req.answer_slices,
+                segment=req.segment,
+                batch_size=self.args.batching.max_batch_size,
+                max_new_tokens=max_new,
+                temperature=req.temperature,
+                progress=progress,
+            )
+            done = job.model_copy(
+                update={
+                    "status": "done",
+                    "slices_done": job.slices_total,
+                    "result": self._volume_result(volume, pred, req),
+                }
+            )
+            self.last_success_s = time.monotonic()
+        except Exception as err:  # noqa: BLE001 - reported in the job, with an id in the log
+            error_id = uuid.uuid4().hex[:16]
+            logger.error("error_id=%s: volume job %s failed: %s", error_id, job.id, err, exc_info=err)
+            done = job.model_copy(
+                update={
+                    "status": "failed",
+                    "error": ErrorBody(
+                        message=f"the volume job failed (error_id {error_id}); the server log has the details",
+                        type="server_error",
+                        code="internal_error",
+                        error_id=error_id,
+                    ),
+                }
+            )
+        finally:
+            with self._volume_lock:
+                self._volume_jobs_running -= 1
+        self.volume_store.put(job.id, done.model_dump(mode="json"))
+
+    @staticmethod
+    def _volume_result(volume: Any, pred: Any, req: VolumeRequest) -> VolumeResult:
+        import gzip
+
+        import nibabel as nib
+        from nibabel.orientations import apply_orientation
+
+        nifti = rle = None
+        if pred.mask is not None and req.mask_format in ("nifti", "both"):
+            data = nib.Nifti1Image(pred.mask.astype(np.uint8), volume.affine).to_bytes()
+            nifti = b64encode(gzip.compress(data, compresslevel=6))
+        if pred.mask is not None and req.mask_format in ("rle", "both"):
+            ras = apply_orientation(pred.mask, volume.ornt)
+            rle = [
+                SliceMask(slice=k, rle=MaskRLE(**encode_rle(np.rot90(np.take(ras, k, axis=pred.axis)))))
+                for k in pred.mask_slices
+            ]
+        return VolumeResult(
+            answer=pred.answer,
+            answers=[SliceAnswer(slice=k, answer=t) for k, t in pred.answers.items()],
+            axis=pred.axis,
+            slices_read=pred.slices_read,
+            answer_slices=pred.answer_slices,
+            mask_slices=pred.mask_slices,
+            mask_nifti_base64=nifti,
+            masks_rle=rle,
+        )
+
     # --- the model --------------------------------------------------------------------------------------------------
     def run_batch(self, jobs: list[Job]) -> list[JobResult]:
         """Run jobs; those with the same generation settings share one `Predictor.run` pass."""
@@ -560,15 +679,21 @@ class MedPLIBService:
 
     def preview(self, req: PreviewRequest) -> PreviewResponse:
         """The slice of an image file the model would see, as PNG, with the file's slice count."""
+        from medplib.data.image import slice_count
         from medplib.data.rows import png_bytes
 
         raw = (
             parse_data_url(req.image, "image") if req.image.startswith("data:") else _b64(req.image, "image")
         )
-        image = self._decode_image(raw, "image", req.slice_index)
-        count = slice_count(raw)
+        view = req.image_view()
+        image = self._decode_image(raw, "image", view)
+        try:  # the headers load_image has just read and checked
+            count = slice_count(raw, axis=view.axis if view else None, limits=self.args.limits.read_limits())
+        except ImageReadError as err:
+            raise image_error(err, "image") from err
         h, w = image.shape[:2]
-        shown = req.slice_index if req.slice_index is not None else count // 2 if count > 1 else 0
+        index = view.slice_index if view else None
+        shown = index % count if index is not None else count // 2
         return PreviewResponse(
             png_base64=b64encode(png_bytes(image)), width=w, height=h, num_slices=count, slice_index=shown
         )
@@ -702,3 +827,40 @@ class MedPLIBService:
                 )
             ]
         )
+
+
+class LocalJobStore:
+    """Volume job states in this process (`LocalBackend`, one replica); the oldest finished ones are dropped past
+    `keep`. The Ray app replaces it with a named actor so that any replica answers a poll."""
+
+    def __init__(self, keep: int = 64) -> None:
+        self.keep = keep
+        self._jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, job_id: str, state: dict[str, Any]) -> None:
+        with self._lock:
+            self._jobs[job_id] = state
+            self._jobs.move_to_end(job_id)
+            finished = [k for k, v in self._jobs.items() if v["status"] in ("done", "failed")]
+            for k in finished[: max(0, len(self._jobs) - self.keep)]:
+                del self._jobs[k]
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+
+class _LockedPredictor:
+    """The replica's predictor for a volume job: each `run` (one batch of slices) takes the model lock, so the job
+    interleaves with request batches instead of holding the model for the whole volume."""
+
+    def __init__(self, predictor: Any, lock: threading.Lock) -> None:
+        self.predictor, self.lock = predictor, lock
+
+    def encode(self, *args: Any, **kwargs: Any) -> Any:
+        return self.predictor.encode(*args, **kwargs)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return self.predictor.run(*args, **kwargs)

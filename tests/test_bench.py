@@ -18,6 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
         ["bench.moe_cost", "--hidden", "64", "--layers", "1", "--tokens", "32", "--repeats", "1"],
         ["bench.train_step", "--batch", "1", "--repeats", "1"],  # the small preset: real weights
         ["bench.stream_latency", "--tokens", "16", "--repeats", "1"],
+        [
+            "bench.volume_throughput",
+            "--slices",
+            "2",
+            "--batch",
+            "2",
+            "--max-new-tokens",
+            "1",
+            "--repeats",
+            "1",
+        ],
     ],
 )
 def test_bench_prints_figures_last_as_one_json_line(argv):

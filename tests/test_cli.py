@@ -80,13 +80,14 @@ COMMANDS = {
     "data build-mini": "--output --seed --max-samples",
     "data synth": "--rows --output --seed --pool-size --image-px",
     "data show": "--n --out --seed --task --split path",
-    "data prepare": "--input --output --config --model-preset --data-root --max-rows --splits --force",
-    "predict": "--model --endpoint --image --question --point --box --mask --segment --max-new-tokens --temperature "
-    "--out",
+    "data prepare": "--input --output --config --model-preset --data-root --max-rows --splits --window --force",
+    "predict": "--model --endpoint --image --question --point --box --mask --segment --slice --axis --window "
+    "--max-new-tokens --temperature --out --answer-slices --batch-size",
     "model": "summary",
     "model summary": "--preset",
     "eval": "--model --data --split --out --max-rows --max-new-tokens --batch-size --concurrency --gpus "
-    "--cpus-per-actor --dtype --seed --model-id --engine --gallery-size --mlflow-run-id --tracking-uri --compare-with",
+    "--cpus-per-actor --dtype --seed --model-id --engine --gallery-size --mlflow-run-id --tracking-uri --compare-with "
+    "--volumes",
     "eval-compare": "--before --after --out --labels",
     "serve": "run config",
     "serve run": "--config --model --port --set",

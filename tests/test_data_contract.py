@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from clinical_files import dicom_dataset, save
 from PIL import Image
 
 from medplib.constants import MODALITIES
@@ -49,33 +50,7 @@ def _square_mask(height: int = H, width: int = W) -> np.ndarray:
 
 
 def _write_dicom(path: Path, pixels: np.ndarray, **elements: object) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    for key, value in elements.items():
-        setattr(ds, key, value)
-    ds.PixelData = pixels.astype(np.int16).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        ds.save_as(path, enforce_file_format=True)  # pydicom >= 3
-    except TypeError:  # pydicom 2.x
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-        ds.save_as(path, write_like_original=False)
+    save(dicom_dataset(pixels, **elements), path)
 
 
 def _write_nifti(path: Path, volume: np.ndarray) -> None:
@@ -106,6 +81,11 @@ def data_root(tmp_path: Path, png_bomb) -> Path:
     )
     (root / "images/empty.png").write_bytes(b"")
     (root / "images/huge.png").write_bytes(png_bomb(12000, 12000))  # 140 KB that decode to 144 M pixels
+    # A header that declares an 8192x8192 slice (over ReadLimits' 4096x4096) and no voxels: refused from the header.
+    huge = nib.Nifti1Header()
+    huge.set_data_shape((8192, 8192, 1))
+    huge.set_data_dtype(np.uint8)
+    (root / "images/huge.nii").write_bytes(huge.binaryblock + b"\0" * 4)
 
     _save_png(root / "masks/organ.png", _square_mask())
     _save_png(root / "masks/region.png", _square_mask() * 255)
@@ -188,6 +168,7 @@ BAD_ROWS: list[tuple[Reason, dict | str]] = [
     (Reason.IMAGE_MISSING, _row("img-missing", "<image>\nHi", "Hi", image="images/nope.png")),
     (Reason.IMAGE_UNREADABLE, _row("img-corrupt", "<image>\nHi", "Hi", image="images/corrupt.png")),
     (Reason.IMAGE_EMPTY, _row("img-empty", "<image>\nHi", "Hi", image="images/empty.png")),
+    (Reason.IMAGE_TOO_LARGE, _row("img-huge", "<image>\nHi", "Hi", image="images/huge.nii")),
     (Reason.MASK_MISSING, _row("mask-missing", "Segment.", "<SEG><mask>masks/nope.png</mask>")),
     (Reason.MASK_UNREADABLE, _row("mask-corrupt", "Segment.", "<SEG><mask>masks/corrupt.png</mask>")),
     (Reason.MASK_EMPTY, _row("mask-zero", "Segment.", "<SEG><mask>masks/zero.png</mask>")),
@@ -244,7 +225,7 @@ def test_validation_counts_every_reason_and_quarantines_with_lines(data_root: Pa
     accepted = [r for r in results if isinstance(r, Accepted)]
     rejected = [r for r in results if isinstance(r, Rejection)]
     assert len(accepted) == len(GOOD_ROWS) == 9
-    assert len(rejected) == len(BAD_ROWS) == 25
+    assert len(rejected) == len(BAD_ROWS) == 26
     expected_counts: dict[str, int] = {}
     for reason, _ in BAD_ROWS:
         expected_counts[reason.value] = expected_counts.get(reason.value, 0) + 1
@@ -264,11 +245,11 @@ def test_validation_counts_every_reason_and_quarantines_with_lines(data_root: Pa
         assert expected[good.line][0] is None
 
     summary = summarize(results)
-    assert (summary.total, summary.accepted, summary.rejected, summary.fixed_suffix) == (34, 9, 25, 1)
+    assert (summary.total, summary.accepted, summary.rejected, summary.fixed_suffix) == (35, 9, 26, 1)
     assert summary.by_reason == expected_counts
 
     quarantine = tmp_path / "out" / "quarantine.jsonl"
-    assert write_quarantine(rejected, quarantine) == 25
+    assert write_quarantine(rejected, quarantine) == 26
     records = [json.loads(line) for line in quarantine.read_text().splitlines()]
     assert [r["line"] for r in records] == [r.line for r in rejected]
     assert all(set(r) == {"source", "line", "reason", "message", "raw"} for r in records)
@@ -535,8 +516,8 @@ def test_dicom_windowing_and_bundled_file(tmp_path: Path) -> None:
     _write_dicom(
         tmp_path / "w.dcm", raw, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=400
     )
-    windowed = load_image(tmp_path / "w.dcm")[..., 0]  # window [-160, 240] HU
-    assert windowed.tolist() == [[0, 102, 255], [0, 150, 255]]
+    windowed = load_image(tmp_path / "w.dcm")[..., 0]  # window [-160, 240] HU, DICOM's LINEAR function
+    assert windowed.tolist() == [[0, 102, 255], [0, 151, 255]]
     _write_dicom(tmp_path / "nowindow", raw)  # no suffix: found by the DICM preamble; min-max scaled
     assert load_image(tmp_path / "nowindow")[..., 0].tolist() == [[0, 87, 107], [73, 94, 255]]
     bundled = Path(__import__("pydicom").__file__).parent / "data/test_files/CT_small.dcm"

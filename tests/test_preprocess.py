@@ -183,6 +183,27 @@ def test_each_image_and_mask_is_decoded_once_per_process(ray_local, mini: Path, 
         assert rows == list(iter_prepared_rows(on_ray.output, split))
 
 
+def test_one_volume_read_at_two_views_is_two_pictures(ray_local, tmp_path: Path) -> None:
+    """The view cache is keyed by file and view: rows at two slices of one NIfTI get two pictures, rows at the
+    same slice share one, with or without the views pass."""
+    root = tmp_path / "data"
+    root.mkdir()
+    volume = np.zeros((16, 16, 4), np.int16)
+    for k in range(4):
+        volume[4 * k : 4 * k + 4, :, k] = 1000  # a band that moves with the slice
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), root / "v.nii.gz")
+    rows = [
+        _row(rid, "<image>\nWhat is this?", "MRI", image="v.nii.gz", split="test", view={"slice_index": k})
+        for rid, k in (("a", 0), ("b", 2), ("c", 2))
+    ]
+    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for engine in ("local", "ray"):
+        result = prepare(root / "rows.jsonl", tmp_path / engine, PrepareConfig(data_root=root), engine=engine)
+        views = {r["sample_id"]: r["vision_view_png"] for r in iter_prepared_rows(result.output, "test")}
+        assert views["a"] != views["b"] and views["b"] == views["c"], engine
+        assert result.manifest["counts"]["decoded"]["images"] == 2, engine
+
+
 # ---------------------------------------------------------------------------------------------- bad rows
 H, W = 24, 40
 

@@ -997,6 +997,38 @@ def test_client_and_cli_predict_against_endpoint(server, image, tmp_path, monkey
 
 
 @pytest.mark.slow
+def test_volume_job_over_http_and_the_cli(server, tmp_path, monkeypatch):
+    """A NIfTI volume as a job on the Serve app (progress through the named actor), by the client and the CLI."""
+    import nibabel as nib
+    from clinical_files import small_brain
+
+    from medplib_client import MedPLIBClient
+    from workflows.cli import main
+
+    path = small_brain(tmp_path)
+    source = nib.load(path)
+    with MedPLIBClient(server, api_key=API_KEY) as client:
+        pred = client.predict_volume(
+            path, "Segment the brain.", axis="sagittal", max_new_tokens=1, poll_s=0.2
+        )
+    assert pred.mask.shape == source.shape and pred.slices_read == list(range(source.shape[0]))
+    monkeypatch.setenv("MEDPLIB_API_KEY", API_KEY)
+    out = tmp_path / "cli" / "result.json"
+    argv = ["predict", "--endpoint", server, "--image", str(path), "--question", "Segment the brain."]
+    assert main([*argv, "--segment", "--max-new-tokens", "1", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    mask = nib.load(written["mask_nifti"])
+    assert mask.shape == source.shape and np.array_equal(mask.affine, source.affine)
+    r = httpx.post(
+        f"{server}/v1/volumes",
+        json={"image": base64.b64encode(b"PK\x03\x04broken").decode(), "question": "Segment."},
+        headers=_auth(),
+        timeout=60,
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image"
+
+
+@pytest.mark.slow
 def test_autoscaling_up_under_load_and_back_down(cluster, server, image):
     """A second application with 1..2 replicas at 0.25 CPU, target 1 ongoing request, batching off and short
     delays: 6 concurrent clients push it to 2 replicas; after the load it returns to 1."""

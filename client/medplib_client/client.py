@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from medplib_client.masks import b64decode, decode_rle, encode_rle, png_decode
-from medplib_client.prediction import Prediction
+from medplib_client.prediction import Prediction, VolumePrediction
 
 Pair = tuple[float, float]
 Quad = tuple[float, float, float, float]
@@ -45,13 +45,30 @@ class MedPLIBAPIError(RuntimeError):
 
 def _image_bytes(image: str | Path | bytes | np.ndarray | Image.Image) -> bytes:
     if isinstance(image, (str, Path)):
-        return Path(image).read_bytes()  # sent as is: the server reads PNG, JPEG, DICOM and NIfTI
+        # Sent as is (the server reads PNG, JPEG, DICOM and NIfTI); a DICOM series folder goes as a zip.
+        return _volume_bytes(image)
     if isinstance(image, bytes):
         return image
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image.astype(np.uint8) * 255 if image.dtype == bool else image)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _volume_bytes(image: str | Path | bytes) -> bytes:
+    """A NIfTI file's bytes as they are; a DICOM series folder zipped (flat, file names only)."""
+    if isinstance(image, bytes):
+        return image
+    path = Path(image)
+    if not path.is_dir():
+        return path.read_bytes()
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+        for file in sorted(p for p in path.iterdir() if p.is_file()):
+            archive.write(file, file.name)
     return buf.getvalue()
 
 
@@ -80,7 +97,8 @@ def decode_mask(item: dict[str, Any]) -> np.ndarray:
 
 
 class MedPLIBClient:
-    """Talks to `POST /v1/predict`, `GET /v1/models` and `GET /healthz` of a MedPLIB server."""
+    """Talks to `POST /v1/predict`, the volume jobs (`/v1/volumes`), `GET /v1/models` and `GET /healthz` of a
+    MedPLIB server."""
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 120.0) -> None:
         self.base_url = base_url.rstrip("/")
@@ -123,9 +141,12 @@ class MedPLIBClient:
         max_new_tokens: int | None = None,
         temperature: float = 0.0,
         segment: bool = False,
+        view: Any = None,
     ) -> Prediction:
         """Ask `question` about `image` with optional region prompts (pixels; one or a list of each kind; used in
-        the order points, boxes, masks). A mask is a PNG path or a bool array of the image's size."""
+        the order points, boxes, masks). A mask is a PNG path or a bool array of the image's size. `view` (a
+        dict such as `{"slice_index": 40, "axis": "axial", "window": "brain"}`, or a `medplib.data.display.View`)
+        picks the slice, axis and window of a DICOM or NIfTI."""
         regions: list[dict[str, Any]] = [{"kind": "point", "x": x, "y": y} for x, y in _many(point, 2)]
         regions += [{"kind": "box", "x0": a, "y0": b, "x1": c, "y1": d} for a, b, c, d in _many(box, 4)]
         masks = [] if mask is None else [mask] if isinstance(mask, (str, Path, np.ndarray)) else list(mask)
@@ -139,6 +160,8 @@ class MedPLIBClient:
             "segment": segment,
             "mask_encoding": "rle",
         }
+        if view is not None:
+            payload["view"] = view if isinstance(view, dict) else view.model_dump(mode="json")
         body = self._check(self._http.post("/v1/predict", json=payload))
         return Prediction(
             text=body["answer"],
@@ -146,6 +169,68 @@ class MedPLIBClient:
             scores=[m["score"] for m in body["masks"]],
             timings=body.get("timings", {}),
             num_generated_tokens=body.get("num_generated_tokens", 0),
+        )
+
+    def predict_volume(
+        self,
+        image: str | Path | bytes,
+        question: str,
+        *,
+        axis: int | str = 2,
+        window: Any = None,
+        answer_slices: str | None = None,
+        segment: bool = True,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        poll_s: float = 0.5,
+        timeout_s: float = 3600.0,
+    ) -> VolumePrediction:
+        """Ask about a whole volume (a NIfTI file, a DICOM series folder, which is zipped for the upload, or the
+        bytes of either) as a job: POST /v1/volumes, then poll until it is done. Returns a `VolumePrediction`
+        whose mask is in the input's stored voxel order (reading it needs nibabel: the client's `volumes` extra)."""
+        import gzip
+        import time
+
+        payload = {
+            "image": base64.b64encode(_volume_bytes(image)).decode("ascii"),
+            "question": question,
+            "axis": axis,
+            "window": window if window is None or isinstance(window, (str, dict)) else window.model_dump(),
+            "answer_slices": answer_slices,
+            "segment": segment,
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "mask_format": "nifti",
+        }
+        job = self._check(self._http.post("/v1/volumes", json=payload))
+        deadline = time.monotonic() + timeout_s
+        while job["status"] in ("queued", "running"):
+            if time.monotonic() > deadline:
+                raise MedPLIBAPIError(504, f"volume job {job['id']} not done after {timeout_s:g} s")
+            time.sleep(poll_s)
+            job = self._check(self._http.get(f"/v1/volumes/{job['id']}"))
+        if job["status"] == "failed":
+            err = job.get("error") or {}
+            raise MedPLIBAPIError(500, err.get("message", "volume job failed"), None, err.get("error_id"))
+        result = job["result"]
+        mask = None
+        if result.get("mask_nifti_base64"):
+            try:
+                import nibabel as nib
+            except ImportError as err:
+                raise ImportError(
+                    "reading the volume's NIfTI mask needs nibabel: pip install 'medplib-client[volumes]'"
+                ) from err
+            raw = gzip.decompress(b64decode(result["mask_nifti_base64"], "mask_nifti_base64"))
+            mask = np.asarray(nib.Nifti1Image.from_bytes(raw).dataobj).astype(bool)
+        return VolumePrediction(
+            answer=result["answer"],
+            axis=result["axis"],
+            slices_read=result["slices_read"],
+            answer_slices=result["answer_slices"],
+            answers={a["slice"]: a["answer"] for a in result["answers"]},
+            mask=mask,
+            mask_slices=result["mask_slices"],
         )
 
     def models(self) -> list[str]:
@@ -163,12 +248,14 @@ def ask_server(
     points: Sequence[Sequence[float]] = (),
     boxes: Sequence[Sequence[float]] = (),
     masks: Sequence[str | Path] = (),
+    view: Any = None,
     max_new_tokens: int | None = None,
     temperature: float = 0.0,
     segment: bool = False,
 ) -> Prediction:
-    """One question to the server at `endpoint` (API key from $MEDPLIB_API_KEY); a refusal or a connection failure
-    becomes a ValueError naming the endpoint, which the command lines report in one line."""
+    """One question to the server at `endpoint` (API key from $MEDPLIB_API_KEY); `view` as in
+    `MedPLIBClient.predict`. A refusal or a connection failure becomes a ValueError naming the endpoint, which the
+    command lines report in one line."""
     try:
         with MedPLIBClient(endpoint) as client:
             return client.predict(
@@ -180,6 +267,7 @@ def ask_server(
                 max_new_tokens=max_new_tokens,
                 temperature=temperature,
                 segment=segment,
+                view=view,
             )
     except (MedPLIBAPIError, httpx.HTTPError) as err:
         raise ValueError(f"{endpoint}: {err}") from err

@@ -1,5 +1,6 @@
-"""What the model answered about one image, whichever way it was asked: `medplib predict`, the HTTP API and its
-client, batch evaluation. numpy only, so the client returns it without importing torch."""
+"""What the model answered about one image (`Prediction`) or one volume (`VolumePrediction`), whichever way it was
+asked: `medplib predict`, the HTTP API and its client, batch evaluation. numpy only, so the client returns them
+without importing torch."""
 
 from __future__ import annotations
 
@@ -36,3 +37,17 @@ class Prediction:
             path.write_bytes(png_encode(mask))
             paths.append(path)
         return paths
+
+
+@dataclass
+class VolumePrediction:
+    """A volume's answer: the 3-D mask (stored voxel order; None without `segment`), answers per slice."""
+
+    answer: str
+    axis: int
+    slices_read: list[int]
+    answer_slices: list[int]
+    answers: dict[int, str] = field(default_factory=dict)
+    mask: np.ndarray | None = None
+    mask_slices: list[int] = field(default_factory=list)  # slices (along `axis`) where the mask is present
+    timings: dict[str, float] = field(default_factory=dict)

@@ -4,25 +4,28 @@ Every image comes back as a uint8 (H, W, 3) RGB array whatever it was stored as:
 
 * PNG / JPEG / anything Pillow opens. 8-bit modes are converted to RGB; 16-bit and float modes (common for
   medical PNG/TIFF) are min-max scaled to uint8; alpha is dropped.
-* DICOM (`.dcm`, `.dicom`, or any file with the `DICM` preamble): rescale slope/intercept applied, then the
-  file's first WindowCenter/WindowWidth if present, else min-max of the pixel data, to uint8. MONOCHROME1 is
-  inverted so that bright means dense as in MONOCHROME2. Multi-frame files: `slice_index` picks the frame
-  (default: the middle one).
-* NIfTI (`.nii`, `.nii.gz`): the 2-D slice `slice_index` along voxel `axis` (default: the middle slice) of the
-  first volume, min-max scaled, then `np.rot90` (90 degrees counter-clockwise). For a volume stored in RAS+
-  voxel order (nibabel's canonical orientation) that puts anterior/superior at the top and the patient's left on
-  the viewer's left: neurological view. The volume is not reoriented, so other storage orders show rotated or
-  flipped, exactly as stored.
+* DICOM (`.dcm`, `.dicom`, or any file with the `DICM` preamble): one frame (`slice_index`, default the middle
+  one) through pydicom's Modality LUT and VOI LUT / window, per frame for enhanced multi-frame files
+  (`medplib.data.dicom`).
+* NIfTI (`.nii`, `.nii.gz`): one slice along an anatomical axis after reorientation to RAS, in the display
+  convention of `medplib.data.display` (neurological view whatever the storage order), reading only that slice
+  (`medplib.data.nifti`).
+* A DICOM series (a folder, or a `.zip` of one) and NRRD/MHA (`.nrrd`, `.mha`, ...): read whole by
+  `medplib.data.volume`, then one slice as for NIfTI.
 * numpy arrays (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) of any dtype: uint8 is kept, bool becomes 0/255,
   anything else is min-max scaled over the whole array (so colour balance is kept); alpha is dropped.
 * PIL images: as for files.
-* bytes: the content of any of the files above (an upload); DICOM and NIfTI (optionally gzipped) are recognised by
-  their magic bytes, anything else goes to Pillow.
+* bytes: the content of any of the files above (an upload); DICOM, NIfTI (optionally gzipped) and zip are
+  recognised by their magic bytes, anything else goes to Pillow.
+
+The slice, axis and intensity window come from a `View` (or the `slice_index`, `axis`, `window` keywords). Headers
+are checked against `ReadLimits` before any pixel is decoded.
 
 Masks (`load_mask`) follow the MeCoVQA convention: any value >= 1 in any colour channel is foreground.
 
 Every failure raises `ImageReadError`, which names the file and says what was wrong; its `problem` attribute
-("missing", "empty", "unreadable", "unsupported") lets callers map it to a rejection reason without parsing text.
+("missing", "empty", "unreadable", "unsupported", "too_large") lets callers map it to a rejection reason or an
+HTTP status without parsing text.
 
 Inside `with reusing(files)`, `load_mask` and `image_size` look a file up in `files` (a `DecodedFiles`) by path,
 size and modification time before reading it: preprocessing validates a mask, then loads it as a target or a
@@ -31,7 +34,6 @@ region prompt, and several rows share one mask, yet each is decoded once per pro
 
 from __future__ import annotations
 
-import gzip
 import io
 import logging
 from collections.abc import Iterator
@@ -43,15 +45,51 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from medplib.data.dicom import DICOM_SUFFIXES, number_of_frames, read_dicom, read_header
+from medplib.data.display import View, Window, parse_axis, parse_window
 from medplib.data.lru import BoundedCache
+from medplib.data.nifti import (
+    NIFTI_SUFFIXES,
+    default_axis,
+    load_nifti,
+    orientation,
+    plane_size,
+    ras_shape,
+    read_plane,
+    sniff_nifti,
+)
+from medplib.data.reading import (
+    ImageProblem,
+    ImageReadError,
+    ReadLimits,
+    check_plane,
+    gunzip_prefix,
+    scale_to_uint8,
+)
+from medplib.data.volume import ITK_SUFFIXES, load_volume, read_volume_plane
 
 logger = logging.getLogger(__name__)
 
-ImageProblem = Literal["missing", "empty", "unreadable", "unsupported"]
-ImageSource = str | Path | bytes | np.ndarray | Image.Image
+__all__ = [
+    "DICOM_SUFFIXES",
+    "NIFTI_SUFFIXES",
+    "DecodedFiles",
+    "ImageProblem",
+    "ImageReadError",
+    "ImageSource",
+    "ReadLimits",
+    "depends_on_view",
+    "file_key",
+    "image_size",
+    "load_image",
+    "load_mask",
+    "reusing",
+    "scale_to_uint8",
+    "slice_count",
+]
 
-DICOM_SUFFIXES = (".dcm", ".dicom")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ImageSource = str | Path | bytes | np.ndarray | Image.Image
+FileKind = Literal["dicom", "nifti", "volume", "pillow"]
 
 # Pillow modes that convert to RGB without losing information that matters for display.
 _PIL_RGB_MODES = {
@@ -72,18 +110,10 @@ _PIL_RGB_MODES = {
 }
 
 
-class ImageReadError(ValueError):
-    """An image or mask could not be read. The message names the file; `problem` classifies the failure."""
-
-    def __init__(self, source: str | Path, problem: ImageProblem, detail: str) -> None:
-        self.source = str(source)
-        self.problem: ImageProblem = problem
-        self.detail = detail
-        super().__init__(f"{source}: {detail}")
-
-
-def _file_format(path: Path) -> Literal["dicom", "nifti", "pillow"]:
+def _file_format(path: Path) -> FileKind:
     name = path.name.lower()
+    if path.is_dir() or name.endswith(ITK_SUFFIXES + (".zip",)):
+        return "volume"
     if name.endswith(NIFTI_SUFFIXES):
         return "nifti"
     if name.endswith(DICOM_SUFFIXES):
@@ -100,32 +130,15 @@ def _file_format(path: Path) -> Literal["dicom", "nifti", "pillow"]:
 
 
 def _check_file(path: Path) -> None:
-    """Raise ImageReadError unless `path` is a non-empty regular file."""
+    """Raise ImageReadError unless `path` is a non-empty regular file or a folder (a DICOM series)."""
     if not path.exists():
         raise ImageReadError(path, "missing", "file not found")
+    if path.is_dir():
+        return
     if not path.is_file():
         raise ImageReadError(path, "unreadable", "not a regular file")
     if path.stat().st_size == 0:
         raise ImageReadError(path, "empty", "file is empty (0 bytes)")
-
-
-def scale_to_uint8(values: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
-    """Linearly map [low, high] (default: the array's finite min and max) to [0, 255] as uint8, clipping outside.
-
-    NaN and infinities become `low`. A constant array maps to all zeros.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    finite = np.isfinite(values)
-    if low is None or high is None:
-        if not finite.any():
-            return np.zeros(values.shape, dtype=np.uint8)
-        low = float(values[finite].min()) if low is None else low
-        high = float(values[finite].max()) if high is None else high
-    values = np.where(finite, values, low)
-    if high <= low:
-        return np.zeros(values.shape, dtype=np.uint8)
-    scaled = (values - low) * (255.0 / (high - low))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 def _array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
@@ -170,7 +183,7 @@ def _open_pil(source: Path | io.BytesIO, name: str | Path, *, decode: bool = Tru
             name, "unreadable", "not a recognised image format (corrupt or unsupported)"
         ) from err
     except Image.DecompressionBombError as err:
-        raise ImageReadError(name, "unreadable", f"image too large ({err})") from err
+        raise ImageReadError(name, "too_large", f"image too large ({err})") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(name, "unreadable", f"corrupt image header ({err})") from err
     if not decode:
@@ -183,155 +196,96 @@ def _open_pil(source: Path | io.BytesIO, name: str | Path, *, decode: bool = Tru
     return image
 
 
-def _middle_or(index: int | None, length: int, name: str | Path, what: str) -> int:
-    if index is None:
-        return length // 2
-    if not -length <= index < length:
-        raise ImageReadError(name, "unsupported", f"{what} {index} out of range for {length} slices")
-    return index % length
+def _read_pillow(source: Path | io.BytesIO, name: str | Path, limits: ReadLimits) -> np.ndarray:
+    with _open_pil(source, name, decode=False) as image:
+        check_plane(name, image.height, image.width, limits)  # from the header: refused before decoding
+        try:
+            image.load()
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ImageReadError(name, "unreadable", f"corrupt image data ({err})") from err
+        return _pil_to_rgb(image, str(name))
 
 
-def _read_dicom(source: Path | io.BytesIO, name: str | Path, slice_index: int | None) -> np.ndarray:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-    from pydicom.multival import MultiValue
-
-    try:
-        ds = pydicom.dcmread(source)
-        pixels = ds.pixel_array
-    except InvalidDicomError as err:
-        raise ImageReadError(name, "unreadable", f"not a valid DICOM file ({err})") from err
-    except AttributeError as err:  # no PixelData element
-        raise ImageReadError(name, "unreadable", "DICOM file has no pixel data") from err
-    except Exception as err:  # pydicom raises many types for bad or unsupported compressed data
-        raise ImageReadError(
-            name, "unreadable", f"cannot decode DICOM pixel data ({type(err).__name__}: {err})"
-        ) from err
-
-    samples_per_pixel = int(ds.get("SamplesPerPixel", 1))
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        pixels = pixels[_middle_or(slice_index, pixels.shape[0], name, "frame")]
-    if samples_per_pixel != 1:  # colour DICOM (pydicom already converted YBR to RGB)
-        return _array_to_rgb(pixels, str(name))
-
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    values = pixels.astype(np.float64) * slope + intercept
-    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if center is not None and width is not None:
-        center = float(center[0] if isinstance(center, MultiValue) else center)
-        width = float(width[0] if isinstance(width, MultiValue) else width)
-    if center is not None and width is not None and width > 0:
-        gray = scale_to_uint8(values, center - width / 2, center + width / 2)
-    else:
-        gray = scale_to_uint8(values)
-    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
-        gray = 255 - gray
-    return _array_to_rgb(gray, str(name))
-
-
-def _load_nifti(source: Path | bytes, name: str | Path):  # -> nibabel.Nifti1Image | Nifti2Image
-    import nibabel as nib
-
-    try:
-        if isinstance(source, bytes):
-            if source[:2] == b"\x1f\x8b":
-                source = gzip.decompress(source)
-            header_size = int.from_bytes(source[:4], "little")
-            if header_size not in (348, 540):
-                header_size = int.from_bytes(source[:4], "big")
-            image_class = nib.Nifti2Image if header_size == 540 else nib.Nifti1Image
-            return image_class.from_bytes(source)
-        return nib.load(source)
-    except Exception as err:  # nibabel raises ImageFileError, EOFError, gzip errors, ...
-        raise ImageReadError(
-            name, "unreadable", f"not a readable NIfTI file ({type(err).__name__}: {err})"
-        ) from err
-
-
-def _nifti_slice_spec(shape: tuple[int, ...], slice_index: int | None, axis: int, name: str | Path) -> tuple:
-    """Index tuple selecting one 2-D slice of the first volume."""
-    if len(shape) == 2:
-        return (slice(None), slice(None))
-    if len(shape) < 2 or 0 in shape[:3]:
-        raise ImageReadError(name, "empty", f"NIfTI volume has unusable shape {shape}")
-    if axis not in (0, 1, 2):
-        raise ImageReadError(name, "unsupported", f"axis must be 0, 1 or 2, got {axis}")
-    index: list = [slice(None)] * 3 + [0] * (len(shape) - 3)  # extra dims (time, ...): first volume
-    index[axis] = _middle_or(slice_index, shape[axis], name, f"slice_index along axis {axis}")
-    return tuple(index)
-
-
-def _read_nifti(source: Path | bytes, name: str | Path, slice_index: int | None, axis: int) -> np.ndarray:
-    image = _load_nifti(source, name)
-    index = _nifti_slice_spec(tuple(image.shape), slice_index, axis, name)
-    try:
-        plane = np.asarray(
-            image.dataobj[index], dtype=np.float64
-        )  # reads only this slice; applies scl_slope/inter
-    except Exception as err:
-        raise ImageReadError(
-            name, "unreadable", f"cannot read NIfTI voxel data ({type(err).__name__}: {err})"
-        ) from err
-    return _array_to_rgb(np.rot90(scale_to_uint8(plane)), str(name))
-
-
-def _sniff_bytes(data: bytes) -> Literal["dicom", "nifti", "pillow"]:
+def sniff_bytes(data: bytes) -> FileKind:
+    """The format of an upload, from its magic bytes."""
     if data[128:132] == b"DICM":
         return "dicom"
-    head = data
+    if data[:4] == b"PK\x03\x04":
+        return "volume"
+    head = data[:540]
     if data[:2] == b"\x1f\x8b":  # gzip: only NIfTI is expected gzipped; peek at the header
         try:
-            head = gzip.GzipFile(fileobj=io.BytesIO(data)).read(348)
-        except (OSError, EOFError):
+            head = gunzip_prefix(data, 540, "<bytes>")
+        except ImageReadError:
             return "pillow"
-    if len(head) >= 348 and head[344:347] in (b"n+1", b"ni1", b"n+2", b"ni2"):
-        return "nifti"
-    if len(head) >= 540 and head[4:7] in (b"n+2", b"ni2"):  # NIfTI-2 keeps its magic at byte 4
-        return "nifti"
-    return "pillow"
+    return "nifti" if sniff_nifti(head) else "pillow"
 
 
-def _load_bytes(data: bytes, slice_index: int | None, axis: int) -> np.ndarray:
-    name = "<bytes>"
-    if not data:
-        raise ImageReadError(name, "empty", "no bytes")
-    kind = _sniff_bytes(data)
-    if kind == "dicom":
-        return _read_dicom(io.BytesIO(data), name, slice_index)
-    if kind == "nifti":
-        return _read_nifti(data, name, slice_index, axis)
-    with _open_pil(io.BytesIO(data), name) as image:
-        return _pil_to_rgb(image, name)
+def _view(view: View | None, slice_index: int | None, axis: Any, window: Any) -> View:
+    if view is not None:
+        return view
+    return View(
+        slice_index=slice_index, axis=None if axis is None else parse_axis(axis), window=parse_window(window)
+    )
 
 
-def load_image(src: ImageSource, *, slice_index: int | None = None, axis: int = 2) -> np.ndarray:
+def load_image(
+    src: ImageSource,
+    *,
+    slice_index: int | None = None,
+    axis: int | str | None = None,
+    window: Window | str | None = None,
+    view: View | None = None,
+    limits: ReadLimits | None = None,
+) -> np.ndarray:
     """Load `src` as uint8 (H, W, 3) RGB; see the module docstring for each format.
 
-    `src` is a path, the bytes of a file (an upload; the format is sniffed from the content), a numpy array or a
-    PIL image. `slice_index` picks the NIfTI slice along `axis` or the frame of a multi-frame DICOM (default: the
-    middle one). Raises ImageReadError naming the file for a missing, empty, corrupt or unsupported input.
+    `src` is a path (a file, or a DICOM series folder), the bytes of a file (an upload; the format is sniffed from
+    the content), a numpy array or a PIL image. `view` (or `slice_index`, `axis`, `window`) picks the slice or
+    frame and the intensity window of clinical formats. Raises ImageReadError naming the file for a missing,
+    empty, corrupt, unsupported or too large input.
     """
+    view = _view(view, slice_index, axis, window)
+    limits = limits or ReadLimits()
     if isinstance(src, np.ndarray):
         return _array_to_rgb(src, "<array>")
     if isinstance(src, Image.Image):
         return _pil_to_rgb(src, getattr(src, "filename", "") or "<PIL image>")
     if isinstance(src, (bytes, bytearray, memoryview)):
-        return _load_bytes(bytes(src), slice_index, axis)
+        data = bytes(src)
+        if not data:
+            raise ImageReadError("<bytes>", "empty", "no bytes")
+        return _read(data, sniff_bytes(data), "<bytes>", view, limits)
     if not isinstance(src, (str, Path)):
         raise TypeError(
             f"load_image expects a path, bytes, numpy array or PIL image, got {type(src).__name__}"
         )
     path = Path(src)
     _check_file(path)
-    kind = _file_format(path)
+    return _read(path, _file_format(path), path, view, limits)
+
+
+def _read(
+    source: Path | bytes, kind: FileKind, name: str | Path, view: View, limits: ReadLimits
+) -> np.ndarray:
     if kind == "dicom":
-        return _read_dicom(path, path, slice_index)
+        return read_dicom(source, name, view.slice_index, view.window, limits)
     if kind == "nifti":
-        return _read_nifti(path, path, slice_index, axis)
-    with _open_pil(path, path) as image:
-        return _pil_to_rgb(image, str(path))
+        image = load_nifti(source, name, limits)
+        plane = read_plane(image, view.axis, view.slice_index, name, limits)
+        low_high = view.window.low_high if view.window else (None, None)
+        return _array_to_rgb(scale_to_uint8(plane, *low_high), str(name))
+    if kind == "volume":
+        volume = load_volume(source, limits, name=str(name))
+        return read_volume_plane(volume, view.axis, view.slice_index, view.window, limits)
+    stream = io.BytesIO(source) if isinstance(source, bytes) else source
+    return _read_pillow(stream, name, limits)
+
+
+def depends_on_view(path: str | Path) -> bool:
+    """True for DICOM, NIfTI and volumes: what `load_image` shows of them depends on the `View` (slice, window)."""
+    path = Path(path)
+    return path.exists() and _file_format(path) != "pillow"
 
 
 class DecodedFiles:
@@ -408,44 +362,68 @@ def _read_mask(path: Path) -> np.ndarray:
     return values >= 1
 
 
-def image_size(path: str | Path, *, axis: int = 2) -> tuple[int, int]:
+def image_size(
+    path: str | Path, *, axis: int | str | None = None, limits: ReadLimits | None = None
+) -> tuple[int, int]:
     """(height, width) of the image `load_image(path, axis=axis)` would return, reading headers only.
 
     Pillow formats read just the header (so a truncated file is not detected here: use `load_image` for that);
-    DICOM reads the header without pixel data; NIfTI reads the header. Raises ImageReadError like `load_image`.
+    DICOM reads the header without pixel data; NIfTI reads the header; a DICOM series or NRRD/MHA volume is read
+    whole. Raises ImageReadError like `load_image`.
     """
     path = Path(path)
+    limits = limits or ReadLimits()
+    axis = None if axis is None else parse_axis(axis)
     files = _REUSING.get()
     key = None if files is None else file_key(path)
     if key is None:
-        return _read_image_size(path, axis)
-    if (size := files.entries.get(("size", *key, axis))) is None:
-        size = _read_image_size(path, axis)
+        size = _read_image_size(path, axis, limits)
+    elif (size := files.entries.get(("size", *key, axis))) is None:
+        size = _read_image_size(path, axis, limits)
         files.entries.put(("size", *key, axis), size, 64)  # two ints and the key, roughly
+    check_plane(path, *size, limits)  # a size read under looser limits is checked against these
     return size
 
 
-def _read_image_size(path: Path, axis: int) -> tuple[int, int]:
+def _read_image_size(path: Path, axis: int | None, limits: ReadLimits) -> tuple[int, int]:
     _check_file(path)
     kind = _file_format(path)
     if kind == "dicom":
-        import pydicom
-
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            height, width = int(ds.Rows), int(ds.Columns)
-        except Exception as err:
-            raise ImageReadError(
-                path, "unreadable", f"not a valid DICOM file ({type(err).__name__}: {err})"
-            ) from err
+        ds, _ = read_header(path, path, limits)
+        height, width = int(ds.Rows), int(ds.Columns)
     elif kind == "nifti":
-        shape = tuple(_load_nifti(path, path).shape)
-        index = _nifti_slice_spec(shape, None, axis, path)
-        plane_dims = [n for n, i in zip(shape, index, strict=True) if isinstance(i, slice)]
-        height, width = plane_dims[1], plane_dims[0]  # np.rot90 swaps the two in-plane axes
+        height, width = plane_size(load_nifti(path, path, limits), axis)
+    elif kind == "volume":
+        height, width = load_image(path, axis=axis, limits=limits).shape[:2]
     else:
         with _open_pil(path, path, decode=False) as image:
             width, height = image.size
-    if height == 0 or width == 0:
-        raise ImageReadError(path, "empty", f"image has zero size {height}x{width}")
+    check_plane(path, height, width, limits)
     return height, width
+
+
+def slice_count(
+    src: str | Path | bytes, *, axis: int | str | None = None, limits: ReadLimits | None = None
+) -> int:
+    """How many slices `load_image(src, axis=axis)` picks from: the frames of a DICOM file, the slices along `axis`
+    of a NIfTI or volume, 1 for anything else. Headers only, except a DICOM series or NRRD/MHA (read whole)."""
+    limits = limits or ReadLimits()
+    axis = None if axis is None else parse_axis(axis)
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        source: Path | bytes = bytes(src)
+        name: str | Path = "<bytes>"
+        kind = sniff_bytes(source) if source else "pillow"
+    else:
+        source = name = Path(src)
+        _check_file(source)
+        kind = _file_format(source)
+    if kind == "dicom":
+        ds, _ = read_header(source, name, limits)
+        return number_of_frames(ds)
+    if kind == "nifti":
+        image = load_nifti(source, name, limits)
+        shape, ornt = tuple(int(n) for n in image.shape), orientation(image.affine)
+        return ras_shape(shape, ornt)[default_axis(shape, ornt) if axis is None else axis]
+    if kind == "volume":
+        return load_volume(source, limits, name=str(name)).num_slices(2 if axis is None else axis)
+    return 1

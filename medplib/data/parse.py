@@ -12,6 +12,7 @@ Our explicit form keeps them in fields and uses bare placeholders in the text (o
     {"id": "...", "image": "images/...png", "modality": "ct", "task": "grounding", "split": "train",
      "regions": [{"point": [x, y]} | {"box": [x0, y0, x1, y1]} | {"mask": "masks/...png"}],
      "masks": ["masks/...png"],
+     "view": {"slice_index": 40, "axis": "axial", "window": "brain"},   # volumes and multi-frame images only
      "conversations": [{"from": "user", "value": "<image>\\nWhat organ is <region>?"},
                        {"from": "assistant", "value": "The liver. <SEG>"}]}
 
@@ -59,6 +60,7 @@ from medplib.constants import (
     SEG_TOKEN,
     TASKS,
 )
+from medplib.data.display import View
 from medplib.data.schema import Box, MaskRef, Point, RegionPrompt, Sample, Turn
 
 ParseReason = Literal[
@@ -356,6 +358,14 @@ def parse_row(row: Mapping[str, Any], *, source: str | Path = "<rows>", index: i
     else:
         modality = modality_from_filename(image) if image else "other"
 
+    view = row.get("view")
+    if view is not None:
+        if image is None:
+            raise ParseError("invalid_field", "'view' (slice, axis, window) needs an 'image'")
+        try:
+            view = View.model_validate(view)
+        except ValidationError as err:
+            raise ParseError("invalid_field", f"'view': {_first_error(err)}") from err
     sample_id = _optional_str(row, "id")
     try:
         return Sample(
@@ -364,6 +374,7 @@ def parse_row(row: Mapping[str, Any], *, source: str | Path = "<rows>", index: i
             turns=out_turns,
             regions=regions,
             masks=masks,
+            view=view,
             answer_type=_optional_str(row, "answer_type"),
             question_type=_optional_str(row, "question_type"),
             modality=modality,

@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from medplib.data.display import View
+
 
 class Point(BaseModel):
     """A point prompt in original-image pixel coordinates (x = column, y = row)."""
@@ -68,6 +70,10 @@ class Sample(BaseModel):
         default_factory=list, description="one per `<region></region>` in order"
     )
     masks: list[str] = Field(default_factory=list, description="target mask PNG per `<SEG>`, in order")
+    view: View | None = Field(
+        None,
+        description="slice, axis and window of a volume or multi-frame image; None = the reader's default",
+    )
     answer_type: str | None = None
     question_type: str | None = Field(
         None,

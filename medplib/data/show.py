@@ -110,7 +110,7 @@ def _draw_sample(ax: Any, sample: Sample, root: Path) -> None:
         ax.text(0.5, 0.5, "(no image)", ha="center", va="center", transform=ax.transAxes)
     else:
         try:
-            image = load_image(root / sample.image)
+            image = load_image(root / sample.image, view=sample.view)
         except ImageReadError as err:
             ax.text(
                 0.5,

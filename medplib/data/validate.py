@@ -11,7 +11,7 @@ line, a `Reason` code, a message naming the field/file, and the raw row). Checks
    (`path_escapes_root`), and fits the file system (`path_too_long`);
 5. the image exists, its header declares at most `Limits.max_image_pixels` (`image_too_large`, checked before
    any pixel is decoded) and it decodes to a non-empty picture (`image_missing`, `image_unreadable`,
-   `image_empty`);
+   `image_empty`); a volume, DICOM series or multi-frame image is read at the row's `view`;
 6. every target mask and region mask exists, matches the image size (from its header), decodes and has
    foreground (`mask_missing`, `mask_unreadable`, `mask_empty`, `mask_size_mismatch`);
 7. point/box prompts lie inside the image (`region_out_of_bounds`).
@@ -40,7 +40,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from medplib.data.image import ImageReadError, image_size, load_image, load_mask
+from medplib.data.image import ImageReadError, ReadLimits, image_size, load_image, load_mask
 from medplib.data.parse import ParseError, parse_row
 from medplib.data.schema import Box, MaskRef, Point, Sample
 
@@ -58,6 +58,7 @@ class Reason(str, Enum):
     IMAGE_MISSING = "image_missing"
     IMAGE_UNREADABLE = "image_unreadable"
     IMAGE_EMPTY = "image_empty"
+    IMAGE_TOO_LARGE = "image_too_large"
     MASK_MISSING = "mask_missing"
     MASK_UNREADABLE = "mask_unreadable"
     MASK_EMPTY = "mask_empty"
@@ -68,7 +69,6 @@ class Reason(str, Enum):
     TOO_MANY_TAGS = "too_many_tags"
     PATH_ESCAPES_ROOT = "path_escapes_root"
     PATH_TOO_LONG = "path_too_long"
-    IMAGE_TOO_LARGE = "image_too_large"
     ANSWER_TRUNCATED = "answer_truncated"  # set by preprocessing: max_length cuts the answer away entirely
     DUPLICATE_ID = "duplicate_id"
     REGION_OUT_OF_BOUNDS = "region_out_of_bounds"
@@ -159,6 +159,15 @@ def summarize(results: Iterable[Accepted | Rejection]) -> ValidationSummary:
 def count_reasons(rejections: Iterable[Rejection]) -> Counter[str]:
     """Rejections per reason code."""
     return Counter(r.reason.value for r in rejections)
+
+
+def image_reason(err: ImageReadError) -> Reason:
+    """The quarantine reason for an image that could not be read."""
+    return {
+        "missing": Reason.IMAGE_MISSING,
+        "empty": Reason.IMAGE_EMPTY,
+        "too_large": Reason.IMAGE_TOO_LARGE,
+    }.get(err.problem, Reason.IMAGE_UNREADABLE)
 
 
 class _Reject(Exception):
@@ -254,7 +263,7 @@ def _check_mask(
     rel, full = located
     try:
         # The header first: a mask of another size is refused before its pixels are decoded.
-        mask_hw = image_size(full)
+        mask_hw = image_size(full, limits=ReadLimits(max_pixels=limits.max_image_pixels))
         if mask_hw != image_hw:
             raise _Reject(
                 Reason.MASK_SIZE_MISMATCH,
@@ -309,21 +318,19 @@ def _check_sample(sample: Sample, root: Path, limits: Limits, fixed: list[str]) 
     if located is None:
         raise _Reject(Reason.IMAGE_MISSING, f"image {sample.image!r}: file not found under {root}")
     image_rel, image_path = located
+    read_limits = ReadLimits(max_pixels=limits.max_image_pixels)
     try:
-        image_hw = image_size(image_path)
-        if image_hw[0] * image_hw[1] > limits.max_image_pixels:
-            raise _Reject(
-                Reason.IMAGE_TOO_LARGE,
-                f"image {image_rel!r} is {image_hw[0]}x{image_hw[1]} (HxW) = {image_hw[0] * image_hw[1]} pixels; "
-                f"the limit is {limits.max_image_pixels} (max_image_pixels)",
-            )
+        # The readers check the header against the limits before decoding any pixel: a 140 KB PNG can declare
+        # 12,000 x 12,000, a NIfTI any shape.
         if limits.decode_images:
-            image_hw = load_image(image_path).shape[:2]
+            image_hw = load_image(image_path, view=sample.view, limits=read_limits).shape[:2]
+        else:
+            image_hw = image_size(
+                image_path, axis=sample.view.axis if sample.view else None, limits=read_limits
+            )
     except ImageReadError as err:
-        reason = {"missing": Reason.IMAGE_MISSING, "empty": Reason.IMAGE_EMPTY}.get(
-            err.problem, Reason.IMAGE_UNREADABLE
-        )
-        raise _Reject(reason, f"image: {err}") from err
+        detail = err.detail.replace("(max_pixels)", "(max_image_pixels)")  # the name this config knows
+        raise _Reject(image_reason(err), f"image {image_rel!r}: {detail}") from err
     image_hw = (int(image_hw[0]), int(image_hw[1]))
 
     masks = [

@@ -142,6 +142,7 @@ def load_icbm152() -> dict[str, Any] | None:
     midline_index = int(round(-t1_image.affine[0, 3] / t1_image.affine[0, 0]))
     return {
         "t1": t1,
+        "affine": t1_image.affine,
         "brain": brain,
         "tissue": tissue,
         "atlas": atlas,

@@ -32,6 +32,7 @@ from medplib_datasets.mini.rows import (
     SourceResult,
     source_rng,
 )
+from medplib_datasets.mini.volumes import VOLUME_ROWS_NAME, VOLUMES_DIR, write_volume_rows
 from medplib_datasets.mini.xsubject import rows_fsl_mni152, rows_itk_subject
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class BuildReport:
     n_masks: int
     seconds: float
     sources: list[str]
+    n_volume_rows: int = 0
 
 
 def _count(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
@@ -141,6 +143,7 @@ def build_mini(
     for split in SPLITS:
         split_rows = [row for row in rows if row["split"] == split]
         write_rows(root / f"{DATASET_NAME}_{split}.json", split_rows)
+    volume_rows = write_volume_rows(root)
     # a TSV, not JSON, so that tools reading every .json file of the folder as rows skip it
     classes = "".join(f"{class_id}\t{name}\n" for class_id, name in _class_names().items())
     (root / "classes.tsv").write_text("class_id\tname\n" + classes)
@@ -154,6 +157,7 @@ def build_mini(
         n_written - n_images,
         time.perf_counter() - started,
         [r.name for r in results],
+        len(volume_rows),
     )
     used_sources = {row["source"] for row in rows}
     _write_readme(
@@ -221,6 +225,10 @@ def _write_readme(
         "The point is the argmax of the region's distance transform (always inside); the box is the tight box with "
         "up to 5 % jitter per side. Readers that only know the upstream form should drop rows that have `regions`.",
         "- Grounding answers: `Sure, it is <SEG><mask>masks/x.png</mask>.` (upstream form).",
+        f"- `{VOLUMES_DIR}/{VOLUME_ROWS_NAME}`: volume-level grounding rows for 3-D evaluation (`medplib eval "
+        f"--volumes`): whole NIfTI volumes with one 3-D mask each (the ICBM152 brain and 15 deep Desikan-Killiany "
+        "structures, split test; the ITK real-subject T1 brain, split test_xsubject); `image` and `mask` are relative "
+        f"to `{VOLUMES_DIR}/`.",
         "",
         "## Conventions",
         "",
@@ -248,7 +256,7 @@ def _write_readme(
         "",
         "## Counts",
         "",
-        f"{report.n_rows} rows, {report.n_images} images, {report.n_masks} masks.",
+        f"{report.n_rows} rows, {report.n_images} images, {report.n_masks} masks; {report.n_volume_rows} volume rows.",
     ]
     for key, counts in report.counts.items():
         sections += ["", f"### by {key}", "", _table(counts)]

@@ -145,6 +145,13 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--max-rows", type=int, default=None, metavar="N", help="only the first N rows")
     parser.add_argument("--splits", default=None, metavar="A,B", help="comma-separated splits (default: all)")
+    parser.add_argument(
+        "--window",
+        default=None,
+        metavar="PRESET|C,W",
+        help="intensity window for DICOM/NIfTI images whose row names none (brain, bone, lung, soft_tissue, "
+        "or centre,width)",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
     parser.set_defaults(handler=_run_prepare)
 
@@ -158,6 +165,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
         data_root=args.data_root,
         max_rows=args.max_rows,
         splits=args.splits.split(",") if args.splits else None,
+        window=args.window,
     )
     # Rejected rows do not fail the command: they are counted and quarantined.
     print(summary_text(prepare(args.input, args.output, cfg, force=args.force)))

@@ -71,6 +71,12 @@ def add_eval(commands: argparse._SubParsersAction, verb: str) -> None:
     p.add_argument(
         "--compare-with", metavar="EVAL_DIR", help="an earlier eval folder: add a before/after section"
     )
+    p.add_argument(
+        "--volumes",
+        metavar="ROWS.json",
+        help="volume-level grounding rows (MeCoVQA-mini: volumes/MeCoVQA-mini_volumes.json): also score 3-D Dice, "
+        "HD95 and NSD per structure",
+    )
     p.set_defaults(handler=_eval)
 
 
@@ -111,6 +117,7 @@ def _eval(args: argparse.Namespace) -> int:
         mlflow_run_id=args.mlflow_run_id,
         tracking_uri=args.tracking_uri,
         compare_with=Path(args.compare_with) if args.compare_with else None,
+        volumes=Path(args.volumes) if args.volumes else None,
     )
     print(summary_text(evaluate(cfg)))
     return 0

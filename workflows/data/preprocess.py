@@ -15,10 +15,11 @@ Pipeline, per run:
 2. Duplicate ids: for the few ids seen more than once the driver validates their occurrences in file order and
    the first accepted one wins (`duplicate_winners`); every worker then rejects a later occurrence as
    `duplicate_id`, exactly as the sequential `medplib.data.validate.read_and_validate` would.
-3. Ray Data, two passes. Views: the distinct images the rows name, 64 a task -> each image's stored view
-   columns (decoded, resized, PNG-encoded once), left in the object store (`_views_pass`). Encode, one pipeline
-   for all splits: `from_items(chunks)` -> `map_batches(one chunk per call: read the views pass's output once
-   per process, read the lines, validate, load target masks, encode, write DIR/<split>/part-<chunk id>.parquet)`.
+3. Ray Data, two passes. Views: the distinct images (at the views rows read them at) the rows name, 64 a task ->
+   each one's stored view columns (decoded, resized, PNG-encoded once), left in the object store (`_views_pass`).
+   Encode, one pipeline for all splits: `from_items(chunks)` -> `map_batches(one chunk per call: read the views
+   pass's output once per process, read the lines, validate, load target masks, encode, write
+   DIR/<split>/part-<chunk id>.parquet)`.
    File names sort in written order. Rejected rows go to per-chunk quarantine part files, and per-chunk counts to
    stats part files (in the temp folder); every file is written under a temporary name and renamed, so a
    retried task replaces its own output.
@@ -28,11 +29,11 @@ Pipeline, per run:
 
 Decoding once: rows share images (~27 rows an image in MeCoVQA-mini) and masks (a region prompt of one row is
 the target of another; validation and encoding both read each). Each encode process keeps, per file (path, size,
-modification time), an image's stored view columns (the same bytes in every row of that image) and decoded
-masks and image sizes (`medplib.data.image.reusing`), least recently used out past `cache_mb`. On Ray the views
-pass fills every process's view cache, so each image is decoded once per prepare (when the views fit half of
-`cache_mb`; else once per process), each mask once per process. The manifest counts the files decoded
-(`counts.decoded`).
+modification time), an image's stored view columns at each `view` its rows read it at (the same bytes in every
+such row) and decoded masks and image sizes (`medplib.data.image.reusing`), least recently used out past
+`cache_mb`. On Ray the views pass fills every process's view cache, so each image is decoded once per prepare
+(when the views fit half of `cache_mb`; else once per process), each mask once per process. The manifest counts
+the files decoded (`counts.decoded`).
 
 Rows and rejections: the contract's `validate_row` checks every row (see medplib/data/validate.py for the
 reasons), reading only image headers; the encode step then decodes each image, so a file whose pixel data is
@@ -78,6 +79,7 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from medplib.data.display import View, Window, parse_window
 from medplib.data.image import DecodedFiles, ImageReadError, file_key, load_image, load_mask, reusing
 from medplib.data.lru import BoundedCache
 from medplib.data.parse import default_sample_id
@@ -89,6 +91,7 @@ from medplib.data.validate import (
     Reason,
     Rejection,
     annotation_files,
+    image_reason,
     is_json_array,
     path_inside_root,
     validate_row,
@@ -157,6 +160,11 @@ class PrepareConfig(BaseModel):
         ge=1,
         description="rows per chunk: one Ray task validates, encodes and writes one chunk as one Parquet file",
     )
+    window: Window | None = Field(
+        None,
+        description="intensity window for DICOM/NIfTI images of rows whose `view` names none: a preset (brain, "
+        "bone, lung, soft_tissue, ...) or 'centre,width'; None = the file's own window or min-max",
+    )
     cpus_per_task: float = Field(1.0, gt=0, description="CPUs reserved by each encode task")
     cache_mb: int = Field(
         256,
@@ -177,6 +185,11 @@ class PrepareConfig(BaseModel):
                     f"split name {name!r} must match {SPLIT_NAME_RE.pattern} (it becomes a folder)"
                 )
         return value
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _window(cls, value: Any) -> Window | None:
+        return parse_window(value)
 
     @field_validator("default_split")
     @classmethod
@@ -239,6 +252,7 @@ class ChunkJob(BaseModel):
     model_preset: str
     data_root: str
     limits: Limits
+    default_window: Window | None = None
     files: list[InputFile]
     duplicate_winners: dict[str, tuple[int, int] | None] = Field(
         default_factory=dict,
@@ -371,18 +385,27 @@ class ChunkProcessor:
                 views = StoredViews(
                     row["vision_view_png"], row["sam_view_png"], np.asarray(row["sam_geometry"], np.int32)
                 )
-                key = (row["path"], row["size"], row["mtime_ns"])
+                key = (row["path"], row["size"], row["mtime_ns"], row["view"])
                 self.views.put(key, views, len(views.vision_view_png) + len(views.sam_view_png))
         self.preloaded = True
 
-    def stored_views(self, path: Path) -> StoredViews:
-        """An image's view columns, made once per process and shared by its rows; ImageReadError names the file."""
+    def row_view(self, view: View | None) -> View:
+        """The slice, axis and window a row's image is read at: its own `view`, prepare's `window` where it names
+        none."""
+        view = view or View()
+        if view.window is None and self.job.default_window is not None:
+            view = view.model_copy(update={"window": self.job.default_window})
+        return view
+
+    def stored_views(self, path: Path, view: View) -> StoredViews:
+        """An image's view columns at `view`, made once per process and shared by the rows that read the file at
+        that view; ImageReadError names the file."""
         from medplib.data.batch import image_views
 
-        key = file_key(path)
+        key = view_key(path, view)
         views = None if key is None else self.views.get(key)
         if views is None:
-            views = StoredViews.of(*image_views(load_image(path), self.job.model))
+            views = StoredViews.of(*image_views(load_image(path, view=view), self.job.model))
             self.images_decoded += 1
             if key is not None:
                 self.views.put(key, views, len(views.vision_view_png) + len(views.sam_view_png))
@@ -434,13 +457,11 @@ class ChunkProcessor:
         if isinstance(result, Rejection):
             return result
         sample = result.sample
+        view = self.row_view(sample.view)
         try:
-            views = self.stored_views(self.root / sample.image) if sample.image is not None else None
+            views = self.stored_views(self.root / sample.image, view) if sample.image is not None else None
         except ImageReadError as err:  # validation read only the header (limits.decode_images=False)
-            reason = {"missing": Reason.IMAGE_MISSING, "empty": Reason.IMAGE_EMPTY}.get(
-                err.problem, Reason.IMAGE_UNREADABLE
-            )
-            return self._reject(file, line, reason, f"image: {err}", raw_text)
+            return self._reject(file, line, image_reason(err), f"image: {err}", raw_text)
         try:
             masks = [load_mask(self.root / m) for m in sample.masks]
         except ImageReadError as err:
@@ -555,6 +576,7 @@ VIEW_SCHEMA = pa.schema(
         ("path", pa.string()),
         ("size", pa.int64()),
         ("mtime_ns", pa.int64()),
+        ("view", pa.string()),
         ("vision_view_png", pa.binary()),
         ("sam_view_png", pa.binary()),
         ("sam_geometry", pa.list_(pa.int32())),
@@ -562,19 +584,32 @@ VIEW_SCHEMA = pa.schema(
 )
 
 
+def view_key(path: Path, view: View) -> tuple[str, int, int, str] | None:
+    """The view cache's key: the file (`file_key`) and the view it is read at (a volume's slices differ; a plain
+    image ignores its view, and its rows share the default one)."""
+    key = file_key(path)
+    return None if key is None else (*key, view.model_dump_json())
+
+
 def _make_views(batch: pa.Table, job_json: str) -> pa.Table:
-    """Ray Data UDF of the views pass: image paths as rows name them in, their stored view columns out (keyed by
-    `file_key`). A path validation would refuse, or an image that does not decode, is left out: the encode pass
-    judges the rows that name it, as it would without this pass."""
+    """Ray Data UDF of the views pass: (image path, view) pairs as rows name them in, their stored view columns out
+    (keyed by `view_key`). A path validation would refuse, a view it would refuse, or an image that does not
+    decode, is left out: the encode pass judges the rows that name it, as it would without this pass."""
     processor = _processor(job_json)
     out: dict[str, list] = {name: [] for name in VIEW_SCHEMA.names}
-    for rel in batch.column("image").to_pylist():
+    for rel, view_json in zip(
+        batch.column("image").to_pylist(), batch.column("view").to_pylist(), strict=True
+    ):
         path = path_inside_root(rel, processor.root)
-        key = None if path is None else file_key(path)
+        try:
+            view = processor.row_view(View.model_validate_json(view_json) if view_json else None)
+        except ValueError:
+            continue
+        key = None if path is None else view_key(path, view)
         if key is None:
             continue
         try:
-            views = processor.stored_views(path)
+            views = processor.stored_views(path, view)
         except ImageReadError:
             continue
         values = (*key, views.vision_view_png, views.sam_view_png, views.sam_geometry)
@@ -662,8 +697,9 @@ class _Scan(BaseModel):
     skipped_other_split: int = 0
     splits_seen: list[str] = Field(default_factory=list)
     stopped_at_max_rows: bool = False
-    images: list[str] = Field(
-        default_factory=list, description="distinct `image` values of the rows to prepare (the views pass)"
+    images: list[tuple[str, str]] = Field(
+        default_factory=list,
+        description="distinct (`image`, `view` as JSON or '') of the rows to prepare (the views pass)",
     )
 
 
@@ -678,7 +714,7 @@ def scan_files(files: list[InputFile], cfg: PrepareConfig) -> _Scan:
     wanted = set(cfg.splits) if cfg.splits else None
     splits_seen: dict[str, None] = {}
     lines: dict[str, array] = {}
-    images: dict[str, None] = {}
+    images: dict[tuple[str, str], None] = {}
     for file in files:
         with open(file.read_path, "rb") as f:
             offset = 0
@@ -706,7 +742,9 @@ def scan_files(files: list[InputFile], cfg: PrepareConfig) -> _Scan:
                         # 4 int64 a row (32 B; 32 MB for 1M rows), not a tuple each (~120 B).
                         lines.setdefault(split, array("q")).extend((file.index, line_no, offset, length))
                         if isinstance(obj, dict) and isinstance(obj.get("image"), str):
-                            images.setdefault(obj["image"], None)
+                            view = obj.get("view")
+                            view_json = "" if view is None else json.dumps(view, sort_keys=True)
+                            images.setdefault((obj["image"], view_json), None)
                 offset += length
         if scan.stopped_at_max_rows:
             break
@@ -808,9 +846,9 @@ def _run_ray(job: ChunkJob, scan: _Scan, cfg: PrepareConfig) -> int:
 
 
 def _views_pass(
-    job_json: str, images: list[str], model: MedPLIBConfig, cfg: PrepareConfig
+    job_json: str, images: list[tuple[str, str]], model: MedPLIBConfig, cfg: PrepareConfig
 ) -> tuple[list, int]:
-    """Make every distinct image's stored views once, spread over the workers (Ray Data), and keep them in the
+    """Make every distinct (image, view)'s stored views once, spread over the workers (Ray Data), and keep them in the
     object store: (block refs every encode process reads once, images decoded). Without it each encode process
     decodes the images its chunks name, and shuffled chunks name nearly all: measured 985 image decodes for
     MeCoVQA-mini's 633 images on 2 workers. Skipped (([], 0)) when the views would not fit the encode processes'
@@ -821,7 +859,9 @@ def _views_pass(
     if not images or len(images) * 3 * view_px // 4 > cfg.cache_mb * 2**20 // 2:
         return [], 0
     blocks = -(-len(images) // 64)  # ~0.4 s of work a task for `small`
-    ds = ray.data.from_items([{"image": image} for image in images], override_num_blocks=blocks)
+    ds = ray.data.from_items(
+        [{"image": image, "view": view} for image, view in images], override_num_blocks=blocks
+    )
     # Ray Data touch-point: the views stay in the object store as Arrow blocks; the driver holds refs only.
     ds = ds.map_batches(
         _make_views, batch_size=None, batch_format="pyarrow", fn_kwargs={"job_json": job_json}
@@ -951,6 +991,7 @@ def prepare(
             model_preset=cfg.model_preset,
             data_root=str(data_root.resolve()),
             limits=limits,
+            default_window=cfg.window,
             files=files,
             duplicate_winners=duplicate_winners(scan, files, data_root, limits),
             parts_dir=str(parts),

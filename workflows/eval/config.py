@@ -89,6 +89,10 @@ class EvalConfig(BaseModel):
     mlflow_artifact_path: str = Field("eval", description="artifact folder inside the run")
     mlflow_prefix: str = Field("eval", description="prefix of the logged metric names: PREFIX/SPLIT/...")
     mlflow_step: int = Field(0, ge=0, description="step of the logged metrics")
+    volumes: Path | None = Field(
+        None,
+        description="volume-level grounding rows (JSON) to score in 3-D as well (workflows/eval/volumes.py)",
+    )
     compare_with: Path | None = Field(
         None, description="an earlier eval folder: write a before/after comparison"
     )

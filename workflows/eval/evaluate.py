@@ -674,6 +674,12 @@ def evaluate(config: EvalConfig | None = None, **fields: Any) -> EvalResult:
     metrics = compute_metrics(records, cfg, question_only_baseline(cfg))
     metrics["elapsed_s"] = round(inference_s, 3)
     metrics["rows_per_s"] = round(len(records) / inference_s, 3) if inference_s > 0 else None
+    volume_html = ""
+    if cfg.volumes is not None:  # 3-D rows beside the 2-D ones (workflows/eval/volumes.py)
+        from workflows.eval.volumes import evaluate_volumes, volume_section_html
+
+        metrics["volumes"], volume_records = evaluate_volumes(cfg, _want_gpus(cfg))
+        volume_html, _ = volume_section_html(metrics["volumes"], volume_records, cfg.out)
     metrics_path = cfg.out / METRICS_NAME
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
 
@@ -684,7 +690,7 @@ def evaluate(config: EvalConfig | None = None, **fields: Any) -> EvalResult:
             cfg.compare_with, cfg.out, cfg.out, labels=cfg.compare_labels
         )
         comparison = json.loads((cfg.out / "comparison.json").read_text())
-    report = write_report(cfg, metrics, records, comparison=comparison)
+    report = write_report(cfg, metrics, records, comparison=comparison, extra_html=volume_html)
     elapsed = time.perf_counter() - began
     result = EvalResult(
         out=cfg.out,
@@ -727,6 +733,10 @@ def summary_text(result: EvalResult) -> str:
                 f"open F1 {'-' if f1 is None else f'{100 * f1:.1f}'}"
             )
         lines.append(" | ".join(parts))
+    if "volumes" in result.metrics:
+        from workflows.eval.volumes import volume_summary_lines
+
+        lines += volume_summary_lines(result.metrics["volumes"])
     lines.append(
         f"wrote {result.predictions_path}, {result.metrics_path}, {result.report_path} "
         f"({result.rows} rows in {result.elapsed_s:.1f} s)"

@@ -287,7 +287,7 @@ def load_gallery_cases(cfg: EvalConfig, split: str, chosen: Sequence[dict[str, A
     """Images and target masks of the chosen records from the prepared split; predictions from `masks/`."""
     if not chosen:
         return []
-    from medplib.data.image import load_image
+    from medplib.data.image import depends_on_view, load_image
     from medplib.data.prepared import iter_prepared_rows, read_manifest
     from medplib.data.rows import png_array
 
@@ -305,7 +305,8 @@ def load_gallery_cases(cfg: EvalConfig, split: str, chosen: Sequence[dict[str, A
         gt = np.logical_or.reduce(targets)
         image = None
         image_file = data_root / str(row.get("image_path") or "")
-        if row.get("image_path") and image_file.is_file():
+        # A DICOM/NIfTI row was rendered at its own view (slice, window): the stored view shows that picture.
+        if row.get("image_path") and image_file.is_file() and not depends_on_view(image_file):
             try:
                 image = load_image(image_file)
             except (OSError, ValueError) as err:
@@ -505,8 +506,10 @@ def write_report(
     metrics: dict[str, Any],
     records: Sequence[dict[str, Any]],
     comparison: dict[str, Any] | None = None,
+    extra_html: str = "",
 ) -> ReportFiles:
-    """Write `report.html`, `plots/<split>_per_modality.png` and the gallery PNGs into `cfg.out`."""
+    """Write `report.html`, `plots/<split>_per_modality.png` and the gallery PNGs into `cfg.out`; `extra_html`
+    (e.g. the 3-D section) goes at the end."""
     out = cfg.out
     (out / "plots").mkdir(parents=True, exist_ok=True)
     (out / "gallery").mkdir(parents=True, exist_ok=True)
@@ -598,6 +601,7 @@ def write_report(
             body.append(_gallery_html(title, shown, images))
         body.append(_examples_html(by_split.get(split, []), cfg.examples_per_split))
 
+    body.append(extra_html)
     html_path = out / REPORT_NAME
     html_path.write_text(
         _page(f"MedPLIB evaluation: {metrics['model_id']}", "\n".join(body)), encoding="utf-8"

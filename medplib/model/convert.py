@@ -232,20 +232,10 @@ def read_checkpoint(src: str | Path) -> dict[str, torch.Tensor]:
 
 def _llm_config(cfg: MedPLIBConfig, src: Path, rows: int):
     """LLaMA config from the preset's shapes; norm epsilon, RoPE base and context from SRC's config.json."""
-    from transformers import LlamaConfig
+    from medplib.model.medplib import llama_config
 
     c = cfg.llm
-    config = LlamaConfig(
-        vocab_size=rows,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads,
-        num_key_value_heads=c.num_kv_heads,
-        max_position_embeddings=c.max_position_embeddings,
-        rope_theta=c.rope_theta,
-        tie_word_embeddings=c.tie_word_embeddings,
-    )
+    config = llama_config(cfg, rows)
     src_config = (src if src.is_dir() else src.parent) / "config.json"
     if src_config.is_file():
         upstream = json.loads(src_config.read_text())

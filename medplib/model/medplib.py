@@ -71,23 +71,28 @@ class Generation:
     mask_scores: list[float] = field(default_factory=list)  # SAM's IoU prediction per mask
 
 
+def llama_config(cfg: MedPLIBConfig, vocab_size: int) -> LlamaConfig:
+    """The LLaMA config of the preset's LLM shapes."""
+    c = cfg.llm
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        max_position_embeddings=c.max_position_embeddings,
+        rope_theta=c.rope_theta,
+        tie_word_embeddings=c.tie_word_embeddings,
+    )
+
+
 def _build_llm(cfg: MedPLIBConfig, llm_config: LlamaConfig | None) -> LlamaForCausalLM:
     if llm_config is None and cfg.llm.weights:
         weights = resolve_weights(cfg.llm.weights)  # `pkg:smollm2` converts once into the user's cache
         return LlamaForCausalLM.from_pretrained(weights, local_files_only=True, dtype=torch.float32)
     if llm_config is None:
-        c = cfg.llm
-        llm_config = LlamaConfig(
-            vocab_size=32000,  # resized to the tokenizer right after
-            hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.num_layers,
-            num_attention_heads=c.num_heads,
-            num_key_value_heads=c.num_kv_heads,
-            max_position_embeddings=c.max_position_embeddings,
-            rope_theta=c.rope_theta,
-            tie_word_embeddings=c.tie_word_embeddings,
-        )
+        llm_config = llama_config(cfg, 32000)  # resized to the tokenizer right after
     return LlamaForCausalLM(llm_config)
 
 

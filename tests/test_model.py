@@ -198,6 +198,26 @@ def test_straight_through_gate_keeps_the_expert_output_and_the_router_gradient()
     assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
 
 
+def test_first_expert_router_starts_as_expert_zero_and_learns_to_leave_it():
+    """router_init first_expert: every token runs expert 0 (the MoE computes what expert 0's source model did),
+    and the straight-through gradient still reaches the router."""
+    from medplib.model.config import MoEConfig
+    from medplib.model.moe import MoEFeedForward
+
+    torch.manual_seed(0)
+    ffn = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    cfg = MoEConfig(enabled=True, router_init="first_expert", gate_scale="straight_through", drop_tokens=False)
+    moe = MoEFeedForward.from_ffn(ffn, 8, cfg)
+    with torch.no_grad():  # make the experts differ, as the grounding and vl FFNs do
+        moe.experts[1][0].weight.add_(1.0)
+    x = torch.randn(10, 8)
+    out = moe(x)
+    assert moe.expert_counts.tolist() == [10, 0]
+    assert torch.allclose(out, moe.experts[0](x), atol=1e-6)
+    out.pow(2).sum().backward()
+    assert moe.router.weight.grad.abs().sum() > 0
+
+
 def test_experts_equal_their_source_ffns(tiny_cfg, all_tasks, make_batch):
     from medplib.model.medplib import MedPLIB
 

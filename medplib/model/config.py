@@ -195,6 +195,15 @@ class MoEConfig(_Strict):
         "gradient in the backward pass, so the router still learns; for short fine-tunes",
     )
 
+    router_init: Literal["normal", "first_expert"] = Field(
+        "normal",
+        description='"normal": router weights ~ N(0, 0.02) (upstream), so a fresh router sends each token to an '
+        'expert at random. "first_expert": zero weights, ties go to expert 0, so the MoE model starts as exactly '
+        "the model expert 0 came from (the grounding stage's) and the router learns from there which tokens "
+        "expert 1 serves better; for short fine-tunes, where a random split of tokens between two FFNs that "
+        "differ in some layers scrambles the hidden state the <SEG> head reads",
+    )
+
     def layer_indexes(self, num_layers: int) -> list[int]:
         if isinstance(self.layers, list):
             bad = [i for i in self.layers if not 0 <= i < num_layers]

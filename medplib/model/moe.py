@@ -1,6 +1,7 @@
 """Top-k mixture of expert FFNs, in plain PyTorch (no DeepSpeed launcher, process group or port at inference).
 
-Router: `router` = Linear(hidden, E, bias=False) in fp32, softmax, top-k. At top-1 the output of a token is
+Router: `router` = Linear(hidden, E, bias=False) in fp32 (initialised per `MoEConfig.router_init`), softmax,
+top-k. At top-1 the output of a token is
 `p_chosen * expert(x)` with the probability not renormalised (DeepSpeed TopKGate, which upstream used;
 `gate_scale: straight_through` keeps the weight at 1 and only its gradient); at top-k > 1 the k probabilities
 are renormalised to sum to 1. Capacity per expert is
@@ -38,7 +39,10 @@ class MoEFeedForward(nn.Module):
     def from_ffn(cls, ffn: nn.Module, hidden_size: int, cfg: MoEConfig) -> MoEFeedForward:
         """Each expert starts as a copy of the dense FFN it replaces."""
         moe = cls([copy.deepcopy(ffn) for _ in range(cfg.num_experts)], hidden_size, cfg)
-        nn.init.normal_(moe.router.weight, std=0.02)
+        if cfg.router_init == "first_expert":
+            nn.init.zeros_(moe.router.weight)
+        else:
+            nn.init.normal_(moe.router.weight, std=0.02)
         ref = next(ffn.parameters())
         return moe.to(device=ref.device, dtype=ref.dtype)
 
@@ -53,7 +57,10 @@ class MoEFeedForward(nn.Module):
         n, e, k = x.shape[0], len(self.experts), self.cfg.top_k
         # The router runs in fp32 whatever the model dtype, as upstream's gate does.
         probs = torch.softmax(nn.functional.linear(x.float(), self.router.weight.float()), dim=-1)
-        top_p, top_i = probs.topk(k, dim=-1)
+        if k == 1:  # max, not topk: on a tie (a zero-initialised router) torch.max returns the first expert
+            top_p, top_i = probs.max(dim=-1, keepdim=True)
+        else:
+            top_p, top_i = probs.topk(k, dim=-1)
         if k > 1:
             top_p = top_p / top_p.sum(-1, keepdim=True)
         routed = torch.zeros(n, e, device=x.device).scatter_(1, top_i, 1.0)

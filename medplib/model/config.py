@@ -200,8 +200,7 @@ class MoEConfig(_Strict):
         description='"normal": router weights ~ N(0, 0.02) (upstream), so a fresh router sends each token to an '
         'expert at random. "first_expert": zero weights, ties go to expert 0, so the MoE model starts as exactly '
         "the model expert 0 came from (the grounding stage's) and the router learns from there which tokens "
-        "expert 1 serves better; for short fine-tunes, where a random split of tokens between two FFNs that "
-        "differ in some layers scrambles the hidden state the <SEG> head reads",
+        "expert 1 serves better",
     )
 
     def layer_indexes(self, num_layers: int) -> list[int]:

@@ -206,7 +206,9 @@ def test_first_expert_router_starts_as_expert_zero_and_learns_to_leave_it():
 
     torch.manual_seed(0)
     ffn = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
-    cfg = MoEConfig(enabled=True, router_init="first_expert", gate_scale="straight_through", drop_tokens=False)
+    cfg = MoEConfig(
+        enabled=True, router_init="first_expert", gate_scale="straight_through", drop_tokens=False
+    )
     moe = MoEFeedForward.from_ffn(ffn, 8, cfg)
     with torch.no_grad():  # make the experts differ, as the grounding and vl FFNs do
         moe.experts[1][0].weight.add_(1.0)

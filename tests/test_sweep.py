@@ -32,6 +32,8 @@ def test_sweep_with_two_trials(ray_local, tmp_path: Path) -> None:
     out = run_sweep(cfg)
 
     assert len(out["trials"]) == 2
+    # No CPU stays reserved for the next job on the cluster (a stopped trial's worker group included).
+    assert not [pg for pg in ray_local.util.placement_group_table().values() if pg["state"] == "CREATED"]
     assert {t["status"] for t in out["trials"]} <= {"FINISHED", "KILLED"}
     assert sorted(t["params"]["lr"] for t in out["trials"]) == [1e-3, 1e-2]
     best = load_stage_config(out["best_config_path"])

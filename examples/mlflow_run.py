@@ -1,7 +1,7 @@
 """Read a pipeline run back from MLflow: the champion model's version, its run's metrics and params, its model
 card, its training data input, its eval predictions table, and the model itself through `mlflow.pyfunc`.
 
-    python examples/mlflow_run.py --tracking-uri sqlite:///work/pipeline-small/mlflow.db
+    python examples/mlflow_run.py --tracking-uri sqlite:///<workdir>/mlflow.db   (<workdir>: the pipeline's, e.g. work/pipeline-small)
 
 (`pip install .`, no extras; the store is the pipeline's, see `medplib pipeline run`'s summary.)
 """

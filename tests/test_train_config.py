@@ -4,8 +4,10 @@ the step arithmetic, and the MoE starting model."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -23,9 +25,12 @@ from workflows.train.config import (
     load_stage_config,
 )
 from workflows.train.stage import (
+    EPOCH_POSITION,
     _without_cpu_shm_comm,
     build_moe_init,
+    copy_positions,
     deepspeed_config,
+    epoch_cutoff,
     fail_hook_steps,
     group_factors,
     lr_factor,
@@ -33,6 +38,7 @@ from workflows.train.stage import (
     plan_steps,
     repeat_count,
     save_model_atomic,
+    select_rows,
     window_shuffle,
 )
 
@@ -207,6 +213,63 @@ def test_balanced_rows_follow_the_group_shares() -> None:
         repeat_count(r.sample_id, factors["structure"]) for r in rows[:50]
     ]
     assert group_factors(stage, rows) is None  # no balance_by: the data's own mix
+
+
+def _skewed_rows() -> list[RowInfo]:
+    """MeCoVQA-mini's grounding mix: 3,869 structure rows, 8 of nuclei."""
+    rows = [RowInfo(f"s{i}", "grounding", 50, "structure") for i in range(3869)]
+    return rows + [RowInfo(f"n{i}", "grounding", 50, "all_nuclei") for i in range(8)]
+
+
+def test_a_capped_balanced_stage_sees_every_rare_row_spread_out() -> None:
+    """Balanced by kind, nuclei rows repeat ~242 times each; the first 100 rows of the epoch (a capped stage)
+    hold every one of the 8 nuclei rows, each about 6 times, and about half of the rows are structures."""
+    stage = load_stage_config(CONFIGS / "stages" / "tiny" / "grounding.yaml").model_copy(
+        update={"balance_by": "question_type", "balance_alpha": 0.0}
+    )
+    rows = _skewed_rows()
+    factors = group_factors(stage, rows)
+    positions = copy_positions("n0", factors["all_nuclei"])
+    assert len(positions) == repeat_count("n0", factors["all_nuclei"])
+    gaps = np.diff(positions)
+    assert all(0 <= p < 1 for p in positions) and np.allclose(gaps, 1 / factors["all_nuclei"])
+    cutoff = epoch_cutoff(stage, rows, factors, 100)
+    first = [
+        (r.sample_id, p)
+        for r in rows
+        for p in copy_positions(r.sample_id, factors[r.question_type])
+        if p <= cutoff
+    ]
+    assert len(first) == 101  # the 100 trained rows and one spare
+    nuclei = Counter(sample_id for sample_id, _ in first if sample_id.startswith("n"))
+    assert set(nuclei) == {f"n{i}" for i in range(8)} and max(nuclei.values()) <= 8
+    assert 35 <= len(first) - sum(nuclei.values()) <= 65
+    assert epoch_cutoff(stage, rows, factors, 10**6) is None  # the whole epoch: no cut
+
+
+def test_select_rows_orders_the_balanced_copies_by_position(ray_local) -> None:
+    stage = load_stage_config(CONFIGS / "stages" / "tiny" / "grounding.yaml").model_copy(
+        update={"balance_by": "question_type", "balance_alpha": 0.0}
+    )
+    rows = _skewed_rows()
+    factors = group_factors(stage, rows)
+    cutoff = epoch_cutoff(stage, rows, factors, 40)
+    items = [
+        {"sample_id": r.sample_id, "task": r.task, "question_type": r.question_type, "input_ids": [1, 2]}
+        for r in rows
+    ]
+    out = select_rows(stage, ray_local.data.from_items(items), factors, cutoff).take_all()
+    got = [(r["sample_id"], r[EPOCH_POSITION]) for r in out]
+    expected = sorted(
+        (
+            (r.sample_id, p)
+            for r in rows
+            for p in copy_positions(r.sample_id, factors[r.question_type])
+            if p <= cutoff
+        ),
+        key=lambda pair: pair[1],
+    )
+    assert got == expected and len(got) == 41
 
 
 def test_fail_hook(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -279,6 +279,7 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
     from workflows.train.stage import (
         LOSS_TERMS,
         StagePlan,
+        epoch_cutoff,
         export_stage_model,
         fail_hook_steps,
         fit_stage,
@@ -310,7 +311,17 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
             init = _init_model(ctx, name, stage_dir)
             arithmetic = plan_steps(stage, ctx.rows, cfg.num_workers, cfg.max_steps)
             factors = group_factors(stage, ctx.rows)
-            train_ds = select_rows(stage, load_prepared(ctx.prepared, cfg.data.train_split), factors)
+            trained_rows = (
+                arithmetic["total_steps"] * stage.micro_batch_size * stage.grad_accum * cfg.num_workers
+            )
+            cutoff = None if factors is None else epoch_cutoff(stage, ctx.rows, factors, trained_rows)
+            train_ds = select_rows(
+                stage,
+                load_prepared(ctx.prepared, cfg.data.train_split),
+                factors,
+                cutoff,
+                expected_rows=arithmetic["rows"] if cutoff is None else trained_rows + 1,
+            )
             plan = StagePlan(
                 stage=stage,
                 fingerprint=fp,

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 DS_TAG = "state"  # DeepSpeed checkpoint tag: one per Ray checkpoint directory
+EPOCH_POSITION = "epoch_position"  # the column a balanced stage's rows are ordered by (`copy_positions`)
+SORT_ROWS_PER_PARTITION = 2048  # rows per block of that sort (each a few tens of kB of PNG bytes)
 FAIL_HOOK_ENV = "MEDPLIB_TEST_FAIL"  # "<stage>:<steps>", see StagePlan.fail_after_steps
 LOSS_TERMS = (
     "loss",
@@ -281,14 +284,13 @@ def measure_matmul_peak(device, dtype, n: int | None = None, reps: int = 6) -> f
 
 
 def build_moe_init(vl_dir: str | Path, grounding_dir: str | Path, stage: StageConfig):
-    """The moe stage's starting model (upstream stage 3): the `vl` model, each FFN replaced by an MoE FFN whose
-    expert i is the FFN of `stage.expert_sources[i]`; text_hidden_fcs and the mask decoder from `grounding`;
-    everything else (attention, embeddings, projector, region adapter) from `vl`. The router starts at
-    N(0, 0.02) with the stage seed."""
+    """The moe stage's starting model (upstream stage 3): `medplib.model.moe.init_experts_from_stages` of the
+    `vl` and `grounding` exports, expert i from `stage.expert_sources[i]`, the router as `stage.moe.router_init`
+    says (drawn with the stage seed when random)."""
     import torch
 
     from medplib.model.medplib import MedPLIB
-    from medplib.model.moe import moe_layers
+    from medplib.model.moe import init_experts_from_stages
 
     sources = {"vl": MedPLIB.from_pretrained(vl_dir), "grounding": MedPLIB.from_pretrained(grounding_dir)}
     for name, m in sources.items():
@@ -296,21 +298,8 @@ def build_moe_init(vl_dir: str | Path, grounding_dir: str | Path, stage: StageCo
             raise ValueError(
                 f"the {name} model at {vl_dir if name == 'vl' else grounding_dir} already has MoE layers"
             )
-    # The dense FFN weights of every layer, copied before the vl model's FFNs are replaced.
-    ffns = {
-        name: [{k: v.clone() for k, v in layer.mlp.state_dict().items()} for layer in m.decoder_layers]
-        for name, m in sources.items()
-    }
     torch.manual_seed(stage.seed)
-    model, grounding = sources["vl"], sources["grounding"]
-    model.cfg = model.cfg.model_copy(update={"moe": stage.moe})
-    indexes = model.enable_moe()
-    for layer_index, moe in zip(indexes, moe_layers(model.llm), strict=True):
-        for expert, source in zip(moe.experts, stage.expert_sources, strict=True):
-            expert.load_state_dict(ffns[source][layer_index])
-    model.text_hidden_fcs.load_state_dict(grounding.text_hidden_fcs.state_dict())
-    model.sam.mask_decoder.load_state_dict(grounding.sam.mask_decoder.state_dict())
-    return model
+    return init_experts_from_stages(sources["vl"], sources["grounding"], stage.moe, stage.expert_sources)
 
 
 def save_model_atomic(model, out_dir: str | Path) -> Path:
@@ -661,12 +650,34 @@ def group_factors(stage: StageConfig, rows: list[RowInfo]) -> dict[str, float] |
     return {g: weights[g] / norm * total / n for g, n in counts.items()}
 
 
+def copy_positions(sample_id: str, factor: float) -> list[float]:
+    """Where a row's copies sit in the balanced epoch, as fractions of it in [0, 1): (j + u) / factor for every
+    j that lands before 1, u a hash of the id. A row repeated 86 times has its copies evenly spread (not 86 in a
+    row), a row of a group with factor 0.2 appears once with probability 0.2, and any prefix of the epoch holds
+    every group in its share: a stage capped at 100 steps sees the rare kinds' distinct rows, not the first two
+    repeated. Deterministic, so a resume and every worker agree."""
+    u = int(hashlib.sha1(sample_id.encode()).hexdigest()[:8], 16) / 2**32
+    return [(j + u) / factor for j in range(math.ceil(factor - u))] if factor > 0 else []
+
+
 def repeat_count(sample_id: str, factor: float) -> int:
     """How often a row appears in the balanced epoch: floor(factor), plus one more for a fraction of the rows
-    chosen by a hash of the id (deterministic, so a resume and every worker agree)."""
-    whole = int(factor)
-    u = int(hashlib.sha1(sample_id.encode()).hexdigest()[:8], 16) / 2**32
-    return whole + (u < factor - whole)
+    (`copy_positions`)."""
+    return len(copy_positions(sample_id, factor))
+
+
+def epoch_cutoff(
+    stage: StageConfig, rows: list[RowInfo], factors: dict[str, float], needed: int
+) -> float | None:
+    """The epoch position below which the first `needed` rows of the balanced epoch lie (`copy_positions`), or
+    None when the stage reads the whole epoch: a stage capped below one epoch then filters and orders only the
+    rows it trains on."""
+    positions = sorted(
+        p
+        for r in _stage_candidates(stage, rows)
+        for p in copy_positions(r.sample_id, factors[str(getattr(r, stage.balance_by))])
+    )
+    return positions[needed] if needed < len(positions) else None
 
 
 def _stage_candidates(stage: StageConfig, rows: list[RowInfo]) -> list[RowInfo]:
@@ -708,19 +719,34 @@ def plan_steps(stage: StageConfig, rows: list[RowInfo], world: int, max_steps: i
     }
 
 
-def select_rows(stage: StageConfig, dataset, factors: dict[str, float] | None = None):
-    """The stage's rows of a prepared Ray Dataset (its tasks, at most `max_length` tokens), each repeated
-    `repeat_count` times when the stage balances (`group_factors`), lazily and in the prepared order."""
+def select_rows(
+    stage: StageConfig,
+    dataset,
+    factors: dict[str, float] | None = None,
+    cutoff: float | None = None,
+    expected_rows: int = SORT_ROWS_PER_PARTITION,
+):
+    """The stage's rows of a prepared Ray Dataset (its tasks, at most `max_length` tokens), lazily and in the
+    prepared order; when the stage balances (`group_factors`), each row's `repeat_count` copies ordered by their
+    `copy_positions` (those below `cutoff`, when given: see `epoch_cutoff`; about `expected_rows` of them)."""
     tasks, max_len = set(stage.tasks), stage.max_length
     selected = dataset.filter(lambda r: r["task"] in tasks and len(r["input_ids"]) <= max_len)
     if factors is None:
         return selected
     column = stage.balance_by
+    last = math.inf if cutoff is None else cutoff
 
-    def repeat(row: dict) -> list[dict]:
-        return [row] * repeat_count(str(row["sample_id"]), factors[str(row.get(column))])
+    def copies(row: dict) -> list[dict]:
+        positions = copy_positions(str(row["sample_id"]), factors[str(row.get(column))])
+        return [{**row, EPOCH_POSITION: p} for p in positions if p <= last]
 
-    return selected.flat_map(repeat)
+    # Ray Data touch-point: a global sort by position (all-to-all), over the capped rows only when capped. The
+    # positions are uniform on [0, last), so fixed boundaries give even partitions without Ray's sampling pass
+    # (which would also cut a few hundred rows into 200 partitions).
+    top = 1.0 if cutoff is None else cutoff
+    parts = max(2, math.ceil(expected_rows / SORT_ROWS_PER_PARTITION))
+    boundaries = [top * k / parts for k in range(1, parts)]
+    return selected.flat_map(copies).sort(EPOCH_POSITION, boundaries=boundaries)
 
 
 def fit_stage(

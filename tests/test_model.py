@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from medplib.constants import SPECIAL_TOKENS
 from medplib.data.schema import Box, Point, Sample, Turn
 from medplib.data.transforms import Geometry, region_cells, unpad_mask_logits
 from medplib.model.config import LoraSettings, LossWeights, MoEConfig, load_model_config
@@ -227,6 +228,7 @@ def test_experts_equal_their_source_ffns(tiny_cfg, all_tasks, make_batch):
     vl, grounding = MedPLIB(tiny_cfg), MedPLIB(tiny_cfg)
     vl_ffn = [{k: v.clone() for k, v in layer.mlp.state_dict().items()} for layer in vl.decoder_layers]
     g_ffn = [layer.mlp.state_dict() for layer in grounding.decoder_layers]
+    vl_embed = vl.llm.get_input_embeddings().weight.detach().clone()
     moe_model = init_experts_from_stages(vl, grounding, MoEConfig(num_experts=2, top_k=1, layers="dense"))
     layers = moe_layers(moe_model)
     assert len(layers) == tiny_cfg.llm.num_layers
@@ -236,6 +238,17 @@ def test_experts_equal_their_source_ffns(tiny_cfg, all_tasks, make_batch):
         for k, v in layer.mlp.experts[1].state_dict().items():
             assert torch.equal(v, vl_ffn[i][k])
     assert torch.equal(moe_model.text_hidden_fcs[0].weight, grounding.text_hidden_fcs[0].weight)
+    # The added tokens' rows (<SEG>, image and region delimiters) come with the grounding head that learnt on
+    # them; the base vocabulary stays the VL model's.
+    added = torch.tensor(moe_model.tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS))
+    g_embed = grounding.llm.get_input_embeddings().weight
+    moe_embed = moe_model.llm.get_input_embeddings().weight
+    assert torch.equal(moe_embed[added], g_embed[added]) and not torch.equal(vl_embed[added], g_embed[added])
+    base = torch.ones(moe_embed.shape[0], dtype=torch.bool)
+    base[added] = False
+    assert torch.equal(moe_embed[base], vl_embed[base])
+    g_head = grounding.llm.get_output_embeddings().weight
+    assert torch.equal(moe_model.llm.get_output_embeddings().weight[added], g_head[added])
     out = moe_model(make_batch(moe_model, list(all_tasks.values())), LossWeights(moe_aux=0.01))
     assert out["moe_aux"] > 0 and torch.isfinite(out["loss"])
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from medplib.constants import SPECIAL_TOKENS
 from medplib.model.config import MoEConfig
 
 
@@ -107,23 +109,38 @@ def moe_layers(module: nn.Module) -> list[MoEFeedForward]:
     return [m for m in module.modules() if isinstance(m, MoEFeedForward)]
 
 
-def init_experts_from_stages(vl_model: nn.Module, grounding_model: nn.Module, cfg: MoEConfig) -> nn.Module:
+def init_experts_from_stages(
+    vl_model: nn.Module,
+    grounding_model: nn.Module,
+    cfg: MoEConfig,
+    expert_sources: Sequence[str] = ("grounding", "vl"),
+) -> nn.Module:
     """Build the stage-3 MoE model in place of `vl_model` (research notes 2.5).
 
-    Expert 0 of every MoE layer takes the grounding stage's FFN, expert 1 (and any further expert) the VL
-    stage's; attention, embeddings, lm_head, projector and region adapter stay the VL model's; the grounding
-    head (`text_hidden_fcs`, `sam.mask_decoder`) comes from the grounding model. Both inputs must be merged
-    (no LoRA) and of the same architecture.
+    Expert i of every MoE layer takes the FFN of `expert_sources[i]` ("grounding" or "vl"); attention, the base
+    vocabulary's embedding and lm_head rows, projector and region adapter stay the VL model's; the grounding
+    head (`text_hidden_fcs`, `sam.mask_decoder`) and the added tokens' rows (`<SEG>`, the image and region
+    delimiters) come from the grounding model, which started from the VL rows and taught `<SEG>` in the context
+    of its own delimiter rows. A grounding stage that trains only these (LoRA on FFNs, the head, the added rows)
+    thus hands over a model whose grounding-expert path is exactly the grounding model. Both inputs must be
+    merged (no LoRA) and of the same architecture; the router starts as `cfg.router_init` says.
     """
     if cfg.num_experts < 2:
         raise ValueError("an MoE built from two stages needs moe.num_experts >= 2")
+    if len(expert_sources) != cfg.num_experts or set(expert_sources) - {"grounding", "vl"}:
+        raise ValueError(f"expert_sources {list(expert_sources)}: one of grounding/vl per expert")
     cfg = cfg.model_copy(update={"enabled": True})
     vl_model.cfg = vl_model.cfg.model_copy(update={"moe": cfg})
-    ffn_sources = [layer.mlp for layer in grounding_model.decoder_layers]
-    indexes = convert_to_moe(vl_model.decoder_layers, vl_model.llm.config.hidden_size, cfg)
-    for i in indexes:
-        moe = vl_model.decoder_layers[i].mlp
-        moe.experts[0].load_state_dict(ffn_sources[i].state_dict())
+    dense = {"vl": [layer.mlp for layer in vl_model.decoder_layers]}
+    dense["grounding"] = [layer.mlp for layer in grounding_model.decoder_layers]
+    for i in convert_to_moe(vl_model.decoder_layers, vl_model.llm.config.hidden_size, cfg):
+        for expert, source in zip(vl_model.decoder_layers[i].mlp.experts, expert_sources, strict=True):
+            expert.load_state_dict(dense[source][i].state_dict())
     vl_model.text_hidden_fcs.load_state_dict(grounding_model.text_hidden_fcs.state_dict())
     vl_model.sam.mask_decoder.load_state_dict(grounding_model.sam.mask_decoder.state_dict())
+    added = torch.tensor(vl_model.tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS))
+    with torch.no_grad():
+        for table in ("get_input_embeddings", "get_output_embeddings"):
+            # With tied embeddings both calls name one tensor; copying twice is harmless.
+            getattr(vl_model.llm, table)().weight[added] = getattr(grounding_model.llm, table)().weight[added]
     return vl_model

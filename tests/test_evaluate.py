@@ -8,6 +8,7 @@ Chromium where it is installed (`make system-deps`).
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pydantic import ValidationError
 
 from medplib.constants import IGNORE_INDEX
 from medplib.data.prepared import iter_prepared_rows
@@ -202,6 +204,33 @@ def test_every_grounding_row_gets_a_scored_mask(rows, model):
         assert union == int((result.masks[0] | gt).sum()) and intersection == int(
             (result.masks[0] & gt).sum()
         )
+
+
+def test_each_answer_family_decodes_within_its_own_budget(rows, model):
+    """grounding=2, closed=1, open left at max_new_tokens=5: no row decodes past its family's budget, and the
+    record says which budget it had."""
+    from workflows.eval.evaluate import answer_family
+
+    budgets = {"grounding": 2, "closed": 1}
+    results = predict_rows(
+        Predictor(model), rows, max_new_tokens=5, model_id="tiny", batch_size=3, max_new_tokens_by=budgets
+    )
+    families = [answer_family(row) for row in rows]
+    assert {"grounding", "open"} <= set(families)
+    for family, result in zip(families, results, strict=True):
+        limit = budgets.get(family, 5)
+        assert result.record["metadata"]["max_new_tokens"] == limit
+        assert result.record["metadata"]["num_generated_tokens"] <= limit
+
+
+def test_cli_reads_answer_family_budgets():
+    from workflows.cli.eval import _budgets
+
+    assert _budgets("grounding=16,closed=8") == {"grounding": 16, "closed": 8}
+    with pytest.raises(argparse.ArgumentTypeError, match="FAMILY=N"):
+        _budgets("grounding")
+    with pytest.raises(ValidationError, match="max_new_tokens_by"):
+        EvalConfig(model="tiny", data=Path("x"), max_new_tokens_by={"yes_no": 3})
 
 
 # -------------------------------------------------------------------------------------------------- metrics

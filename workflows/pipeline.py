@@ -474,6 +474,7 @@ def _eval_fields(ctx: _Context) -> dict[str, Any]:
         split_per_kind=cfg.eval.split_per_kind,
         max_rows=cfg.eval.max_samples if cfg.eval.sample == "first" else None,
         max_new_tokens=cfg.eval.max_new_tokens,
+        max_new_tokens_by=cfg.eval.max_new_tokens_by,
         baseline_split=cfg.data.train_split,
         embedding_cache=embedding_cache_dir(cfg),
         tracking_uri=ctx.tracker.uri,

@@ -43,6 +43,13 @@ def add_eval(commands: argparse._SubParsersAction, verb: str) -> None:
     p.add_argument("--out", default="eval", help="output folder (default: ./eval)")
     p.add_argument("--max-rows", type=_positive, help="at most N rows per split (file order)")
     p.add_argument("--max-new-tokens", type=_positive, default=64, help="decoding length limit (default 64)")
+    p.add_argument(
+        "--max-new-tokens-by",
+        type=_budgets,
+        default={},
+        metavar="FAMILY=N,...",
+        help="smaller limits per answer family, e.g. grounding=16,closed=16 (families: grounding, closed, open)",
+    )
     p.add_argument("--batch-size", type=_positive, default=8, help="rows per generate call (default 8)")
     p.add_argument(
         "--concurrency", type=_positive, help="actors, one model each (default: one per GPU, or 1)"
@@ -94,6 +101,17 @@ def add_eval_compare(commands: argparse._SubParsersAction, verb: str) -> None:
     c.set_defaults(handler=_compare)
 
 
+def _budgets(text: str) -> dict[str, int]:
+    """`grounding=16,closed=16` -> {"grounding": 16, "closed": 16} (EvalConfig validates the family names)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        family, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected FAMILY=N, got {item!r}")
+        out[family.strip()] = _positive(value)
+    return out
+
+
 def _eval(args: argparse.Namespace) -> int:
     from workflows.eval.config import EvalConfig
     from workflows.eval.evaluate import evaluate, summary_text
@@ -105,6 +123,7 @@ def _eval(args: argparse.Namespace) -> int:
         out=Path(args.out),
         max_rows=args.max_rows,
         max_new_tokens=args.max_new_tokens,
+        max_new_tokens_by=args.max_new_tokens_by,
         batch_size=args.batch_size,
         concurrency=args.concurrency,
         use_gpu=args.gpus,

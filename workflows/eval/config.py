@@ -63,6 +63,12 @@ class EvalConfig(BaseModel):
         ge=1,
         description="greedy decoding length limit (upstream eval: 1024; MeCoVQA-mini's longest answer: 105)",
     )
+    max_new_tokens_by: dict[Literal["grounding", "closed", "open"], int] = Field(
+        default_factory=dict,
+        description="a smaller budget per answer family (grounding, closed, open), capped by max_new_tokens: "
+        "each family's longest answer plus a margin, so that a babbling model does not decode 112 tokens "
+        "where the answer is 'Sure, it is <SEG>.' or 'Yes.'",
+    )
     batch_size: int = Field(8, ge=1, description="rows per generate call inside an actor")
     concurrency: int | None = Field(
         None, ge=1, description="actors (one model each); default: one per GPU, or 1 on a CPU-only cluster"

@@ -116,6 +116,11 @@ def is_grounding(row: dict[str, Any]) -> bool:
     return row.get("task") == "grounding" or bool(row.get("target_masks_png"))
 
 
+def answer_family(row: dict[str, Any]) -> str:
+    """`grounding`, `closed` or `open`: the families `EvalConfig.max_new_tokens_by` caps separately."""
+    return "grounding" if is_grounding(row) else ("closed" if row.get("answer_type") == "closed" else "open")
+
+
 def predict_rows(
     predictor: Any,
     rows: Sequence[dict[str, Any]],
@@ -124,20 +129,26 @@ def predict_rows(
     model_id: str,
     batch_size: int | None = None,
     teacher_forced: bool = False,
+    max_new_tokens_by: dict[str, int] | None = None,
 ) -> list[RowResult]:
     """Generate (greedy) and score prepared rows (dicts with `rows.COLUMNS`) through `Predictor.run`, the code
     that serves; results in input order.
 
     Grounding rows and the rest are decoded in separate `run` calls (segment=True resp. False), at most
-    `batch_size` rows each. Grounding masks are paired with the row's targets in order; a target without a
-    predicted mask is scored against an empty mask. No Ray here: `EvalWorker` and `engine="local"` call it.
+    `batch_size` rows each, and each answer family (`answer_family`) with its own token budget:
+    `max_new_tokens_by[family]`, else `max_new_tokens`. Grounding masks are paired with the row's targets in
+    order; a target without a predicted mask is scored against an empty mask. No Ray here: `EvalWorker` and
+    `engine="local"` call it.
     """
     from medplib.data.rows import row_to_encoded
 
     model = predictor.model
+    budgets = max_new_tokens_by or {}
     results: list[RowResult | None] = [None] * len(rows)
-    groups = group_indices(is_grounding(row) for row in rows)
-    for grounding, positions in groups.items():
+    groups = group_indices(answer_family(row) for row in rows)
+    for family, positions in groups.items():
+        grounding = family == "grounding"
+        limit = min(max_new_tokens, budgets.get(family, max_new_tokens))
         step = batch_size or len(positions)
         for start in range(0, len(positions), step):
             chunk = positions[start : start + step]
@@ -149,9 +160,7 @@ def predict_rows(
             ]
             # As upstream eval: every grounding row gets a mask (from the last hidden state when the model emits no
             # <SEG>); the other rows decode with segment=False.
-            preds = predictor.run(
-                prompts, max_new_tokens=max_new_tokens, temperature=0.0, segment=bool(grounding)
-            )
+            preds = predictor.run(prompts, max_new_tokens=limit, temperature=0.0, segment=grounding)
             forced = [None] * len(chunk)
             if grounding and teacher_forced:
                 full = [row_to_encoded(rows[i], predictor.cfg.vision.image_size_px) for i in chunk]
@@ -165,8 +174,8 @@ def predict_rows(
                     pred,
                     emitted_seg,
                     model_id,
-                    max_new_tokens,
-                    bool(grounding),
+                    limit,
+                    grounding,
                     per_row_s,
                     len(chunk),
                     tf,
@@ -274,6 +283,7 @@ class EvalWorker:
         tracking_uri: str | None = None,
         teacher_forced: bool = False,
         embedding_cache: str | None = None,
+        max_new_tokens_by: dict[str, int] | None = None,
     ) -> None:
         import torch
 
@@ -295,6 +305,7 @@ class EvalWorker:
             "eval actor: model %s on %s in %.1f s", model, device or "cpu", time.perf_counter() - began
         )
         self.max_new_tokens, self.model_id, self.batch_size = max_new_tokens, model_id, batch_size
+        self.max_new_tokens_by = max_new_tokens_by
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from medplib.data.rows import png_bytes
@@ -306,6 +317,7 @@ class EvalWorker:
             model_id=self.model_id,
             batch_size=self.batch_size,
             teacher_forced=self.teacher_forced,
+            max_new_tokens_by=self.max_new_tokens_by,
         )
         return pa.Table.from_pylist(
             [
@@ -364,6 +376,7 @@ def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
             "tracking_uri": tracking_uri,
             "teacher_forced": cfg.teacher_forced,
             "embedding_cache": str(cfg.embedding_cache) if cfg.embedding_cache else None,
+            "max_new_tokens_by": cfg.max_new_tokens_by,
         },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
@@ -393,6 +406,7 @@ def _iter_outputs_local(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
         tracking_uri=cfg.tracking_uri,
         teacher_forced=cfg.teacher_forced,
         embedding_cache=str(cfg.embedding_cache) if cfg.embedding_cache else None,
+        max_new_tokens_by=cfg.max_new_tokens_by,
     )
     for split in cfg.splits:
         rows = iter_prepared_rows(cfg.data, split, batch_rows=cfg.batch_size)
@@ -595,6 +609,7 @@ def compute_metrics(
             "sample_seed": cfg.sample_seed,
             "baseline_split": cfg.baseline_split,
             "max_new_tokens": cfg.max_new_tokens,
+            "max_new_tokens_by": cfg.max_new_tokens_by,
             "decoding": "greedy",
             "scale": "fractions in [0, 1] (the report shows x100)",
             "splits": splits,

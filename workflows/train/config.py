@@ -180,6 +180,9 @@ class EvalSettings(_Strict):
     """Rows per split with sample: first."""
     max_new_tokens: int = Field(112, ge=1)
     """Generation budget per answer (the longest MeCoVQA-mini answer, a slice description, is 105 tokens)."""
+    max_new_tokens_by: dict[Literal["grounding", "closed", "open"], int] = Field(default_factory=dict)
+    """A smaller budget per answer family, capped by `max_new_tokens` (grounding answers are 'Sure, it is
+    <SEG>.', closed ones a word or two): an untrained model that babbles then costs 16 tokens, not 112."""
     sample_predictions: int = Field(4, ge=0)
     """Rows rendered as PNG mask overlays + answers into each stage's MLflow run."""
 

@@ -369,3 +369,24 @@ def test_killed_worker_resumes_from_its_checkpoint(base_cfg: PipelineConfig, fir
     # Only the steps between the last checkpoint and the kill ran (and were logged) twice.
     assert len(steps) <= 40 + killed["step"] + 1 - progress["resumed_from"]
     assert runs[0].data.tags["final_step"] == "40"
+
+
+def test_from_stage_redoes_that_stage_and_the_eval_of_its_model(base_cfg: PipelineConfig, first_run) -> None:
+    """`--from-stage moe` after a code change: vl and grounding stay, moe trains again, and the final model is
+    scored again (the eval folder is keyed by the configs, so without moving it aside the new model would
+    inherit the old model's scores)."""
+    result, _ = first_run
+    started = time.time()
+    again = run_pipeline(base_cfg, from_stage="moe")
+    assert {s: o.status for s, o in again.stages.items()} == {
+        "vl": "skipped",
+        "grounding": "skipped",
+        "moe": "trained",
+    }
+    assert again.eval_dir == result.eval_dir
+    assert (again.eval_dir / "pipeline_metrics.json").stat().st_mtime >= started
+    aside = [p.name for p in again.eval_dir.parent.glob(f"{again.eval_dir.name}.old-*")]
+    assert aside and list(
+        again.stages["moe"].stage_dir.parent.glob(f"{again.stages['moe'].stage_dir.name}.old-*")
+    )
+    assert (again.before_dir / "pipeline_metrics.json").stat().st_mtime < started  # the untrained side stays

@@ -656,18 +656,15 @@ def run_pipeline(
     )
     try:
         if from_stage is not None:
-            for name in cfg.stage_order[cfg.stage_order.index(from_stage) :]:
-                stage_dir = _stage_dir(ctx, name)
-                if stage_dir.exists():
-                    aside = stage_dir.with_name(f"{stage_dir.name}.old-{int(time.time())}")
-                    log.info(
-                        "== stage %s: --from-stage %s: moving %s aside to %s",
-                        name,
-                        from_stage,
-                        stage_dir,
-                        aside,
-                    )
-                    os.replace(stage_dir, aside)
+            # The redone stages and the eval of the model they end in (its folder is keyed by the configs only).
+            redo = [
+                (name, _stage_dir(ctx, name)) for name in cfg.stage_order[cfg.stage_order.index(from_stage) :]
+            ]
+            for name, folder in [*redo, ("eval", cfg.workdir_path / "eval" / fps["eval"][:12])]:
+                if folder.exists():
+                    aside = folder.with_name(f"{folder.name}.old-{int(time.time())}")
+                    log.info("== %s: --from-stage %s: moving %s aside to %s", name, from_stage, folder, aside)
+                    os.replace(folder, aside)
         for name in cfg.stage_order:
             if only_stage is not None and name != only_stage:
                 continue

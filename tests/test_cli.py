@@ -85,7 +85,7 @@ COMMANDS = {
     "--max-new-tokens --temperature --out --answer-slices --batch-size",
     "model": "summary",
     "model summary": "--preset",
-    "eval": "--model --data --split --out --max-rows --max-new-tokens --batch-size --concurrency --gpus "
+    "eval": "--model --data --split --out --max-rows --max-new-tokens --max-new-tokens-by --batch-size --concurrency --gpus "
     "--cpus-per-actor --dtype --seed --model-id --engine --gallery-size --mlflow-run-id --tracking-uri --compare-with "
     "--volumes",
     "eval-compare": "--before --after --out --labels",

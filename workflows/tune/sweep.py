@@ -214,8 +214,11 @@ def _trial(config: dict, spec: dict) -> None:
             callbacks=[TuneReportCallback()],
         )  # Ray Tune touch point: worker reports -> Tune results
     except BaseException as err:
-        client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
-        client.set_terminated(run_id, "FAILED")
+        # A trial ASHA stopped can still be unwinding here after the driver closed its run as KILLED
+        # (`_close_trial_runs`): only a run nobody closed yet is marked FAILED.
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
+            client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
 

@@ -214,11 +214,9 @@ def _trial(config: dict, spec: dict) -> None:
             callbacks=[TuneReportCallback()],
         )  # Ray Tune touch point: worker reports -> Tune results
     except BaseException as err:
-        # A trial ASHA stopped can still be unwinding here after the driver closed its run as KILLED
-        # (`_close_trial_runs`): only a run nobody closed yet is marked FAILED.
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
-            client.set_terminated(run_id, "FAILED")
+        # The driver ends the run (`_close_trial_runs`): a trial ASHA stopped can still be unwinding here after
+        # the driver closed its run as KILLED, and a FAILED written now would overwrite that.
+        client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
         raise
     client.set_terminated(run_id, "FINISHED")
 
@@ -377,9 +375,9 @@ def run_sweep(cfg: SweepConfig, workdir: str | None = None) -> dict[str, Any]:
 
 
 def _close_trial_runs(tracker, sweep_dir: Path, results, cfg: SweepConfig) -> list[dict[str, Any]]:
-    """Trials ASHA stopped end KILLED, tagged stopped_early. Their run is still RUNNING, or FAILED when the stop
-    removed the trial's placement group before the trainable returned (its TrainController dies with an
-    ActorDiedError): Tune records no error for a trial it stopped, so such a FAILED run is a stop too."""
+    """End every trial's run that its trainable did not finish: FAILED when Tune recorded an error for the trial,
+    else KILLED, tagged stopped_early (ASHA stopped it; the trainable may still be unwinding, so it only tags an
+    error and leaves the status to this function)."""
     trials = []
     by_id = {r.metrics.get("trial_id"): r for r in results}
     for path in sorted((sweep_dir / "trials").glob("*.json")):
@@ -388,11 +386,13 @@ def _close_trial_runs(tracker, sweep_dir: Path, results, cfg: SweepConfig) -> li
         result = by_id.get(trial_id)
         steps = int(result.metrics.get("training_iteration", 0)) if result and result.metrics else 0
         status = tracker.run_status(info["run_id"])
-        stopped_by_tune = status == "FAILED" and result is not None and result.error is None
-        if status == "RUNNING" or stopped_by_tune:
-            tracker.set_tags(info["run_id"], {"stopped_early": f"ASHA after {steps} steps"})
-            tracker.client.set_terminated(info["run_id"], "KILLED", end_time=int(time.time() * 1000))
-            status = "KILLED"
+        if status in ("RUNNING", "FAILED"):
+            if result is not None and result.error is not None:
+                status = "FAILED"
+            else:
+                tracker.set_tags(info["run_id"], {"stopped_early": f"ASHA after {steps} steps"})
+                status = "KILLED"
+            tracker.client.set_terminated(info["run_id"], status, end_time=int(time.time() * 1000))
         trials.append(
             {
                 "trial_id": trial_id,

@@ -76,7 +76,7 @@ def main() -> None:
         )
         run = fit_stage(
             plan,
-            select_rows(stage, load_prepared(prepared, "train")),
+            select_rows(stage, load_prepared(prepared, "train"), rows, 1, steps),
             name=f"stage-{steps}",
             storage_path=str(work),
             cpus_per_worker=1.0,

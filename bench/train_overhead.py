@@ -127,7 +127,8 @@ def main() -> None:
     client = mlflow.MlflowClient(uri)
     exp = client.create_experiment("bench", artifact_location=(work / "mlartifacts").as_uri())
     run_id = client.create_run(exp, run_name="train-overhead").info.run_id
-    arithmetic = plan_steps(stage, row_index(prepared, "train"), 1, args.steps)
+    rows = row_index(prepared, "train")
+    arithmetic = plan_steps(stage, rows, 1, args.steps)
     plan = StagePlan(
         stage=stage,
         fingerprint=fingerprint(stage, "bench"),
@@ -140,7 +141,7 @@ def main() -> None:
         mlflow_run_id=run_id,
         **arithmetic,
     )
-    dataset = select_rows(stage, load_prepared(prepared, "train"))
+    dataset = select_rows(stage, load_prepared(prepared, "train"), rows, 1, arithmetic["total_steps"])
     fit_stage(
         plan,
         dataset,

@@ -248,17 +248,20 @@ def test_a_capped_balanced_stage_sees_every_rare_row_spread_out() -> None:
 
 
 def test_select_rows_orders_the_balanced_copies_by_position(ray_local) -> None:
+    """A balanced stage of 10 steps reads exactly the copies below its cutoff, sorted by epoch position; an
+    unbalanced one reads each of the split's rows of its tasks once."""
     stage = load_stage_config(CONFIGS / "stages" / "tiny" / "grounding.yaml").model_copy(
         update={"balance_by": "question_type", "balance_alpha": 0.0}
     )
     rows = _skewed_rows()
     factors = group_factors(stage, rows)
-    cutoff = epoch_cutoff(stage, rows, factors, 40)
+    trained = 10 * stage.micro_batch_size * stage.grad_accum
+    cutoff = epoch_cutoff(stage, rows, factors, trained)
     items = [
         {"sample_id": r.sample_id, "task": r.task, "question_type": r.question_type, "input_ids": [1, 2]}
         for r in rows
     ]
-    out = select_rows(stage, ray_local.data.from_items(items), factors, cutoff).take_all()
+    out = select_rows(stage, ray_local.data.from_items(items), rows, world=1, total_steps=10).take_all()
     got = [(r["sample_id"], r[EPOCH_POSITION]) for r in out]
     expected = sorted(
         (
@@ -269,7 +272,12 @@ def test_select_rows_orders_the_balanced_copies_by_position(ray_local) -> None:
         ),
         key=lambda pair: pair[1],
     )
-    assert got == expected and len(got) == 41
+    assert got == expected and len(got) == trained + 1
+    natural = stage.model_copy(update={"balance_by": None})
+    plain = select_rows(natural, ray_local.data.from_items(items), rows, world=1, total_steps=10).take_all()
+    assert sorted(r["sample_id"] for r in plain) == sorted(
+        r.sample_id for r in rows
+    )  # (order: the Train split's)
 
 
 def test_fail_hook(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -279,11 +279,9 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
     from workflows.train.stage import (
         LOSS_TERMS,
         StagePlan,
-        epoch_cutoff,
         export_stage_model,
         fail_hook_steps,
         fit_stage,
-        group_factors,
         plan_steps,
         resolve_precision,
         select_rows,
@@ -310,17 +308,12 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
         if not is_model_dir(export):
             init = _init_model(ctx, name, stage_dir)
             arithmetic = plan_steps(stage, ctx.rows, cfg.num_workers, cfg.max_steps)
-            factors = group_factors(stage, ctx.rows)
-            trained_rows = (
-                arithmetic["total_steps"] * stage.micro_batch_size * stage.grad_accum * cfg.num_workers
-            )
-            cutoff = None if factors is None else epoch_cutoff(stage, ctx.rows, factors, trained_rows)
             train_ds = select_rows(
                 stage,
                 load_prepared(ctx.prepared, cfg.data.train_split),
-                factors,
-                cutoff,
-                expected_rows=arithmetic["rows"] if cutoff is None else trained_rows + 1,
+                ctx.rows,
+                cfg.num_workers,
+                arithmetic["total_steps"],
             )
             plan = StagePlan(
                 stage=stage,
@@ -334,7 +327,6 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
                 mlflow_run_id=run_id,
                 embedding_cache=str(embedding_cache_dir(cfg)),
                 torch_threads=cfg.threads_per_worker,
-                factors=factors,
                 fail_after_steps=fail_hook_steps(name),
                 **arithmetic,
             )

@@ -10,8 +10,8 @@ Supported, per stage (`StageConfig`, `configs/stages/<preset>/<stage>.yaml`):
   (`lr_groups`), warm-up + linear decay, gradient clipping, gradient accumulation, bf16 on GPUs and bf16
   autocast on CPUs that have bf16 instructions (`precision`), optional gradient checkpointing;
 * data: each worker reads its shard of the Ray Dataset (`ray.train.get_dataset_shard`), in a deterministic order
-  (the seeded order `prepare` wrote, rows repeated per `balance_by` group on the driver's factors, a
-  `preserve_order` split and a seeded per-epoch window shuffle), so a resume can skip exactly the rows already
+  (the seeded order `prepare` wrote, or for a balanced stage each row's copies spread over the epoch and sorted
+  by position (`select_rows`), a `preserve_order` split and a seeded per-epoch window shuffle), so a resume can skip exactly the rows already
   consumed in the epoch instead of replaying them; the frozen image encoder's outputs come from the pipeline's
   per-image cache (`medplib.model.embedding_cache`) and are computed only for images it has not seen;
 * checkpoints every `checkpoint_every_steps` and at the end: every worker saves its DeepSpeed shard, the
@@ -98,8 +98,6 @@ class StagePlan(BaseModel):
     the evaluation of one pipeline; None computes them in every step."""
     torch_threads: int | None = None
     """Torch threads per worker; None keeps Ray's (the worker's CPU reservation)."""
-    factors: dict[str, float] | None = None
-    """Repeat factors of the `balance_by` groups (`group_factors`), fixed on the driver."""
     report_every_step: bool = False
     """Also `ray.train.report` the metrics (without a checkpoint) after every step: sweeps need them in Tune."""
     fail_after_steps: int | None = None
@@ -719,21 +717,19 @@ def plan_steps(stage: StageConfig, rows: list[RowInfo], world: int, max_steps: i
     }
 
 
-def select_rows(
-    stage: StageConfig,
-    dataset,
-    factors: dict[str, float] | None = None,
-    cutoff: float | None = None,
-    expected_rows: int = SORT_ROWS_PER_PARTITION,
-):
-    """The stage's rows of a prepared Ray Dataset (its tasks, at most `max_length` tokens), lazily and in the
-    prepared order; when the stage balances (`group_factors`), each row's `repeat_count` copies ordered by their
-    `copy_positions` (those below `cutoff`, when given: see `epoch_cutoff`; about `expected_rows` of them)."""
+def select_rows(stage: StageConfig, dataset, rows: list[RowInfo], world: int, total_steps: int):
+    """The rows a stage trains on, as a lazy Ray Dataset of the prepared split: its tasks, at most `max_length`
+    tokens, in the prepared order. When the stage balances (`group_factors` of `rows`, the split's `row_index`,
+    which `plan_steps` reads too), each row's `repeat_count` copies ordered by their `copy_positions`, and only
+    the positions that `total_steps` steps on `world` workers reach (`epoch_cutoff`)."""
     tasks, max_len = set(stage.tasks), stage.max_length
     selected = dataset.filter(lambda r: r["task"] in tasks and len(r["input_ids"]) <= max_len)
+    factors = group_factors(stage, rows)
     if factors is None:
         return selected
     column = stage.balance_by
+    trained = total_steps * stage.micro_batch_size * stage.grad_accum * world
+    cutoff = epoch_cutoff(stage, rows, factors, trained)
     last = math.inf if cutoff is None else cutoff
 
     def copies(row: dict) -> list[dict]:
@@ -741,10 +737,11 @@ def select_rows(
         return [{**row, EPOCH_POSITION: p} for p in positions if p <= last]
 
     # Ray Data touch-point: a global sort by position (all-to-all), over the capped rows only when capped. The
-    # positions are uniform on [0, last), so fixed boundaries give even partitions without Ray's sampling pass
-    # (which would also cut a few hundred rows into 200 partitions).
-    top = 1.0 if cutoff is None else cutoff
-    parts = max(2, math.ceil(expected_rows / SORT_ROWS_PER_PARTITION))
+    # positions are uniform on [0, top), so fixed boundaries give even partitions without Ray's sampling pass
+    # (which would also cut a few hundred rows into 200 partitions); a balanced epoch is about as long as the
+    # split's own.
+    top, expected = (1.0, len(rows)) if cutoff is None else (cutoff, trained + 1)
+    parts = max(2, math.ceil(expected / SORT_ROWS_PER_PARTITION))
     boundaries = [top * k / parts for k in range(1, parts)]
     return selected.flat_map(copies).sort(EPOCH_POSITION, boundaries=boundaries)
 

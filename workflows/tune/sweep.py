@@ -187,9 +187,8 @@ def _trial(config: dict, spec: dict) -> None:
     trials.mkdir(parents=True, exist_ok=True)
     (trials / f"{trial_id}.json").write_text(json.dumps({"run_id": run_id, "params": params}))
     prepared = Path(s.prepared)
-    arithmetic = plan_steps(
-        stage, row_index(prepared, s.train_split), s.sweep.workers_per_trial, s.sweep.max_steps
-    )
+    rows = row_index(prepared, s.train_split)
+    arithmetic = plan_steps(stage, rows, s.sweep.workers_per_trial, s.sweep.max_steps)
     plan = StagePlan(
         stage=stage,
         fingerprint=fingerprint(stage, s.stage_fingerprint, "trial", trial_id),
@@ -206,7 +205,13 @@ def _trial(config: dict, spec: dict) -> None:
     try:
         fit_stage(
             plan,
-            select_rows(stage, load_prepared(prepared, s.train_split)),
+            select_rows(
+                stage,
+                load_prepared(prepared, s.train_split),
+                rows,
+                s.sweep.workers_per_trial,
+                arithmetic["total_steps"],
+            ),
             name=trial_id,
             storage_path=str(trials),
             cpus_per_worker=s.sweep.cpus_per_worker,
@@ -329,8 +334,9 @@ def run_sweep(cfg: SweepConfig, workdir: str | None = None) -> dict[str, Any]:
         before = set(ray.util.placement_group_table())
         results = tuner.fit()
         _remove_leaked_placement_groups(before)
-        best = results.get_best_result(metric=cfg.metric, mode=cfg.mode, scope="all")
+        # Before the best result is asked for: with every trial failed that raises, and the runs must end first.
         trials = _close_trial_runs(tracker, sweep_dir, results, cfg)
+        best = results.get_best_result(metric=cfg.metric, mode=cfg.mode, scope="all")
         best_params = dict(best.config["params"])
         best_stage = apply_overrides(base, best_params)
         best_path = sweep_dir / f"best_{cfg.stage}.yaml"

@@ -263,12 +263,12 @@ def test_save_load_gives_identical_logits_and_masks(tmp_path, all_tasks, tiny_mo
     tiny_model.eval()
     batch = make_batch(tiny_model, [all_tasks["ground_two"], all_tasks["region_box"]])
     with torch.no_grad():
-        before = tiny_model(batch)
+        before = tiny_model(batch, all_logits=True)
         gen_before = tiny_model.generate(batch, max_new_tokens=4, segment=True)
     tiny_model.save_pretrained(tmp_path / "m")
     loaded = MedPLIB.from_pretrained(tmp_path / "m").eval()
     with torch.no_grad():
-        after = loaded(batch)
+        after = loaded(batch, all_logits=True)
         gen_after = loaded.generate(batch, max_new_tokens=4, segment=True)
     assert torch.equal(before["logits"], after["logits"])
     assert torch.equal(before["loss"], after["loss"])
@@ -277,6 +277,56 @@ def test_save_load_gives_identical_logits_and_masks(tmp_path, all_tasks, tiny_mo
         assert len(a.mask_logits) == len(b.mask_logits) > 0
         for ma, mb in zip(a.mask_logits, b.mask_logits, strict=True):
             assert torch.equal(ma, mb)
+
+
+def test_ce_over_supervised_positions_equals_the_ce_over_all_logits(all_tasks, tiny_model, make_batch):
+    # Training projects only the supervised positions onto the vocabulary; the loss must not change.
+    tiny_model.eval()
+    batch = make_batch(tiny_model, list(all_tasks.values()))
+    with torch.no_grad():
+        out = tiny_model(batch, all_logits=True)
+    logits, labels = out["logits"][:, :-1].float(), batch["labels"][:, 1:]
+    assert 0 < int((labels != -100).sum()) < labels.numel() / 2
+    full = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
+    torch.testing.assert_close(out["ce"], full)
+
+
+def test_the_encoder_cache_key_is_shared_by_a_preset_and_its_export(tmp_path, tiny_model):
+    # A preset names where its SAM weights come from, an exported model does not (its weights are inside):
+    # both must find the same cached encoder outputs.
+    from medplib.model.embedding_cache import encoder_fingerprint
+    from medplib.model.medplib import MedPLIB
+
+    tiny_model.save_pretrained(tmp_path / "m")
+    loaded = MedPLIB.from_pretrained(tmp_path / "m")
+    sam = tiny_model.cfg.sam.model_copy(update={"weights": "pkg:lite_medsam", "mask_threshold": 0.1})
+    tiny_model.cfg = tiny_model.cfg.model_copy(update={"sam": sam})
+    assert encoder_fingerprint(tiny_model, autocast=True) == encoder_fingerprint(loaded, autocast=True)
+    with torch.no_grad():
+        next(loaded.sam.image_encoder.parameters()).add_(1.0)
+    assert encoder_fingerprint(tiny_model, autocast=True) != encoder_fingerprint(loaded, autocast=True)
+
+
+def test_the_cache_encodes_with_a_bf16_copy_close_to_autocast(tmp_path, rng_image, tiny_model):
+    from medplib.data.batch import collate, encode_sample
+    from medplib.model.embedding_cache import EmbeddingCache
+
+    tiny_model.eval()
+    items = [
+        encode_sample([Turn(role="human", text="What is this?")], img, tiny_model.tokenizer, tiny_model.cfg)
+        for img in (rng_image, 255 - rng_image)
+    ]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        batch = collate(items, tiny_model.cfg, tiny_model.ids.pad)
+        reference = tiny_model.sam_embeddings(batch, [0, 1]).float()
+    cache = EmbeddingCache(tmp_path, tiny_model, autocast=True)
+    assert cache.encoder is not None and next(cache.encoder.parameters()).dtype == torch.bfloat16
+    cache.fill(items)
+    got = torch.from_numpy(np.stack([item.sam_embedding for item in items]))
+    torch.testing.assert_close(got, reference, atol=0.1, rtol=0.05)
+    assert cache.misses == 2 and len(list(cache.dir.glob("*.npy"))) == 2
 
 
 def test_lora_merge_matches_unmerged_outputs(all_tasks, tiny_model, make_batch):
@@ -290,11 +340,11 @@ def test_lora_merge_matches_unmerged_outputs(all_tasks, tiny_model, make_batch):
     tiny_model.eval()
     batch = make_batch(tiny_model, list(all_tasks.values()))
     with torch.no_grad():
-        unmerged = tiny_model(batch)["logits"]
+        unmerged = tiny_model(batch, all_logits=True)["logits"]
     merge_lora(tiny_model)
     assert not any("lora_" in n for n, _ in tiny_model.named_parameters())
     with torch.no_grad():
-        merged = tiny_model(batch)["logits"]
+        merged = tiny_model(batch, all_logits=True)["logits"]
     torch.testing.assert_close(unmerged, merged, atol=1e-5, rtol=1e-5)
 
 
@@ -326,7 +376,7 @@ def test_generation_uses_the_kv_cache_and_matches_full_recompute(rng_image, tiny
         for tok in gen.token_ids:
             enc.input_ids = ids
             enc.labels = [-100] * len(ids)
-            logits = tiny_model(collate([enc], cfg, tiny_model.ids.pad))["logits"][0, -1]
+            logits = tiny_model(collate([enc], cfg, tiny_model.ids.pad), all_logits=True)["logits"][0, -1]
             assert int(logits.argmax()) == tok
             ids = ids + [tok]
 
@@ -430,3 +480,22 @@ def test_a_trained_llava_projector_loads_from_a_file_or_the_base_weights_folder(
     save_file({"other.weight": torch.zeros(2)}, str(empty))
     with pytest.raises(ValueError, match="projector_weights"):
         MedPLIB(tiny_cfg.model_copy(update={"projector_weights": str(empty)}))
+
+
+def test_frozen_linears_in_bf16_give_the_autocast_loss(all_tasks, tiny_model, make_batch):
+    from medplib.model.lora import frozen_linears_to_bf16
+
+    prepare_trainable(tiny_model, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "down_proj"]), ["mm_projector"])
+    tiny_model.eval()
+    batch = make_batch(tiny_model, list(all_tasks.values()))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = tiny_model(batch)["loss"]
+    cast = frozen_linears_to_bf16(tiny_model)
+    assert cast > 0
+    dtypes = {n: p.dtype for n, p in tiny_model.named_parameters()}
+    assert all(dtypes[n] == torch.float32 for n, p in tiny_model.named_parameters() if p.requires_grad)
+    assert dtypes["llm.base_model.model.model.embed_tokens.weight"] == torch.float32  # tied to lm_head
+    assert any(d == torch.bfloat16 for d in dtypes.values())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        after = tiny_model(batch)["loss"]
+    torch.testing.assert_close(after, before, rtol=1e-3, atol=1e-3)

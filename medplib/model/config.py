@@ -46,6 +46,12 @@ class LLMConfig(_Strict):
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
+    attention: Literal["sdpa", "eager"] = Field(
+        "sdpa",
+        description="attention kernel of the training forward pass (generation always uses `sdpa`): `sdpa` "
+        "(PyTorch's fused kernels: long sequences, GPUs) or `eager` (plain matmuls: short sequences on CPU, where "
+        "the fused kernel's backward cost ~8 ms a layer at 113 tokens)",
+    )
 
     @field_validator("weights", "tokenizer")
     @classmethod
@@ -233,7 +239,9 @@ class LoraSettings(_Strict):
         False,
         description="also train the embedding rows of MedPLIB's added tokens (`<SEG>`, region/image markers), "
         "and through a tied lm_head their logits, leaving every other row frozen (peft trainable tokens); "
-        "how a model learns to emit `<SEG>` without Adam moving all 49k rows as `embed_tokens` in sft does",
+        "how a model learns to emit `<SEG>` without Adam moving all 49k rows as `embed_tokens` in sft does. "
+        "With `layers` set the rows train through the output side only (the input embeddings pass no gradient), "
+        "so the backward pass still stops at the lowest adapted layer",
     )
 
     def layer_indexes(self, num_layers: int) -> list[int] | None:

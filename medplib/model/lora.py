@@ -39,6 +39,8 @@ def prepare_trainable(model: nn.Module, lora: LoraSettings | None, sft_modules: 
             trainable_token_indices=added_token_ids(model.tokenizer) if lora.new_token_rows else None,
         )
         model.llm = get_peft_model(model.llm, config)  # marks only the adapters trainable
+    # Added-token rows train through the output side only when the adapters sit on the top layers.
+    model.input_token_grad = not (lora is not None and lora.new_token_rows and lora.layers is not None)
     unknown = [m for m in sft_modules if not any(m in name for name, _ in model.named_parameters())]
     if unknown:
         raise ValueError(f"sft_modules {unknown} match no parameter of the model")
@@ -57,3 +59,26 @@ def merge_lora(model: nn.Module) -> None:
     """Fold the LoRA deltas into the base weights and drop the peft wrapper (for export / the next stage)."""
     if is_lora(model):
         model.llm = model.llm.merge_and_unload()
+
+
+def frozen_linears_to_bf16(model: nn.Module) -> int:
+    """Store the frozen linear layers of the LLM in bf16 for a bf16-autocast run; returns how many.
+
+    Autocast rounds every fp32 weight to bf16 at every matmul, so a frozen weight kept in bf16 gives the same
+    products without that copy (about a fifth of a small-preset training step on CPU). Trainable layers and a
+    linear that shares its weight with another module (a tied lm_head, the embedding) stay fp32. The stage's
+    export starts again from the fp32 starting model, so nothing here reaches a saved model."""
+    import torch
+
+    uses: dict[int, int] = {}
+    for _, param in model.llm.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
+    count = 0
+    for module in model.llm.modules():
+        if type(module) is not nn.Linear or uses[id(module.weight)] > 1:
+            continue
+        if any(p.requires_grad for p in module.parameters()):
+            continue
+        module.to(torch.bfloat16)
+        count += 1
+    return count

@@ -91,9 +91,7 @@ def _build_llm(cfg: MedPLIBConfig, llm_config: LlamaConfig | None) -> LlamaForCa
     if llm_config is None and cfg.llm.weights:
         weights = resolve_weights(cfg.llm.weights)  # `pkg:smollm2` converts once into the user's cache
         return LlamaForCausalLM.from_pretrained(weights, local_files_only=True, dtype=torch.float32)
-    if llm_config is None:
-        llm_config = llama_config(cfg, 32000)  # resized to the tokenizer right after
-    return LlamaForCausalLM(llm_config)
+    return LlamaForCausalLM(llm_config or llama_config(cfg, 32000))  # resized to the tokenizer right after
 
 
 def _init_added_rows(weight: torch.Tensor, base_rows: int) -> None:
@@ -147,6 +145,9 @@ class MedPLIB(nn.Module):
         self.projector_source = self._load_projector()
         # Region features are pooled from pre-projector patch features (upstream: Linear(1024, 4096)).
         self.region_fea_adapter = nn.Linear(vdim, hidden)
+        # False when only the top layers train (`prepare_trainable`): the token embeddings then pass no gradient,
+        # so the backward pass stops at the lowest adapted layer even while added-token rows train.
+        self.input_token_grad = True
         box = cfg.sam.seg_prompt == "box"
         prompt_dim = cfg.sam.prompt_embed_dim
         self.text_hidden_fcs = nn.Sequential(
@@ -214,6 +215,8 @@ class MedPLIB(nn.Module):
         """Token embeddings with image and region features written into their placeholder positions."""
         ids = batch["input_ids"].to(self.device)
         emb = self.llm.get_input_embeddings()(ids)
+        if not self.input_token_grad:
+            emb = emb.detach()
         has_image = batch["has_image"]
         if not has_image.any():
             return emb
@@ -257,15 +260,21 @@ class MedPLIB(nn.Module):
 
     # ------------------------------------------------------------------ training forward
 
-    def forward(self, batch: dict, loss_weights: LossWeights | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, batch: dict, loss_weights: LossWeights | None = None, all_logits: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Losses of a batch (`loss` is their weighted sum) and its teacher-forced masks (`segmentation`).
+        `all_logits` also returns the vocabulary logits of every position (`logits`); training needs only the
+        supervised positions' and computes no others."""
         w = loss_weights or LossWeights()
+        self._use_attention(self.cfg.llm.attention)
         ids = batch["input_ids"].to(self.device)
         emb = self.embed(batch)
         hidden = self.llm.get_decoder()(
             inputs_embeds=emb, attention_mask=batch["attention_mask"].to(self.device), use_cache=False
         ).last_hidden_state
-        logits = self.llm.get_output_embeddings()(hidden)
-        out: dict[str, torch.Tensor] = {"ce": next_token_ce(logits, batch["labels"].to(self.device))}
+        head = self.llm.get_output_embeddings()
+        out: dict[str, torch.Tensor] = {"ce": next_token_ce(hidden, batch["labels"].to(self.device), head)}
         zero = out["ce"] * 0.0
         out.update(self._grounding_losses(batch, ids, hidden) or dict.fromkeys(GROUNDING_TERMS, zero))
         aux = [m.aux_loss for m in moe_layers(self.llm) if m.aux_loss is not None]
@@ -279,8 +288,14 @@ class MedPLIB(nn.Module):
             + w.box * out["box"]
             + w.moe_aux * out["moe_aux"]
         )
-        out["logits"] = logits
+        if all_logits:
+            out["logits"] = head(hidden)
         return out
+
+    def _use_attention(self, kind: str) -> None:
+        # Transformers reads the kernel from the config at every call: switching costs ~0.3 ms.
+        if self.llm.config._attn_implementation != kind:
+            self.llm.set_attn_implementation(kind)
 
     def _grounding_losses(self, batch: dict, ids: torch.Tensor, hidden: torch.Tensor) -> dict | None:
         # The hidden state at p predicts the token at p+1; the one predicting `<SEG>` prompts the decoder.
@@ -377,6 +392,8 @@ class MedPLIB(nn.Module):
         called after every decoding step with each row's new token (None for a finished row) and may return rows
         to finish there (a stop sequence): the hook streaming and `stop` use.
         """
+        # With a KV cache `eager` expands the grouped KV heads again at every step: decoding was 30% slower.
+        self._use_attention("sdpa")
         am = batch["attention_mask"].to(self.device)
         emb = self.embed(batch)
         lengths = am.sum(1)

@@ -369,7 +369,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from medplib.data.batch import collate
     from medplib.data.rows import row_to_encoded
-    from medplib.model.lora import prepare_trainable
+    from medplib.model.lora import frozen_linears_to_bf16, prepare_trainable
     from medplib.model.medplib import MedPLIB
 
     if not logging.getLogger().handlers:
@@ -391,6 +391,8 @@ def train_loop_per_worker(config: dict) -> None:
     model = MedPLIB.from_pretrained(plan.init_dir)
     model.gradient_checkpointing = stage.gradient_checkpointing
     counts = prepare_trainable(model, stage.lora, stage.sft_modules)
+    if plan.precision == "bf16-mixed" and not plan.use_gpu:
+        frozen_linears_to_bf16(model)  # same products as autocast's casts, without them (measured on CPU only)
     torch.manual_seed(stage.seed + 1000 * rank)  # dropout differs per rank
     flops_model = FlopsModel.of(model)
     params = [p for p in model.parameters() if p.requires_grad]

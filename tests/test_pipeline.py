@@ -133,6 +133,13 @@ def test_full_pipeline_tracked_in_mlflow(base_cfg: PipelineConfig, first_run) ->
         assert needle in text, needle
 
 
+def test_the_untrained_start_skips_the_champion_split_unless_it_is_the_only_one() -> None:
+    from workflows.pipeline import untrained_splits
+
+    assert untrained_splits(["val", "test", "test_xsubject"], "val") == ["test", "test_xsubject"]
+    assert untrained_splits(["val"], "val") == ["val"]  # what the first_run above scores on both sides
+
+
 def test_moe_experts_are_the_grounding_and_vl_ffns(base_cfg: PipelineConfig, first_run) -> None:
     result, _ = first_run
     uri = base_cfg.resolved_tracking_uri()

@@ -1,6 +1,6 @@
 """Training-step throughput of the `small` preset on real MRI rows, the speed work side by side in one run.
 
-One step = forward + backward + AdamW on a batch of grounding rows (a real ICBM152 slice, a question, a `<SEG>`
+One step = forward + backward (no optimiser update, so every variant sees the same weights) on a batch of grounding rows (a real ICBM152 slice, a question, a `<SEG>`
 answer and its target mask), training what the grounding stage trains (FFN LoRA of the last 8 layers, the
 `<SEG>` head, the mask decoder). Measured in one process, alternating, so a noisy machine hits every variant:
 
@@ -11,8 +11,9 @@ answer and its target mask), training what the grounding stage trains (FFN LoRA 
   on a CPU with bf16 instructions; a copy of the model, so the fp32 variants keep fp32 weights).
 
 Figures: rows/s after / before (goal >= 3), bf16 / fp32 rows/s (goal >= 2), the relative difference of the loss
-on the same batch (goal < 1e-2), and MFU against a bf16 matmul peak measured now (6 N + 12 L H T FLOPs a token,
-N the LLM weights a token runs; the encoder, when it runs, and the mask decoder are not counted).
+on the same batch (goal < 1e-2), and MFU of the after variant against a bf16 matmul peak measured now (the FLOPs
+the stages count, `workflows.train.flops.FlopsModel`: the backward stops at the lowest LoRA layer, the vocabulary
+projection runs at the supervised positions only, the cached encoder not at all).
 
     .venv/bin/python -m bench.train_step [--batch 4] [--repeats 3]
 """
@@ -29,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import matmul_peak_flops, median_seconds, print_figures
+from bench.common import median_seconds, print_figures
+from medplib.constants import IGNORE_INDEX
 from medplib.data.batch import collate, encode_sample
 from medplib.data.image import load_image
 from medplib.data.schema import Turn
@@ -37,6 +39,7 @@ from medplib.model.config import LoraSettings, load_model_config
 from medplib.model.embedding_cache import EmbeddingCache
 from medplib.model.lora import frozen_linears_to_bf16, prepare_trainable
 from medplib.model.medplib import MedPLIB
+from workflows.train.flops import FlopsModel, measure_matmul_peak
 
 
 def mri_rows(model: MedPLIB, n: int) -> list:
@@ -104,15 +107,15 @@ def main() -> None:
             seconds[name].append(median_seconds(lambda name=name: step(name), 1, warmup=0))
     best = {name: min(times) for name, times in seconds.items()}
     rows_per_s = {name: args.batch / s for name, s in best.items()}
-    tokens = int(batches["cached"]["attention_mask"].sum())
-    c = model.llm.config
-    n_active = sum(
-        p.numel() for n, p in model.llm.named_parameters() if "embed_tokens" not in n and "lora_" not in n
+    cached_batch = batches["cached"]
+    tokens = int(cached_batch["attention_mask"].sum())
+    flops = FlopsModel.of(fast).step_flops(
+        cached_batch["attention_mask"].sum(1).tolist(),
+        int((cached_batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
+        int(cached_batch["has_image"].sum()),
+        0,
     )
-    flops = (
-        6 * n_active + 12 * c.num_hidden_layers * c.hidden_size * batches["cached"]["input_ids"].shape[1]
-    ) * tokens
-    peak_bf16 = matmul_peak_flops(torch.bfloat16)
+    peak_bf16 = measure_matmul_peak(torch.device("cpu"), torch.bfloat16, 2048)
     loss_diff = abs(losses["after"] - losses["fp32"]) / abs(losses["fp32"])
     for name in variants:
         print(

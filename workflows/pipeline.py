@@ -303,6 +303,15 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
         **{f"input.{s}": ctx.fps[s] for s in cfg.stage_inputs(name)},
     }
     run_id = tracker.stage_run(ctx.experiment_id, ctx.parent_id, cfg.name, name, stage_dir, fp, params)
+    phases: dict[str, float] = {}  # seconds per phase, logged with the stage's end (where start-up goes)
+    mark = time.perf_counter()
+
+    def phase(label: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        phases[label] = phases.get(label, 0.0) + now - mark
+        mark = now
+
     try:
         export = stage_dir / "export"
         metrics: dict[str, Any] = {}
@@ -331,6 +340,7 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
                 fail_after_steps=fail_hook_steps(name),
                 **arithmetic,
             )
+            phase("plan")
             log.info(
                 "== stage %s: %d rows, %d steps (%d per epoch x %d epochs, max_steps %s), global batch %d",
                 name,
@@ -350,7 +360,9 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
                 max_failures=cfg.max_failures,
             )
             metrics = run.metrics
+            phase("train")
             export_stage_model(plan, run.checkpoint_dir, export)
+            phase("export")
             curves = stage_dir / "plots" / "loss_curves.png"
             if loss_curves_png(tracker.client, run_id, curves, LOSS_TERMS):
                 tracker.log_file(run_id, curves, "plots")
@@ -370,12 +382,14 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
                 model_name, run_id, "model", {STAGE_TAG: name, FINGERPRINT_TAG: fp, PIPELINE_TAG: cfg.name}
             )
         tracker.set_alias(model_name, latest_alias(cfg.name), version.version)
+        phase("mlflow")
         if cfg.eval.sample_predictions:
             rows = read_rows(ctx.prepared, cfg.data.eval_split, set(stage.tasks), cfg.eval.sample_predictions)
             samples = stage_dir / "samples"
             shutil.rmtree(samples, ignore_errors=True)
             if sample_predictions(export, rows, samples, cfg.eval.max_new_tokens):
                 tracker.log_artifacts(run_id, samples, "samples")
+            phase("samples")
         write_json_atomic(
             stage_dir / DONE_FILE,
             {
@@ -395,9 +409,10 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
         raise
     seconds = time.perf_counter() - started
     log.info(
-        "== stage %s: done in %.0f s, registered models:/%s/%s (@%s)",
+        "== stage %s: done in %.0f s (%s), registered models:/%s/%s (@%s)",
         name,
         seconds,
+        ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()),
         model_name,
         version.version,
         latest_alias(cfg.name),

@@ -70,6 +70,13 @@ class EvalConfig(BaseModel):
         "where the answer is 'Sure, it is <SEG>.' or 'Yes.'",
     )
     batch_size: int = Field(8, ge=1, description="rows per generate call inside an actor")
+    rows_per_call: int = Field(
+        256,
+        ge=1,
+        description="rows an actor takes at a time; it decodes each answer family of them by question type in "
+        "`batch_size` chunks, so batches fill and hold answers of similar length (8-row calls of a stratified "
+        "sample held 3.5 rows of a family on average, 2026-11-29); with many actors, lower it so each gets work",
+    )
     concurrency: int | None = Field(
         None, ge=1, description="actors (one model each); default: one per GPU, or 1 on a CPU-only cluster"
     )

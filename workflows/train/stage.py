@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict
 from workflows.common import write_json_atomic
 from workflows.data.prepared import RowInfo
 from workflows.train.config import StageConfig
+from workflows.train.flops import FlopsModel, measure_matmul_peak
 
 log = logging.getLogger(__name__)
 
@@ -202,82 +203,6 @@ def plain_row(row: dict) -> dict:
     return row
 
 
-# ---------------------------------------------------------------------------------------------- FLOPs / MFU
-
-
-@dataclass
-class FlopsModel:
-    """Per-step model FLOPs, for MFU (nanoGPT/PaLM style, LoRA-aware). Per token: 4*N + 2*N_trainable +
-    12*L*d*T, where N counts the LLM's matmul weights a token passes through (attention, the top-k active
-    experts, lm_head, LoRA) and N_trainable those that get weight gradients (forward 2N, input gradients 2N,
-    weight gradients 2*N_trainable; with every weight trainable this is PaLM's 6N + 12LdT); plus the frozen
-    vision tower and SAM image encoder forward (2 * params * tokens per image). The mask decoder is left out (<1%
-    at every preset). The denominator is a matmul peak measured on the worker at start (`measure_matmul_peak`,
-    in the training dtype), not a datasheet number, so MFU on a shared CPU says how well the step uses what the
-    worker actually gets."""
-
-    llm_params: float  # matmul weights a token passes through (experts scaled by top_k / num_experts)
-    llm_trainable: float
-    layers: int
-    hidden: int
-    image_flops: float  # frozen vision tower + SAM image encoder forward, per image
-
-    @classmethod
-    def of(cls, model) -> FlopsModel:
-        from torch import nn
-
-        from medplib.model.moe import MoEFeedForward
-
-        share: dict[int, float] = {}
-        for moe in (m for m in model.llm.modules() if isinstance(m, MoEFeedForward)):
-            for p in moe.experts.parameters():
-                share[id(p)] = moe.cfg.top_k / len(moe.experts)
-        total = trainable = 0.0
-        for module in model.llm.modules():
-            if isinstance(module, nn.Linear):
-                n = module.weight.numel() * share.get(id(module.weight), 1.0)
-                total += n
-                trainable += n if module.weight.requires_grad else 0.0
-        cfg = model.llm.config
-        vis_tokens = (model.cfg.vision.image_size_px // model.cfg.vision.patch_size_px) ** 2 + 1
-        sam_tokens = (model.cfg.sam.image_size_px // model.cfg.sam.encoder_patch_px) ** 2
-        vis = sum(p.numel() for p in model.vision_tower.parameters())
-        sam = sum(p.numel() for p in model.sam.image_encoder.parameters())
-        return cls(
-            total,
-            trainable,
-            cfg.num_hidden_layers,
-            cfg.hidden_size,
-            2.0 * (vis * vis_tokens + sam * sam_tokens),
-        )
-
-    def step_flops(self, seq_lens: list[int], images: int) -> float:
-        per_token = 4 * self.llm_params + 2 * self.llm_trainable
-        return (
-            sum(t * per_token + 12 * self.layers * self.hidden * t * t for t in seq_lens)
-            + images * self.image_flops
-        )
-
-
-def measure_matmul_peak(device, dtype, n: int | None = None, reps: int = 6) -> float:
-    """Achieved FLOP/s of a square matmul on this worker (the MFU denominator)."""
-    import torch
-
-    n = n or (4096 if device.type == "cuda" else 1024)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2.0 * n**3 * reps / (time.perf_counter() - t0)
-
-
 # ---------------------------------------------------------------------------------------------- model building
 
 
@@ -367,6 +292,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
     from torch.optim.lr_scheduler import LambdaLR
 
+    from medplib.constants import IGNORE_INDEX
     from medplib.data.batch import collate
     from medplib.data.rows import row_to_encoded
     from medplib.model.lora import frozen_linears_to_bf16, prepare_trainable
@@ -526,7 +452,7 @@ def train_loop_per_worker(config: dict) -> None:
         pending: list[dict] = []
         sums = dict.fromkeys(LOSS_TERMS, 0.0)
         seq_lens: list[int] = []
-        images = 0
+        image_rows = encoded_images = supervised = 0
         step_started = time.perf_counter()
         for index, row in enumerate(rows):
             if index < skip_rows:
@@ -539,7 +465,9 @@ def train_loop_per_worker(config: dict) -> None:
                 cache.fill(encoded)
             batch = collate(encoded, model.cfg, model.ids.pad)
             # The frozen encoder runs (and costs FLOPs) only for images the cache did not hold.
-            images += int(batch["has_image"].sum()) - len(batch["sam_embeddings"])
+            image_rows += int(batch["has_image"].sum())
+            encoded_images += int(batch["has_image"].sum()) - len(batch["sam_embeddings"])
+            supervised += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             pending = []
             anchor = parameter_anchor(params)  # before the forward: see its docstring
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -567,7 +495,7 @@ def train_loop_per_worker(config: dict) -> None:
             dist.all_reduce(stats)  # mean losses, total tokens and samples over the workers
             values = stats.tolist()
             metrics = {k: values[i] / world for i, k in enumerate(sums)}
-            flops = flops_model.step_flops(seq_lens, images)
+            flops = flops_model.step_flops(seq_lens, supervised, image_rows, encoded_images)
             grad_norm = engine.get_global_grad_norm()
             metrics.update(
                 lr=scheduler.get_last_lr()[-1],  # the default group's (LoRA); each group's below
@@ -610,7 +538,7 @@ def train_loop_per_worker(config: dict) -> None:
             if hook:
                 raise RuntimeError(f"{FAIL_HOOK_ENV}: {stage.stage} fails on purpose after step {state.step}")
             sums = dict.fromkeys(sums, 0.0)
-            seq_lens, images = [], 0
+            seq_lens, image_rows, encoded_images, supervised = [], 0, 0, 0
             if last:
                 break
         if (

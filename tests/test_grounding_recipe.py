@@ -125,3 +125,19 @@ def test_box_loss_pulls_a_box_to_the_target():
     off = box_loss(torch.tensor([[0.0, 0.0, 0.3, 0.3]]), [target])
     assert exact.item() == pytest.approx(0.0, abs=1e-6) and off.item() > 1.0
     assert box_loss(torch.tensor([[0.1, 0.1, 0.2, 0.2]]), [torch.zeros(4, 4, dtype=torch.bool)]).item() == 0.0
+
+
+def test_folding_tinyvits_batch_norms_keeps_its_embedding():
+    """The embedding cache's encoder copy folds LiteMedSAM's BatchNorms into their convolutions (exact in fp32)."""
+    import copy
+
+    from medplib.model.embedding_cache import fold_batch_norms
+
+    encoder = small_sam_tiny_llm().sam.image_encoder
+    folded = fold_batch_norms(copy.deepcopy(encoder))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules())
+    pixels = torch.from_numpy(mri_slice()).permute(2, 0, 1)[None].float() / 255.0
+    pixels = torch.nn.functional.interpolate(pixels, size=(256, 256))
+    with torch.no_grad():
+        torch.testing.assert_close(folded(pixels), encoder(pixels), atol=1e-3, rtol=1e-3)

@@ -253,6 +253,41 @@ def test_experts_equal_their_source_ffns(tiny_cfg, all_tasks, make_batch):
     assert out["moe_aux"] > 0 and torch.isfinite(out["loss"])
 
 
+def test_routing_loss_sends_each_task_to_its_expert(tiny_cfg, all_tasks, make_batch):
+    """`moe_route`: the experts' origins come from the stage's expert order; trained on that term alone, the
+    router sends the tokens of grounding rows to the grounding expert and a VQA row's question and answer to the
+    vl expert."""
+    from medplib.model.medplib import MedPLIB
+
+    torch.manual_seed(2)
+    model = init_experts_from_stages(
+        MedPLIB(tiny_cfg), MedPLIB(tiny_cfg), MoEConfig(num_experts=2, drop_tokens=False), ("vl", "grounding")
+    )
+    assert model.cfg.moe.expert_of == {"vl": 0, "grounding": 1}
+    batch = make_batch(model, [all_tasks["vqa"], all_tasks["ground_one"], all_tasks["ground_two"]])
+    grounding = batch["attention_mask"].bool()
+    grounding[0] = False
+    vqa_text = torch.zeros_like(grounding)  # the VQA row's question and answer: the tokens after its image
+    image = batch["input_ids"][0] == model.ids.image
+    vqa_text[0] = batch["attention_mask"][0].bool() & (torch.arange(image.numel()) > int(image.nonzero().max()))
+    only_route = LossWeights(ce=0.0, bce=0.0, dice=0.0, moe_route=1.0)
+    opt = torch.optim.SGD([m.router.weight for m in moe_layers(model)], lr=0.5)
+    start = None
+    for _ in range(60):
+        opt.zero_grad()
+        out = model(batch, only_route)
+        start = out["moe_route"].item() if start is None else start
+        out["loss"].backward()
+        opt.step()
+    with torch.no_grad():
+        assert float(model(batch, only_route)["moe_route"]) < 0.7 * start
+    # A linear router on a random 2-layer model: the first layer sees little more than the token embeddings; the
+    # second separates the tasks' tokens.
+    choice = moe_layers(model)[-1].router_logp.argmax(-1)
+    assert float((choice[grounding.flatten()] == 1).float().mean()) > 0.85
+    assert float((choice[vqa_text.flatten()] == 0).float().mean()) > 0.85
+
+
 # ---------------------------------------------------------------- persistence and LoRA
 
 

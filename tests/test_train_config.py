@@ -126,6 +126,10 @@ def test_errors_name_the_file_and_field(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="expert_sources"):
         load_stage_config(moe)
+    small_moe = (CONFIGS / "stages" / "small" / "moe.yaml").read_text()
+    moe.write_text(small_moe.replace("moe_route: 5.0", "moe_route: 0.0"))
+    with pytest.raises(ValueError, match="router would never learn"):
+        load_stage_config(moe)
     pipe = tmp_path / "p.yaml"
     pipe.write_text(
         (CONFIGS / "pipeline" / "tiny.yaml").read_text().replace("stages/tiny/moe.yaml", "stages/7b/moe.yaml")

@@ -193,12 +193,13 @@ class MoEConfig(_Strict):
     eval_capacity_factor: float = 2.0
     min_capacity: int = 0
     drop_tokens: bool = Field(True, description="tokens over an expert's capacity get zero FFN output")
-    gate_scale: Literal["prob", "straight_through"] = Field(
+    gate_scale: Literal["prob", "straight_through", "one"] = Field(
         "prob",
         description='top-1 output weight. "prob": the chosen expert\'s router probability (DeepSpeed TopKGate, '
         'upstream), ~0.5 with a fresh 2-expert router, so every FFN output starts halved. "straight_through": '
         "weight 1 in the forward pass (a fresh MoE computes what its experts did) with the probability's "
-        "gradient in the backward pass, so the router still learns; for short fine-tunes",
+        'gradient in the backward pass, so the router still learns; for short fine-tunes. "one": weight 1 and '
+        "no gradient: the router learns from the routing losses only (`moe_route`, `moe_aux`)",
     )
 
     router_init: Literal["normal", "first_expert"] = Field(
@@ -207,6 +208,12 @@ class MoEConfig(_Strict):
         'expert at random. "first_expert": zero weights, ties go to expert 0, so the MoE model starts as exactly '
         "the model expert 0 came from (the grounding stage's) and the router learns from there which tokens "
         "expert 1 serves better",
+    )
+
+    expert_of: dict[Literal["grounding", "vl"], int] = Field(
+        default_factory=dict,
+        description="which expert came from which stage (set from the MoE stage's `expert_sources`): the targets "
+        "of `LossWeights.moe_route`",
     )
 
     def layer_indexes(self, num_layers: int) -> list[int]:
@@ -266,6 +273,13 @@ class LossWeights(_Strict):
     focal: float = 0.0
     iou: float = Field(0.0, description="MSE between the soft IoU and SAM's IoU head")
     moe_aux: float = Field(0.0, description="router load-balancing loss (upstream stage 4 uses 0.0)")
+    moe_route: float = Field(
+        0.0,
+        description="routing loss: the router's negative log-probability, averaged over MoE layers, of the expert "
+        "each token's task came from (`moe.expert_of`): every token of a grounding row (one holding `<SEG>`) to "
+        "the grounding expert, another row's tokens after its image (question and answer) to the vl expert. Not "
+        "upstream, whose router has no target (see `MedPLIB._routing_loss`)",
+    )
     box: float = Field(
         0.0,
         description='L1 + generalised-IoU loss of the regressed box against the target\'s tight box (seg_prompt "box")',

@@ -279,6 +279,8 @@ class MedPLIB(nn.Module):
         out.update(self._grounding_losses(batch, ids, hidden) or dict.fromkeys(GROUNDING_TERMS, zero))
         aux = [m.aux_loss for m in moe_layers(self.llm) if m.aux_loss is not None]
         out["moe_aux"] = torch.stack(aux).sum() if aux else zero
+        route = self._routing_loss(batch, ids)
+        out["moe_route"] = zero if route is None else route
         out["loss"] = (
             w.ce * out["ce"]
             + w.bce * out["bce"]
@@ -287,10 +289,38 @@ class MedPLIB(nn.Module):
             + w.iou * out["iou"]
             + w.box * out["box"]
             + w.moe_aux * out["moe_aux"]
+            + w.moe_route * out["moe_route"]
         )
         if all_logits:
             out["logits"] = head(hidden)
         return out
+
+    def _routing_loss(self, batch: dict, ids: torch.Tensor) -> torch.Tensor | None:
+        """`LossWeights.moe_route`'s term; None without MoE layers or `moe.expert_of`.
+
+        Targets: every token of a grounding row to the grounding expert; the tokens after the image (the question
+        and the answer: where a task shows) of any other row to the vl expert. The tokens up to the image are
+        alike in every task (the system prompt is identical), so another row's are left to the router. Each
+        group is averaged apart: a grounding row's 64 image tokens would outweigh its text, and then the
+        router learnt "image to the grounding expert, text to the vl expert" and moved grounding answers,
+        `<SEG>` included, to the vl expert (2026-11-29)."""
+        expert_of = self.cfg.moe.expert_of
+        layers = [m for m in moe_layers(self.llm) if m.router_logp is not None]
+        if not layers or set(expert_of) != {"grounding", "vl"}:
+            return None
+        grounding = (ids == self.ids.seg).any(dim=1, keepdim=True)
+        valid = batch["attention_mask"].to(self.device).bool()
+        image = ids == self.ids.image
+        after_image = valid & (image.long().cumsum(1) == image.sum(1, keepdim=True)) & ~image
+        groups = [
+            ((grounding & valid & ~after_image).flatten(), expert_of["grounding"]),
+            ((grounding & after_image).flatten(), expert_of["grounding"]),
+            ((~grounding & after_image).flatten(), expert_of["vl"]),
+        ]
+        terms = [
+            -m.router_logp[tokens, expert].mean() for tokens, expert in groups if bool(tokens.any()) for m in layers
+        ]
+        return torch.stack(terms).mean() if terms else None
 
     def _use_attention(self, kind: str) -> None:
         # Transformers reads the kernel from the config at every call: switching costs ~0.3 ms.

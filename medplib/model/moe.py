@@ -3,12 +3,13 @@
 Router: `router` = Linear(hidden, E, bias=False) in fp32 (initialised per `MoEConfig.router_init`), softmax,
 top-k. At top-1 the output of a token is
 `p_chosen * expert(x)` with the probability not renormalised (DeepSpeed TopKGate, which upstream used;
-`gate_scale: straight_through` keeps the weight at 1 and only its gradient); at top-k > 1 the k probabilities
+`gate_scale: straight_through` keeps the weight at 1 and only its gradient, `one` neither); at top-k > 1 the k probabilities
 are renormalised to sum to 1. Capacity per expert is
 `max(min_capacity, ceil(tokens * k / E * factor))`; when `drop_tokens` is on, the tokens an expert has no room for
 (those with the lowest router probability) get zero FFN output, so only the residual carries them.
 Aux loss (Switch/GShard): `E * sum_e mean_prob_e * fraction_routed_e`. Every token runs exactly its top-k experts:
-the dispatch gathers each expert's tokens and scatters the results back.
+the dispatch gathers each expert's tokens and scatters the results back. The router's log-probabilities of the last
+forward stay on the layer (`router_logp`) for `MedPLIB.forward`'s routing loss (`LossWeights.moe_route`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class MoEFeedForward(nn.Module):
         self.cfg = cfg
         # Filled by every forward, read by the loss and by tests.
         self.aux_loss: torch.Tensor | None = None
+        self.router_logp: torch.Tensor | None = None  # (tokens, experts)
         self.expert_counts: torch.Tensor | None = None
         self.dropped_tokens = 0
 
@@ -58,7 +60,8 @@ class MoEFeedForward(nn.Module):
         x = hidden.reshape(-1, shape[-1])
         n, e, k = x.shape[0], len(self.experts), self.cfg.top_k
         # The router runs in fp32 whatever the model dtype, as upstream's gate does.
-        probs = torch.softmax(nn.functional.linear(x.float(), self.router.weight.float()), dim=-1)
+        self.router_logp = torch.log_softmax(nn.functional.linear(x.float(), self.router.weight.float()), dim=-1)
+        probs = self.router_logp.exp()
         if k == 1:  # max, not topk: on a tie (a zero-initialised router) torch.max returns the first expert
             top_p, top_i = probs.max(dim=-1, keepdim=True)
         else:
@@ -89,6 +92,8 @@ class MoEFeedForward(nn.Module):
             weight = flat_p[slots]
             if self.cfg.gate_scale == "straight_through" and k == 1:
                 weight = weight / weight.detach()  # value 1, gradient of p (see MoEConfig.gate_scale)
+            elif self.cfg.gate_scale == "one" and k == 1:
+                weight = torch.ones_like(weight)
             y = expert(x.index_select(0, tokens)) * weight.unsqueeze(-1).to(x.dtype)
             out.index_add_(0, tokens, y)
         self.expert_counts, self.dropped_tokens = counts, dropped
@@ -129,7 +134,8 @@ def init_experts_from_stages(
         raise ValueError("an MoE built from two stages needs moe.num_experts >= 2")
     if len(expert_sources) != cfg.num_experts or set(expert_sources) - {"grounding", "vl"}:
         raise ValueError(f"expert_sources {list(expert_sources)}: one of grounding/vl per expert")
-    cfg = cfg.model_copy(update={"enabled": True})
+    expert_of = {source: expert_sources.index(source) for source in set(expert_sources)}
+    cfg = cfg.model_copy(update={"enabled": True, "expert_of": expert_of})
     vl_model.cfg = vl_model.cfg.model_copy(update={"moe": cfg})
     dense = {"vl": [layer.mlp for layer in vl_model.decoder_layers]}
     dense["grounding"] = [layer.mlp for layer in grounding_model.decoder_layers]

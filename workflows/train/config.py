@@ -58,7 +58,7 @@ class StageConfig(_Strict):
     sft_modules: list[str] = Field(default_factory=list)
     """Name substrings of parameters trained in full (upstream `--sft_modules`; `router` is upstream `wg`)."""
     loss_weights: LossWeights
-    """Weight of each loss term (ce, bce, dice, focal, iou, box, moe_aux)."""
+    """Weight of each loss term (ce, bce, dice, focal, iou, box, moe_aux, moe_route)."""
     lr: float = Field(gt=0)
     """Peak learning rate of AdamW for every trainable parameter `lr_groups` does not name (LoRA, ...)."""
     lr_groups: dict[str, float] = Field(default_factory=dict)
@@ -123,6 +123,11 @@ class StageConfig(_Strict):
             if len(self.expert_sources) != self.moe.num_experts:
                 raise ValueError(
                     f"expert_sources: {len(self.expert_sources)} sources for moe.num_experts={self.moe.num_experts}"
+                )
+            if self.moe.gate_scale == "one" and not (self.loss_weights.moe_route or self.loss_weights.moe_aux):
+                raise ValueError(
+                    "moe.gate_scale: 'one' gives the router no gradient from the output, and loss_weights "
+                    "moe_route and moe_aux are 0: the router would never learn"
                 )
         elif self.moe is not None:
             raise ValueError(f"moe: only the moe stage takes a `moe:` section, not {self.stage}")

@@ -69,6 +69,7 @@ LOSS_TERMS = (
     "iou",
     "box",
     "moe_aux",
+    "moe_route",
 )  # logged per step, each its curve
 METRICS_FLUSH_S = (
     5.0  # rank 0 sends buffered per-step metrics to MLflow at least this often (and at checkpoints)

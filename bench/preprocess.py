@@ -129,7 +129,7 @@ def timed(fn) -> tuple[float, float, float, object]:
 def distinct_files(data: Path, max_rows: int | None) -> tuple[int, list[Path], list[Path]]:
     """(rows, distinct image paths, distinct mask paths: targets and mask prompts) of the input's first rows."""
     rows, images, masks = 0, set(), set()
-    for path in input_files(data):
+    for path in input_files(data)[0]:
         text = path.read_text(encoding="utf-8-sig")
         items = (
             json.loads(text)

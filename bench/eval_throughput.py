@@ -6,7 +6,9 @@ The frozen image encoder's outputs come from an embedding cache filled before ti
 pipeline's eval (the cache the training stages filled): the encoder is per-image work that batching cannot share
 (~0.6 s an image, more than a row's 32 decoding steps), and the figure is about generation.
 Figures: the batch-8 / batch-1 rows/s ratio (goal >= 3) and the share of answers identical between the two
-(goal 1.0: batching must not change what the model says).
+(goal 1.0: batching must not change what the model says), timed under the Predictor's bf16 autocast and checked
+again in fp32: bf16 rounds differently with the batch's shape (left padding, other matmul shapes), which can flip
+a near-tie of the untrained model's logits; fp32 tells a batching bug from that.
 
     .venv/bin/python -m bench.eval_throughput [--rows 8] [--max-new-tokens 32]
 """
@@ -60,6 +62,12 @@ def main() -> None:
     batched = predictor.run(encoded, **kwargs)
     t2 = time.perf_counter()
     same = sum(a.token_ids == b.token_ids for a, b in zip(single, batched, strict=True)) / len(encoded)
+    fp32 = Predictor(predictor.model, autocast=False)
+    fp32_single = [fp32.run([e], **kwargs)[0] for e in encoded]
+    fp32_batched = fp32.run(encoded, **kwargs)
+    same_fp32 = sum(
+        a.token_ids == b.token_ids for a, b in zip(fp32_single, fp32_batched, strict=True)
+    ) / len(encoded)
     rows_1, rows_8 = len(encoded) / (t1 - t0), len(encoded) / (t2 - t1)
     tokens = sum(p.num_generated_tokens for p in batched)
     print(
@@ -77,6 +85,11 @@ def main() -> None:
             {
                 "name": "eval_identical_answers_batch8_vs_batch1[small]",
                 "value": round(same, 3),
+                "goal": "1.0",
+            },
+            {
+                "name": "eval_identical_answers_batch8_vs_batch1_fp32[small]",
+                "value": round(same_fp32, 3),
                 "goal": "1.0",
             },
             {"name": "eval_rows_per_s_batch8[small]", "value": round(rows_8, 2), "goal": None},

@@ -24,9 +24,8 @@ def test_backward_stops_at_the_lowest_trained_layer(tiny_model):
     assert sum(f.layer_trainable[:-1]) == 0 and f.layer_trainable[-1] > 0
     assert f.sam_flops > 0 and f.tower_flops > 0  # the tiny preset has a CLIP tower, counted on meta tensors
 
-    prepare_trainable(
-        tiny_model, None, ["mm_projector"]
-    )  # trained below the decoder: the backward runs through
+    # Something trained below the decoder: the backward runs through every layer.
+    prepare_trainable(tiny_model, None, ["mm_projector"])
     assert FlopsModel.of(tiny_model).backward_floor == 0
 
 

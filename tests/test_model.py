@@ -199,6 +199,12 @@ def test_straight_through_gate_keeps_the_expert_output_and_the_router_gradient()
     assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
 
 
+def test_unit_gates_are_refused_beyond_top1():
+    with pytest.raises(ValueError, match="top-1 setting"):
+        MoEConfig(top_k=2, gate_scale="one")
+    assert MoEConfig(top_k=2).gate_scale == "prob"
+
+
 def test_first_expert_router_starts_as_expert_zero_and_learns_to_leave_it():
     """router_init first_expert: every token runs expert 0 (the MoE computes what expert 0's source model did),
     and the straight-through gradient still reaches the router."""

@@ -216,6 +216,14 @@ class MoEConfig(_Strict):
         "of `LossWeights.moe_route`",
     )
 
+    @model_validator(mode="after")
+    def _top1_gates(self) -> MoEConfig:
+        if self.gate_scale != "prob" and self.top_k != 1:
+            raise ValueError(
+                f"moe.gate_scale {self.gate_scale!r} is a top-1 setting; top_k {self.top_k} weighs by probability"
+            )
+        return self
+
     def layer_indexes(self, num_layers: int) -> list[int]:
         if isinstance(self.layers, list):
             bad = [i for i in self.layers if not 0 <= i < num_layers]

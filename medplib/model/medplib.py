@@ -277,9 +277,10 @@ class MedPLIB(nn.Module):
         out: dict[str, torch.Tensor] = {"ce": next_token_ce(hidden, batch["labels"].to(self.device), head)}
         zero = out["ce"] * 0.0
         out.update(self._grounding_losses(batch, ids, hidden) or dict.fromkeys(GROUNDING_TERMS, zero))
-        aux = [m.aux_loss for m in moe_layers(self.llm) if m.aux_loss is not None]
+        moe = moe_layers(self.llm)
+        aux = [m.aux_loss for m in moe if m.aux_loss is not None]
         out["moe_aux"] = torch.stack(aux).sum() if aux else zero
-        route = self._routing_loss(batch, ids)
+        route = self._routing_loss(batch, ids, moe)
         out["moe_route"] = zero if route is None else route
         out["loss"] = (
             w.ce * out["ce"]
@@ -295,7 +296,7 @@ class MedPLIB(nn.Module):
             out["logits"] = head(hidden)
         return out
 
-    def _routing_loss(self, batch: dict, ids: torch.Tensor) -> torch.Tensor | None:
+    def _routing_loss(self, batch: dict, ids: torch.Tensor, moe: list) -> torch.Tensor | None:
         """`LossWeights.moe_route`'s term; None without MoE layers or `moe.expert_of`.
 
         Targets: every token of a grounding row to the grounding expert; the tokens after the image (the question
@@ -305,7 +306,7 @@ class MedPLIB(nn.Module):
         router learnt "image to the grounding expert, text to the vl expert" and moved grounding answers,
         `<SEG>` included, to the vl expert (2026-11-29)."""
         expert_of = self.cfg.moe.expert_of
-        layers = [m for m in moe_layers(self.llm) if m.router_logp is not None]
+        layers = [m for m in moe if m.router_logp is not None]
         if not layers or set(expert_of) != {"grounding", "vl"}:
             return None
         grounding = (ids == self.ids.seg).any(dim=1, keepdim=True)

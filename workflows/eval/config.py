@@ -118,6 +118,11 @@ class EvalConfig(BaseModel):
             raise ValueError(f"splits must be distinct, got {value}")
         return value
 
+    @property
+    def call_rows(self) -> int:
+        """Rows an actor takes at a time: `rows_per_call`, at least one generate batch."""
+        return max(self.rows_per_call, self.batch_size)
+
     def kind_caps(self, split: str) -> dict[str, int]:
         """Rows per question type of `split` (sample stratified)."""
         return self.split_per_kind.get(split, self.per_kind)

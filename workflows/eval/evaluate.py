@@ -381,7 +381,7 @@ def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
             "embedding_cache": str(cfg.embedding_cache) if cfg.embedding_cache else None,
             "max_new_tokens_by": cfg.max_new_tokens_by,
         },
-        batch_size=max(cfg.rows_per_call, cfg.batch_size),
+        batch_size=cfg.call_rows,
         batch_format="pyarrow",
         concurrency=concurrency,
         num_gpus=1 if gpus else 0,
@@ -412,14 +412,13 @@ def _iter_outputs_local(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
         max_new_tokens_by=cfg.max_new_tokens_by,
     )
     for split in cfg.splits:
-        per_call = max(cfg.rows_per_call, cfg.batch_size)
-        rows = iter_prepared_rows(cfg.data, split, batch_rows=per_call)
+        rows = iter_prepared_rows(cfg.data, split, batch_rows=cfg.call_rows)
         if cfg.sample == "stratified":
             chosen = set(selected_ids(cfg, split))
             rows = (r for r in rows if r["sample_id"] in chosen)
         taken = 0
         while cfg.max_rows is None or taken < cfg.max_rows:
-            room = per_call if cfg.max_rows is None else min(per_call, cfg.max_rows - taken)
+            room = cfg.call_rows if cfg.max_rows is None else min(cfg.call_rows, cfg.max_rows - taken)
             chunk = [row for _, row in zip(range(room), rows, strict=False)]
             if not chunk:
                 break

@@ -43,9 +43,7 @@ class FlopsModel:
     projection: 2 * V * d forward and as much backward per supervised position. The mask decoder is left out
     (<1% at every preset)."""
 
-    layer_weights: list[
-        float
-    ]  # matmul weights a token passes through per decoder layer (experts by top_k / E)
+    layer_weights: list[float]  # per decoder layer, matmul weights a token passes (experts by top_k / E)
     layer_trainable: list[float]
     head_weights: float  # vocabulary projection
     head_trainable: float

@@ -39,7 +39,7 @@ def main() -> None:
     from medplib.model.config import configs_dir, load_model_config
     from medplib.model.medplib import MedPLIB
     from medplib_datasets.toy import write_toy_prepared
-    from workflows.data.prepared import load_prepared, row_index
+    from workflows.data.prepared import row_index
     from workflows.train.config import fingerprint, load_stage_config
     from workflows.train.stage import (
         StagePlan,
@@ -76,7 +76,7 @@ def main() -> None:
         )
         run = fit_stage(
             plan,
-            select_rows(stage, load_prepared(prepared, "train"), rows, 1, steps),
+            select_rows(stage, prepared, "train", rows, 1, steps),
             name=f"stage-{steps}",
             storage_path=str(work),
             cpus_per_worker=1.0,

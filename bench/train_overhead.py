@@ -97,7 +97,7 @@ def main() -> None:
     from medplib.model.config import configs_dir, load_model_config
     from medplib.model.medplib import MedPLIB
     from medplib_datasets.toy import write_toy_prepared
-    from workflows.data.prepared import load_prepared, read_rows, row_index
+    from workflows.data.prepared import read_rows, row_index
     from workflows.train.config import fingerprint, load_stage_config
     from workflows.train.stage import StagePlan, fit_stage, plan_steps, save_model_atomic, select_rows
 
@@ -141,7 +141,7 @@ def main() -> None:
         mlflow_run_id=run_id,
         **arithmetic,
     )
-    dataset = select_rows(stage, load_prepared(prepared, "train"), rows, 1, arithmetic["total_steps"])
+    dataset = select_rows(stage, prepared, "train", rows, 1, arithmetic["total_steps"])
     fit_stage(
         plan,
         dataset,

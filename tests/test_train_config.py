@@ -4,6 +4,7 @@ the step arithmetic, and the MoE starting model."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from workflows.train.config import (
 )
 from workflows.train.stage import (
     EPOCH_POSITION,
+    GATHER_ROWS,
     _without_cpu_shm_comm,
     build_moe_init,
     copy_positions,
@@ -251,21 +253,49 @@ def test_a_capped_balanced_stage_sees_every_rare_row_spread_out() -> None:
     assert epoch_cutoff(stage, rows, factors, 10**6) is None  # the whole epoch: no cut
 
 
-def test_select_rows_orders_the_balanced_copies_by_position(ray_local) -> None:
+def _write_split(directory: Path, rows: list[RowInfo]) -> Path:
+    """A prepared folder whose `train` split holds `rows` (the columns `select_rows` reads), in two shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from medplib.data.prepared import MANIFEST_NAME
+    from medplib.data.rows import SCHEMA_VERSION
+
+    (directory / "train").mkdir(parents=True)
+    half = len(rows) // 2
+    for k, part in enumerate((rows[:half], rows[half:])):
+        columns = {
+            "sample_id": [r.sample_id for r in part],
+            "task": [r.task for r in part],
+            "question_type": [r.question_type for r in part],
+            "input_ids": [[1] * r.length for r in part],
+        }
+        pq.write_table(pa.table(columns), directory / "train" / f"part-{k:07d}.parquet")
+    manifest = {"schema_version": SCHEMA_VERSION, "splits": {"train": len(rows)}}
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return directory
+
+
+@pytest.mark.parametrize("gather_rows", [GATHER_ROWS, 0], ids=["gathered-on-driver", "ray-data-sort"])
+def test_select_rows_orders_the_balanced_copies_by_position(
+    ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gather_rows: int
+) -> None:
     """A balanced stage of 10 steps reads exactly the copies below its cutoff, sorted by epoch position; an
-    unbalanced one reads each of the split's rows of its tasks once."""
+    unbalanced one reads each of the split's rows of its tasks once, in the split's order; the same whether the
+    driver gathers the rows or Ray Data reads and sorts them."""
+    import workflows.train.stage as stage_module
+
+    monkeypatch.setattr(stage_module, "GATHER_ROWS", gather_rows)
     stage = load_stage_config(CONFIGS / "stages" / "tiny" / "grounding.yaml").model_copy(
         update={"balance_by": "question_type", "balance_alpha": 0.0}
     )
-    rows = _skewed_rows()
+    rows = _skewed_rows() + [RowInfo("long", "grounding", stage.max_length + 1, "structure")]
+    prepared = _write_split(tmp_path, rows)
+    rows = rows[:-1]  # too long: never chosen
     factors = group_factors(stage, rows)
     trained = 10 * stage.micro_batch_size * stage.grad_accum
     cutoff = epoch_cutoff(stage, rows, factors, trained)
-    items = [
-        {"sample_id": r.sample_id, "task": r.task, "question_type": r.question_type, "input_ids": [1, 2]}
-        for r in rows
-    ]
-    out = select_rows(stage, ray_local.data.from_items(items), rows, world=1, total_steps=10).take_all()
+    out = select_rows(stage, prepared, "train", rows, world=1, total_steps=10).take_all()
     got = [(r["sample_id"], r[EPOCH_POSITION]) for r in out]
     expected = sorted(
         (
@@ -278,10 +308,8 @@ def test_select_rows_orders_the_balanced_copies_by_position(ray_local) -> None:
     )
     assert got == expected and len(got) == trained + 1
     natural = stage.model_copy(update={"balance_by": None})
-    plain = select_rows(natural, ray_local.data.from_items(items), rows, world=1, total_steps=10).take_all()
-    assert sorted(r["sample_id"] for r in plain) == sorted(
-        r.sample_id for r in rows
-    )  # (order: the Train split's)
+    plain = select_rows(natural, prepared, "train", rows, world=1, total_steps=10).take_all()
+    assert [r["sample_id"] for r in plain] == [r.sample_id for r in rows]
 
 
 def test_fail_hook(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -42,7 +42,7 @@ import yaml
 from medplib.data.prepared import MANIFEST_NAME, read_manifest
 from medplib.model.export import is_model_dir
 from workflows.common import cluster_gpus, decide_gpu, init_ray, write_json_atomic
-from workflows.data.prepared import RowInfo, load_prepared, read_rows, row_index
+from workflows.data.prepared import RowInfo, read_rows, row_index
 from workflows.tracking import FINGERPRINT_TAG, PIPELINE_TAG, STAGE_TAG, Tracker, latest_alias
 from workflows.train.config import (
     REGISTERED_MODEL,
@@ -320,7 +320,8 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
             arithmetic = plan_steps(stage, ctx.rows, cfg.num_workers, cfg.max_steps)
             train_ds = select_rows(
                 stage,
-                load_prepared(ctx.prepared, cfg.data.train_split),
+                ctx.prepared,
+                cfg.data.train_split,
                 ctx.rows,
                 cfg.num_workers,
                 arithmetic["total_steps"],
@@ -483,6 +484,7 @@ def _eval_fields(ctx: _Context) -> dict[str, Any]:
         max_rows=cfg.eval.max_samples if cfg.eval.sample == "first" else None,
         max_new_tokens=cfg.eval.max_new_tokens,
         max_new_tokens_by=cfg.eval.max_new_tokens_by,
+        batch_size=cfg.eval.batch_size,
         baseline_split=cfg.data.train_split,
         embedding_cache=embedding_cache_dir(cfg),
         tracking_uri=ctx.tracker.uri,

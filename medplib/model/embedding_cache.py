@@ -68,8 +68,11 @@ def view_key(view: np.ndarray) -> str:
 class EmbeddingCache:
     """`fill(items)` sets `Encoded.sam_embedding` on every item with an image, computing only what is missing."""
 
-    def __init__(self, root: str | Path, model, *, autocast: bool = False, batch_size: int = 4):
-        self.model, self.autocast, self.batch_size = model, autocast, batch_size
+    def __init__(self, root: str | Path, model, *, autocast: bool = False, batch_size: int | None = None):
+        # Images per encoder call: 4 on a GPU; 1 on a CPU, where TinyViT's 256 x 256 first stage is bound by memory
+        # traffic and a batch only spills the caches (2 threads, 2026-11-29: 0.57 s an image alone, 0.65 in fours).
+        self.batch_size = batch_size or (4 if model.device.type == "cuda" else 1)
+        self.model, self.autocast = model, autocast
         # With autocast on a CPU, a bf16 copy of the frozen encoder in channels-last layout: autocast casts the
         # fp32 weights again at every call and oneDNN's convolutions prefer channels-last. LiteMedSAM's TinyViT
         # on 2 threads, 2026-11-29: 0.60 s an image against 1.02 s, outputs within 0.03 of autocast's. Its

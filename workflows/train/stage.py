@@ -59,6 +59,9 @@ STATE_FILE = "trainer_state.json"
 DS_TAG = "state"  # DeepSpeed checkpoint tag: one per Ray checkpoint directory
 EPOCH_POSITION = "epoch_position"  # the column a balanced stage's rows are ordered by (`copy_positions`)
 SORT_ROWS_PER_PARTITION = 2048  # rows per block of that sort (each a few tens of kB of PNG bytes)
+GATHER_ROWS = (
+    4096  # a stage training on at most this many row copies reads them on the driver (`select_rows`)
+)
 FAIL_HOOK_ENV = "MEDPLIB_TEST_FAIL"  # "<stage>:<steps>", see StagePlan.fail_after_steps
 LOSS_TERMS = (
     "loss",
@@ -319,7 +322,9 @@ def train_loop_per_worker(config: dict) -> None:
     model.gradient_checkpointing = stage.gradient_checkpointing
     counts = prepare_trainable(model, stage.lora, stage.sft_modules)
     if plan.precision == "bf16-mixed" and not plan.use_gpu:
-        frozen_linears_to_bf16(model)  # same products as autocast's casts, without them (measured on CPU only)
+        frozen_linears_to_bf16(
+            model
+        )  # same products as autocast's casts, without them (measured on CPU only)
     torch.manual_seed(stage.seed + 1000 * rank)  # dropout differs per rank
     flops_model = FlopsModel.of(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -648,33 +653,74 @@ def plan_steps(stage: StageConfig, rows: list[RowInfo], world: int, max_steps: i
     }
 
 
-def select_rows(stage: StageConfig, dataset, rows: list[RowInfo], world: int, total_steps: int):
-    """The rows a stage trains on, as a lazy Ray Dataset of the prepared split: its tasks, at most `max_length`
-    tokens, in the prepared order. When the stage balances (`group_factors` of `rows`, the split's `row_index`,
-    which `plan_steps` reads too), each row's `repeat_count` copies ordered by their `copy_positions`, and only
-    the positions that `total_steps` steps on `world` workers reach (`epoch_cutoff`)."""
-    tasks, max_len = set(stage.tasks), stage.max_length
-    selected = dataset.filter(lambda r: r["task"] in tasks and len(r["input_ids"]) <= max_len)
+def select_rows(
+    stage: StageConfig, prepared: str | Path, split: str, rows: list[RowInfo], world: int, total_steps: int
+):
+    """The rows a stage trains on, as a Ray Dataset of the prepared split (`rows` is its `row_index`): its tasks,
+    at most `max_length` tokens, in the prepared order. When the stage balances (`group_factors`, which
+    `plan_steps` reads too), each row's `repeat_count` copies ordered by their `copy_positions`, and only the
+    positions that `total_steps` steps on `world` workers reach (`epoch_cutoff`).
+
+    The choice is made here from `rows`; a stage of at most `GATHER_ROWS` copies (a capped run) has them read on
+    the driver with pyarrow and handed over as one in-memory dataset, where a distributed read and sort took
+    ~9 s to its first row on 2 cores (~1.5 s so, 2026-11-29); a larger one is read and sorted by Ray Data."""
     factors = group_factors(stage, rows)
+    candidates = _stage_candidates(stage, rows)
+    cutoff = trained = None
+    if factors is None:
+        positions: dict[str, list] = {r.sample_id: [None] for r in candidates}
+    else:
+        trained = total_steps * stage.micro_batch_size * stage.grad_accum * world
+        cutoff = epoch_cutoff(stage, rows, factors, trained)
+        last = math.inf if cutoff is None else cutoff
+        positions = {}
+        for r in candidates:
+            kept = [
+                p
+                for p in copy_positions(r.sample_id, factors[str(getattr(r, stage.balance_by))])
+                if p <= last
+            ]
+            if kept:
+                positions[r.sample_id] = kept
+
+    def copies(batch):
+        import pyarrow as pa
+
+        ids = batch.column("sample_id").to_pylist()
+        taken = batch.take(pa.array([i for i, s in enumerate(ids) for _ in positions.get(s, ())], pa.int64()))
+        if factors is None:
+            return taken
+        at = [p for s in ids for p in positions.get(s, ())]
+        return taken.append_column(EPOCH_POSITION, pa.array(at, pa.float64()))
+
+    import ray
+
+    if sum(map(len, positions.values())) <= GATHER_ROWS:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        from medplib.data.prepared import shard_files
+
+        wanted = pc.field("sample_id").isin(list(positions))
+        table = copies(
+            pa.concat_tables(pq.read_table(f, filters=wanted) for f in shard_files(prepared, split))
+        )
+        # Ray Data touch-point: the chosen rows as one in-memory dataset, already in training order.
+        return ray.data.from_arrow(table if factors is None else table.sort_by(EPOCH_POSITION))
+    from workflows.data.prepared import load_prepared
+
+    # Ray Data touch-point: the split read in parallel, each block cut to the chosen copies with Arrow (a row-wise
+    # filter would turn every row, PNG bytes included, into a Python dict).
+    selected = load_prepared(prepared, split).map_batches(copies, batch_format="pyarrow")
     if factors is None:
         return selected
-    column = stage.balance_by
-    trained = total_steps * stage.micro_batch_size * stage.grad_accum * world
-    cutoff = epoch_cutoff(stage, rows, factors, trained)
-    last = math.inf if cutoff is None else cutoff
-
-    def copies(row: dict) -> list[dict]:
-        positions = copy_positions(str(row["sample_id"]), factors[str(row.get(column))])
-        return [{**row, EPOCH_POSITION: p} for p in positions if p <= last]
-
-    # Ray Data touch-point: a global sort by position (all-to-all), over the capped rows only when capped. The
-    # positions are uniform on [0, top), so fixed boundaries give even partitions without Ray's sampling pass
-    # (which would also cut a few hundred rows into 200 partitions); a balanced epoch is about as long as the
+    # Ray Data touch-point: a global sort by position (all-to-all). The positions are uniform on [0, top), so fixed
+    # boundaries give even partitions without Ray's sampling pass; a balanced epoch is about as long as the
     # split's own.
     top, expected = (1.0, len(rows)) if cutoff is None else (cutoff, trained + 1)
     parts = max(2, math.ceil(expected / SORT_ROWS_PER_PARTITION))
-    boundaries = [top * k / parts for k in range(1, parts)]
-    return selected.flat_map(copies).sort(EPOCH_POSITION, boundaries=boundaries)
+    return selected.sort(EPOCH_POSITION, boundaries=[top * k / parts for k in range(1, parts)])
 
 
 def fit_stage(

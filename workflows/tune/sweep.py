@@ -156,7 +156,7 @@ def _trial(config: dict, spec: dict) -> None:
     from mlflow import MlflowClient
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from workflows.data.prepared import load_prepared, row_index
+    from workflows.data.prepared import row_index
     from workflows.tracking import PARENT_TAG, STAGE_TAG
     from workflows.train.stage import StagePlan, fit_stage, plan_steps, resolve_precision, select_rows
 
@@ -207,7 +207,8 @@ def _trial(config: dict, spec: dict) -> None:
             plan,
             select_rows(
                 stage,
-                load_prepared(prepared, s.train_split),
+                prepared,
+                s.train_split,
                 rows,
                 s.sweep.workers_per_trial,
                 arithmetic["total_steps"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +73,18 @@ def test_model_summary_counts_components():
     assert sum(int(rows[p].replace(",", "")) for p in parts) == total
 
 
+def test_model_weights_makes_the_small_presets_packaged_weights_ready():
+    """`make install` runs it: every packaged reference of `small` resolves to a local file or folder."""
+    r = _medplib("model", "weights", "--preset", "small")
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = dict(line.split(None, 1) for line in r.stdout.strip().splitlines())
+    assert set(lines) == {"llm.weights", "llm.tokenizer", "sam.weights"}
+    for line in lines.values():
+        ref, path = line.split("  ->  ")
+        assert ref.strip().startswith("pkg:") and Path(path.strip()).exists()
+    assert _medplib("model", "weights", "--preset", "tiny").stdout == ""  # random init: nothing to prepare
+
+
 # Every command path of `medplib`: its sub-commands, long flags (besides --help) and positionals, as they were
 # before the CLI moved into one file per verb; scripts and docs rely on them.
 COMMANDS = {
@@ -83,8 +96,9 @@ COMMANDS = {
     "data prepare": "--input --output --config --model-preset --data-root --max-rows --splits --window --force",
     "predict": "--model --endpoint --image --question --point --box --mask --segment --slice --axis --window "
     "--max-new-tokens --temperature --out --answer-slices --batch-size",
-    "model": "summary",
+    "model": "summary weights",
     "model summary": "--preset",
+    "model weights": "--preset",
     "eval": "--model --data --split --out --max-rows --max-new-tokens --max-new-tokens-by --batch-size --concurrency --gpus "
     "--cpus-per-actor --dtype --seed --model-id --engine --gallery-size --mlflow-run-id --tracking-uri --compare-with "
     "--volumes",

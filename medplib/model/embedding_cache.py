@@ -38,7 +38,9 @@ def encoder_fingerprint(model, autocast: bool, bf16_copy: bool = False) -> str:
     """What determines the encoder's output: its settings and weights, the model dtype, whether bf16 autocast
     runs it and whether a bf16 copy does (`EmbeddingCache`)."""
     settings = model.cfg.sam.model_dump_json(exclude=_NOT_ENCODER)
-    digest = hashlib.sha256(f"{settings}|{model.dtype}|{autocast}|{'bf16-copy-bn-folded' * bf16_copy}".encode())
+    digest = hashlib.sha256(
+        f"{settings}|{model.dtype}|{autocast}|{'bf16-copy-bn-folded' * bf16_copy}".encode()
+    )
     for name, tensor in sorted(model.sam.image_encoder.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())

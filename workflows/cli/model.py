@@ -36,7 +36,11 @@ def _weights(args: argparse.Namespace) -> int:
     from medplib.model.packaged import is_packaged, resolve_weights
 
     cfg = load_model_config(args.preset)
-    refs = {"llm.weights": cfg.llm.weights, "llm.tokenizer": cfg.llm.tokenizer, "sam.weights": cfg.sam.weights}
+    refs = {
+        "llm.weights": cfg.llm.weights,
+        "llm.tokenizer": cfg.llm.tokenizer,
+        "sam.weights": cfg.sam.weights,
+    }
     for field, ref in refs.items():
         if ref is not None and is_packaged(ref):
             print(f"{field:<14}  {ref}  ->  {resolve_weights(ref)}")

@@ -124,7 +124,9 @@ class StageConfig(_Strict):
                 raise ValueError(
                     f"expert_sources: {len(self.expert_sources)} sources for moe.num_experts={self.moe.num_experts}"
                 )
-            if self.moe.gate_scale == "one" and not (self.loss_weights.moe_route or self.loss_weights.moe_aux):
+            if self.moe.gate_scale == "one" and not (
+                self.loss_weights.moe_route or self.loss_weights.moe_aux
+            ):
                 raise ValueError(
                     "moe.gate_scale: 'one' gives the router no gradient from the output, and loss_weights "
                     "moe_route and moe_aux are 0: the router would never learn"

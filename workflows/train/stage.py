@@ -59,9 +59,8 @@ STATE_FILE = "trainer_state.json"
 DS_TAG = "state"  # DeepSpeed checkpoint tag: one per Ray checkpoint directory
 EPOCH_POSITION = "epoch_position"  # the column a balanced stage's rows are ordered by (`copy_positions`)
 SORT_ROWS_PER_PARTITION = 2048  # rows per block of that sort (each a few tens of kB of PNG bytes)
-GATHER_ROWS = (
-    4096  # a stage training on at most this many row copies reads them on the driver (`select_rows`)
-)
+# A stage training on at most this many row copies reads them on the driver (`select_rows`).
+GATHER_ROWS = 4096
 FAIL_HOOK_ENV = "MEDPLIB_TEST_FAIL"  # "<stage>:<steps>", see StagePlan.fail_after_steps
 LOSS_TERMS = (
     "loss",
@@ -322,9 +321,8 @@ def train_loop_per_worker(config: dict) -> None:
     model.gradient_checkpointing = stage.gradient_checkpointing
     counts = prepare_trainable(model, stage.lora, stage.sft_modules)
     if plan.precision == "bf16-mixed" and not plan.use_gpu:
-        frozen_linears_to_bf16(
-            model
-        )  # same products as autocast's casts, without them (measured on CPU only)
+        # Same products as autocast's casts, without them (measured on CPU only).
+        frozen_linears_to_bf16(model)
     torch.manual_seed(stage.seed + 1000 * rank)  # dropout differs per rank
     flops_model = FlopsModel.of(model)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -2,7 +2,8 @@
 
 One step = forward + backward (no optimiser update, so every variant sees the same weights) on a batch of
 grounding rows (a real ICBM152 slice, a question, a `<SEG>` answer and its target mask), training what the
-grounding stage trains (FFN LoRA of the last 8 layers, the `<SEG>` head, the mask decoder). Measured in one process, alternating, so a noisy machine hits every variant:
+grounding stage trains (FFN LoRA of the last 8 layers, the `<SEG>` head, the mask decoder). Measured in one
+process, alternating, so a noisy machine hits every variant:
 
 * before: fp32, gradient checkpointing, the frozen image encoder run in every step (the recipe before the
   speed work);

@@ -15,6 +15,8 @@ def _positive(text: str) -> int:
 
 
 def add_eval(commands: argparse._SubParsersAction, verb: str) -> None:
+    from workflows.eval.config import EvalConfig  # pydantic only: no torch or Ray at parse time
+
     p = commands.add_parser(
         verb,
         help="evaluate a model on prepared splits (Ray Data actor pool): predictions, metrics, HTML report",
@@ -50,7 +52,12 @@ def add_eval(commands: argparse._SubParsersAction, verb: str) -> None:
         metavar="FAMILY=N,...",
         help="smaller limits per answer family, e.g. grounding=16,closed=16 (families: grounding, closed, open)",
     )
-    p.add_argument("--batch-size", type=_positive, default=8, help="rows per generate call (default 8)")
+    p.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=EvalConfig.model_fields["batch_size"].default,
+        help="rows per generate call (default %(default)s)",
+    )
     p.add_argument(
         "--concurrency", type=_positive, help="actors, one model each (default: one per GPU, or 1)"
     )

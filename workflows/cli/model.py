@@ -35,13 +35,14 @@ def _weights(args: argparse.Namespace) -> int:
     from medplib.model.config import load_model_config
     from medplib.model.packaged import is_packaged, resolve_weights
 
-    cfg = load_model_config(args.preset)
-    refs = {
-        "llm.weights": cfg.llm.weights,
-        "llm.tokenizer": cfg.llm.tokenizer,
-        "sam.weights": cfg.sam.weights,
-    }
-    for field, ref in refs.items():
-        if ref is not None and is_packaged(ref):
-            print(f"{field:<14}  {ref}  ->  {resolve_weights(ref)}")
+    def packaged(node, path: str):
+        # Every `pkg:` string of the preset, whichever field takes one (llm, tokenizer, vision tower, SAM).
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from packaged(value, f"{path}.{key}" if path else key)
+        elif is_packaged(node):
+            yield path, node
+
+    for field, ref in packaged(load_model_config(args.preset).model_dump(), ""):
+        print(f"{field:<14}  {ref}  ->  {resolve_weights(ref)}")
     return 0

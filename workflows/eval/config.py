@@ -69,7 +69,13 @@ class EvalConfig(BaseModel):
         "each family's longest answer plus a margin, so that a babbling model does not decode 112 tokens "
         "where the answer is 'Sure, it is <SEG>.' or 'Yes.'",
     )
-    batch_size: int = Field(8, ge=1, description="rows per generate call inside an actor")
+    batch_size: int = Field(
+        32,
+        ge=1,
+        description="rows per generate call inside an actor. Greedy decoding of a small model on a CPU is bound by "
+        "reading its weights, not by the rows: 32 open answers of the untrained `small` model took 27.4 s in "
+        "batches of 8 and 13.2 s in one batch of 32 (2 threads, 2026-11-29)",
+    )
     rows_per_call: int = Field(
         256,
         ge=1,

@@ -191,9 +191,7 @@ class EvalSettings(_Strict):
     """A smaller budget per answer family, capped by `max_new_tokens` (grounding answers are 'Sure, it is
     <SEG>.', closed ones a word or two): an untrained model that babbles then costs 16 tokens, not 112."""
     batch_size: int = Field(32, ge=1)
-    """Rows per generate call. Greedy decoding of a small model on a CPU is bound by reading its weights, not by
-    the rows: 32 open answers of the untrained `small` model took 27.4 s in batches of 8 and 13.2 s in one batch
-    of 32 (2 threads, 2026-11-29)."""
+    """Rows per generate call (`EvalConfig.batch_size`, where the measurement behind 32 is)."""
     sample_predictions: int = Field(4, ge=0)
     """Rows rendered as PNG mask overlays + answers into each stage's MLflow run."""
 

@@ -206,6 +206,50 @@ def test_every_grounding_row_gets_a_scored_mask(rows, model):
         )
 
 
+def test_a_row_that_generates_its_answer_reuses_its_masks_as_teacher_forced(rows, model, monkeypatch):
+    """Teacher forcing feeds the ground-truth answer; a row whose greedy answer is that answer token for token
+    was fed it already, so its generated masks are its teacher-forced ones (the same as a teacher-forced pass
+    gives) and only the other rows get a teacher-forced pass."""
+    from workflows.eval.evaluate import answer_ids
+
+    seg, eos = model.ids.seg, model.ids.eos
+    first, other = [r for r in rows if r["task"] == "grounding"][:2]
+    # The first row's answer becomes `<SEG>` alone (one target mask, one `<SEG>`) ...
+    ids, labels = list(first["input_ids"]), list(first["labels"])
+    start = next(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
+    end = start + labels[start:].index(eos)
+    row = dict(first, input_ids=ids[:start] + [seg] + ids[end:], labels=labels[:start] + [seg] + labels[end:])
+    size = model.cfg.vision.image_size_px
+    assert answer_ids(row_to_encoded(row, size), eos) == [seg]
+    assert len(answer_ids(row_to_encoded(other, size), eos)) > 1
+
+    # ... and the model emits `<SEG>` first whatever it sees (its masks still come from its own hidden states).
+    def emit_seg(_module, _inputs, logits):
+        logits = logits.clone()
+        logits[..., seg] = logits.max() + 100.0
+        return logits
+
+    model.llm.get_output_embeddings().register_forward_hook(emit_seg)
+    predictor = Predictor(model, autocast=False)  # fp32: a teacher-forced pass gives the very same masks
+    passes: list[int] = []
+    teacher_forced = predictor.teacher_forced
+    monkeypatch.setattr(
+        predictor, "teacher_forced", lambda enc: passes.append(len(enc)) or teacher_forced(enc)
+    )
+    results = predict_rows(
+        predictor, [row, other], max_new_tokens=1, model_id="tiny", batch_size=2, teacher_forced=True
+    )
+    assert passes == [1]  # the other row only
+    reused = results[0].record
+    assert reused["tf_seg_counts"] == reused["seg_counts"] and reused["tf_scores"] == [
+        m["score"] for m in reused["pred_masks"]
+    ]
+    (forced,) = teacher_forced([row_to_encoded(row, size)])
+    assert np.array_equal(forced.masks[0], results[0].masks[0])
+    assert forced.scores[0] == pytest.approx(reused["tf_scores"][0], abs=1e-4)
+    assert results[1].record["tf_seg_counts"] is not None
+
+
 def test_each_answer_family_decodes_within_its_own_budget(rows, model):
     """grounding=2, closed=1, open left at max_new_tokens=5: no row decodes past its family's budget, and the
     record says which budget it had."""

@@ -35,6 +35,7 @@ from workflows.train.stage import (
     epoch_cutoff,
     fail_hook_steps,
     group_factors,
+    image_pool,
     lr_factor,
     parameter_anchor,
     plan_steps,
@@ -251,6 +252,35 @@ def test_a_capped_balanced_stage_sees_every_rare_row_spread_out() -> None:
     assert set(nuclei) == {f"n{i}" for i in range(8)} and max(nuclei.values()) <= 8
     assert 35 <= len(first) - sum(nuclei.values()) <= 65
     assert epoch_cutoff(stage, rows, factors, 10**6) is None  # the whole epoch: no cut
+
+
+def test_image_pool_caps_the_images_keeps_every_group_and_is_shared_by_stages() -> None:
+    """`image_pool: N`: the stage's rows come from at most N images (more only where a group needs its minimum),
+    every balance group keeps rows of `image_pool_min_per_group` images (all of a group's images when it has
+    fewer), the balance is computed within the pool, and two stages of other tasks with the same N draw from the
+    same images (one encoder pass each)."""
+    rows = [RowInfo(f"s{i}", "grounding", 50, "structure", image=f"atlas/{i % 200}.png") for i in range(4000)]
+    rows += [RowInfo(f"n{i}", "grounding", 50, "all_nuclei", image=f"nuclei/{i % 3}.png") for i in range(9)]
+    rows += [RowInfo(f"v{i}", "vqa", 50, "plane", image=f"atlas/{i % 200}.png") for i in range(400)]
+    grounding = load_stage_config(CONFIGS / "stages" / "tiny" / "grounding.yaml").model_copy(
+        update={"balance_by": "question_type", "balance_alpha": 0.0, "image_pool": 20}
+    )
+    chosen = image_pool([r for r in rows if r.task == "grounding"], 20, "question_type", 4)
+    assert len(chosen) == 20 and {f"nuclei/{k}.png" for k in range(3)} <= chosen
+    steps = plan_steps(grounding, rows, world=1, max_steps=None)
+    in_pool = [r for r in rows if r.task == "grounding" and r.image in chosen]
+    assert steps["rows"] == pytest.approx(len(in_pool), abs=len(in_pool) // 10)
+    # Balanced within the pool: 17 x 20 structure rows, 9 nuclei rows.
+    factors = group_factors(grounding, rows)
+    half = len(in_pool) / 2
+    assert factors == pytest.approx({"structure": half / (len(in_pool) - 9), "all_nuclei": half / 9})
+    vl = grounding.model_copy(update={"tasks": ["vqa"]})
+    vl_images = image_pool([r for r in rows if r.task == "vqa"], 20, "question_type", 4)
+    assert len(vl_images) == 20 and len(vl_images & chosen) == 17  # the 17 atlas images the hash ranks first
+    assert plan_steps(vl, rows, world=1, max_steps=None)["rows"] == 40  # 2 plane rows on each of 20 images
+    assert image_pool(rows, 10**6, "question_type", 4) == {r.image for r in rows}  # above the data: all
+    backwards = list(reversed(rows))  # the order of the rows does not matter
+    assert image_pool(rows, 20, "question_type", 4) == image_pool(backwards, 20, "question_type", 4)
 
 
 def _write_split(directory: Path, rows: list[RowInfo]) -> Path:

@@ -343,9 +343,10 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
             )
             phase("plan")
             log.info(
-                "== stage %s: %d rows, %d steps (%d per epoch x %d epochs, max_steps %s), global batch %d",
+                "== stage %s: %d rows%s, %d steps (%d per epoch x %d epochs, max_steps %s), global batch %d",
                 name,
                 plan.rows,
+                f" of at most {stage.image_pool} images (image_pool)" if stage.image_pool else "",
                 plan.total_steps,
                 plan.steps_per_epoch,
                 stage.epochs,

@@ -33,6 +33,7 @@ class RowInfo(NamedTuple):
     length: int
     question_type: str | None = None
     modality: str | None = None
+    image: str | None = None  # image_path: rows that share it share one frozen-encoder pass
 
 
 def row_index(directory: str | Path, split: str) -> list[RowInfo]:
@@ -46,12 +47,12 @@ def row_index(directory: str | Path, split: str) -> list[RowInfo]:
     out: list[RowInfo] = []
     for path in shard_files(directory, split):
         names = set(pq.read_schema(path).names)
-        wanted = ["sample_id", "task", "input_ids"] + [c for c in ("question_type", "modality") if c in names]
+        optional_columns = ("question_type", "modality", "image_path")
+        wanted = ["sample_id", "task", "input_ids"] + [c for c in optional_columns if c in names]
         table = pq.read_table(path, columns=wanted)
         lengths = pc.list_value_length(table.column("input_ids")).to_pylist()
         optional = {
-            c: table.column(c).to_pylist() if c in names else [None] * len(lengths)
-            for c in ("question_type", "modality")
+            c: table.column(c).to_pylist() if c in names else [None] * len(lengths) for c in optional_columns
         }
         out += map(
             RowInfo,
@@ -60,6 +61,7 @@ def row_index(directory: str | Path, split: str) -> list[RowInfo]:
             lengths,
             optional["question_type"],
             optional["modality"],
+            optional["image_path"],
         )
     return out
 

@@ -613,7 +613,36 @@ def epoch_cutoff(
 
 
 def _stage_candidates(stage: StageConfig, rows: list[RowInfo]) -> list[RowInfo]:
-    return [r for r in rows if r.task in stage.tasks and r.length <= stage.max_length]
+    candidates = [r for r in rows if r.task in stage.tasks and r.length <= stage.max_length]
+    if stage.image_pool is None:
+        return candidates
+    pool = image_pool(
+        candidates, stage.image_pool, stage.balance_by or "task", stage.image_pool_min_per_group
+    )
+    return [r for r in candidates if r.image is None or r.image in pool]
+
+
+def _image_rank(image: str) -> str:
+    return hashlib.sha1(image.encode()).hexdigest()
+
+
+def image_pool(rows: list[RowInfo], size: int, group_by: str, min_per_group: int) -> set[str]:
+    """The images a stage with `image_pool: size` trains on: for each group (`group_by` of `RowInfo`) its
+    `min_per_group` first images by `_image_rank`, then the first images by rank until `size`. Ranking by a hash
+    of the path (not by stage or seed) gives stages with the same pool size the same images, so the encoder runs
+    once per image for all of them."""
+    images_of: dict[str, set[str]] = {}
+    for r in rows:
+        if r.image is not None:
+            images_of.setdefault(str(getattr(r, group_by)), set()).add(r.image)
+    pool: set[str] = set()
+    for images in images_of.values():
+        pool.update(sorted(images, key=_image_rank)[:min_per_group])
+    for image in sorted(set().union(*images_of.values()), key=_image_rank):
+        if len(pool) >= size:
+            break
+        pool.add(image)
+    return pool
 
 
 def plan_steps(stage: StageConfig, rows: list[RowInfo], world: int, max_steps: int | None) -> dict[str, int]:

@@ -265,7 +265,8 @@ def test_image_pool_caps_the_images_keeps_every_group_and_is_shared_by_stages() 
     grounding = load_stage_config(CONFIGS / "stages" / "tiny" / "grounding.yaml").model_copy(
         update={"balance_by": "question_type", "balance_alpha": 0.0, "image_pool": 20}
     )
-    chosen = image_pool([r for r in rows if r.task == "grounding"], 20, "question_type", 4)
+    minimum = grounding.image_pool_min_per_group
+    chosen = image_pool([r for r in rows if r.task == "grounding"], 20, "question_type", minimum)
     assert len(chosen) == 20 and {f"nuclei/{k}.png" for k in range(3)} <= chosen
     steps = plan_steps(grounding, rows, world=1, max_steps=None)
     in_pool = [r for r in rows if r.task == "grounding" and r.image in chosen]

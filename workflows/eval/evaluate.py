@@ -162,27 +162,23 @@ def predict_rows(
         step = batch_size or len(positions)
         for start in range(0, len(positions), step):
             chunk = positions[start : start + step]
-            prompts = [
-                generation_prompt(
-                    row_to_encoded(rows[i], predictor.cfg.vision.image_size_px), model.ids.region_feature
-                )
-                for i in chunk
-            ]
+            full = [row_to_encoded(rows[i], predictor.cfg.vision.image_size_px) for i in chunk]
+            prompts = [generation_prompt(enc, model.ids.region_feature) for enc in full]
             # As upstream eval: every grounding row gets a mask (from the last hidden state when the model emits no
             # <SEG>); the other rows decode with segment=False.
             preds = predictor.run(prompts, max_new_tokens=limit, temperature=0.0, segment=grounding)
             forced: list[Prediction | None] = [None] * len(chunk)
             if grounding and teacher_forced:
-                full = [row_to_encoded(rows[i], predictor.cfg.vision.image_size_px) for i in chunk]
                 # A row that generated its ground-truth answer token for token was conditioned as teacher forcing
                 # conditions it: its masks are the teacher-forced ones, and the forward pass and mask decoding
                 # are not run twice (a trained small model's 132 grounding rows: ~20 s of a 100 s eval).
-                redo = []
-                for k, (enc, pred) in enumerate(zip(full, preds, strict=True)):
-                    if pred.token_ids == answer_ids(enc, model.ids.eos) and model.ids.seg in pred.token_ids:
-                        forced[k] = pred
-                    else:
-                        redo.append(k)
+                forced = [
+                    pred
+                    if pred.token_ids == answer_ids(enc, model.ids.eos) and model.ids.seg in pred.token_ids
+                    else None
+                    for enc, pred in zip(full, preds, strict=True)
+                ]
+                redo = [k for k, pred in enumerate(forced) if pred is None]
                 if redo:
                     for k, pred in zip(redo, predictor.teacher_forced([full[k] for k in redo]), strict=True):
                         forced[k] = pred

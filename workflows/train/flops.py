@@ -27,7 +27,9 @@ def forward_flops(module: Any, *shapes: tuple[int, ...]) -> float:
         k: torch.empty_like(v, device="meta")
         for k, v in [*module.named_parameters(), *module.named_buffers()]
     }
-    inputs = tuple(torch.empty(s, device="meta") for s in shapes)
+    # In the module's dtype: a bf16 model (DeepSpeed's bf16 engine on a GPU) rejects fp32 inputs.
+    dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+    inputs = tuple(torch.empty(s, device="meta", dtype=dtype) for s in shapes)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         functional_call(module, state, inputs)
     return float(counter.get_total_flops())

@@ -286,19 +286,81 @@ def _without_cpu_shm_comm() -> None:
     deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
 
 
+@dataclass
+class TrainingSetup:
+    """A stage's model made trainable and wrapped in its DeepSpeed engine (`setup_training`)."""
+
+    engine: Any
+    scheduler: Any
+    groups: list[dict]
+    params: list
+    counts: dict[str, int]
+    autocast: bool
+    """bf16-mixed: fp32 weights and optimiser, the forward pass under bf16 autocast (the backward follows it)."""
+
+
+def setup_training(
+    model,
+    stage: StageConfig,
+    precision: str,
+    use_gpu: bool,
+    total_steps: int,
+    warmup_steps: int,
+    rank: int = 0,
+) -> TrainingSetup:
+    """LoRA + `sft_modules` made trainable, AdamW with the stage's lr groups and schedule, and DeepSpeed on the
+    process group already up (Ray Train's on a worker; `bench.gpu_stage` starts its own). Call it with the
+    stage's seed set: the LoRA init draws from it, then the seed moves on per rank (dropout differs per rank)."""
+    import deepspeed
+    import torch
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from medplib.model.lora import frozen_linears_to_bf16, prepare_trainable
+
+    model.gradient_checkpointing = stage.gradient_checkpointing
+    counts = prepare_trainable(model, stage.lora, stage.sft_modules)
+    if precision == "bf16-mixed" and not use_gpu:
+        # Same products as autocast's casts, without them (measured on CPU only).
+        frozen_linears_to_bf16(model)
+    torch.manual_seed(stage.seed + 1000 * rank)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups(model, stage)
+    optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=stage.betas, weight_decay=stage.weight_decay)
+    scheduler = LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup_steps))
+    if not use_gpu:
+        _without_cpu_shm_comm()
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(stage, precision, use_gpu),
+    )
+    return TrainingSetup(engine, scheduler, groups, params, counts, autocast=precision == "bf16-mixed")
+
+
+def train_micro_batch(setup: TrainingSetup, batch: dict, loss_weights) -> dict:
+    """Forward, backward and `engine.step()` (the optimiser and scheduler step only at accumulation boundaries)
+    of one micro-batch; returns the model's outputs (the loss and its parts)."""
+    import torch
+
+    anchor = parameter_anchor(setup.params)  # before the forward: see its docstring
+    with torch.autocast(setup.engine.device.type, dtype=torch.bfloat16, enabled=setup.autocast):
+        out = setup.engine(batch, loss_weights)
+    setup.engine.backward(out["loss"] + anchor)
+    setup.engine.step()
+    return out
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker; `config["plan"]` is a `StagePlan`."""
-    import deepspeed
     import ray.train
     import ray.train.torch
     import torch
     import torch.distributed as dist
-    from torch.optim.lr_scheduler import LambdaLR
 
     from medplib.constants import IGNORE_INDEX
     from medplib.data.batch import collate
     from medplib.data.rows import row_to_encoded
-    from medplib.model.lora import frozen_linears_to_bf16, prepare_trainable
     from medplib.model.medplib import MedPLIB
 
     if not logging.getLogger().handlers:
@@ -318,29 +380,12 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(plan.torch_threads)
     torch.manual_seed(stage.seed)  # identical LoRA init on every rank
     model = MedPLIB.from_pretrained(plan.init_dir)
-    model.gradient_checkpointing = stage.gradient_checkpointing
-    counts = prepare_trainable(model, stage.lora, stage.sft_modules)
-    if plan.precision == "bf16-mixed" and not plan.use_gpu:
-        # Same products as autocast's casts, without them (measured on CPU only).
-        frozen_linears_to_bf16(model)
-    torch.manual_seed(stage.seed + 1000 * rank)  # dropout differs per rank
-    flops_model = FlopsModel.of(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = param_groups(model, stage)
-    optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=stage.betas, weight_decay=stage.weight_decay)
-    scheduler = LambdaLR(optimizer, lambda s: lr_factor(s, plan.total_steps, plan.warmup_steps))
     model_s = time.perf_counter() - began
-    if not plan.use_gpu:
-        _without_cpu_shm_comm()
-    # DeepSpeed reuses the process group Ray Train created (gloo on CPU, nccl on GPU).
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(stage, plan.precision, plan.use_gpu),
+    setup = setup_training(
+        model, stage, plan.precision, plan.use_gpu, plan.total_steps, plan.warmup_steps, rank
     )
-    # bf16-mixed: fp32 weights and optimiser, the forward pass under bf16 autocast (the backward follows it).
-    autocast = plan.precision == "bf16-mixed"
+    engine, scheduler, groups, counts = setup.engine, setup.scheduler, setup.groups, setup.counts
+    flops_model = FlopsModel.of(model)
     dtype = torch.bfloat16 if plan.precision != "fp32" else torch.float32
     deepspeed_s = time.perf_counter() - began - model_s
     peak = measure_matmul_peak(device, dtype)
@@ -348,7 +393,7 @@ def train_loop_per_worker(config: dict) -> None:
     if plan.embedding_cache:
         from medplib.model.embedding_cache import EmbeddingCache
 
-        cache = EmbeddingCache(plan.embedding_cache, model, autocast=autocast)
+        cache = EmbeddingCache(plan.embedding_cache, model, autocast=setup.autocast)
 
     state = TrainState(fingerprint=plan.fingerprint, mlflow_run_id=plan.mlflow_run_id)
     # Ray Train touch point: the latest registered checkpoint of this run (after a worker failure, or when a run
@@ -381,7 +426,7 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         log.info(
             "%s: %d workers, %d rows (%d per worker), %d steps (%d per epoch), trainable %d of %d params, "
-            "%s, %d torch threads, matmul peak %.1f GFLOP/s per worker; start-up: model %.1f s, DeepSpeed %.1f s",
+            "%s, %d torch threads, matmul peak %.1f GFLOP/s per worker; start-up: model %.1f s, LoRA+DeepSpeed %.1f s",
             stage.stage,
             world,
             plan.rows,
@@ -473,11 +518,7 @@ def train_loop_per_worker(config: dict) -> None:
             encoded_images += int(batch["has_image"].sum()) - len(batch["sam_embeddings"])
             supervised += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             pending = []
-            anchor = parameter_anchor(params)  # before the forward: see its docstring
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                out = engine(batch, stage.loss_weights)
-            engine.backward(out["loss"] + anchor)
-            engine.step()  # steps the optimiser and scheduler only at accumulation boundaries
+            out = train_micro_batch(setup, batch, stage.loss_weights)
             for k in sums:
                 sums[k] += float(out[k].detach())
             seq_lens += batch["attention_mask"].sum(1).tolist()

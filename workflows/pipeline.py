@@ -195,7 +195,7 @@ def _init_model(ctx: _Context, name: StageName, stage_dir: Path) -> Path:
     """The stage's starting model in `stage_dir/init_model` (built once; inputs come through the registry)."""
     import torch
 
-    from medplib.model.config import load_model_config
+    from medplib.model.config import dense, load_model_config
     from medplib.model.medplib import MedPLIB
     from workflows.train.stage import build_moe_init, save_model_atomic
 
@@ -206,7 +206,7 @@ def _init_model(ctx: _Context, name: StageName, stage_dir: Path) -> Path:
     alias = latest_alias(cfg.name)
     if not cfg.stage_inputs(name):  # the first stage: the preset
         torch.manual_seed(stage.seed)  # the same random-init weights for every worker (and every rerun)
-        model = MedPLIB(load_model_config(stage.preset))
+        model = MedPLIB(dense(load_model_config(stage.preset)))
         if model.projector_source is None:
             log.warning(
                 "== stage %s STARTS FROM A RANDOM PROJECTOR: the LLM sees nothing of the image until %s. Give the "

@@ -371,6 +371,12 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in (configs_dir() / "model").glob("*.yaml"))
 
 
+def dense(cfg: MedPLIBConfig) -> MedPLIBConfig:
+    """`cfg` without MoE layers: the model the stages before `moe` train (a preset may enable MoE, as `7b` does
+    for the released MedPLIB-7b-2e; the moe stage builds its experts from the dense stages' FFNs)."""
+    return cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"enabled": False})})
+
+
 def load_model_config(name_or_path: str | Path) -> MedPLIBConfig:
     """Read a preset by name (`tiny`) or a YAML/JSON file path into a validated `MedPLIBConfig`."""
     path = Path(name_or_path)

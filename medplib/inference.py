@@ -321,13 +321,15 @@ class Predictor:
         seed: int | None = None,
         stop: list[str] | None = None,
         segment: bool = False,
+        masks: bool = True,
         on_text: Callable[[int, str], None] | None = None,
     ) -> list[Prediction]:
         """Encoded requests in one generation pass (one `generate` call); predictions in input order.
 
         `top_p` is nucleus sampling (with temperature > 0), `seed` seeds the sampler, and generation of a row stops
         at the first of its `stop` strings (not included in the text). `on_text(row, delta)` streams each row's
-        answer while it is generated; the deltas add up to the prediction's text."""
+        answer while it is generated; the deltas add up to the prediction's text. `masks=False`: text only, no
+        mask decoded (see `MedPLIB.generate`)."""
         t0 = time.perf_counter()
         if self.embedding_cache is not None:
             self.embedding_cache.fill(encoded)
@@ -360,6 +362,7 @@ class Predictor:
                 temperature=temperature,
                 top_p=top_p,
                 segment=segment,
+                masks=masks,
                 generator=generator,
                 # The batched path without streaming or stop strings decodes each answer once, at the end.
                 on_step=on_step if on_text is not None or stop else None,

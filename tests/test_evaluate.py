@@ -645,3 +645,25 @@ def test_stratified_eval_scores_teacher_forced_masks_and_a_baseline(prepared: Pa
         json.loads(line)["question_id"] for line in again.predictions_path.read_text().splitlines()
     )
     assert again_ids == sorted(r["question_id"] for r in records)
+
+
+def test_vqa_rows_decode_no_masks_for_the_seg_tokens_they_emit(rows, model):
+    """Masks are scored on grounding rows only: a VQA answer full of `<SEG>` (a babbling model) decodes none in
+    evaluation, while a grounding row still gets one per `<SEG>`; `Predictor.run` decodes them by default."""
+    seg = model.ids.seg
+
+    def emit_seg(_module, _inputs, logits):
+        logits = logits.clone()
+        logits[..., seg] = logits.max() + 100.0
+        return logits
+
+    model.llm.get_output_embeddings().register_forward_hook(emit_seg)
+    predictor = Predictor(model, autocast=False)
+    vqa = next(r for r in rows if r["task"] == "vqa")
+    grounding = next(r for r in rows if r["task"] == "grounding")
+    results = predict_rows(predictor, [vqa, grounding], max_new_tokens=3, model_id="tiny", batch_size=2)
+    by_task = {r.record["task"]: r for r in results}
+    assert by_task["vqa"].record["text"].count("<SEG>") == 3 and by_task["vqa"].masks == []
+    assert len(by_task["grounding"].masks) == 3
+    prompt = generation_prompt(row_to_encoded(vqa, model.cfg.vision.image_size_px), model.ids.region_feature)
+    assert len(predictor.run([prompt], max_new_tokens=3)[0].masks) == 3

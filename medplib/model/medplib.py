@@ -319,7 +319,10 @@ class MedPLIB(nn.Module):
             ((~grounding & after_image).flatten(), expert_of["vl"]),
         ]
         terms = [
-            -m.router_logp[tokens, expert].mean() for tokens, expert in groups if bool(tokens.any()) for m in layers
+            -m.router_logp[tokens, expert].mean()
+            for tokens, expert in groups
+            if bool(tokens.any())
+            for m in layers
         ]
         return torch.stack(terms).mean() if terms else None
 
@@ -412,6 +415,7 @@ class MedPLIB(nn.Module):
         temperature: float = 0.0,
         top_p: float = 1.0,
         segment: bool = False,
+        masks: bool = True,
         generator: torch.Generator | None = None,
         on_step: Callable[[list[int | None]], Iterable[int] | None] | None = None,
     ) -> list[Generation]:
@@ -419,7 +423,9 @@ class MedPLIB(nn.Module):
 
         `batch` holds right-padded prompts (from `collate`); they are left-aligned here so every row's next
         token sits at the last position. With `segment=True` a row whose answer has no `<SEG>` is grounded
-        from the hidden state that produced its last token (upstream eval's fallback). `on_step`, when given, is
+        from the hidden state that produced its last token (upstream eval's fallback); `masks=False` decodes no
+        mask at all (a caller that uses the text only: the mask decoder costs ~80 ms a `<SEG>` on CPU, and a
+        model that babbles `<SEG>` emits dozens per answer). `on_step`, when given, is
         called after every decoding step with each row's new token (None for a finished row) and may return rows
         to finish there (a stop sequence): the hook streaming and `stop` use.
         """
@@ -474,6 +480,8 @@ class MedPLIB(nn.Module):
             am = torch.cat([am, (~done).long()[:, None]], dim=1)
             step_pos = step_pos[:, -1:] + 1
         results = [Generation(t, self.tokenizer.decode(t, skip_special_tokens=False)) for t in tokens]
+        if not masks:
+            return results
         rows, hiddens = [], []
         for i in range(b):
             if not seg_hidden[i] and segment and last_hidden[i] is not None:

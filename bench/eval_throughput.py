@@ -8,9 +8,10 @@ pipeline's eval (the cache the training stages filled): the encoder is per-image
 Figures: the batch-8 / batch-1 rows/s ratio (goal >= 3) and the share of answers identical between the two
 (goal 1.0: batching must not change what the model says), timed under the Predictor's bf16 autocast and checked
 again in fp32: bf16 rounds differently with the batch's shape (left padding, other matmul shapes), which can flip
-a near-tie of the untrained model's logits; fp32 tells a batching bug from that.
+a near-tie of the untrained model's logits; fp32 tells a batching bug from that. `--model` takes a model directory
+as well, e.g. a pipeline's moe export: a trained model's logits have fewer near-ties.
 
-    .venv/bin/python -m bench.eval_throughput [--rows 8] [--max-new-tokens 32]
+    .venv/bin/python -m bench.eval_throughput [--rows 8] [--max-new-tokens 32] [--model small|DIR]
 """
 
 from __future__ import annotations
@@ -40,10 +41,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument(
+        "--model",
+        default="small",
+        help="preset (untrained) or a model directory, e.g. a pipeline's moe export",
+    )
     args = ap.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    predictor = Predictor.from_pretrained("small")
+    predictor = Predictor.from_pretrained(args.model)
+    label = (
+        args.model
+        if args.model == predictor.model.cfg.name
+        else f"{predictor.model.cfg.name}, {Path(args.model).name}"
+    )
     data = Path(importlib.util.find_spec("nilearn").submodule_search_locations[0]) / "datasets" / "data"
     volume = data / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
     encoded = [
@@ -65,9 +76,9 @@ def main() -> None:
     fp32 = Predictor(predictor.model, autocast=False)
     fp32_single = [fp32.run([e], **kwargs)[0] for e in encoded]
     fp32_batched = fp32.run(encoded, **kwargs)
-    same_fp32 = sum(
-        a.token_ids == b.token_ids for a, b in zip(fp32_single, fp32_batched, strict=True)
-    ) / len(encoded)
+    same_fp32 = sum(a.token_ids == b.token_ids for a, b in zip(fp32_single, fp32_batched, strict=True)) / len(
+        encoded
+    )
     rows_1, rows_8 = len(encoded) / (t1 - t0), len(encoded) / (t2 - t1)
     tokens = sum(p.num_generated_tokens for p in batched)
     print(
@@ -78,21 +89,21 @@ def main() -> None:
     print_figures(
         [
             {
-                "name": "eval_rows_per_s_batch8_vs_batch1[small]",
+                "name": f"eval_rows_per_s_batch8_vs_batch1[{label}]",
                 "value": round(rows_8 / rows_1, 2),
                 "goal": ">= 3",
             },
             {
-                "name": "eval_identical_answers_batch8_vs_batch1[small]",
+                "name": f"eval_identical_answers_batch8_vs_batch1[{label}]",
                 "value": round(same, 3),
                 "goal": "1.0",
             },
             {
-                "name": "eval_identical_answers_batch8_vs_batch1_fp32[small]",
+                "name": f"eval_identical_answers_batch8_vs_batch1_fp32[{label}]",
                 "value": round(same_fp32, 3),
                 "goal": "1.0",
             },
-            {"name": "eval_rows_per_s_batch8[small]", "value": round(rows_8, 2), "goal": None},
+            {"name": f"eval_rows_per_s_batch8[{label}]", "value": round(rows_8, 2), "goal": None},
         ]
     )
 

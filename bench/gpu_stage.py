@@ -12,8 +12,8 @@ stage's two experts), so the figures are about speed and numerics, not answers. 
   of identical answers, on a GPU in fp32 as well (bf16 rounding differs with the batch's shapes and can flip
   near-ties, which a random model is full of; fp32 tells a batching bug from that, as `bench.eval_throughput`);
 * training steps at the stage's micro-batch (its YAML, or --batch): seconds a step, rows/s, tokens/s, MFU
-  against a bf16 matmul peak measured in the same process (the FLOPs the stages count, `FlopsModel`), peak
-  device memory; the frozen encoders' outputs come from an `EmbeddingCache`, as in the pipeline;
+  against a bf16 matmul peak measured in the same process (the FLOPs the stages count, `FlopsModel`), the peak
+  device memory of the steps; the frozen encoders' outputs come from an `EmbeddingCache`, as in the pipeline;
 * the stage's checkpoint (its ZeRO shard without frozen weights) saved, one more step taken, and loaded back:
   the loss of a fixed batch afterwards equals the loss at the save (goal: relative difference < 1e-3).
 
@@ -101,14 +101,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def unmemoised(batch: dict) -> dict:
+    """`batch` with its own copy of the encoder outputs the model memoises in it, so no call reuses another's."""
+    return dict(batch, sam_embeddings=dict(batch["sam_embeddings"]))
+
+
 def batch_loss(
     model: MedPLIB, batch: dict, loss_weights, device: torch.device, autocast: bool = False
 ) -> float:
-    fresh = dict(
-        batch, sam_embeddings=dict(batch["sam_embeddings"])
-    )  # no encoder outputs memoised across calls
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        return float(model(fresh, loss_weights)["loss"])
+        return float(model(unmemoised(batch), loss_weights)["loss"])
 
 
 def generation(
@@ -152,7 +154,6 @@ def main() -> None:
     if use_gpu:
         # The fp32 sides of the checks are fp32, not TF32.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        torch.cuda.reset_peak_memory_stats()
     start_process_group(device)
     times: dict[str, float] = {}
     began = time.perf_counter()
@@ -197,17 +198,18 @@ def main() -> None:
     batch = collate(rows, model.cfg, model.ids.pad)
     engine = setup.engine
     engine.train()
+    if use_gpu:  # the training peak, not the fp32 copy built for the parity check
+        torch.cuda.reset_peak_memory_stats()
     step_s, losses = [], []
     for _ in range(args.steps + 1):  # the first is the warm-up
         sync(device)
         t0 = time.perf_counter()
-        out = train_micro_batch(
-            setup, dict(batch, sam_embeddings=dict(batch["sam_embeddings"])), stage.loss_weights
-        )
+        out = train_micro_batch(setup, unmemoised(batch), stage.loss_weights)
         losses.append(float(out["loss"].detach()))
         sync(device)
         step_s.append(time.perf_counter() - t0)
     step = min(step_s[1:])
+    train_peak_gb = torch.cuda.max_memory_allocated() / 1e9 if use_gpu else None
     seq_lens = batch["attention_mask"].sum(1).tolist()
     flops = FlopsModel.of(model).step_flops(
         seq_lens, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), int(batch["has_image"].sum()), 0
@@ -224,7 +226,7 @@ def main() -> None:
     times["save_s"] = time.perf_counter() - t0
     ckpt_bytes = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
     engine.train()
-    train_micro_batch(setup, dict(batch, sam_embeddings=dict(batch["sam_embeddings"])), stage.loss_weights)
+    train_micro_batch(setup, unmemoised(batch), stage.loss_weights)
     engine.eval()
     moved_loss = batch_loss(engine.module, fixed, stage.loss_weights, device, setup.autocast)
     t0 = time.perf_counter()
@@ -254,8 +256,8 @@ def main() -> None:
     memory = (
         [
             {
-                "name": f"gpu_stage_peak_memory_gb[{name}]",
-                "value": round(torch.cuda.max_memory_allocated() / 1e9, 1),
+                "name": f"gpu_stage_train_peak_memory_gb[{name}]",
+                "value": round(train_peak_gb, 1),
             }
         ]
         if use_gpu

@@ -89,4 +89,4 @@ def test_gpu_stage_trains_a_stage_and_its_checkpoint_loads_back(device, mini_roo
         and loaded == pytest.approx(saved)
     )
     assert 0 <= figures["gpu_stage_gen_identical_answers"] <= 1
-    assert ("gpu_stage_peak_memory_gb" in figures) == (device == "cuda")
+    assert ("gpu_stage_train_peak_memory_gb" in figures) == (device == "cuda")

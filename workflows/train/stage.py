@@ -385,9 +385,9 @@ def train_loop_per_worker(config: dict) -> None:
         model, stage, plan.precision, plan.use_gpu, plan.total_steps, plan.warmup_steps, rank
     )
     engine, scheduler, groups, counts = setup.engine, setup.scheduler, setup.groups, setup.counts
+    deepspeed_s = time.perf_counter() - began - model_s
     flops_model = FlopsModel.of(model)
     dtype = torch.bfloat16 if plan.precision != "fp32" else torch.float32
-    deepspeed_s = time.perf_counter() - began - model_s
     peak = measure_matmul_peak(device, dtype)
     cache = None
     if plan.embedding_cache:

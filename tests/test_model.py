@@ -3,19 +3,17 @@ save/load and LoRA merging are lossless, and bad input fails with a clear messag
 
 from __future__ import annotations
 
-import copy
 import re
 
 import numpy as np
 import pytest
 import torch
-from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
 from medplib.constants import SPECIAL_TOKENS
 from medplib.data.schema import Box, Point, Sample, Turn
 from medplib.data.transforms import Geometry, region_cells, unpad_mask_logits
 from medplib.model.config import LoraSettings, LossWeights, MoEConfig, load_model_config
-from medplib.model.lora import added_token_ids, merge_lora, prepare_trainable
+from medplib.model.lora import merge_lora, prepare_trainable
 from medplib.model.moe import MoEFeedForward, init_experts_from_stages, moe_layers
 
 
@@ -277,9 +275,7 @@ def test_routing_loss_sends_each_task_to_its_expert(tiny_cfg, all_tasks, make_ba
     grounding[0] = False
     vqa_text = torch.zeros_like(grounding)  # the VQA row's question and answer: the tokens after its image
     image = batch["input_ids"][0] == model.ids.image
-    vqa_text[0] = batch["attention_mask"][0].bool() & (
-        torch.arange(image.numel()) > int(image.nonzero().max())
-    )
+    vqa_text[0] = batch["attention_mask"][0].bool() & (torch.arange(image.numel()) > int(image.nonzero().max()))
     only_route = LossWeights(ce=0.0, bce=0.0, dice=0.0, moe_route=1.0)
     opt = torch.optim.SGD([m.router.weight for m in moe_layers(model)], lr=0.5)
     start = None
@@ -391,63 +387,6 @@ def test_lora_merge_matches_unmerged_outputs(all_tasks, tiny_model, make_batch):
     with torch.no_grad():
         merged = tiny_model(batch, all_logits=True)["logits"]
     torch.testing.assert_close(unmerged, merged, atol=1e-5, rtol=1e-5)
-
-
-def _losses_and_grads(model, batch, autocast: bool):
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = model(batch)
-    out["loss"].backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out["ce"].detach(), out["loss"].detach(), grads
-
-
-@pytest.mark.parametrize("layers", [None, 1])
-def test_added_token_rows_give_peft_values_without_the_merged_matrix(
-    all_tasks, tiny_cfg, make_batch, monkeypatch, layers
-):
-    from medplib.model.medplib import MedPLIB
-
-    torch.manual_seed(0)  # tied like SmolLM2, so the lm_head's rows are the embedding's
-    tiny_model = MedPLIB(
-        tiny_cfg.model_copy(update={"llm": tiny_cfg.llm.model_copy(update={"tie_word_embeddings": True})})
-    )
-    prepare_trainable(
-        tiny_model,
-        LoraSettings(
-            r=4, alpha=8, dropout=0.0, target_modules=["gate_proj"], layers=layers, new_token_rows=True
-        ),
-        ["text_hidden_fcs"],
-    )
-    token_layers = [m for m in tiny_model.llm.modules() if isinstance(m, TrainableTokensLayer)]
-    assert {type(m.base_layer) for m in token_layers} == {torch.nn.Embedding, torch.nn.Linear}  # tied head
-    with torch.no_grad():  # trained rows that differ from the originals, so a missed replacement shows
-        for name, p in tiny_model.named_parameters():
-            if "trainable_tokens_delta" in name:
-                p.normal_(0, 1.0)
-    reference = copy.deepcopy(tiny_model)
-    for m in reference.llm.modules():
-        if isinstance(m, TrainableTokensLayer):
-            del m.forward  # peft's own forward: the added rows written into a copy of the whole matrix
-    batch = make_batch(tiny_model, list(all_tasks.values()))
-    assert torch.isin(batch["input_ids"], torch.tensor(added_token_ids(tiny_model.tokenizer))).any()
-    expected = {ac: _losses_and_grads(reference, batch, ac) for ac in (False, True)}
-
-    def no_merge(*args, **kwargs):
-        raise AssertionError("the merged vocabulary matrix was built")
-
-    monkeypatch.setattr(TrainableTokensLayer, "get_merged_weights", no_merge)
-    for autocast, tol in ((False, 1e-6), (True, 2e-2)):
-        ce, loss, grads = _losses_and_grads(tiny_model, batch, autocast)
-        want_ce, want_loss, want_grads = expected[autocast]
-        torch.testing.assert_close(ce, want_ce, atol=tol, rtol=tol)
-        torch.testing.assert_close(loss, want_loss, atol=tol, rtol=tol)
-        assert grads.keys() == want_grads.keys()
-        assert any("trainable_tokens_delta" in n for n in grads)
-        for name, grad in grads.items():
-            torch.testing.assert_close(
-                grad, want_grads[name], atol=tol, rtol=tol, msg=lambda m, n=name: f"{n}: {m}"
-            )
 
 
 def test_save_refuses_unmerged_lora(tmp_path, tiny_model):
@@ -587,9 +526,7 @@ def test_a_trained_llava_projector_loads_from_a_file_or_the_base_weights_folder(
 def test_frozen_linears_in_bf16_give_the_autocast_loss(all_tasks, tiny_model, make_batch):
     from medplib.model.lora import frozen_linears_to_bf16
 
-    prepare_trainable(
-        tiny_model, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "down_proj"]), ["mm_projector"]
-    )
+    prepare_trainable(tiny_model, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "down_proj"]), ["mm_projector"])
     tiny_model.eval()
     batch = make_batch(tiny_model, list(all_tasks.values()))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

@@ -7,10 +7,7 @@ same); `sft_modules` are name substrings of parameters trained in full (`mm_proj
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 from torch import nn
 
 from medplib.constants import SPECIAL_TOKENS
@@ -42,7 +39,6 @@ def prepare_trainable(model: nn.Module, lora: LoraSettings | None, sft_modules: 
             trainable_token_indices=added_token_ids(model.tokenizer) if lora.new_token_rows else None,
         )
         model.llm = get_peft_model(model.llm, config)  # marks only the adapters trainable
-        sparse_token_rows(model.llm)
     # Added-token rows train through the output side only when the adapters sit on the top layers.
     model.input_token_grad = not (lora is not None and lora.new_token_rows and lora.layers is not None)
     unknown = [m for m in sft_modules if not any(m in name for name, _ in model.named_parameters())]
@@ -57,56 +53,6 @@ def prepare_trainable(model: nn.Module, lora: LoraSettings | None, sft_modules: 
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}
-
-
-def sparse_token_rows(llm: nn.Module) -> int:
-    """Make peft's trainable-token layers (the added tokens' embedding rows and, tied to them, the lm_head's) train
-    without building the merged vocabulary matrix; returns how many layers. Same values as peft's forward.
-
-    peft writes the trained rows into a copy of the whole 49k x 576 matrix at every call (`index_copy`), and the
-    tied lm_head then goes through autocast's bf16 cast and its gradient back to fp32: four full-matrix copies a
-    training step, 0.26 of a 1.43 s grounding step on `small` (torch.profiler, 2026-11-30). Here the frozen matrix
-    is used as it is (the head's bf16 copy made once), and only the added rows or columns are replaced."""
-    layers = [m for m in llm.modules() if isinstance(m, TrainableTokensLayer)]
-    for layer in layers:
-        layer.forward = _token_rows_forward.__get__(layer)
-    return len(layers)
-
-
-def _token_rows_forward(layer: TrainableTokensLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    base = layer.base_layer
-    adapters = layer.active_adapters
-    if layer.disable_adapters or not adapters or layer.merged or len(adapters) > 1:
-        return TrainableTokensLayer.forward(layer, x, *args, **kwargs)
-    index = torch.tensor(layer.token_indices[adapters[0]], device=x.device)
-    delta = layer.trainable_tokens_delta[adapters[0]]
-    if isinstance(base, nn.Embedding):
-        if layer._get_embed_scale() is not None:
-            return TrainableTokensLayer.forward(layer, x, *args, **kwargs)
-        out = base(x)
-        hit = torch.isin(x, index)
-        if not bool(hit.any()):
-            return out
-        slot = (x[hit].unsqueeze(-1) == index).int().argmax(-1)
-        return out.index_put((hit,), delta.to(out.dtype)[slot])
-    frozen = not base.weight.requires_grad
-    out = F.linear(x, _frozen_bf16(layer) if frozen and _autocast_bf16(x) else base.weight)
-    return out.index_copy(-1, index, F.linear(x, delta).to(out.dtype))
-
-
-def _autocast_bf16(x: torch.Tensor) -> bool:
-    kind = x.device.type
-    return torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16
-
-
-def _frozen_bf16(layer: TrainableTokensLayer) -> torch.Tensor:
-    """The frozen base weight rounded to bf16 as autocast would round it, kept until the weight changes."""
-    weight = layer.base_layer.weight
-    key = (weight.data_ptr(), weight._version, weight.device)
-    cached = getattr(layer, "_bf16_weight", None)
-    if cached is None or cached[0] != key:
-        layer._bf16_weight = (key, weight.detach().to(torch.bfloat16))
-    return layer._bf16_weight[1]
 
 
 def merge_lora(model: nn.Module) -> None:

@@ -398,7 +398,14 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
             rows = read_rows(ctx.prepared, cfg.data.eval_split, set(stage.tasks), cfg.eval.sample_predictions)
             samples = stage_dir / "samples"
             shutil.rmtree(samples, ignore_errors=True)
-            if sample_predictions(export, rows, samples, cfg.eval.max_new_tokens):
+            if sample_predictions(
+                export,
+                rows,
+                samples,
+                cfg.eval.max_new_tokens,
+                max_new_tokens_by=cfg.eval.max_new_tokens_by,
+                embedding_cache=embedding_cache_dir(cfg),
+            ):
                 tracker.log_artifacts(run_id, samples, "samples")
             phase("samples")
         write_json_atomic(

@@ -70,11 +70,28 @@ def row_inputs(row: dict, vision):
     return image, [m for m in regions if m.any()], enc
 
 
-def sample_predictions(model_dir: str | Path, rows: list[dict], out_dir: Path, max_new_tokens: int) -> int:
-    """Render up to len(rows) predictions into `out_dir` (PNGs + predictions.jsonl); returns how many."""
+def sample_predictions(
+    model_dir: str | Path,
+    rows: list[dict],
+    out_dir: Path,
+    max_new_tokens: int,
+    *,
+    max_new_tokens_by: dict[str, int] | None = None,
+    embedding_cache: str | Path | None = None,
+) -> int:
+    """Render up to len(rows) predictions into `out_dir` (PNGs + predictions.jsonl); returns how many. Token
+    budgets as the evaluation's (`max_new_tokens_by` per answer family); `embedding_cache`: the frozen encoder's
+    outputs folder the stages and the evaluation share (the samples' images are eval-split images it scores)."""
     from medplib.inference import Predictor
+    from medplib.model.embedding_cache import EmbeddingCache
+    from workflows.eval.evaluate import answer_family
 
     predictor = Predictor.from_pretrained(model_dir)
+    if embedding_cache is not None:
+        predictor.embedding_cache = EmbeddingCache(
+            embedding_cache, predictor.model, autocast=predictor.autocast
+        )
+    budgets = max_new_tokens_by or {}
     cfg = predictor.cfg
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -88,7 +105,7 @@ def sample_predictions(model_dir: str | Path, rows: list[dict], out_dir: Path, m
                 image,
                 row.get("question") or "",
                 regions,
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=min(max_new_tokens, budgets.get(answer_family(row), max_new_tokens)),
                 segment=row.get("task") == "grounding",
             )
         except ValueError as err:  # e.g. a question whose region markers do not match the masks

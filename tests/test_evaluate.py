@@ -667,3 +667,30 @@ def test_vqa_rows_decode_no_masks_for_the_seg_tokens_they_emit(rows, model):
     assert len(by_task["grounding"].masks) == 3
     prompt = generation_prompt(row_to_encoded(vqa, model.cfg.vision.image_size_px), model.ids.region_feature)
     assert len(predictor.run([prompt], max_new_tokens=3)[0].masks) == 3
+
+
+def test_stage_samples_decode_within_the_eval_budgets_and_fill_the_encoder_cache(rows, model, tmp_path):
+    """The pipeline's per-stage sample predictions use the evaluation's per-family budgets and its encoder cache."""
+    import json
+
+    from workflows.eval.evaluate import answer_family
+    from workflows.train.samples import sample_predictions
+
+    model.save_pretrained(tmp_path / "model")
+    picked = [next(r for r in rows if answer_family(r) == f) for f in ("grounding", "open")]
+    cache = tmp_path / "embeddings"
+    n = sample_predictions(
+        tmp_path / "model",
+        picked,
+        tmp_path / "samples",
+        9,
+        max_new_tokens_by={"grounding": 1},
+        embedding_cache=cache,
+    )
+    assert n == 2
+    lines = [json.loads(x) for x in (tmp_path / "samples" / "predictions.jsonl").read_text().splitlines()]
+    tokens = [len(model.tokenizer(line["answer"], add_special_tokens=False)["input_ids"]) for line in lines]
+    assert (
+        tokens[0] <= 1 < tokens[1]
+    )  # the random model babbles to the open budget, not past the grounding one
+    assert list(cache.rglob("*.npy"))

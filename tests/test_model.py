@@ -115,6 +115,21 @@ def test_gradients_reach_exactly_the_unfrozen_parameters(all_tasks, tiny_model, 
     assert all(p.requires_grad for p in tiny_model.sam.mask_decoder.parameters())
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_layer_norm_2d_normalises_each_pixel_over_channels(layout):
+    from medplib.model.sam import LayerNorm2d
+
+    torch.manual_seed(0)
+    norm = LayerNorm2d(8)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 8, 5, 7).to(memory_format=layout)
+    mean, var = x.mean(1, keepdim=True), x.var(1, keepdim=True, unbiased=False)
+    expected = norm.weight[:, None, None] * (x - mean) / torch.sqrt(var + norm.eps) + norm.bias[:, None, None]
+    torch.testing.assert_close(norm(x), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_sft_module_that_matches_nothing_is_an_error(tiny_model):
     with pytest.raises(ValueError, match="mask_decodr"):
         prepare_trainable(tiny_model, None, ["mask_decodr"])
@@ -275,7 +290,9 @@ def test_routing_loss_sends_each_task_to_its_expert(tiny_cfg, all_tasks, make_ba
     grounding[0] = False
     vqa_text = torch.zeros_like(grounding)  # the VQA row's question and answer: the tokens after its image
     image = batch["input_ids"][0] == model.ids.image
-    vqa_text[0] = batch["attention_mask"][0].bool() & (torch.arange(image.numel()) > int(image.nonzero().max()))
+    vqa_text[0] = batch["attention_mask"][0].bool() & (
+        torch.arange(image.numel()) > int(image.nonzero().max())
+    )
     only_route = LossWeights(ce=0.0, bce=0.0, dice=0.0, moe_route=1.0)
     opt = torch.optim.SGD([m.router.weight for m in moe_layers(model)], lr=0.5)
     start = None
@@ -526,7 +543,9 @@ def test_a_trained_llava_projector_loads_from_a_file_or_the_base_weights_folder(
 def test_frozen_linears_in_bf16_give_the_autocast_loss(all_tasks, tiny_model, make_batch):
     from medplib.model.lora import frozen_linears_to_bf16
 
-    prepare_trainable(tiny_model, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "down_proj"]), ["mm_projector"])
+    prepare_trainable(
+        tiny_model, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "down_proj"]), ["mm_projector"]
+    )
     tiny_model.eval()
     batch = make_batch(tiny_model, list(all_tasks.values()))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

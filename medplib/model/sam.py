@@ -385,14 +385,16 @@ class MaskDecoder(nn.Module):
         tokens = torch.cat([out_tokens[None].expand(sparse.shape[0], -1, -1).to(sparse.dtype), sparse], dim=1)
         src = image_embeddings + dense
         n, c, h, w = src.shape
-        hs, src = self.transformer(src, image_pe[:1], tokens)
+        hs, src = self.transformer(src, image_pe, tokens)  # pe (1,C,h,w) broadcasts over the rows
         # (N, h*w, C) seen as (N, C, h, w) is channels-last, and so is everything the upscaling computes from it.
         upscaled = self.output_upscaling(src.transpose(1, 2).reshape(n, c, h, w))
         # Single-mask output (multimask_output=False in SAM's terms): mask token 0 only. The product is taken on the
         # channels-last view (no copy; an NCHW product copied the 32 x 256 x 256 map and left GELU's backward
         # mixing layouts, 3x slower).
         hyper = self.output_hypernetworks_mlps[0](hs[:, 1])
-        masks = (upscaled.permute(0, 2, 3, 1).flatten(1, 2) @ hyper[:, :, None]).reshape(n, *upscaled.shape[-2:])
+        masks = (upscaled.permute(0, 2, 3, 1).flatten(1, 2) @ hyper[:, :, None]).reshape(
+            n, *upscaled.shape[-2:]
+        )
         iou = self.iou_prediction_head(hs[:, 0])[:, 0]
         return masks, iou
 

@@ -128,6 +128,11 @@ def answer_family(row: dict[str, Any]) -> str:
     return "grounding" if is_grounding(row) else ("closed" if row.get("answer_type") == "closed" else "open")
 
 
+def token_budget(family: str, max_new_tokens: int, max_new_tokens_by: dict[str, int] | None) -> int:
+    """Greedy decoding limit of an answer family: its `max_new_tokens_by` entry, capped by `max_new_tokens`."""
+    return min(max_new_tokens, (max_new_tokens_by or {}).get(family, max_new_tokens))
+
+
 def predict_rows(
     predictor: Any,
     rows: Sequence[dict[str, Any]],
@@ -150,7 +155,6 @@ def predict_rows(
     from medplib.data.rows import row_to_encoded
 
     model = predictor.model
-    budgets = max_new_tokens_by or {}
     results: list[RowResult | None] = [None] * len(rows)
     groups = group_indices(answer_family(row) for row in rows)
     for family, positions in groups.items():
@@ -158,7 +162,7 @@ def predict_rows(
         # one batch decoding rather than four (2026-11-29: 4 batches of 15 s where the rest took 2 s each).
         positions = sorted(positions, key=lambda i: str(rows[i].get("question_type") or ""))
         grounding = family == "grounding"
-        limit = min(max_new_tokens, budgets.get(family, max_new_tokens))
+        limit = token_budget(family, max_new_tokens, max_new_tokens_by)
         step = batch_size or len(positions)
         for start in range(0, len(positions), step):
             chunk = positions[start : start + step]

@@ -84,14 +84,13 @@ def sample_predictions(
     outputs folder the stages and the evaluation share (the samples' images are eval-split images it scores)."""
     from medplib.inference import Predictor
     from medplib.model.embedding_cache import EmbeddingCache
-    from workflows.eval.evaluate import answer_family
+    from workflows.eval.evaluate import answer_family, token_budget
 
     predictor = Predictor.from_pretrained(model_dir)
     if embedding_cache is not None:
         predictor.embedding_cache = EmbeddingCache(
             embedding_cache, predictor.model, autocast=predictor.autocast
         )
-    budgets = max_new_tokens_by or {}
     cfg = predictor.cfg
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -105,7 +104,7 @@ def sample_predictions(
                 image,
                 row.get("question") or "",
                 regions,
-                max_new_tokens=min(max_new_tokens, budgets.get(answer_family(row), max_new_tokens)),
+                max_new_tokens=token_budget(answer_family(row), max_new_tokens, max_new_tokens_by),
                 segment=row.get("task") == "grounding",
             )
         except ValueError as err:  # e.g. a question whose region markers do not match the masks

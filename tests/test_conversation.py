@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from medplib import constants as C
-from medplib.data.conversation import AnswerTruncated, PromptTooLong, tokenize_conversation
+from medplib.data.conversation import AnswerTruncated, PromptTooLong, expand_image, tokenize_conversation
 from medplib.data.schema import Turn
 from medplib.tokenizer import SpecialIds, build_tokenizer
 
@@ -34,6 +34,18 @@ def test_llava_v1_prompt_and_labels_supervise_only_answers(tok):
         [t for t, lab in zip(out.input_ids, out.labels, strict=True) if lab != C.IGNORE_INDEX]
     )
     assert supervised == "The left putamen.</s>Sure, <SEG>.</s>"
+
+
+@pytest.mark.parametrize(
+    "text", ["<image>\nWhat is this?", "x<image>y", "<image>", "a <image> b <image>c", "no image here"]
+)
+def test_image_ids_expand_to_what_the_expanded_text_tokenises_to(tok, text):
+    """The image block is spliced into the ids after tokenising (66 fewer added tokens for the tokenizer to
+    match a row); wherever `<image>` stands, the ids are those of the expanded text."""
+    block = C.IMAGE_START_TOKEN + C.IMAGE_TOKEN * 5 + C.IMAGE_END_TOKEN
+    expected = tok(text.replace(C.IMAGE_TOKEN, block), add_special_tokens=False).input_ids
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert expand_image(ids, SpecialIds.of(tok), 5) == expected
 
 
 def test_generation_prompt_ends_with_the_assistant_prefix(tok):

@@ -104,10 +104,20 @@ class Tokenized:
     num_masks: int  # `<SEG>` tokens that survived truncation (their masks are kept, in order)
 
 
-def expand_placeholders(text: str, num_image_tokens: int) -> str:
-    image_block = C.IMAGE_START_TOKEN + C.IMAGE_TOKEN * num_image_tokens + C.IMAGE_END_TOKEN
+def expand_regions(text: str) -> str:
     region = C.REGION_START_TOKEN + C.REGION_FEATURE_TOKEN + C.REGION_END_TOKEN
-    return text.replace(C.IMAGE_TOKEN, image_block).replace(C.REGION_START_TOKEN + C.REGION_END_TOKEN, region)
+    return text.replace(C.REGION_START_TOKEN + C.REGION_END_TOKEN, region)
+
+
+def expand_image(piece: list[int], ids: SpecialIds, num_image_tokens: int) -> list[int]:
+    """Token ids with each `<image>` id replaced by the image block (`<im_start>`, `num_image_tokens` x `<image>`,
+    `<im_end>`): what tokenising the expanded text gives, since all three are added tokens that split the text
+    around them, but without making the tokenizer match 66 added tokens a row (0.23 -> 0.10 ms a row)."""
+    if ids.image not in piece:
+        return piece
+    at = piece.index(ids.image)
+    block = [ids.image_start, *[ids.image] * num_image_tokens, ids.image_end]
+    return piece[:at] + block + expand_image(piece[at + 1 :], ids, num_image_tokens)
 
 
 def _segments(
@@ -150,10 +160,11 @@ def tokenize_conversation(
     segments = _segments(turns, template, tokenizer.eos_token, for_generation)
     # One call for all pieces, each still tokenised on its own: on texts this short the per-call overhead
     # dominates (measured on 2,000 MeCoVQA-mini rows: 0.32 ms a row with a call per piece, 0.23 with one).
-    texts = [expand_placeholders(text, num_image_tokens) for text, _ in segments]
+    texts = [expand_regions(text) for text, _ in segments]
     for piece, (_, supervised) in zip(
         tokenizer(texts, add_special_tokens=False).input_ids, segments, strict=True
     ):
+        piece = expand_image(piece, ids, num_image_tokens)
         input_ids += piece
         labels += piece if supervised else [C.IGNORE_INDEX] * len(piece)
     # Placeholders are inputs the model fills in, never prediction targets.

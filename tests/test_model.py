@@ -473,6 +473,48 @@ def test_region_far_smaller_than_a_patch_still_trains(rng_image, tiny_model, mak
     assert torch.isfinite(out["loss"]) and out["ce"] > 0
 
 
+def test_region_position_starts_silent_and_then_tells_left_from_right(tiny_cfg, rng_image, make_batch):
+    """`region.position`: built with the same random draws as the model without it and its extra adapter columns
+    at zero, so the untrained region token is unchanged; once those columns train, a region on the left and one
+    on the right differ by what the formula says (SAM's encoding of the cells' centres, averaged, through them)."""
+    from medplib.model.medplib import MedPLIB
+
+    assert not tiny_cfg.region.position  # off in every preset (README: measured, not yet a win end to end)
+    position = tiny_cfg.model_copy(update={"region": tiny_cfg.region.model_copy(update={"position": True})})
+    torch.manual_seed(0)
+    with_pos = MedPLIB(position)
+    torch.manual_seed(0)
+    without = MedPLIB(tiny_cfg)
+    h, w = rng_image.shape[:2]
+    items = [
+        (_sample("Which side is <region></region>?", "Left."), rng_image, [], [_mask(h, w, 10, 30, 2, 20)]),
+        (_sample("Which side is <region></region>?", "Right."), rng_image, [], [_mask(h, w, 10, 30, 60, 78)]),
+    ]
+    batch = make_batch(with_pos, items)
+    vdim = without.region_fea_adapter.in_features
+    assert with_pos.region_fea_adapter.in_features == vdim + position.sam.prompt_embed_dim
+    with torch.no_grad():
+        assert torch.equal(with_pos.embed(batch), without.embed(batch))
+        with_pos.region_fea_adapter.weight[:, vdim:] = torch.randn_like(
+            with_pos.region_fea_adapter.weight[:, vdim:]
+        )
+        at = batch["input_ids"] == with_pos.ids.region_feature
+        moved = (with_pos.embed(batch) - without.embed(batch))[at]
+    grid = tiny_cfg.vision.grid
+    cell_pe = with_pos.sam.prompt_encoder.pe_layer.grid(grid).flatten(1).T
+    for k, masks in enumerate(batch["region_masks"]):
+        cells = region_cells(
+            masks[0], grid, tiny_cfg.region.min_cell_coverage, tiny_cfg.region.max_sample_points
+        )
+        expected = with_pos.region_fea_adapter.weight[:, vdim:] @ cell_pe[cells].mean(0)
+        torch.testing.assert_close(moved[k], expected.detach())
+    assert (moved[0] - moved[1]).abs().max() > 1e-3
+
+    out = with_pos(batch)
+    out["loss"].backward()
+    assert with_pos.region_fea_adapter.weight.grad[:, vdim:].abs().sum() > 0
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -177,6 +177,14 @@ class RegionConfig(_Strict):
     min_cell_coverage: float = Field(
         0.5, description="a patch cell belongs to the region when this fraction of it is covered"
     )
+    position: bool = Field(
+        False,
+        description="also give the region token where the region is: SAM's frozen Fourier positional encoding "
+        "averaged over the region's cells, through extra columns of region_fea_adapter that start at zero. For "
+        "vision features without absolute position (LiteMedSAM's TinyViT), the mean of the features under a "
+        "region says what is there but not where, so a left/right question cannot be answered from it; CLIP "
+        "features carry position (upstream, the `7b` preset: off)",
+    )
 
 
 class MoEConfig(_Strict):

@@ -3,7 +3,8 @@ and optional top-k MoE FFNs. One file holds the whole forward pass; components l
 
 Data flow of `forward(batch)`:
   token ids -> embeddings; `<image>` positions <- projector(vision patch features);
-  `<region_feat>` positions <- region_fea_adapter(mean of the patch features under each region mask);
+  `<region_feat>` positions <- region_fea_adapter(mean of the patch features under each region mask, with
+  `region.position` also the mean of SAM's positional encoding over the same cells);
   LLM decoder -> last hidden states -> lm_head -> CE on assistant tokens;
   hidden state that predicts each `<SEG>` -> text_hidden_fcs -> sparse prompt -> SAM mask decoder on the frozen
   SAM image embedding -> mask logits, un-padded to the original image size -> BCE/Dice/focal/IoU losses.
@@ -145,6 +146,15 @@ class MedPLIB(nn.Module):
         self.projector_source = self._load_projector()
         # Region features are pooled from pre-projector patch features (upstream: Linear(1024, 4096)).
         self.region_fea_adapter = nn.Linear(vdim, hidden)
+        if cfg.region.position:
+            # Extra input columns for the pooled positional encoding, at zero: the untrained model is the one
+            # built without them (same weights, same random draws), and training decides what position adds.
+            adapter = torch.nn.utils.skip_init(nn.Linear, vdim + cfg.sam.prompt_embed_dim, hidden)
+            with torch.no_grad():
+                adapter.weight.zero_()
+                adapter.weight[:, :vdim] = self.region_fea_adapter.weight
+                adapter.bias.copy_(self.region_fea_adapter.bias)
+            self.region_fea_adapter = adapter
         # False when only the top layers train (`prepare_trainable`): the token embeddings then pass no gradient,
         # so the backward pass stops at the lowest adapted layer even while added-token rows train.
         self.input_token_grad = True
@@ -249,10 +259,15 @@ class MedPLIB(nn.Module):
         image_row = torch.cumsum(batch["has_image"].long(), 0) - 1
         pooled = []
         grid, rc = self.cfg.vision.grid, self.cfg.region
+        # (grid*grid, C) encodings of the vision cells' centres, in the cells' row-major order
+        cell_pe = self.sam.prompt_encoder.pe_layer.grid(grid).flatten(1).T if rc.position else None
         for row, masks in enumerate(batch["region_masks"]):
             for mask in masks:
                 cells = region_cells(mask, grid, rc.min_cell_coverage, rc.max_sample_points).to(self.device)
-                pooled.append(feats[image_row[row]].index_select(0, cells).mean(0))
+                feature = feats[image_row[row]].index_select(0, cells).mean(0)
+                if cell_pe is not None:
+                    feature = torch.cat([feature, cell_pe.index_select(0, cells).mean(0).to(feature.dtype)])
+                pooled.append(feature)
         if not pooled:
             return None
         # The adapter is linear, so adapting the mean equals averaging adapted features (and is cheaper).

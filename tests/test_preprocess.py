@@ -22,6 +22,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import ray.data
 from PIL import Image
 from pydicom.data import get_testdata_file
 
@@ -175,6 +176,8 @@ def test_each_image_and_mask_is_decoded_once_per_process(ray_local, mini: Path, 
     assert uncached.manifest["counts"]["decoded"] == {"images": rows_with_image, "masks": 2 * mask_uses}
     # Ray: the views pass makes each image's views once for all workers; masks are decoded once per worker.
     on_ray = prepare(mini, tmp_path / "ray", PrepareConfig(batch_size=8))
+    # prepare runs its passes without Ray Data's per-operator reservation, and gives the setting back
+    assert ray.data.DataContext.get_current().op_resource_reservation_enabled
     assert on_ray.manifest["counts"]["decoded"]["images"] == len(images)
     assert on_ray.manifest["counts"]["decoded"]["masks"] >= len(masks)
     for split in cached.manifest["splits"]:

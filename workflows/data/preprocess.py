@@ -414,7 +414,7 @@ class ChunkProcessor:
 
     def mask_png(self, mask: np.ndarray) -> bytes:
         """`png_bytes`, once per distinct mask content in this process: rows share masks (a region prompt and a
-        target are often the same file), and a PNG encode costs ~15x the hash that finds it."""
+        target are often the same file), and a PNG encode costs ~10x the hash that finds it (289 vs 28 us)."""
         key = (mask.shape, mask.dtype.str, hashlib.sha1(np.ascontiguousarray(mask).data).digest())
         data = self.mask_pngs.get(key)
         if data is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -80,14 +79,9 @@ class StoredViews:
         )
 
 
-def encoded_to_row(
-    enc: Encoded,
-    meta: dict,
-    views: StoredViews | None = None,
-    png: Callable[[np.ndarray], bytes] = png_bytes,
-) -> dict:
+def encoded_to_row(enc: Encoded, meta: dict, views: StoredViews | None = None) -> dict:
     """`meta` carries the `DESCRIPTIVE_COLUMNS`. `views`, when given, stands for the image columns of an `enc` built without views
-    (`batch.encode_without_views`). `png` encodes the masks (preprocessing passes a memoised `png_bytes`)."""
+    (`batch.encode_without_views`)."""
     if views is None and enc.vision_view is not None:
         views = StoredViews.of(enc.vision_view, enc.sam_view, enc.sam_geometry)
     r, size = enc.region_masks.shape[0], enc.region_masks.shape[-1]
@@ -100,8 +94,8 @@ def encoded_to_row(
         "sam_view_png": None if views is None else views.sam_view_png,
         "sam_geometry": None if views is None else views.sam_geometry,
         "num_regions": r,
-        "region_masks_png": png(enc.region_masks.reshape(r * size, size)) if r else None,
-        "target_masks_png": [png(m) for m in enc.target_masks],
+        "region_masks_png": png_bytes(enc.region_masks.reshape(r * size, size)) if r else None,
+        "target_masks_png": [png_bytes(m) for m in enc.target_masks],
     }
 
 

@@ -84,7 +84,7 @@ from medplib.data.image import DecodedFiles, ImageReadError, file_key, load_imag
 from medplib.data.lru import BoundedCache
 from medplib.data.parse import default_sample_id
 from medplib.data.prepared import MANIFEST_NAME, QUARANTINE_NAME, ROW_SCHEMA, read_manifest, rows_to_table
-from medplib.data.rows import SCHEMA_VERSION, StoredViews, encoded_to_row, png_bytes
+from medplib.data.rows import SCHEMA_VERSION, StoredViews, encoded_to_row
 from medplib.data.validate import (
     Accepted,
     Limits,
@@ -375,7 +375,6 @@ class ChunkProcessor:
         budget = job.cache_mb * 2**20 // 2
         self.views: BoundedCache[StoredViews] = BoundedCache(budget)
         self.decoded = DecodedFiles(budget)  # masks and image sizes, for validation and encoding alike
-        self.mask_pngs: BoundedCache[bytes] = BoundedCache(budget // 8)
         self.images_decoded = 0
         self.preloaded = False
 
@@ -411,16 +410,6 @@ class ChunkProcessor:
             if key is not None:
                 self.views.put(key, views, len(views.vision_view_png) + len(views.sam_view_png))
         return views
-
-    def mask_png(self, mask: np.ndarray) -> bytes:
-        """`png_bytes`, once per distinct mask content in this process: rows share masks (a region prompt and a
-        target are often the same file), and a PNG encode costs ~10x the hash that finds it (289 vs 28 us)."""
-        key = (mask.shape, mask.dtype.str, hashlib.sha1(np.ascontiguousarray(mask).data).digest())
-        data = self.mask_pngs.get(key)
-        if data is None:
-            data = png_bytes(mask)
-            self.mask_pngs.put(key, data, len(data) + 100)
-        return data
 
     def _reject(self, file: InputFile, line: int, reason: Reason, message: str, raw: str) -> Rejection:
         return Rejection(source=file.source, line=line, reason=reason, message=message, raw=raw)
@@ -517,7 +506,7 @@ class ChunkProcessor:
             "question": human.replace("<image>", "").strip(),
             "answer": answer.strip(),
         }
-        row = encoded_to_row(encoded, meta, views, png=self.mask_png)
+        row = encoded_to_row(encoded, meta, views)
         row["_fixed_suffix"] = bool(result.fixed_suffix)
         return row
 
@@ -837,7 +826,7 @@ def _run_ray(job: ChunkJob, scan: _Scan, cfg: PrepareConfig) -> int:
 
     # Ray Data reserves part of the cluster for each operator's outputs; on 2 CPUs that left one map task running
     # at a time, with the other core idle. Both passes are one map each, writing little: MeCoVQA-mini's prepare
-    # 20.2-20.6 -> 16.5-16.7 s from a cold cluster (2 cores, 2026-11-30).
+    # 20.2-20.6 -> 16.5-17.0 s from a cold cluster (2 cores, 2026-11-30).
     context = ray.data.DataContext.get_current()
     reserving = context.op_resource_reservation_enabled
     context.op_resource_reservation_enabled = False

@@ -27,7 +27,6 @@ import torch
 from bench.common import print_figures
 from medplib.data.image import load_image
 from medplib.inference import Predictor
-from medplib.model.embedding_cache import EmbeddingCache
 
 QUESTIONS = (
     "Which imaging modality is shown here?",
@@ -63,8 +62,7 @@ def main() -> None:
     ]
     kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": 0.0}
     cache_dir = tempfile.TemporaryDirectory(prefix="medplib-bench-")
-    predictor.embedding_cache = EmbeddingCache(cache_dir.name, predictor.model, autocast=predictor.autocast)
-    predictor.embedding_cache.fill(encoded)
+    predictor.use_embedding_cache(cache_dir.name).fill(encoded)
     predictor.run(encoded[:1], **kwargs)  # warm-up (allocator, kernels)
 
     t0 = time.perf_counter()

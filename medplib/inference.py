@@ -24,6 +24,7 @@ from medplib import constants as C
 from medplib.data.batch import Encoded, collate, encode_sample
 from medplib.data.schema import Box, MaskRef, Point, Turn
 from medplib.model.config import load_model_config
+from medplib.model.embedding_cache import EmbeddingCache
 from medplib.model.export import is_model_dir
 from medplib.model.medplib import MedPLIB
 from medplib.model.packaged import medplib_cache_dir
@@ -212,8 +213,13 @@ class Predictor:
             # grad (and outside inference mode, hence `no_grad` in `_inference`); otherwise every decoding step
             # casts all fp32 weights again, a third of a small-preset step on CPU. Nothing here builds a graph.
             model.requires_grad_(True)
-        # Set to a `medplib.model.embedding_cache.EmbeddingCache` to reuse frozen-encoder outputs across calls.
-        self.embedding_cache = None
+        self.embedding_cache: EmbeddingCache | None = None  # `use_embedding_cache`
+
+    def use_embedding_cache(self, root: str | Path) -> EmbeddingCache:
+        """Reuse the frozen image encoder's outputs across calls, kept in `root` (`EmbeddingCache`) as this
+        predictor computes them (same autocast), so the stages, the evaluation and the samples share one folder."""
+        self.embedding_cache = EmbeddingCache(root, self.model, autocast=self.autocast)
+        return self.embedding_cache
 
     @contextlib.contextmanager
     def _inference(self):

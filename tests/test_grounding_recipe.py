@@ -16,7 +16,6 @@ from medplib.data.schema import Turn
 from medplib.data.transforms import Geometry, to_square, unpad_mask_logits
 from medplib.inference import Predictor
 from medplib.model.config import LossWeights, MedPLIBConfig, load_model_config
-from medplib.model.embedding_cache import EmbeddingCache
 from medplib.model.lora import prepare_trainable
 from medplib.model.medplib import MedPLIB
 from tests.test_presets import mri_slice, needs_lite_medsam, needs_nilearn
@@ -86,7 +85,7 @@ def test_twenty_steps_on_a_handful_of_rows_raise_teacher_forced_dice(tmp_path):
         ]
     encoded = rows(model, items)
     predictor = Predictor(model, autocast=False)
-    predictor.embedding_cache = EmbeddingCache(tmp_path, model)  # the encoder runs once per slice
+    predictor.use_embedding_cache(tmp_path)  # the encoder runs once per slice
 
     def mean_dice() -> float:
         model.eval()

@@ -312,7 +312,6 @@ class EvalWorker:
         import torch
 
         from medplib.inference import Predictor, resolve_model_source
-        from medplib.model.embedding_cache import EmbeddingCache
 
         logging.basicConfig(level=logging.INFO)  # a fresh Ray worker has no handler; a no-op elsewhere
         device = "cuda" if use_gpu and torch.cuda.is_available() else None
@@ -321,9 +320,7 @@ class EvalWorker:
         began = time.perf_counter()
         self.predictor = Predictor.from_pretrained(source, dtype=dtype, device=device)
         if embedding_cache:
-            self.predictor.embedding_cache = EmbeddingCache(
-                embedding_cache, self.predictor.model, autocast=self.predictor.autocast
-            )
+            self.predictor.use_embedding_cache(embedding_cache)
         self.teacher_forced = teacher_forced
         logger.info(
             "eval actor: model %s on %s in %.1f s", model, device or "cpu", time.perf_counter() - began

@@ -83,14 +83,11 @@ def sample_predictions(
     budgets as the evaluation's (`max_new_tokens_by` per answer family); `embedding_cache`: the frozen encoder's
     outputs folder the stages and the evaluation share (the samples' images are eval-split images it scores)."""
     from medplib.inference import Predictor
-    from medplib.model.embedding_cache import EmbeddingCache
     from workflows.eval.evaluate import answer_family, token_budget
 
     predictor = Predictor.from_pretrained(model_dir)
     if embedding_cache is not None:
-        predictor.embedding_cache = EmbeddingCache(
-            embedding_cache, predictor.model, autocast=predictor.autocast
-        )
+        predictor.use_embedding_cache(embedding_cache)
     cfg = predictor.cfg
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = []

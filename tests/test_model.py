@@ -439,6 +439,41 @@ def test_generation_uses_the_kv_cache_and_matches_full_recompute(rng_image, tiny
             ids = ids + [tok]
 
 
+def test_generation_drops_finished_rows_and_the_others_decode_the_same(rng_image, tiny_model, monkeypatch):
+    from transformers import DynamicCache
+
+    from medplib.data.batch import collate, encode_sample
+
+    tiny_model.eval()
+    cfg = tiny_model.cfg
+    questions = ["What is this?", "Hi", "Where is the lesion?", "Describe the image."]
+    prompts = [
+        encode_sample([Turn(role="human", text=q)], rng_image, tiny_model.tokenizer, cfg, for_generation=True)
+        for q in questions
+    ]
+    batch = collate(prompts, cfg, tiny_model.ids.pad)
+    whole = tiny_model.generate(batch, max_new_tokens=8, segment=True)
+    kept: list[list[int]] = []
+    select = DynamicCache.batch_select_indices
+    monkeypatch.setattr(
+        DynamicCache,
+        "batch_select_indices",
+        lambda cache, idx: (kept.append(idx.tolist()), select(cache, idx))[1],
+    )
+    steps: list[list[int | None]] = []
+
+    def finish_three(step: list[int | None]) -> list[int]:  # a stop string ending rows 0-2 after one token
+        steps.append(step)
+        return [0, 1, 2] if len(steps) == 1 else []
+
+    cut = tiny_model.generate(batch, max_new_tokens=8, segment=True, on_step=finish_three)
+    assert kept == [[3]]  # the batch shrank to the one row still decoding
+    assert [len(g.token_ids) for g in cut[:3]] == [1, 1, 1]
+    assert all(step[:3] == [None, None, None] for step in steps[1:])
+    assert cut[3].token_ids == whole[3].token_ids and cut[3].text == whole[3].text
+    assert torch.allclose(cut[3].mask_logits[0], whole[3].mask_logits[0], atol=1e-4)
+
+
 def test_masks_come_back_at_the_original_size_for_odd_aspect_ratios(tiny_model, make_batch):
     tiny_model.eval()
     for h, w in [(30, 90), (90, 30), (17, 17)]:

@@ -462,6 +462,7 @@ class MedPLIB(nn.Module):
         seg_hidden: list[list[torch.Tensor]] = [[] for _ in range(b)]
         last_hidden: list[torch.Tensor | None] = [None] * b
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        rows = torch.arange(b, device=self.device)  # the batch row of each row still decoding
         step_emb, step_pos = emb, positions
         for _ in range(max_new_tokens):
             h = decoder(
@@ -474,25 +475,32 @@ class MedPLIB(nn.Module):
             logits = head(h).float()
             nxt = self._pick(logits, temperature, top_p, generator)
             step: list[int | None] = [None] * b
-            for i in range(b):
+            for k, i in enumerate(rows.tolist()):
                 if done[i]:
                     continue
-                t = int(nxt[i])
-                last_hidden[i] = h[i]
+                t = int(nxt[k])
+                last_hidden[i] = h[k]
                 if t == self.ids.eos:
                     done[i] = True
                     continue
                 tokens[i].append(t)
                 step[i] = t
                 if t == self.ids.seg:
-                    seg_hidden[i].append(h[i])
+                    seg_hidden[i].append(h[k])
             for i in (on_step(step) or []) if on_step is not None else []:
                 done[i] = True
             if bool(done.all()):
                 break
-            nxt = torch.where(done, torch.full_like(nxt, self.ids.pad), nxt)
+            live = ~done[rows]
+            if 2 * int(live.sum()) <= len(rows):
+                # Half the rows have finished: drop them from the batch. One babbled 112-token answer had kept
+                # 31 finished rows decoding pad for ~100 steps (123 ms a step at 32 rows on 2 CPU threads).
+                keep = live.nonzero().flatten()
+                cache.batch_select_indices(keep)
+                rows, nxt, am, step_pos, live = rows[keep], nxt[keep], am[keep], step_pos[keep], live[keep]
+            nxt = torch.where(live, nxt, torch.full_like(nxt, self.ids.pad))
             step_emb = self.llm.get_input_embeddings()(nxt)[:, None]
-            am = torch.cat([am, (~done).long()[:, None]], dim=1)
+            am = torch.cat([am, live.long()[:, None]], dim=1)
             step_pos = step_pos[:, -1:] + 1
         results = [Generation(t, self.tokenizer.decode(t, skip_special_tokens=False)) for t in tokens]
         if not masks:

@@ -27,6 +27,7 @@ from medplib.inference import Predictor
 from medplib.metrics import mask_dice
 from workflows.eval.config import EvalConfig
 from workflows.eval.evaluate import (
+    deal_by_image,
     evaluate,
     flatten_metrics,
     generation_prompt,
@@ -645,6 +646,45 @@ def test_stratified_eval_scores_teacher_forced_masks_and_a_baseline(prepared: Pa
         json.loads(line)["question_id"] for line in again.predictions_path.read_text().splitlines()
     )
     assert again_ids == sorted(r["question_id"] for r in records)
+
+
+def test_rows_are_dealt_to_actors_by_image_and_evenly():
+    rows = [
+        {"sample_id": f"r{i}", "image_path": f"img{i % 7}.png", "task": task, "question_type": f"q{i % 3}"}
+        for i, task in enumerate(["grounding", "vqa"] * 20)
+    ] + [{"sample_id": "text-only", "image_path": None, "task": "vqa"}]
+    parts = deal_by_image(rows, 3)
+    assert sorted(r["sample_id"] for part in parts for r in part) == sorted(r["sample_id"] for r in rows)
+    for part in parts:
+        assert [rows.index(r) for r in part] == sorted(rows.index(r) for r in part)  # input order kept
+    part_of = {r["image_path"]: k for k, part in enumerate(parts) for r in part}
+    assert all(
+        r["image_path"] in part_of and r in parts[part_of[r["image_path"]]] for r in rows
+    )  # one per image
+    assert max(map(len, parts)) - min(map(len, parts)) <= 6  # at most one image's rows apart
+    assert deal_by_image(rows, 1) == [rows]
+
+
+def test_a_stratified_sample_on_two_actors_answers_as_one_process(ray_local, prepared: Path, tmp_path):
+    fields = dict(
+        model="tiny",
+        data=prepared,
+        splits=["test", "test_xsubject"],
+        max_new_tokens=4,
+        sample="stratified",
+        per_kind={"grounding": 2, "vqa": 1},
+    )
+    local = evaluate(out=tmp_path / "local", engine="local", **fields)
+    pool = evaluate(out=tmp_path / "pool", engine="ray", concurrency=2, **fields)
+
+    def records(result):
+        return [json.loads(line) for line in result.predictions_path.read_text().splitlines()]
+
+    assert [(r["split"], r["question_id"]) for r in records(pool)] == [
+        (r["split"], r["question_id"]) for r in records(local)
+    ]
+    for a, b in zip(records(pool), records(local), strict=True):
+        assert a["text"] == b["text"] and a["tf_seg_counts"] == b["tf_seg_counts"], a["question_id"]
 
 
 def test_vqa_rows_decode_no_masks_for_the_seg_tokens_they_emit(rows, model):

@@ -505,7 +505,6 @@ def _eval_fields(ctx: _Context) -> dict[str, Any]:
         baseline_split=cfg.data.train_split,
         embedding_cache=embedding_cache_dir(cfg),
         tracking_uri=ctx.tracker.uri,
-        engine="ray" if ctx.use_gpu else "local",
     )
 
 

@@ -59,7 +59,9 @@ def add_eval(commands: argparse._SubParsersAction, verb: str) -> None:
         help="rows per generate call (default %(default)s)",
     )
     p.add_argument(
-        "--concurrency", type=_positive, help="actors, one model each (default: one per GPU, or 1)"
+        "--concurrency",
+        type=_positive,
+        help="actors, one model each (default: one per GPU, or one per CPU core, at most 8)",
     )
     p.add_argument(
         "--gpus",

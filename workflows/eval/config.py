@@ -84,7 +84,10 @@ class EvalConfig(BaseModel):
         "sample held 3.5 rows of a family on average, 2026-11-29); with many actors, lower it so each gets work",
     )
     concurrency: int | None = Field(
-        None, ge=1, description="actors (one model each); default: one per GPU, or 1 on a CPU-only cluster"
+        None,
+        ge=1,
+        description="actors (one model each); default: one per GPU, or on a CPU-only cluster one per CPU core "
+        "(at most 8), each on one thread (`actor_count`)",
     )
     use_gpu: Literal["auto", "yes", "no"] = Field(
         "auto",

@@ -12,6 +12,7 @@ and compared with an earlier eval folder. `engine="local"` runs the same worker 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -362,7 +363,72 @@ def selected_ids(cfg: EvalConfig, split: str) -> list[str]:
     return stratified_ids(row_index(cfg.data, split), cfg.kind_caps(split), cfg.sample_seed)
 
 
+def deal_by_image(rows: Sequence[dict[str, Any]], parts: int) -> list[list[dict[str, Any]]]:
+    """`rows` dealt into `parts` lists for as many actors: all rows of an image in one list (its frozen-encoder
+    pass is made once), each image to the list with the fewest rows so far, taken in answer-family and
+    question-type order so every list holds a like share of each family. Each list keeps the input order."""
+    order = sorted(
+        range(len(rows)), key=lambda i: (answer_family(rows[i]), str(rows[i].get("question_type") or ""), i)
+    )
+
+    def image_of(i: int) -> str:
+        return str(rows[i].get("image_path") or f"no image: {rows[i]['sample_id']}")
+
+    size = {key: len(idx) for key, idx in group_indices(image_of(i) for i in range(len(rows))).items()}
+    part_of: dict[str, int] = {}
+    load = [0] * parts
+    dealt: list[list[int]] = [[] for _ in range(parts)]
+    for i in order:
+        key = image_of(i)
+        if key not in part_of:
+            part_of[key] = min(range(parts), key=lambda p: (load[p], p))
+            load[part_of[key]] += size[key]
+        dealt[part_of[key]].append(i)
+    return [[rows[i] for i in sorted(idx)] for idx in dealt if idx]
+
+
+def _calls(cfg: EvalConfig, parts: int) -> Iterator[list[dict[str, Any]]]:
+    """The rows to evaluate as the calls actors take, at most `call_rows` each: a stratified sample (a few hundred
+    rows, read here) dealt by image into `parts` (`deal_by_image`); otherwise each split's rows in file order."""
+    from medplib.data.prepared import iter_prepared_rows
+
+    def taken(split: str) -> Iterator[dict[str, Any]]:
+        rows = iter_prepared_rows(cfg.data, split, batch_rows=cfg.call_rows)
+        if cfg.sample == "stratified":
+            chosen = set(selected_ids(cfg, split))
+            rows = (r for r in rows if r["sample_id"] in chosen)
+        return itertools.islice(rows, cfg.max_rows)
+
+    def chunks(rows: Iterable[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+        rows = iter(rows)
+        while chunk := list(itertools.islice(rows, cfg.call_rows)):
+            yield chunk
+
+    if cfg.sample == "stratified":
+        for part in deal_by_image([row for split in cfg.splits for row in taken(split)], parts):
+            yield from chunks(part)
+    else:
+        for split in cfg.splits:
+            yield from chunks(taken(split))
+
+
+def actor_count(cfg: EvalConfig, gpus: bool) -> int:
+    """`concurrency`, else one actor per GPU, or on a CPU-only cluster one per CPU core (at most 8: each holds a
+    model), each decoding on one thread: on 2 cores two 1-thread actors, each with half of the untrained `small`
+    model's 189 rows, took 106 s where one 2-thread process took 126 s (2026-11-30; decoding a small model is
+    bound by Python and by thread hand-offs more than by arithmetic)."""
+    import ray
+
+    if cfg.concurrency:
+        return cfg.concurrency
+    if gpus:
+        return max(1, int(cluster_gpus()))
+    return max(1, min(8, int(ray.cluster_resources().get("CPU", 1))))
+
+
 def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
+    import ray
+
     init_ray()
     gpus = _want_gpus(cfg)
     tracking_uri = cfg.tracking_uri
@@ -370,18 +436,20 @@ def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
         import mlflow
 
         tracking_uri = mlflow.get_tracking_uri()  # what this process uses (set_tracking_uri is not inherited)
-    concurrency = cfg.concurrency or (max(1, int(cluster_gpus())) if gpus else 1)
-    datasets = []
-    for split in cfg.splits:
-        # Ray Data touch-point: the split's Parquet shards, lazily; `limit` stops reading after max_rows.
-        ds = load_prepared(cfg.data, split)
-        if cfg.sample == "stratified":
-            chosen = set(selected_ids(cfg, split))
-            ds = ds.filter(lambda r, chosen=chosen: r["sample_id"] in chosen)
-        datasets.append(ds.limit(cfg.max_rows) if cfg.max_rows else ds)
-    ds = (
-        datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    )  # one actor pool for all splits
+    concurrency = actor_count(cfg, gpus)
+    if cfg.sample == "stratified":
+        # Ray Data touch-point: the sample, dealt by image into one block per actor call. A call is a fixed set of
+        # rows whichever actor takes it, so its generate batches, and their bf16 rounding, are the same every run.
+        calls = [pa.Table.from_pylist(call) for call in _calls(cfg, concurrency)]
+        ds, call_rows = ray.data.from_arrow(calls), None
+    else:
+        datasets = []
+        for split in cfg.splits:
+            # Ray Data touch-point: the split's Parquet shards, lazily; `limit` stops reading after max_rows.
+            ds = load_prepared(cfg.data, split)
+            datasets.append(ds.limit(cfg.max_rows) if cfg.max_rows else ds)
+        ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]  # one actor pool
+        call_rows = cfg.call_rows
     # Ray Data touch-point: an actor pool of `concurrency` EvalWorkers, each holding one model (one GPU each
     # when there are GPUs; a fraction of a CPU otherwise, so a whole CPU is left to the read tasks).
     predicted = ds.map_batches(
@@ -399,9 +467,11 @@ def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
             "embedding_cache": str(cfg.embedding_cache) if cfg.embedding_cache else None,
             "max_new_tokens_by": cfg.max_new_tokens_by,
         },
-        batch_size=cfg.call_rows,
+        batch_size=call_rows,  # None: a whole block, i.e. one dealt call
         batch_format="pyarrow",
-        concurrency=concurrency,
+        # One call at a time per actor: a call is minutes of work on a CPU, and an actor that started first took
+        # both of two calls while the other sat idle (2026-11-30: 198 s against 118 s).
+        compute=ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=1),
         num_gpus=1 if gpus else 0,
         num_cpus=1 if gpus else cfg.cpus_per_actor,
     )
@@ -414,8 +484,6 @@ def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
 
 
 def _iter_outputs_local(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
-    from medplib.data.prepared import iter_prepared_rows
-
     worker = EvalWorker(
         cfg.model,
         seed=cfg.seed,
@@ -429,21 +497,9 @@ def _iter_outputs_local(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
         embedding_cache=str(cfg.embedding_cache) if cfg.embedding_cache else None,
         max_new_tokens_by=cfg.max_new_tokens_by,
     )
-    for split in cfg.splits:
-        rows = iter_prepared_rows(cfg.data, split, batch_rows=cfg.call_rows)
-        if cfg.sample == "stratified":
-            chosen = set(selected_ids(cfg, split))
-            rows = (r for r in rows if r["sample_id"] in chosen)
-        taken = 0
-        while cfg.max_rows is None or taken < cfg.max_rows:
-            room = cfg.call_rows if cfg.max_rows is None else min(cfg.call_rows, cfg.max_rows - taken)
-            chunk = [row for _, row in zip(range(room), rows, strict=False)]
-            if not chunk:
-                break
-            taken += len(chunk)
-            table = worker(pa.Table.from_pylist(chunk))
-            for row in table.to_pylist():
-                yield row["record_json"], row["pred_masks_png"] or []
+    for call in _calls(cfg, 1):
+        for row in worker(pa.Table.from_pylist(call)).to_pylist():
+            yield row["record_json"], row["pred_masks_png"] or []
 
 
 # -------------------------------------------------------------------------------------------------- metrics

@@ -442,6 +442,7 @@ def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
         # rows whichever actor takes it, so its generate batches, and their bf16 rounding, are the same every run.
         calls = [pa.Table.from_pylist(call) for call in _calls(cfg, concurrency)]
         ds, call_rows = ray.data.from_arrow(calls), None
+        concurrency = min(concurrency, len(calls))  # no actor, no model load, without a call to make
     else:
         datasets = []
         for split in cfg.splits:
@@ -450,6 +451,8 @@ def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
             datasets.append(ds.limit(cfg.max_rows) if cfg.max_rows else ds)
         ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]  # one actor pool
         call_rows = cfg.call_rows
+        if cfg.max_rows:
+            concurrency = min(concurrency, math.ceil(len(cfg.splits) * cfg.max_rows / call_rows))
     # Ray Data touch-point: an actor pool of `concurrency` EvalWorkers, each holding one model (one GPU each
     # when there are GPUs; a fraction of a CPU otherwise, so a whole CPU is left to the read tasks).
     predicted = ds.map_batches(

@@ -462,7 +462,7 @@ class MedPLIB(nn.Module):
         seg_hidden: list[list[torch.Tensor]] = [[] for _ in range(b)]
         last_hidden: list[torch.Tensor | None] = [None] * b
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        rows = torch.arange(b, device=self.device)  # the batch row of each row still decoding
+        decoding = torch.arange(b, device=self.device)  # the input row of each row of the batch
         step_emb, step_pos = emb, positions
         for _ in range(max_new_tokens):
             h = decoder(
@@ -475,7 +475,7 @@ class MedPLIB(nn.Module):
             logits = head(h).float()
             nxt = self._pick(logits, temperature, top_p, generator)
             step: list[int | None] = [None] * b
-            for k, i in enumerate(rows.tolist()):
+            for k, i in enumerate(decoding.tolist()):
                 if done[i]:
                     continue
                 t = int(nxt[k])
@@ -491,13 +491,14 @@ class MedPLIB(nn.Module):
                 done[i] = True
             if bool(done.all()):
                 break
-            live = ~done[rows]
-            if 2 * int(live.sum()) <= len(rows):
+            live = ~done[decoding]
+            if 2 * int(live.sum()) <= len(decoding):
                 # Half the rows have finished: drop them from the batch. One babbled 112-token answer had kept
                 # 31 finished rows decoding pad for ~100 steps (123 ms a step at 32 rows on 2 CPU threads).
                 keep = live.nonzero().flatten()
                 cache.batch_select_indices(keep)
-                rows, nxt, am, step_pos, live = rows[keep], nxt[keep], am[keep], step_pos[keep], live[keep]
+                decoding, nxt, am, live = decoding[keep], nxt[keep], am[keep], live[keep]
+                step_pos = step_pos[keep]
             nxt = torch.where(live, nxt, torch.full_like(nxt, self.ids.pad))
             step_emb = self.llm.get_input_embeddings()(nxt)[:, None]
             am = torch.cat([am, live.long()[:, None]], dim=1)

@@ -415,8 +415,8 @@ def _calls(cfg: EvalConfig, parts: int) -> Iterator[list[dict[str, Any]]]:
 def actor_count(cfg: EvalConfig, gpus: bool) -> int:
     """`concurrency`, else one actor per GPU, or on a CPU-only cluster one per CPU core (at most 8: each holds a
     model), each decoding on one thread: on 2 cores two 1-thread actors, each with half of the untrained `small`
-    model's 189 rows, took 106 s where one 2-thread process took 126 s (2026-11-30; decoding a small model is
-    bound by Python and by thread hand-offs more than by arithmetic)."""
+    model's 189 rows, took 116 s where one 2-thread process took 124 s, start-up included (2026-11-30; decoding
+    a small model is bound by Python and by thread hand-offs more than by arithmetic)."""
     import ray
 
     if cfg.concurrency:
@@ -454,7 +454,7 @@ def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
         if cfg.max_rows:
             concurrency = min(concurrency, math.ceil(len(cfg.splits) * cfg.max_rows / call_rows))
     # Ray Data touch-point: an actor pool of `concurrency` EvalWorkers, each holding one model (one GPU each
-    # when there are GPUs; a fraction of a CPU otherwise, so a whole CPU is left to the read tasks).
+    # when there are GPUs; otherwise `cpus_per_actor`, half a CPU, so CPU is left to the read tasks).
     predicted = ds.map_batches(
         EvalWorker,
         fn_constructor_kwargs={

@@ -665,7 +665,9 @@ def test_rows_are_dealt_to_actors_by_image_and_evenly():
     assert deal_by_image(rows, 1) == [rows]
 
 
-def test_a_stratified_sample_on_two_actors_answers_as_one_process(ray_local, prepared: Path, tmp_path):
+def test_a_stratified_sample_on_two_actors_answers_as_one_process(
+    ray_local, prepared: Path, tmp_path, caplog
+):
     fields = dict(
         model="tiny",
         data=prepared,
@@ -675,7 +677,9 @@ def test_a_stratified_sample_on_two_actors_answers_as_one_process(ray_local, pre
         per_kind={"grounding": 2, "vqa": 1},
     )
     local = evaluate(out=tmp_path / "local", engine="local", **fields)
-    pool = evaluate(out=tmp_path / "pool", engine="ray", concurrency=2, **fields)
+    with caplog.at_level("INFO", logger="workflows.eval.evaluate"):
+        pool = evaluate(out=tmp_path / "pool", engine="ray", concurrency=2, **fields)
+    assert "eval: 2 actor(s) on CPU" in caplog.text  # the sample was dealt into two calls, one per actor
 
     def records(result):
         return [json.loads(line) for line in result.predictions_path.read_text().splitlines()]

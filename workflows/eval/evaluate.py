@@ -290,7 +290,8 @@ def _row_result(
 
 # ------------------------------------------------------------------------------------------------ the worker
 class EvalWorker:
-    """A Ray Data actor (`map_batches(EvalWorker, concurrency=N)`): builds one model, then predicts batches.
+    """A Ray Data actor (`map_batches(EvalWorker, compute=ActorPoolStrategy(...))`): builds one model, then predicts
+    batches.
 
     Input: an Arrow batch of prepared rows; output: `OUTPUT_SCHEMA` (record JSON + predicted mask PNGs).
     """
@@ -426,6 +427,23 @@ def actor_count(cfg: EvalConfig, gpus: bool) -> int:
     return max(1, min(8, int(ray.cluster_resources().get("CPU", 1))))
 
 
+def _worker_kwargs(cfg: EvalConfig, gpus: bool, tracking_uri: str | None) -> dict[str, Any]:
+    """What an `EvalWorker` is built with, in an actor or in this process."""
+    return dict(
+        model=cfg.model,
+        seed=cfg.seed,
+        dtype=cfg.dtype,
+        use_gpu=gpus,
+        max_new_tokens=cfg.max_new_tokens,
+        model_id=cfg.label,
+        batch_size=cfg.batch_size,
+        tracking_uri=tracking_uri,
+        teacher_forced=cfg.teacher_forced,
+        embedding_cache=str(cfg.embedding_cache) if cfg.embedding_cache else None,
+        max_new_tokens_by=cfg.max_new_tokens_by,
+    )
+
+
 def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
     import ray
 
@@ -457,19 +475,7 @@ def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
     # when there are GPUs; otherwise `cpus_per_actor`, half a CPU, so CPU is left to the read tasks).
     predicted = ds.map_batches(
         EvalWorker,
-        fn_constructor_kwargs={
-            "model": cfg.model,
-            "seed": cfg.seed,
-            "dtype": cfg.dtype,
-            "use_gpu": gpus,
-            "max_new_tokens": cfg.max_new_tokens,
-            "model_id": cfg.label,
-            "batch_size": cfg.batch_size,
-            "tracking_uri": tracking_uri,
-            "teacher_forced": cfg.teacher_forced,
-            "embedding_cache": str(cfg.embedding_cache) if cfg.embedding_cache else None,
-            "max_new_tokens_by": cfg.max_new_tokens_by,
-        },
+        fn_constructor_kwargs=_worker_kwargs(cfg, gpus, tracking_uri),
         batch_size=call_rows,  # None: a whole block, i.e. one dealt call
         batch_format="pyarrow",
         # One call at a time per actor: a call is minutes of work on a CPU, and an actor that started first took
@@ -487,19 +493,7 @@ def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
 
 
 def _iter_outputs_local(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
-    worker = EvalWorker(
-        cfg.model,
-        seed=cfg.seed,
-        dtype=cfg.dtype,
-        use_gpu=_want_gpus(cfg),
-        max_new_tokens=cfg.max_new_tokens,
-        model_id=cfg.label,
-        batch_size=cfg.batch_size,
-        tracking_uri=cfg.tracking_uri,
-        teacher_forced=cfg.teacher_forced,
-        embedding_cache=str(cfg.embedding_cache) if cfg.embedding_cache else None,
-        max_new_tokens_by=cfg.max_new_tokens_by,
-    )
+    worker = EvalWorker(**_worker_kwargs(cfg, _want_gpus(cfg), cfg.tracking_uri))
     for call in _calls(cfg, 1):
         for row in worker(pa.Table.from_pylist(call)).to_pylist():
             yield row["record_json"], row["pred_masks_png"] or []

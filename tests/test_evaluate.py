@@ -600,6 +600,23 @@ def test_question_only_baseline_is_the_majority_closed_answer_per_kind():
     assert majority_answers(rows) == {"presence": "no", "plane": "axial", "vqa": "ct"}
 
 
+def test_closed_answers_per_kind_report_the_models_most_common_answer_and_its_share():
+    records = [
+        {**_record("region_vqa", "mri", "closed", gt, text), "kind": "hemisphere"}
+        for gt, text in [("Left.", "Left."), ("Right.", "left"), ("Right.", "Left."), ("Left.", "Left")]
+    ] + [
+        {**_record("vqa", "mri", "closed", gt, text), "kind": "plane"}
+        for gt, text in [("Axial.", "Axial."), ("Coronal.", "Sagittal."), ("Axial.", "coronal")]
+    ]
+    vqa = split_metrics(records, baseline={"hemisphere": "right", "plane": "axial"})["vqa"]
+    hemisphere, plane = vqa["closed_by_kind"]["hemisphere"], vqa["closed_by_kind"]["plane"]
+    # One answer whatever the image: its accuracy (0.5) is the answer prior's, as the baseline's is.
+    assert (hemisphere["top_answer"], hemisphere["top_answer_share"]) == ("left", 1.0)
+    assert (hemisphere["accuracy"], hemisphere["baseline"]) == (0.5, 0.5)
+    assert plane["top_answer_share"] == pytest.approx(1 / 3) and plane["accuracy"] == pytest.approx(1 / 3)
+    assert vqa["closed_top_answer_share"] == pytest.approx((1.0 + 1 / 3) / 2)
+
+
 def test_stratified_eval_scores_teacher_forced_masks_and_a_baseline(prepared: Path, tmp_path):
     result = evaluate(
         model="tiny",
@@ -737,3 +754,42 @@ def test_stage_samples_decode_within_the_eval_budgets_and_fill_the_encoder_cache
     # the random model babbles on an open question, and stops at the grounding budget on a grounding one
     assert tokens[0] <= 1 < tokens[1]
     assert list(cache.rglob("*.npy"))
+
+
+def test_the_first_stage_measures_feature_norm_on_its_images_through_the_encoder_cache(prepared, tmp_path):
+    """`vision.feature_norm` (a sam_encoder tower on tiny shapes): `fit_feature_norm` encodes each image of the
+    stage once into the pipeline's cache, where the stage will find them, and the statistics are those of their
+    pooled features."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    from medplib.model.config import configs_dir, load_model_config
+    from workflows.data.prepared import row_index
+    from workflows.pipeline import fit_feature_norm, preset_start
+    from workflows.train.config import load_stage_config
+    from workflows.train.stage import stage_images
+
+    base = load_model_config("tiny").model_dump(mode="json")
+    base["vision"].update(
+        kind="sam_encoder", image_size_px=64, patch_size_px=32, normalization="min_max", pad_mode="corner"
+    )
+    base["vision"]["feature_norm"] = True
+    base["sam"].update(normalization="min_max", pad_mode="corner")
+    preset = tmp_path / "tiny-sam-tower.yaml"
+    preset.write_text(yaml.safe_dump(base))
+    stage = load_stage_config(configs_dir() / "stages" / "tiny" / "vl.yaml").model_copy(
+        update={"preset": str(preset), "image_pool": None}
+    )
+    model = preset_start(stage)
+    cfg = SimpleNamespace(data=SimpleNamespace(train_split="test"), workdir_path=tmp_path / "work")
+    ctx = SimpleNamespace(cfg=cfg, prepared=prepared, rows=row_index(prepared, "test"), use_gpu=False)
+    fit_feature_norm(model, ctx, stage)
+    cached = sorted((tmp_path / "work" / "embeddings").rglob("*.npy"))
+    assert len(cached) == len({r.image for r in ctx.rows if r.image in stage_images(stage, ctx.rows)}) > 1
+    pooled = model.vision_tower.pool(
+        torch.stack([torch.from_numpy(np.load(p).astype(np.float32)) for p in cached])
+    )
+    flat = pooled.reshape(-1, pooled.shape[-1])
+    assert torch.allclose(model.feature_norm.mean, flat.mean(0), atol=1e-5)
+    assert torch.allclose(model.feature_norm.std, flat.std(0).clamp_min(1e-6), atol=1e-5)

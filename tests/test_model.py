@@ -636,3 +636,49 @@ def test_frozen_linears_in_bf16_give_the_autocast_loss(all_tasks, tiny_model, ma
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         after = tiny_model(batch)["loss"]
     torch.testing.assert_close(after, before, rtol=1e-3, atol=1e-3)
+
+
+def test_feature_norm_standardises_what_the_projector_and_the_region_adapter_read(
+    tiny_cfg, rng_image, make_batch, tmp_path
+):
+    """`vision.feature_norm`: built with the random draws of the model without it; once fitted, the image tokens
+    are the projector of the standardised features and the region token the adapter of their region mean; the
+    statistics are saved with the weights."""
+    from medplib.model.medplib import MedPLIB
+
+    normed = tiny_cfg.model_copy(update={"vision": tiny_cfg.vision.model_copy(update={"feature_norm": True})})
+    torch.manual_seed(0)
+    model = MedPLIB(normed)
+    torch.manual_seed(0)
+    plain = MedPLIB(tiny_cfg)
+    assert torch.equal(model.region_fea_adapter.weight, plain.region_fea_adapter.weight)
+    h, w = rng_image.shape[:2]
+    sample = _sample("What is at <region></region>?", "A blob.")
+    batch = make_batch(model, [(sample, rng_image, [], [_mask(h, w, 10, 30, 2, 20)])])
+    raw = model.patch_features(batch)
+    model.feature_norm.fit(raw)
+    flat = model.feature_norm(raw).reshape(-1, raw.shape[-1])
+    assert torch.allclose(flat.mean(0), torch.zeros(flat.shape[1]), atol=1e-4)
+    assert torch.allclose(flat.std(0), torch.ones(flat.shape[1]), atol=1e-3)
+    with torch.no_grad():
+        emb = model.embed(batch)
+        ids = batch["input_ids"]
+        expected = model.mm_projector((raw - model.feature_norm.mean) / model.feature_norm.std)
+        assert torch.allclose(emb[ids == model.ids.image], expected.reshape(-1, emb.shape[-1]), atol=1e-5)
+        region = emb[ids == model.ids.region_feature]
+        assert not torch.allclose(region, plain.embed(batch)[ids == plain.ids.region_feature])
+    model.save_pretrained(tmp_path / "m")
+    loaded = MedPLIB.from_pretrained(tmp_path / "m")
+    assert torch.equal(loaded.feature_norm.mean, model.feature_norm.mean)
+    assert torch.equal(loaded.feature_norm.std, model.feature_norm.std)
+
+
+def test_feature_norm_refuses_a_pretrained_projector(tiny_cfg, tmp_path):
+    from medplib.model.medplib import MedPLIB
+
+    torch.manual_seed(0)
+    projector = MedPLIB(tiny_cfg).mm_projector
+    torch.save({f"model.mm_projector.{k}": v for k, v in projector.state_dict().items()}, tmp_path / "p.bin")
+    vision = tiny_cfg.vision.model_copy(update={"feature_norm": True})
+    with pytest.raises(ValueError, match="feature_norm"):
+        MedPLIB(tiny_cfg.model_copy(update={"vision": vision, "projector_weights": str(tmp_path / "p.bin")}))

@@ -124,6 +124,7 @@ def test_full_pipeline_tracked_in_mlflow(base_cfg: PipelineConfig, first_run) ->
         result.parent_run_id,
         "grounding mDice",
         "closed accuracy",
+        "closed: top answer's share",
         "open F1",
         "report.html",
         "mlflow ui --backend-store-uri",

@@ -18,6 +18,7 @@ import logging
 import math
 import re
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -567,7 +568,9 @@ def _vqa_summary(
     records: Sequence[dict[str, Any]], baseline: dict[str, str] | None = None, keep_modality: bool = False
 ) -> dict[str, Any] | None:
     """`vqa_scores` of the VQA and region-VQA rows, the question-only baseline's closed accuracy on the same rows
-    (the train split's majority answer of each kind) and closed accuracy per kind."""
+    (the train split's majority answer of each kind) and closed accuracy per kind, with the model's most common
+    answer of the kind and its share: a share of 1.0 is one answer whatever the image, so accuracy there is the
+    answer prior's, however high. `closed_top_answer_share` is the mean share over the kinds."""
     if not records:
         return None
     scores = vqa_scores(records)
@@ -583,16 +586,21 @@ def _vqa_summary(
 
     if baseline is not None and closed:
         scores["baseline_closed_accuracy"] = float(np.mean([correct(r, baseline_of(r)) for r in closed]))
-    scores["closed_by_kind"] = {
-        kind: {
+    by_kind = {}
+    for kind, idx in sorted(group_indices(r.get("kind") or r["task"] for r in closed).items()):
+        top, count = Counter(normalize_answer(closed[i]["text"]) for i in idx).most_common(1)[0]
+        by_kind[kind] = {
             "n": len(idx),
             "accuracy": float(np.mean([correct(closed[i], closed[i]["text"]) for i in idx])),
             "baseline": float(np.mean([correct(closed[i], baseline_of(closed[i])) for i in idx]))
             if baseline is not None
             else None,
+            "top_answer": top,
+            "top_answer_share": count / len(idx),
         }
-        for kind, idx in sorted(group_indices(r.get("kind") or r["task"] for r in closed).items())
-    }
+    scores["closed_by_kind"] = by_kind
+    if by_kind:
+        scores["closed_top_answer_share"] = float(np.mean([v["top_answer_share"] for v in by_kind.values()]))
     return scores
 
 

@@ -405,12 +405,15 @@ def _kinds_html(section: dict[str, Any]) -> str:
     closed = (section.get("vqa") or {}).get("closed_by_kind") or {}
     if closed:
         rows = "".join(
-            f"<tr><td>{_text(k)}</td>{_int(v.get('n'))}{_num(v.get('accuracy'))}{_num(v.get('baseline'))}</tr>"
+            f"<tr><td>{_text(k)}</td>{_int(v.get('n'))}{_num(v.get('accuracy'))}{_num(v.get('baseline'))}"
+            f"<td>{_text(v.get('top_answer') or '')}</td>{_num(v.get('top_answer_share'))}</tr>"
             for k, v in closed.items()
         )
         out.append(
-            "<h3>Closed questions by kind</h3><table><tr><th>kind</th><th>n</th><th>accuracy</th>"
-            f"<th>question-only baseline</th></tr>{rows}</table>"
+            "<h3>Closed questions by kind</h3><p>A most common answer at 100% is one answer whatever the image: "
+            "its accuracy is the answer prior's.</p><table><tr><th>kind</th><th>n</th><th>accuracy</th>"
+            "<th>question-only baseline</th><th>model's most common answer</th><th>its share %</th></tr>"
+            f"{rows}</table>"
         )
     return "".join(out)
 

@@ -205,44 +205,6 @@ def preset_start(stage: StageConfig):
     return MedPLIB(dense(load_model_config(stage.preset)))
 
 
-def fit_feature_norm(model, ctx: _Context, stage: StageConfig) -> None:
-    """`model.feature_norm`'s statistics, from the patch features of every image the first stage trains on (its
-    `image_pool`). The images go through the pipeline's encoder cache, which the stage reads next: their
-    encoding moves from the stage's worker to here instead of happening twice."""
-    import torch
-
-    from medplib.data.batch import collate
-    from medplib.data.prepared import iter_prepared_rows
-    from medplib.data.rows import row_to_encoded
-    from medplib.model.embedding_cache import EmbeddingCache
-    from workflows.train.stage import resolve_precision, stage_images
-
-    started = time.perf_counter()
-    images = stage_images(stage, ctx.rows)
-    encoded, seen = [], set()
-    for row in iter_prepared_rows(ctx.prepared, ctx.cfg.data.train_split):
-        if row["image_path"] in images and row["image_path"] not in seen:
-            seen.add(row["image_path"])
-            encoded.append(row_to_encoded(row, model.cfg.vision.image_size_px))
-    if not encoded:
-        raise ValueError(f"stage {stage.stage} has no training image to measure vision.feature_norm on")
-    if model.cfg.vision.kind == "sam_encoder":
-        autocast = resolve_precision(stage, ctx.use_gpu) == "bf16-mixed"  # the stage's key into the cache
-        EmbeddingCache(embedding_cache_dir(ctx.cfg), model, autocast=autocast).fill(encoded)
-    with torch.no_grad():
-        features = [
-            model.patch_features(collate(encoded[i : i + 16], model.cfg, model.ids.pad))
-            for i in range(0, len(encoded), 16)
-        ]
-    model.feature_norm.fit(torch.cat(features))
-    log.info(
-        "== stage %s: vision.feature_norm measured on %d training images in %.1f s",
-        stage.stage,
-        len(encoded),
-        time.perf_counter() - started,
-    )
-
-
 def _init_model(ctx: _Context, name: StageName, stage_dir: Path) -> Path:
     """The stage's starting model in `stage_dir/init_model` (built once; inputs come through the registry)."""
     from workflows.train.stage import build_moe_init, save_model_atomic
@@ -254,8 +216,6 @@ def _init_model(ctx: _Context, name: StageName, stage_dir: Path) -> Path:
     alias = latest_alias(cfg.name)
     if not cfg.stage_inputs(name):  # the first stage: the preset
         model = preset_start(stage)
-        if model.feature_norm is not None:
-            fit_feature_norm(model, ctx, stage)
         if model.projector_source is None:
             log.warning(
                 "== stage %s STARTS FROM A RANDOM PROJECTOR: the LLM sees nothing of the image until %s. Give the "

@@ -84,12 +84,6 @@ class VisionConfig(_Strict):
     normalization: Literal["mean_std", "min_max"] = Field(
         "mean_std", description="pixel scaling of the view; see `SAMConfig.normalization`"
     )
-    feature_norm: bool = Field(
-        False,
-        description="standardise each channel of the patch features before the projector and the region "
-        "adapter, with a mean and std the first stage measures on its training images (kept in the weights "
-        "file). For encoders whose features share one large vector at every position, as LiteMedSAM's do",
-    )
 
     @field_validator("weights")
     @classmethod

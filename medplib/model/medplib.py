@@ -37,7 +37,7 @@ from medplib.model.losses import box_loss, mask_losses, next_token_ce
 from medplib.model.moe import convert_to_moe, moe_layers
 from medplib.model.packaged import resolve_weights
 from medplib.model.sam import SAM
-from medplib.model.vision import FeatureNorm, build_projector, build_vision_tower
+from medplib.model.vision import build_projector, build_vision_tower
 from medplib.tokenizer import SpecialIds, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -142,15 +142,8 @@ class MedPLIB(nn.Module):
         self.vision_tower = build_vision_tower(cfg, self.sam.image_encoder, vision_config)
         self.vision_tower.requires_grad_(False)
         vdim = self.vision_tower.hidden_size
-        # Buffers only: the random draws of the heads below are those of a model without it.
-        self.feature_norm = FeatureNorm(vdim) if cfg.vision.feature_norm else None
         self.mm_projector = build_projector(cfg.projector, vdim, hidden)
         self.projector_source = self._load_projector()
-        if self.feature_norm is not None and self.projector_source is not None:
-            raise ValueError(
-                f"vision.feature_norm standardises the features a random projector learns from; the projector "
-                f"loaded from {self.projector_source} was trained on raw ones: turn one of them off"
-            )
         # Region features are pooled from pre-projector patch features (upstream: Linear(1024, 4096)).
         self.region_fea_adapter = nn.Linear(vdim, hidden)
         if cfg.region.position:
@@ -234,11 +227,16 @@ class MedPLIB(nn.Module):
         emb = self.llm.get_input_embeddings()(ids)
         if not self.input_token_grad:
             emb = emb.detach()
-        if not batch["has_image"].any():
+        has_image = batch["has_image"]
+        if not has_image.any():
             return emb
-        feats = self.patch_features(batch)
-        if self.feature_norm is not None:
-            feats = self.feature_norm(feats)
+        if self.cfg.vision.kind == "sam_encoder":
+            feats = self.vision_tower.pool(
+                self.sam_embeddings(batch, torch.nonzero(has_image).flatten().tolist())
+            )
+        else:
+            with torch.no_grad():
+                feats = self.vision_tower(batch["pixel_values"][has_image].to(self.device, self.dtype))
         image_pos = ids == self.ids.image
         projected = self.mm_projector(feats.to(self.dtype))
         if int(image_pos.sum()) != projected.shape[0] * projected.shape[1]:
@@ -256,16 +254,6 @@ class MedPLIB(nn.Module):
                 )
             emb = emb.masked_scatter(region_pos[..., None], region_feats.to(emb.dtype))
         return emb
-
-    def patch_features(self, batch: dict) -> torch.Tensor:
-        """(images, grid*grid, C) frozen patch features of the batch's images, before `feature_norm`."""
-        has_image = batch["has_image"]
-        if self.cfg.vision.kind == "sam_encoder":
-            return self.vision_tower.pool(
-                self.sam_embeddings(batch, torch.nonzero(has_image).flatten().tolist())
-            )
-        with torch.no_grad():
-            return self.vision_tower(batch["pixel_values"][has_image].to(self.device, self.dtype))
 
     def _region_features(self, batch: dict, feats: torch.Tensor) -> torch.Tensor | None:
         image_row = torch.cumsum(batch["has_image"].long(), 0) - 1

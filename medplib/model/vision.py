@@ -3,7 +3,6 @@
 * `ClipVisionTower`: LLaVA-1.5's CLIP ViT patch features (the paper's `7b` preset).
 * `SamEncoderVisionTower`: the SAM image encoder's embedding average-pooled to a token grid; it owns no weights
   and borrows `sam.image_encoder` (the `small` preset, where no CLIP ships offline but LiteMedSAM does).
-* `FeatureNorm`: the optional per-channel standardisation of either tower's features (`vision.feature_norm`).
 """
 
 from __future__ import annotations
@@ -83,28 +82,3 @@ def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
     if kind == "mlp2x_gelu":
         return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
     raise ValueError(f"unknown projector {kind!r}; use 'mlp2x_gelu' or 'linear'")
-
-
-class FeatureNorm(nn.Module):
-    """Per-channel standardisation of patch features (`VisionConfig.feature_norm`): `(x - mean) / std`, with the
-    statistics `fit` measured on training images and kept as buffers, so they travel in the weights file.
-
-    Why: LiteMedSAM's embedding pooled to the 8 x 8 grid shares one vector at every position (the channel mean
-    is 0.82 of a token's norm; tokens of an image have cosine 0.83 to their mean). A random-init projector
-    passed that on: the trained `small` vl model's 64 image tokens had cosine 0.99 to their mean and its region
-    tokens 0.93 to each other's, so the LLM saw nearly the same image every time (2026-11-30, 8 val rows). With
-    the features standardised: 0.56 and 0.62."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("std", torch.ones(dim))
-
-    def fit(self, features: torch.Tensor) -> None:
-        """Measure the statistics on (..., dim) features, e.g. every patch token of a set of images."""
-        flat = features.reshape(-1, features.shape[-1]).float()
-        self.mean.copy_(flat.mean(0))
-        self.std.copy_(flat.std(0).clamp_min(1e-6))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return (features - self.mean.to(features.dtype)) / self.std.to(features.dtype)

@@ -653,11 +653,6 @@ def epoch_cutoff(
     return positions[needed] if needed < len(positions) else None
 
 
-def stage_images(stage: StageConfig, rows: list[RowInfo]) -> set[str]:
-    """The images of the rows a stage may train on (those of its `image_pool` when it has one)."""
-    return {r.image for r in _stage_candidates(stage, rows) if r.image is not None}
-
-
 def _stage_candidates(stage: StageConfig, rows: list[RowInfo]) -> list[RowInfo]:
     candidates = [r for r in rows if r.task in stage.tasks and r.length <= stage.max_length]
     if stage.image_pool is None:

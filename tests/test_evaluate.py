@@ -401,6 +401,7 @@ def test_comparison_report_before_and_after(local_eval, tmp_path: Path):
     metrics = json.loads(local_eval.metrics_path.read_text())
     metrics["model_id"] = "untrained"
     metrics["splits"]["test"]["grounding"]["mDice"] = 0.0
+    metrics["splits"]["test"]["vqa"]["closed_top_answer_share"] = 1.0
     del metrics["splits"]["test_xsubject"]
     (before / "metrics.json").write_text(json.dumps(metrics))
 
@@ -412,6 +413,10 @@ def test_comparison_report_before_and_after(local_eval, tmp_path: Path):
     row = next(r for r in comparison["splits"]["test"]["rows"] if r["label"] == "Grounding mDice")
     after_dice = local_eval.metrics["splits"]["test"]["grounding"]["mDice"]
     assert row["before"] == 0.0 and row["delta"] == pytest.approx(after_dice)
+    # The pipeline's table prints the closed answers' top-answer share; so does the before/after page.
+    share = next(r for r in comparison["splits"]["test"]["rows"] if r["key"] == "closed_top_answer_share")
+    after_share = local_eval.metrics["splits"]["test"]["vqa"]["closed_top_answer_share"]
+    assert share["before"] == 1.0 and share["after"] == pytest.approx(after_share)
     assert any(r["label"].startswith("mri: ") for r in comparison["splits"]["test"]["rows"])
     assert (tmp_path / "cmp" / "plots" / "comparison_test.png").is_file()
     assert "untrained" in html_path.read_text() and "base64," in html_path.read_text()

@@ -53,6 +53,7 @@ KEY_METRICS = (
     ("grounding", "cIoU", "Grounding cIoU"),
     ("vqa", "closed_accuracy", "VQA closed accuracy"),
     ("vqa", "baseline_closed_accuracy", "VQA closed accuracy, question-only baseline"),
+    ("vqa", "closed_top_answer_share", "VQA closed, the most common answer's share (mean over kinds)"),
     ("vqa", "open_f1", "VQA open token F1"),
     ("vqa", "open_recall", "VQA open recall"),
     ("vqa", "open_bleu_1", "VQA open BLEU-1"),

@@ -31,6 +31,9 @@ def init_ray(address: str | None = None, *, include_dashboard: bool | None = Fal
 
     if ray.is_initialized():
         return
+    from medplib.allocator import tune_allocator
+
+    tune_allocator()  # before a local cluster starts: its raylet and workers inherit the settings
     # "local", not None: a plain ray.init() would join any `ray start` cluster recorded in /tmp/ray.
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=include_dashboard)
     log.debug("Ray: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")})

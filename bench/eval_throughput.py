@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from bench.common import print_figures
+from medplib.allocator import tune_allocator
 from medplib.data.image import load_image
 from medplib.inference import Predictor
 
@@ -46,6 +47,7 @@ def main() -> None:
         help="preset (untrained) or a model directory, e.g. a pipeline's moe export",
     )
     args = ap.parse_args()
+    tune_allocator()  # as the pipeline's eval actors run: they start with these allocator settings
     torch.set_num_threads(2)
     torch.manual_seed(0)
     predictor = Predictor.from_pretrained(args.model)

@@ -1,15 +1,15 @@
 """glibc malloc settings for tensor work on CPU, for this process (`mallopt`) and the ones it starts (environment).
 
-glibc serves a large block (above 128 KiB to 32 MiB, and anything over 64 MiB in a thread's arena) with a fresh
-`mmap` and unmaps it when freed, so a tensor of that size allocated again next step page-faults in and zeroes
-every 4 KiB page once more. A training step of `small` did that ~149,000 times (~0.6 GB, 0.28 s of kernel time
-in a 1.4 s step), and batched decoding, which grows the KV cache a token at a time, spent a quarter of its CPU
-there. With mmap off, freed blocks stay in the process's heap for the next step. Measured 2026-11-30 on the
-2-core box, each pair in one sitting: `bench.eval_throughput --rows 16` (the untrained `small` preset, bf16)
-2.95 -> 5.28 rows/s at batch 16, kernel time 24 -> 1.4 s, peak memory +4%; 16 replayed vl steps 1.37 -> 1.26 s
-a step, peak memory 2.5 -> 3.1 GB. One arena: Ray Train runs the training loop in a thread, whose own arena
-still mmaps every block over 64 MiB (the vocabulary-sized matrices); in the vl stage's Ray Train worker the
-page faults went 87,000 -> 25,000 a second.
+glibc maps a block above its mmap threshold (128 KiB, rising to 32 MiB at most as such blocks are freed; in a
+thread's arena also any block over 64 MiB) fresh and unmaps it when freed, so a tensor of that size allocated
+again next step page-faults in and zeroes every 4 KiB page once more. A training step of `small` did that
+~149,000 times (~0.6 GB, 0.28 s of kernel time in a 1.4 s step). With mmap off, freed blocks stay in the
+process's heap for the next step. Measured 2026-11-30 on the 2-core box, each pair in one sitting:
+`bench.eval_throughput --rows 16` (the untrained `small` preset, bf16) 2.95 -> 5.28 rows/s at batch 16, its CPU
+134 -> 99 s (kernel time 24 -> 1.4 s: batched decoding grows its KV cache a token at a time), peak memory +4%;
+16 replayed vl steps 1.37 -> 1.26 s a step, peak memory 2.5 -> 3.1 GB. One arena: Ray Train runs the training
+loop in a thread, whose own arena still maps every block over 64 MiB (the vocabulary-sized matrices); in the vl
+stage's Ray Train worker the page faults went 87,000 -> 25,000 a second.
 
 The price is memory: a block is reused only once a free hole fits it, so the heap grows before it settles (a
 96 MiB tensor made and freed in a loop: 8 holes, 990 MiB, before the faults stopped). On a machine with a CUDA
@@ -25,14 +25,14 @@ import os
 
 log = logging.getLogger(__name__)
 
-# glibc reads these when a process starts; `tune_allocator` applies them to the process already running too.
-ALLOCATOR_ENV = {
-    "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
-    "MALLOC_ARENA_MAX": "1",
+# variable -> (value, its mallopt(3) parameter number from malloc.h)
+_SETTINGS = {
+    "MALLOC_MMAP_MAX_": ("0", -4),
+    "MALLOC_TRIM_THRESHOLD_": (str(1 << 30), -1),
+    "MALLOC_ARENA_MAX": ("1", -8),
 }
-# mallopt(3) parameter numbers, malloc.h
-_MALLOPT = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_MMAP_MAX_": -4, "MALLOC_ARENA_MAX": -8}
+# glibc reads these when a process starts; `tune_allocator` applies them to the process already running too.
+ALLOCATOR_ENV = {key: value for key, (value, _) in _SETTINGS.items()}
 
 
 def tune_allocator() -> bool:
@@ -51,7 +51,7 @@ def tune_allocator() -> bool:
     if not hasattr(libc, "mallopt"):
         log.debug("no mallopt in this C library: allocator settings left to the environment")
         return False
-    for key, param in _MALLOPT.items():
+    for key, (_, param) in _SETTINGS.items():
         try:
             value = int(os.environ[key])
         except ValueError:

@@ -140,3 +140,31 @@ def test_folding_tinyvits_batch_norms_keeps_its_embedding():
     pixels = torch.nn.functional.interpolate(pixels, size=(256, 256))
     with torch.no_grad():
         torch.testing.assert_close(folded(pixels), encoder(pixels), atol=1e-3, rtol=1e-3)
+
+
+def test_fusing_tinyvits_conv_gelus_keeps_its_bf16_embedding():
+    """The copy's convolutions that GELU follows run fused (`fuse_conv_gelus`): every such pair is fused, none
+    other, and in bf16 the fused copy is as close to the fp32 encoder as the unfused copy."""
+    import copy
+
+    from medplib.model.embedding_cache import ConvGELU, fold_batch_norms, fuse_conv_gelus
+
+    encoder = small_sam_tiny_llm().sam.image_encoder
+    folded = fold_batch_norms(copy.deepcopy(encoder))
+    fused = fuse_conv_gelus(copy.deepcopy(folded))
+    # LiteMedSAM's TinyViT: PatchEmbed's first convolution, conv1 and conv2 of its two MBConv blocks and of its
+    # three PatchMerging blocks.
+    assert sum(isinstance(m, ConvGELU) for m in fused.modules()) == 11
+    gelus = sum(isinstance(m, torch.nn.GELU) for m in folded.modules())
+    # GELU modules gone: MBConv's act1 and act2 (4), PatchEmbed's (1), PatchMerging's shared act (3).
+    assert sum(isinstance(m, torch.nn.GELU) for m in fused.modules()) == gelus - 8
+    pixels = torch.from_numpy(mri_slice()).permute(2, 0, 1)[None].float() / 255.0
+    pixels = torch.nn.functional.interpolate(pixels, size=(256, 256))
+    with torch.no_grad():
+        reference = encoder(pixels)
+        errors = {}
+        for name, copy_ in (("unfused", folded), ("fused", fused)):
+            bf16 = copy_.to(torch.bfloat16, memory_format=torch.channels_last)
+            out = bf16(pixels.to(torch.bfloat16, memory_format=torch.channels_last)).float()
+            errors[name] = (out - reference).abs().mean().item()
+    assert 0 < errors["fused"] <= 1.1 * errors["unfused"], errors

@@ -324,7 +324,13 @@ def test_save_load_gives_identical_logits_and_masks(tmp_path, all_tasks, tiny_mo
         before = tiny_model(batch, all_logits=True)
         gen_before = tiny_model.generate(batch, max_new_tokens=4, segment=True)
     tiny_model.save_pretrained(tmp_path / "m")
+    random_state = torch.get_rng_state()
     loaded = MedPLIB.from_pretrained(tmp_path / "m").eval()
+    # Built without its random init (the file holds every weight), so loading draws nothing.
+    assert torch.equal(torch.get_rng_state(), random_state)
+    buffers = dict(loaded.named_buffers())  # non-persistent ones too: they are computed, never loaded
+    for name, buffer in tiny_model.named_buffers():
+        assert torch.equal(buffers[name], buffer), name
     with torch.no_grad():
         after = loaded(batch, all_logits=True)
         gen_after = loaded.generate(batch, max_new_tokens=4, segment=True)

@@ -111,3 +111,33 @@ def test_a_local_ray_cluster_started_by_init_ray_hands_the_settings_to_its_worke
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.splitlines()[-1]) == ALLOCATOR_ENV
+
+
+IN_PROCESS = {
+    # `medplib predict --model`: the model runs in the CLI's own process.
+    "predict": "from workflows.predict import local_predictor\nlocal_predictor('tiny')\n",
+    # `medplib eval --engine local`: the evaluation decodes in this process.
+    "eval": (
+        "import sys, tempfile\n"
+        "from medplib_datasets.toy import write_toy_prepared\n"
+        "from workflows.eval.evaluate import evaluate\n"
+        "work = tempfile.mkdtemp()\n"
+        "data = write_toy_prepared(work + '/prepared', 'tiny', {'val': 2})\n"
+        "evaluate(model='tiny', data=data, splits=['val'], out=work + '/eval', engine='local', max_new_tokens=2)\n"
+    ),
+}
+
+
+@linux_only
+@pytest.mark.parametrize("path", sorted(IN_PROCESS))
+def test_the_clis_in_process_model_paths_run_with_the_settings(path: str) -> None:
+    code = (
+        IN_PROCESS[path]
+        + f"import json, os\nprint(json.dumps({{k: os.environ.get(k) for k in {list(ALLOCATOR_ENV)}}}))\n"
+    )
+    clean = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=ROOT, env=clean
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1]) == ALLOCATOR_ENV

@@ -494,6 +494,9 @@ def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
 
 
 def _iter_outputs_local(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
+    from medplib.allocator import tune_allocator
+
+    tune_allocator()  # this process decodes, as the Ray engine's actors do with the settings from `init_ray`
     worker = EvalWorker(**_worker_kwargs(cfg, _want_gpus(cfg), cfg.tracking_uri))
     for call in _calls(cfg, 1):
         for row in worker(pa.Table.from_pylist(call)).to_pylist():

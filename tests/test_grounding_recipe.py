@@ -158,6 +158,16 @@ def test_fusing_tinyvits_conv_gelus_keeps_its_bf16_embedding():
     gelus = sum(isinstance(m, torch.nn.GELU) for m in folded.modules())
     # GELU modules gone: MBConv's act1 and act2 (4), PatchEmbed's (1), PatchMerging's shared act (3).
     assert sum(isinstance(m, torch.nn.GELU) for m in fused.modules()) == gelus - 8
+
+    # A convolution not followed by exact GELU stays as it is: an activation that is no GELU, or the tanh form.
+    class PatchMerging(torch.nn.Module):  # the block's name is what `fuse_conv_gelus` reads
+        def __init__(self, act: torch.nn.Module):
+            super().__init__()
+            self.conv1, self.conv2, self.act = torch.nn.Conv2d(4, 4, 1), torch.nn.Conv2d(4, 4, 1), act
+
+    for act in (torch.nn.Identity(), torch.nn.GELU(approximate="tanh")):
+        kept = fuse_conv_gelus(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), act, PatchMerging(act)))
+        assert not any(isinstance(m, ConvGELU) for m in kept.modules()), act
     pixels = torch.from_numpy(mri_slice()).permute(2, 0, 1)[None].float() / 255.0
     pixels = torch.nn.functional.interpolate(pixels, size=(256, 256))
     with torch.no_grad():

@@ -87,6 +87,12 @@ class ConvGELU(nn.Module):
         )
 
 
+def _exact_gelu(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.GELU) and module.approximate == "none"
+    )  # oneDNN's "gelu" here is the erf form
+
+
 def fuse_conv_gelus(module: nn.Module) -> nn.Module:
     """Fuse every convolution that TinyViT follows by GELU into a `ConvGELU`, in place (after
     `fold_batch_norms`): a `Sequential`'s (Conv2d, GELU) pairs, and the MBConv / PatchMerging blocks, whose
@@ -96,14 +102,18 @@ def fuse_conv_gelus(module: nn.Module) -> nn.Module:
         "MBConv": (("conv1", "act1"), ("conv2", "act2")),
         "PatchMerging": (("conv1", "act"), ("conv2", "act")),
     }
-    for conv_name, act_name in pairs.get(type(module).__name__, ()):
-        conv, act = getattr(module, conv_name), getattr(module, act_name)
-        if isinstance(conv, nn.Conv2d) and isinstance(act, (nn.GELU, nn.Identity)):
-            setattr(module, conv_name, ConvGELU(conv))
-            setattr(module, act_name, nn.Identity())
+    # Which convolutions to fuse is decided before any is replaced: PatchMerging applies one `act` to both.
+    fusable = [
+        (conv_name, act_name)
+        for conv_name, act_name in pairs.get(type(module).__name__, ())
+        if isinstance(getattr(module, conv_name), nn.Conv2d) and _exact_gelu(getattr(module, act_name))
+    ]
+    for conv_name, act_name in fusable:
+        setattr(module, conv_name, ConvGELU(getattr(module, conv_name)))
+        setattr(module, act_name, nn.Identity())
     if isinstance(module, nn.Sequential):
         for i in range(len(module) - 1):
-            if isinstance(module[i], nn.Conv2d) and isinstance(module[i + 1], nn.GELU):
+            if isinstance(module[i], nn.Conv2d) and _exact_gelu(module[i + 1]):
                 module[i], module[i + 1] = ConvGELU(module[i]), nn.Identity()
     for child in module.children():
         fuse_conv_gelus(child)

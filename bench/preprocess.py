@@ -45,6 +45,7 @@ from medplib.data.image import load_image, load_mask
 from medplib.data.parse import parse_row
 from medplib.data.schema import MaskRef
 from medplib.data.validate import is_json_array
+from workflows.common import init_ray
 from workflows.data.preprocess import PrepareConfig, input_files, prepare
 
 
@@ -188,7 +189,7 @@ def main() -> None:
     # Ray starts its workers at nice 15 (RayConfig worker_niceness) so a busy node keeps its driver responsive.
     # On a shared machine that hands the CPU to everyone else's processes and not to the Ray workers, while the
     # single-process engine runs at nice 0: give both engines the same priority.
-    ray.init(
+    init_ray(  # with the allocator settings `prepare` runs with in the pipeline
         num_cpus=args.cpus,
         include_dashboard=False,
         log_to_driver=False,

@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from medplib.inference import Predictor, resolve_model_source
     from serve.app import run
     from serve.config import DEFAULT_CONFIG, ServeConfig
+    from workflows.common import init_ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.pop("MEDPLIB_API_KEY", None)
@@ -136,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     # Ray: one local cluster with room for both apps' replicas (logical CPUs; the machine may have fewer).
-    ray.init(
-        address="local",
+    init_ray(
         num_cpus=max(2, math.ceil(2 * args.num_cpus)),
         include_dashboard=False,
         log_to_driver=False,

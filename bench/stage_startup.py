@@ -33,12 +33,12 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     import mlflow
-    import ray
     import torch
 
     from medplib.model.config import configs_dir, load_model_config
     from medplib.model.medplib import MedPLIB
     from medplib_datasets.toy import write_toy_prepared
+    from workflows.common import init_ray
     from workflows.data.prepared import row_index
     from workflows.train.config import fingerprint, load_stage_config
     from workflows.train.stage import (
@@ -57,7 +57,7 @@ def main() -> None:
     prepared = write_toy_prepared(work / "prepared", "small", {"train": 64})
     torch.manual_seed(stage.seed)
     init = save_model_atomic(MedPLIB(load_model_config("small")), work / "init_model")
-    ray.init(address="local", num_cpus=max(2, args.threads), include_dashboard=False)
+    init_ray(num_cpus=max(2, args.threads))  # the allocator settings the pipeline's workers start with
     rows = row_index(prepared, "train")
     seconds: dict[int, float] = {}
     for steps in (1, 5):

@@ -94,9 +94,11 @@ def main() -> None:
     import ray
     import torch
 
+    from medplib.allocator import tune_allocator
     from medplib.model.config import configs_dir, load_model_config
     from medplib.model.medplib import MedPLIB
     from medplib_datasets.toy import write_toy_prepared
+    from workflows.common import init_ray
     from workflows.data.prepared import read_rows, row_index
     from workflows.train.config import fingerprint, load_stage_config
     from workflows.train.stage import StagePlan, fit_stage, plan_steps, save_model_atomic, select_rows
@@ -114,7 +116,8 @@ def main() -> None:
     torch.manual_seed(stage.seed)
     init = save_model_atomic(MedPLIB(load_model_config(args.preset)), work / "init_model")
 
-    # -- plain PyTorch, this process
+    # -- plain PyTorch, this process, with the allocator settings the Ray side's worker starts with
+    tune_allocator()
     torch.set_num_threads(args.threads)
     rows = read_rows(prepared, "train", set(stage.tasks), 10**9)
     plain = plain_loop(init, stage, rows, args.steps)
@@ -122,7 +125,7 @@ def main() -> None:
     log.info("plain PyTorch: median step %.4f s", plain_s)
 
     # -- Ray Train: the real stage loop, one worker with `threads` CPUs (plus CPU left for Ray Data)
-    ray.init(address="local", num_cpus=args.threads + 1, include_dashboard=False)
+    init_ray(num_cpus=args.threads + 1)
     uri = f"sqlite:///{work / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     exp = client.create_experiment("bench", artifact_location=(work / "mlartifacts").as_uri())

@@ -24,9 +24,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
-def init_ray(address: str | None = None, *, include_dashboard: bool | None = False) -> None:
+def init_ray(address: str | None = None, *, include_dashboard: bool | None = False, **options: Any) -> None:
     """Connect this process to Ray, once: `address`, else the cluster in $RAY_ADDRESS (a Ray Job's driver gets
-    it), else a new local cluster on this machine's CPUs."""
+    it), else a new local cluster on this machine's CPUs. `options` go to `ray.init` (a bench sizes its local
+    cluster with `num_cpus`)."""
     import ray
 
     if ray.is_initialized():
@@ -35,7 +36,11 @@ def init_ray(address: str | None = None, *, include_dashboard: bool | None = Fal
 
     tune_allocator()  # before a local cluster starts: its raylet and workers inherit the settings
     # "local", not None: a plain ray.init() would join any `ray start` cluster recorded in /tmp/ray.
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=include_dashboard)
+    ray.init(
+        address=address or os.environ.get("RAY_ADDRESS") or "local",
+        include_dashboard=include_dashboard,
+        **options,
+    )
     log.debug("Ray: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")})
 
 

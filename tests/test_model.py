@@ -3,19 +3,17 @@ save/load and LoRA merging are lossless, and bad input fails with a clear messag
 
 from __future__ import annotations
 
-import copy
 import re
 
 import numpy as np
 import pytest
 import torch
-from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
 from medplib.constants import SPECIAL_TOKENS
 from medplib.data.schema import Box, Point, Sample, Turn
 from medplib.data.transforms import Geometry, region_cells, unpad_mask_logits
 from medplib.model.config import LoraSettings, LossWeights, MoEConfig, load_model_config
-from medplib.model.lora import SparseTokenRows, added_token_ids, merge_lora, prepare_trainable
+from medplib.model.lora import merge_lora, prepare_trainable
 from medplib.model.moe import MoEFeedForward, init_experts_from_stages, moe_layers
 
 
@@ -412,98 +410,6 @@ def test_lora_merge_matches_unmerged_outputs(all_tasks, tiny_model, make_batch):
     with torch.no_grad():
         merged = tiny_model(batch, all_logits=True)["logits"]
     torch.testing.assert_close(unmerged, merged, atol=1e-5, rtol=1e-5)
-
-
-def _losses_and_grads(model, batch, autocast: bool):
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = model(batch)
-    out["loss"].backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out["ce"].detach(), out["loss"].detach(), grads
-
-
-@pytest.mark.parametrize("layers", [None, 1])
-def test_added_token_rows_give_peft_values_without_the_merged_matrix(
-    all_tasks, tiny_cfg, make_batch, monkeypatch, layers
-):
-    from medplib.model.medplib import MedPLIB
-
-    torch.manual_seed(0)  # tied like SmolLM2, so the lm_head's rows are the embedding's
-    tiny_model = MedPLIB(
-        tiny_cfg.model_copy(update={"llm": tiny_cfg.llm.model_copy(update={"tie_word_embeddings": True})})
-    )
-    prepare_trainable(
-        tiny_model,
-        LoraSettings(
-            r=4, alpha=8, dropout=0.0, target_modules=["gate_proj"], layers=layers, new_token_rows=True
-        ),
-        ["text_hidden_fcs"],
-    )
-    token_layers = [m for m in tiny_model.llm.modules() if isinstance(m, TrainableTokensLayer)]
-    assert {type(m) for m in token_layers} == {SparseTokenRows}
-    assert {type(m.base_layer) for m in token_layers} == {torch.nn.Embedding, torch.nn.Linear}  # tied head
-    with torch.no_grad():  # trained rows that differ from the originals, so a missed replacement shows
-        for name, p in tiny_model.named_parameters():
-            if "trainable_tokens_delta" in name:
-                p.normal_(0, 1.0)
-    reference = copy.deepcopy(tiny_model)
-    for m in reference.llm.modules():
-        if isinstance(m, SparseTokenRows):
-            m.__class__ = (
-                TrainableTokensLayer  # peft's own forward: the rows written into a copy of the matrix
-            )
-    batch = make_batch(tiny_model, list(all_tasks.values()))
-    assert torch.isin(batch["input_ids"], torch.tensor(added_token_ids(tiny_model.tokenizer))).any()
-    expected = {ac: _losses_and_grads(reference, batch, ac) for ac in (False, True)}
-
-    def no_merge(*args, **kwargs):
-        raise AssertionError("the merged vocabulary matrix was built")
-
-    monkeypatch.setattr(TrainableTokensLayer, "get_merged_weights", no_merge)
-    for autocast, tol in ((False, 1e-6), (True, 2e-2)):
-        ce, loss, grads = _losses_and_grads(tiny_model, batch, autocast)
-        want_ce, want_loss, want_grads = expected[autocast]
-        torch.testing.assert_close(ce, want_ce, atol=tol, rtol=tol)
-        torch.testing.assert_close(loss, want_loss, atol=tol, rtol=tol)
-        assert grads.keys() == want_grads.keys()
-        assert any("trainable_tokens_delta" in n for n in grads)
-        for name, grad in grads.items():
-            torch.testing.assert_close(
-                grad, want_grads[name], atol=tol, rtol=tol, msg=lambda m, n=name: f"{n}: {m}"
-            )
-    merge_lora(tiny_model)  # peft's merge still folds the trained rows into the matrix
-    merge_lora(reference)
-    for (name, p), (_, q) in zip(tiny_model.named_parameters(), reference.named_parameters(), strict=True):
-        assert torch.equal(p, q), name
-
-
-def test_added_token_rows_train_alike_in_every_run():
-    """A vl batch holds hundreds of added tokens (every image placeholder is one). Their rows' gradient must not
-    depend on how threads interleave: an accumulating index_put adds them from two threads in no fixed order
-    (every one of 30 repeats differed there, 2026-11-30), and two runs of one stage then parted."""
-    torch.manual_seed(0)
-    layer = TrainableTokensLayer(torch.nn.Embedding(16, 576), "default")
-    layer.update_layer("default", token_indices=[3, 5, 7, 11])
-    layer.__class__ = SparseTokenRows
-    ids = torch.tensor([3, 5, 7, 11, 0, 1])[torch.randint(0, 6, (4, 512))]
-    upstream = torch.randn(4, 512, 576)
-    delta = layer.trainable_tokens_delta["default"]
-    with torch.no_grad():
-        delta.normal_()  # rows unlike the frozen matrix's, so a row read from the wrong one shows
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        grads = []
-        for _ in range(10):
-            delta.grad = None
-            out = layer(ids)
-            (out * upstream).sum().backward()
-            grads.append(delta.grad.clone())
-    finally:
-        torch.set_num_threads(previous_threads)
-    torch.testing.assert_close(out, torch.nn.functional.embedding(ids, layer.get_merged_weights(["default"])))
-    assert all(torch.equal(g, grads[0]) for g in grads)
 
 
 def test_save_refuses_unmerged_lora(tmp_path, tiny_model):

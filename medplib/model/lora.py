@@ -7,10 +7,7 @@ same); `sft_modules` are name substrings of parameters trained in full (`mm_proj
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 from torch import nn
 
 from medplib.constants import SPECIAL_TOKENS
@@ -42,7 +39,6 @@ def prepare_trainable(model: nn.Module, lora: LoraSettings | None, sft_modules: 
             trainable_token_indices=added_token_ids(model.tokenizer) if lora.new_token_rows else None,
         )
         model.llm = get_peft_model(model.llm, config)  # marks only the adapters trainable
-        sparse_token_rows(model.llm)
     # Added-token rows train through the output side only when the adapters sit on the top layers.
     model.input_token_grad = not (lora is not None and lora.new_token_rows and lora.layers is not None)
     unknown = [m for m in sft_modules if not any(m in name for name, _ in model.named_parameters())]
@@ -57,62 +53,6 @@ def prepare_trainable(model: nn.Module, lora: LoraSettings | None, sft_modules: 
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}
-
-
-class SparseTokenRows(TrainableTokensLayer):
-    """peft's trainable-token layer (the added tokens' embedding rows, and tied to them the lm_head's) with a
-    forward that never builds the merged vocabulary matrix; `sparse_token_rows` gives a layer this class. Same
-    values as peft's forward; merging, saving and the state-dict names stay peft's.
-
-    peft writes the trained rows into a copy of the whole 49k x 576 matrix at every call (`index_copy`), and the
-    tied lm_head then goes through autocast's bf16 cast and its gradient back to fp32: four full-matrix copies a
-    training step, ~0.12 of a 1.35 s vl step on `small` (torch.profiler, 2026-11-30). Here the frozen matrix is
-    used as it is (the head's bf16 copy made once) and only the added rows or columns are replaced.
-
-    Every gradient is a matmul or a gather, so it is the same in every run: an indexed read of the rows
-    (`delta[slot]`) has as its gradient an accumulating `index_put`, which on CPU adds floats from several threads
-    in no fixed order once it is large (a batch's 256 image tokens are added tokens), and that made two runs
-    of the same vl stage part at step 12 (the first version of this, 32931f5, reverted in 1075133)."""
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        base, adapters = self.base_layer, self.active_adapters
-        if self.disable_adapters or not adapters or self.merged or len(adapters) > 1:
-            return super().forward(x, *args, **kwargs)
-        index = torch.tensor(self.token_indices[adapters[0]], device=x.device)
-        delta = self.trainable_tokens_delta[adapters[0]]
-        if isinstance(base, nn.Embedding):
-            if self._get_embed_scale() is not None:
-                return super().forward(x, *args, **kwargs)
-            out = base(x)
-            one_hot = (x.unsqueeze(-1) == index).to(delta.dtype)  # (..., added tokens)
-            with torch.autocast(x.device.type, enabled=False):  # fp32, exact: each row is 1.0 x its delta
-                rows = one_hot @ delta
-            return torch.where(one_hot.sum(-1, keepdim=True) > 0, rows.to(out.dtype), out)
-        frozen = not base.weight.requires_grad
-        out = F.linear(x, self._frozen_bf16() if frozen and _autocast_bf16(x) else base.weight)
-        return out.index_copy(-1, index, F.linear(x, delta).to(out.dtype))
-
-    def _frozen_bf16(self) -> torch.Tensor:
-        """The frozen base weight rounded to bf16 as autocast would round it, kept until the weight changes."""
-        weight = self.base_layer.weight
-        key = (weight.data_ptr(), weight._version, weight.device)
-        cached = getattr(self, "_bf16_weight", None)
-        if cached is None or cached[0] != key:
-            self._bf16_weight = (key, weight.detach().to(torch.bfloat16))
-        return self._bf16_weight[1]
-
-
-def _autocast_bf16(x: torch.Tensor) -> bool:
-    kind = x.device.type
-    return torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16
-
-
-def sparse_token_rows(llm: nn.Module) -> int:
-    """Give every peft trainable-token layer of `llm` the `SparseTokenRows` forward; returns how many."""
-    layers = [m for m in llm.modules() if type(m) is TrainableTokensLayer]
-    for layer in layers:
-        layer.__class__ = SparseTokenRows
-    return len(layers)
 
 
 def merge_lora(model: nn.Module) -> None:

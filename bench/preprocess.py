@@ -189,7 +189,8 @@ def main() -> None:
     # Ray starts its workers at nice 15 (RayConfig worker_niceness) so a busy node keeps its driver responsive.
     # On a shared machine that hands the CPU to everyone else's processes and not to the Ray workers, while the
     # single-process engine runs at nice 0: give both engines the same priority.
-    init_ray(  # with the allocator settings `prepare` runs with in the pipeline
+    init_ray(  # a cluster of its own (not $RAY_ADDRESS), with the allocator settings `prepare` runs with
+        "local",
         num_cpus=args.cpus,
         include_dashboard=False,
         log_to_driver=False,

@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Ray: one local cluster with room for both apps' replicas (logical CPUs; the machine may have fewer).
     init_ray(
+        "local",
         num_cpus=max(2, math.ceil(2 * args.num_cpus)),
         include_dashboard=False,
         log_to_driver=False,

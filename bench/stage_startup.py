@@ -57,7 +57,8 @@ def main() -> None:
     prepared = write_toy_prepared(work / "prepared", "small", {"train": 64})
     torch.manual_seed(stage.seed)
     init = save_model_atomic(MedPLIB(load_model_config("small")), work / "init_model")
-    init_ray(num_cpus=max(2, args.threads))  # the allocator settings the pipeline's workers start with
+    # A cluster of its own (not $RAY_ADDRESS), with the allocator settings the pipeline's workers start with.
+    init_ray("local", num_cpus=max(2, args.threads))
     rows = row_index(prepared, "train")
     seconds: dict[int, float] = {}
     for steps in (1, 5):

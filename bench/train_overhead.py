@@ -125,7 +125,7 @@ def main() -> None:
     log.info("plain PyTorch: median step %.4f s", plain_s)
 
     # -- Ray Train: the real stage loop, one worker with `threads` CPUs (plus CPU left for Ray Data)
-    init_ray(num_cpus=args.threads + 1)
+    init_ray("local", num_cpus=args.threads + 1)
     uri = f"sqlite:///{work / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     exp = client.create_experiment("bench", artifact_location=(work / "mlartifacts").as_uri())

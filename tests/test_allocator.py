@@ -118,7 +118,7 @@ IN_PROCESS = {
     "predict": "from workflows.predict import local_predictor\nlocal_predictor('tiny')\n",
     # `medplib eval --engine local`: the evaluation decodes in this process.
     "eval": (
-        "import sys, tempfile\n"
+        "import tempfile\n"
         "from medplib_datasets.toy import write_toy_prepared\n"
         "from workflows.eval.evaluate import evaluate\n"
         "work = tempfile.mkdtemp()\n"

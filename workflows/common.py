@@ -26,8 +26,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def init_ray(address: str | None = None, *, include_dashboard: bool | None = False, **options: Any) -> None:
     """Connect this process to Ray, once: `address`, else the cluster in $RAY_ADDRESS (a Ray Job's driver gets
-    it), else a new local cluster on this machine's CPUs. `options` go to `ray.init` (a bench sizes its local
-    cluster with `num_cpus`)."""
+    it), else a new local cluster on this machine's CPUs. `options` go to `ray.init`: sizes such as `num_cpus`
+    apply to a new local cluster only, so a caller that passes them also passes `address="local"` (Ray refuses
+    them when it connects to a running cluster)."""
     import ray
 
     if ray.is_initialized():

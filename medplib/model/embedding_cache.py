@@ -88,9 +88,8 @@ class ConvGELU(nn.Module):
 
 
 def _exact_gelu(module: nn.Module) -> bool:
-    return (
-        isinstance(module, nn.GELU) and module.approximate == "none"
-    )  # oneDNN's "gelu" here is the erf form
+    # oneDNN's "gelu" post-op is the erf form, so the tanh approximation is not fused.
+    return isinstance(module, nn.GELU) and module.approximate == "none"
 
 
 def fuse_conv_gelus(module: nn.Module) -> nn.Module:

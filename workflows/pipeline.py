@@ -396,8 +396,6 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
         tracker.set_alias(model_name, latest_alias(cfg.name), version.version)
         phase("mlflow")
         if cfg.eval.sample_predictions:
-            from workflows.eval.evaluate import type_budgets
-
             rows = read_rows(ctx.prepared, cfg.data.eval_split, set(stage.tasks), cfg.eval.sample_predictions)
             samples = stage_dir / "samples"
             shutil.rmtree(samples, ignore_errors=True)
@@ -407,9 +405,6 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
                 samples,
                 cfg.eval.max_new_tokens,
                 max_new_tokens_by=cfg.eval.max_new_tokens_by,
-                max_new_tokens_by_type=type_budgets(ctx.prepared, cfg.data.train_split)
-                if cfg.eval.type_budgets
-                else None,
                 embedding_cache=embedding_cache_dir(cfg),
             ):
                 tracker.log_artifacts(run_id, samples, "samples")
@@ -507,7 +502,6 @@ def _eval_fields(ctx: _Context) -> dict[str, Any]:
         max_rows=cfg.eval.max_samples if cfg.eval.sample == "first" else None,
         max_new_tokens=cfg.eval.max_new_tokens,
         max_new_tokens_by=cfg.eval.max_new_tokens_by,
-        budget_split=cfg.data.train_split if cfg.eval.type_budgets else None,
         batch_size=cfg.eval.batch_size,
         baseline_split=cfg.data.train_split,
         embedding_cache=embedding_cache_dir(cfg),
@@ -671,9 +665,8 @@ def run_pipeline(
     # 1.5-2.5 s less than one after the other on 2 cores (2026-11-30).
     with ThreadPoolExecutor(1, thread_name_prefix="mlflow-store") as pool:
         opening = pool.submit(_open_tracker, cfg)
-        init_ray(
-            cfg.ray_address, include_dashboard=None
-        )  # None: Ray's default, the dashboard where installed
+        # include_dashboard None: Ray's default, the dashboard where installed
+        init_ray(cfg.ray_address, include_dashboard=None)
         tracker, experiment_id = opening.result()
     use_gpu = decide_gpu(cfg.use_gpu, cluster_gpus())
     log.info(

@@ -445,6 +445,79 @@ def test_generation_uses_the_kv_cache_and_matches_full_recompute(rng_image, tiny
             ids = ids + [tok]
 
 
+def test_generation_attention_is_the_fused_kernels_in_fp32():
+    """A decoding step's attention (one query, grouped KV heads, a padded row) agrees with PyTorch's fused kernel
+    to fp32 rounding, in fp32 and under bf16 autocast; a pass over many queries is the fused kernel's own."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from medplib.model.attention import generation_attention
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True)
+    b, heads, kv_heads, d, length = 2, 6, 2, 16, 9
+    key, value = torch.randn(b, kv_heads, length, d), torch.randn(b, kv_heads, length, d)
+    mask = torch.ones(b, 1, 1, length, dtype=torch.bool)
+    mask[1, ..., :4] = False  # row 1 is left-padded
+    query = torch.randn(b, heads, 1, d)
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, enable_gqa=True
+    ).transpose(1, 2)
+    for m in (mask, None):
+        out, _ = generation_attention(module, query, key, value, m, scaling=d**-0.5)
+        expected = (
+            reference
+            if m is not None
+            else torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, enable_gqa=True
+            ).transpose(1, 2)
+        )
+        assert out.shape == (b, 1, heads, d)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = generation_attention(module, query.bfloat16(), key.bfloat16(), value.bfloat16(), mask)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, atol=3e-2, rtol=3e-2)
+    prompt = torch.randn(b, heads, 5, d)
+    causal = torch.ones(5, length, dtype=torch.bool).tril(diagonal=length - 5)[None, None] & mask
+    out, _ = generation_attention(module, prompt, key, value, causal, scaling=d**-0.5)
+    fused, _ = sdpa_attention_forward(module, prompt, key, value, causal, scaling=d**-0.5)
+    assert torch.equal(out, fused)
+
+
+def test_generation_decodes_its_steps_with_the_generation_attention(rng_image, tiny_model, monkeypatch):
+    """generate() runs the prompt and every later step through `generation_attention`; the forward pass keeps the
+    preset's kernel (tiny: eager) where it computes gradients, and takes the fused one where it does not."""
+    from medplib.data.batch import collate, encode_sample
+    from medplib.model import attention
+
+    seen: list[int] = []
+    original = attention.generation_attention
+
+    def spy(module, query, *args, **kwargs):
+        seen.append(query.shape[2])
+        return original(module, query, *args, **kwargs)
+
+    monkeypatch.setitem(attention.AttentionInterface._global_mapping, attention.GENERATION_ATTENTION, spy)
+    tiny_model.eval()
+    cfg = tiny_model.cfg
+    prompt = encode_sample(
+        [Turn(role="human", text="What is this?")], rng_image, tiny_model.tokenizer, cfg, for_generation=True
+    )
+    tiny_model.generate(collate([prompt], cfg, tiny_model.ids.pad), max_new_tokens=3)
+    layers = cfg.llm.num_layers
+    steps = len(seen) // layers
+    assert len(seen) == steps * layers and seen[0] == len(prompt.input_ids) and set(seen[layers:]) == {1}
+    assert tiny_model.llm.config._attn_implementation == attention.GENERATION_ATTENTION
+    batch = collate([prompt], cfg, tiny_model.ids.pad)
+    tiny_model(batch)
+    assert tiny_model.llm.config._attn_implementation == cfg.llm.attention == "eager"
+    with torch.no_grad():
+        tiny_model(batch)
+    assert tiny_model.llm.config._attn_implementation == "sdpa"
+
+
 def test_generation_drops_finished_rows_and_the_others_decode_the_same(rng_image, tiny_model, monkeypatch):
     from transformers import DynamicCache
 

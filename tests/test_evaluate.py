@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -266,6 +267,52 @@ def test_each_answer_family_decodes_within_its_own_budget(rows, model):
         limit = budgets.get(family, 5)
         assert result.record["metadata"]["max_new_tokens"] == limit
         assert result.record["metadata"]["num_generated_tokens"] <= limit
+
+
+def test_type_budgets_are_a_quarter_over_each_question_types_longest_answer(prepared: Path, rows):
+    """Counted by hand from the rows' labels (answer tokens and end of turn): ceil(1.25 x the longest) per question
+    type; no split, no budgets; a split the data lacks, none either."""
+    from workflows.eval.evaluate import type_budgets
+
+    longest: dict[str, int] = {}
+    for row in rows:
+        n = sum(1 for t in row["labels"] if t != IGNORE_INDEX)
+        longest[row["question_type"]] = max(longest.get(row["question_type"], 0), n)
+    assert type_budgets(prepared, "test") == {k: math.ceil(1.25 * n) for k, n in longest.items()}
+    assert type_budgets(prepared, None) is None
+    assert type_budgets(prepared, "no_such_split") is None
+
+
+def test_each_question_type_decodes_within_its_own_budget(rows, model, monkeypatch):
+    """A type budget below the family's caps that type's rows only, and a generate batch never mixes budgets."""
+    from workflows.eval.evaluate import answer_family, token_budget
+
+    capped = next(r["question_type"] for r in rows if r["task"] != "grounding")
+    by_type = {capped: 1}
+    calls = []
+    run = Predictor.run
+
+    def spy(self, prompts, **kw):
+        calls.append(kw["max_new_tokens"])
+        return run(self, prompts, **kw)
+
+    monkeypatch.setattr(Predictor, "run", spy)
+    results = predict_rows(
+        Predictor(model),
+        rows,
+        max_new_tokens=5,
+        model_id="tiny",
+        batch_size=64,
+        max_new_tokens_by_type=by_type,
+    )
+    for row, result in zip(rows, results, strict=True):
+        limit = 1 if row["question_type"] == capped else 5
+        assert token_budget(row, 5, None, by_type) == limit
+        assert result.record["metadata"]["max_new_tokens"] == limit
+        assert result.record["metadata"]["num_generated_tokens"] <= limit
+    # one call per (answer family, budget) at a batch size that holds them all
+    families = {(answer_family(r), token_budget(r, 5, None, by_type)) for r in rows}
+    assert sorted(calls) == sorted(limit for _, limit in families)
 
 
 def test_cli_reads_answer_family_budgets():

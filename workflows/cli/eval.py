@@ -53,6 +53,12 @@ def add_eval(commands: argparse._SubParsersAction, verb: str) -> None:
         help="smaller limits per answer family, e.g. grounding=16,closed=16 (families: grounding, closed, open)",
     )
     p.add_argument(
+        "--budget-split",
+        metavar="SPLIT",
+        help="also limit each question type to a quarter more than its longest answer in this split, e.g. train "
+        "(what `medplib pipeline run` does)",
+    )
+    p.add_argument(
         "--batch-size",
         type=_positive,
         default=EvalConfig.model_fields["batch_size"].default,
@@ -133,6 +139,7 @@ def _eval(args: argparse.Namespace) -> int:
         max_rows=args.max_rows,
         max_new_tokens=args.max_new_tokens,
         max_new_tokens_by=args.max_new_tokens_by,
+        budget_split=args.budget_split,
         batch_size=args.batch_size,
         concurrency=args.concurrency,
         use_gpu=args.gpus,

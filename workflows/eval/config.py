@@ -69,6 +69,13 @@ class EvalConfig(BaseModel):
         "each family's longest answer plus a margin, so that a babbling model does not decode 112 tokens "
         "where the answer is 'Sure, it is <SEG>.' or 'Yes.'",
     )
+    budget_split: str | None = Field(
+        None,
+        description="also cap each question type's budget at a quarter more than its longest answer (tokens, the "
+        "end of turn included) in this split, e.g. train: a model that learnt the format stops before it, and an "
+        "untrained one's babble stops there (the untrained `small` model decoded 38 of 43 short open answers to "
+        "112 tokens); a type the split lacks keeps its family's budget",
+    )
     batch_size: int = Field(
         32,
         ge=1,

@@ -130,9 +130,45 @@ def answer_family(row: dict[str, Any]) -> str:
     return "grounding" if is_grounding(row) else ("closed" if row.get("answer_type") == "closed" else "open")
 
 
-def token_budget(family: str, max_new_tokens: int, max_new_tokens_by: dict[str, int] | None) -> int:
-    """Greedy decoding limit of an answer family: its `max_new_tokens_by` entry, capped by `max_new_tokens`."""
-    return min(max_new_tokens, (max_new_tokens_by or {}).get(family, max_new_tokens))
+def token_budget(
+    row: dict[str, Any],
+    max_new_tokens: int,
+    max_new_tokens_by: dict[str, int] | None,
+    by_type: dict[str, int] | None = None,
+) -> int:
+    """Greedy decoding limit of a row: `max_new_tokens`, capped by its answer family's `max_new_tokens_by` entry
+    and by its question type's `by_type` entry (`type_budgets`)."""
+    family_cap = (max_new_tokens_by or {}).get(answer_family(row), max_new_tokens)
+    type_cap = (by_type or {}).get(str(row.get("question_type") or ""), max_new_tokens)
+    return min(max_new_tokens, family_cap, type_cap)
+
+
+def type_budgets(data: Path, split: str | None) -> dict[str, int] | None:
+    """`EvalConfig.budget_split`: per question type, a quarter more than its longest supervised answer in `split`
+    (answer tokens with the end of turn, as the rows' labels hold them); None without a split."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from medplib.data.prepared import read_manifest, shard_files
+
+    if split is None:
+        return None
+    if split not in read_manifest(data).get("splits", {}):
+        logger.warning("eval: no split %r to size the token budgets by; the family budgets apply", split)
+        return None
+    longest: dict[str, int] = {}
+    for path in shard_files(data, split):
+        table = pq.read_table(path, columns=["question_type", "labels"])
+        labels = table.column("labels").combine_chunks()
+        supervised = np.asarray(pc.not_equal(pc.list_flatten(labels), IGNORE_INDEX))
+        parents = np.asarray(pc.list_parent_indices(labels))
+        counts = np.bincount(parents[supervised], minlength=len(labels))
+        for question_type, n in zip(table.column("question_type").to_pylist(), counts.tolist(), strict=True):
+            key = str(question_type or "")
+            longest[key] = max(longest.get(key, 0), n)
+    # The quarter is slack for a held-out answer a little longer than any in training (MeCoVQA-mini's answers are
+    # templated: its longest held-out answers fit).
+    return {key: math.ceil(1.25 * n) for key, n in sorted(longest.items()) if n}
 
 
 def predict_rows(
@@ -144,13 +180,15 @@ def predict_rows(
     batch_size: int | None = None,
     teacher_forced: bool = False,
     max_new_tokens_by: dict[str, int] | None = None,
+    max_new_tokens_by_type: dict[str, int] | None = None,
 ) -> list[RowResult]:
     """Generate (greedy) and score prepared rows (dicts with `rows.COLUMNS`) through `Predictor.run`, the code
     that serves; results in input order.
 
     Grounding rows and the rest are decoded in separate `run` calls (segment=True resp. False), at most
-    `batch_size` rows each, by question type, and each answer family (`answer_family`) with its own token budget:
-    `max_new_tokens_by[family]`, else `max_new_tokens`. Grounding masks are paired with the row's targets in
+    `batch_size` rows each, by question type, each row with its own token budget (`token_budget`: the family's
+    `max_new_tokens_by`, the question type's `max_new_tokens_by_type`) and each batch of rows of one budget.
+    Grounding masks are paired with the row's targets in
     order; a target without a predicted mask is scored against an empty mask. No Ray here: `EvalWorker` and
     `engine="local"` call it.
     """
@@ -158,13 +196,13 @@ def predict_rows(
 
     model = predictor.model
     results: list[RowResult | None] = [None] * len(rows)
-    groups = group_indices(answer_family(row) for row in rows)
-    for family, positions in groups.items():
+    limits = [token_budget(row, max_new_tokens, max_new_tokens_by, max_new_tokens_by_type) for row in rows]
+    groups = group_indices((answer_family(row), limit) for row, limit in zip(rows, limits, strict=True))
+    for (family, limit), positions in groups.items():
         # Rows of one question type decode to similar lengths: together, one babbled 112-token description keeps
         # one batch decoding rather than four (2026-11-29: 4 batches of 15 s where the rest took 2 s each).
         positions = sorted(positions, key=lambda i: str(rows[i].get("question_type") or ""))
         grounding = family == "grounding"
-        limit = token_budget(family, max_new_tokens, max_new_tokens_by)
         step = batch_size or len(positions)
         for start in range(0, len(positions), step):
             chunk = positions[start : start + step]
@@ -311,6 +349,7 @@ class EvalWorker:
         teacher_forced: bool = False,
         embedding_cache: str | None = None,
         max_new_tokens_by: dict[str, int] | None = None,
+        max_new_tokens_by_type: dict[str, int] | None = None,
     ) -> None:
         import torch
 
@@ -329,7 +368,7 @@ class EvalWorker:
             "eval actor: model %s on %s in %.1f s", model, device or "cpu", time.perf_counter() - began
         )
         self.max_new_tokens, self.model_id, self.batch_size = max_new_tokens, model_id, batch_size
-        self.max_new_tokens_by = max_new_tokens_by
+        self.max_new_tokens_by, self.max_new_tokens_by_type = max_new_tokens_by, max_new_tokens_by_type
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from medplib.data.rows import png_bytes
@@ -342,6 +381,7 @@ class EvalWorker:
             batch_size=self.batch_size,
             teacher_forced=self.teacher_forced,
             max_new_tokens_by=self.max_new_tokens_by,
+            max_new_tokens_by_type=self.max_new_tokens_by_type,
         )
         return pa.Table.from_pylist(
             [
@@ -442,6 +482,7 @@ def _worker_kwargs(cfg: EvalConfig, gpus: bool, tracking_uri: str | None) -> dic
         teacher_forced=cfg.teacher_forced,
         embedding_cache=str(cfg.embedding_cache) if cfg.embedding_cache else None,
         max_new_tokens_by=cfg.max_new_tokens_by,
+        max_new_tokens_by_type=type_budgets(cfg.data, cfg.budget_split),
     )
 
 
@@ -695,6 +736,8 @@ def compute_metrics(
             "baseline_split": cfg.baseline_split,
             "max_new_tokens": cfg.max_new_tokens,
             "max_new_tokens_by": cfg.max_new_tokens_by,
+            "budget_split": cfg.budget_split,
+            "max_new_tokens_by_type": type_budgets(cfg.data, cfg.budget_split),
             "decoding": "greedy",
             "scale": "fractions in [0, 1] (the report shows x100)",
             "splits": splits,

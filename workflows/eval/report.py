@@ -505,10 +505,11 @@ def _page(title: str, body: str) -> str:
     )
 
 
-def _budget_note(budgets: dict[str, int] | None) -> str:
-    if not budgets:
-        return ""
-    return " (" + ", ".join(f"{_text(family)} {int(n)}" for family, n in sorted(budgets.items())) + ")"
+def _budget_note(budgets: dict[str, int] | None, split: str | None = None) -> str:
+    notes = [f"{_text(family)} {int(n)}" for family, n in sorted((budgets or {}).items())]
+    if split:
+        notes.append(f"each question type a quarter more than its longest {_text(split)} answer")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def write_report(
@@ -537,7 +538,7 @@ def write_report(
         "<h1>MedPLIB evaluation</h1>",
         f'<p class="meta">model <code>{_text(metrics["model_id"])}</code> &middot; data <code>{_text(metrics["data"])}'
         f"</code> &middot; {total_rows} rows &middot; greedy decoding, at most {metrics['max_new_tokens']} new tokens"
-        f"{_budget_note(metrics.get('max_new_tokens_by'))}"
+        f"{_budget_note(metrics.get('max_new_tokens_by'), metrics.get('budget_split'))}"
         f"{limit_note} &middot; {metrics.get('elapsed_s') or 0:.1f} s &middot; {created}</p>",
         '<p class="note">Scores are x100. Grounding: mIoU and mDice are means over samples as upstream MedPLIB '
         "computes them (an empty union scores 0), gIoU counts an empty union as 1 (LISA), cIoU is total "

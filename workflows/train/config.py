@@ -200,6 +200,9 @@ class EvalSettings(_Strict):
     max_new_tokens_by: dict[Literal["grounding", "closed", "open"], int] = Field(default_factory=dict)
     """A smaller budget per answer family, capped by `max_new_tokens` (grounding answers are 'Sure, it is
     <SEG>.', closed ones a word or two): an untrained model that babbles then costs 16 tokens, not 112."""
+    type_budgets: bool = True
+    """Also cap each question type's budget at a quarter more than its longest answer in the train split
+    (`EvalConfig.budget_split`), in the evaluations and the stages' sample predictions alike."""
     batch_size: int = Field(EvalConfig.model_fields["batch_size"].default, ge=1)
     """Rows per generate call (default: `EvalConfig.batch_size`'s, where the measurement behind it is)."""
     sample_predictions: int = Field(4, ge=0)

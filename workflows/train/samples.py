@@ -77,13 +77,15 @@ def sample_predictions(
     max_new_tokens: int,
     *,
     max_new_tokens_by: dict[str, int] | None = None,
+    max_new_tokens_by_type: dict[str, int] | None = None,
     embedding_cache: str | Path | None = None,
 ) -> int:
     """Render up to len(rows) predictions into `out_dir` (PNGs + predictions.jsonl); returns how many. Token
-    budgets as the evaluation's (`max_new_tokens_by` per answer family); `embedding_cache`: the frozen encoder's
+    budgets as the evaluation's (`max_new_tokens_by` per answer family, `max_new_tokens_by_type` per question
+    type); `embedding_cache`: the frozen encoder's
     outputs folder the stages and the evaluation share (the samples' images are eval-split images it scores)."""
     from medplib.inference import Predictor
-    from workflows.eval.evaluate import answer_family, token_budget
+    from workflows.eval.evaluate import token_budget
 
     predictor = Predictor.from_pretrained(model_dir)
     if embedding_cache is not None:
@@ -101,7 +103,7 @@ def sample_predictions(
                 image,
                 row.get("question") or "",
                 regions,
-                max_new_tokens=token_budget(answer_family(row), max_new_tokens, max_new_tokens_by),
+                max_new_tokens=token_budget(row, max_new_tokens, max_new_tokens_by, max_new_tokens_by_type),
                 segment=row.get("task") == "grounding",
             )
         except ValueError as err:  # e.g. a question whose region markers do not match the masks

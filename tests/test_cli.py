@@ -99,7 +99,7 @@ COMMANDS = {
     "model": "summary weights",
     "model summary": "--preset",
     "model weights": "--preset",
-    "eval": "--model --data --split --out --max-rows --max-new-tokens --max-new-tokens-by --batch-size --concurrency --gpus "
+    "eval": "--model --data --split --out --max-rows --max-new-tokens --max-new-tokens-by --budget-split --batch-size --concurrency --gpus "
     "--cpus-per-actor --dtype --seed --model-id --engine --gallery-size --mlflow-run-id --tracking-uri --compare-with "
     "--volumes",
     "eval-compare": "--before --after --out --labels",

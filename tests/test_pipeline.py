@@ -106,6 +106,9 @@ def test_full_pipeline_tracked_in_mlflow(base_cfg: PipelineConfig, first_run) ->
     after_metrics = json.loads((after / "metrics.json").read_text())
     assert list(before_metrics["splits"]) == list(after_metrics["splits"]) == [base_cfg.data.eval_split]
     assert before_metrics["splits"]["val"]["rows"] == after_metrics["splits"]["val"]["rows"] > 0
+    # Both sides decode within the train split's budget per question type (eval.type_budgets).
+    for side in (before_metrics, after_metrics):
+        assert side["budget_split"] == base_cfg.data.train_split and side["max_new_tokens_by_type"]
     comparison = json.loads((after / "comparison.json").read_text())
     rows = comparison["splits"]["val"]["rows"]
     assert rows and all(

@@ -396,6 +396,8 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
         tracker.set_alias(model_name, latest_alias(cfg.name), version.version)
         phase("mlflow")
         if cfg.eval.sample_predictions:
+            from workflows.eval.evaluate import type_budgets
+
             rows = read_rows(ctx.prepared, cfg.data.eval_split, set(stage.tasks), cfg.eval.sample_predictions)
             samples = stage_dir / "samples"
             shutil.rmtree(samples, ignore_errors=True)
@@ -405,6 +407,9 @@ def _train_stage(ctx: _Context, name: StageName) -> StageOutcome:
                 samples,
                 cfg.eval.max_new_tokens,
                 max_new_tokens_by=cfg.eval.max_new_tokens_by,
+                max_new_tokens_by_type=type_budgets(ctx.prepared, cfg.data.train_split)
+                if cfg.eval.type_budgets
+                else None,
                 embedding_cache=embedding_cache_dir(cfg),
             ):
                 tracker.log_artifacts(run_id, samples, "samples")
@@ -502,6 +507,7 @@ def _eval_fields(ctx: _Context) -> dict[str, Any]:
         max_rows=cfg.eval.max_samples if cfg.eval.sample == "first" else None,
         max_new_tokens=cfg.eval.max_new_tokens,
         max_new_tokens_by=cfg.eval.max_new_tokens_by,
+        budget_split=cfg.data.train_split if cfg.eval.type_budgets else None,
         batch_size=cfg.eval.batch_size,
         baseline_split=cfg.data.train_split,
         embedding_cache=embedding_cache_dir(cfg),

@@ -25,17 +25,15 @@ def generation_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Transformers' attention signature: query (b, heads, q, d), key/value (b, kv_heads, kv, d), a boolean mask
-    (b, 1, q, kv) where True attends, or None; returns (b, q, heads, d)."""
+    """Transformers' attention signature: query (b, heads, q, d), key/value (b, kv_heads, kv, d), the mask
+    `sdpa_mask` makes (boolean (b, 1, q, kv), True attends) or None; returns (b, q, heads, d). Generation runs
+    in eval mode, so there is no dropout to apply."""
     b, heads, q_len, d = query.shape
-    if q_len != 1 or dropout or (attention_mask is not None and attention_mask.dtype != torch.bool):
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+    if q_len != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     kv_heads, kv_len = key.shape[1], key.shape[2]
     with torch.autocast(query.device.type, enabled=False):
         # Each query head of a group against its shared KV head, without copying the KV heads per group.

@@ -147,25 +147,19 @@ def type_budgets(data: Path, split: str | None) -> dict[str, int] | None:
     """`EvalConfig.budget_split`: per question type, a quarter more than its longest supervised answer in `split`
     (answer tokens with the end of turn, as the rows' labels hold them); None without a split."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    from medplib.data.prepared import read_manifest, shard_files
-
-    if split is None:
+    table = read_split_columns(
+        data, split, ("question_type", "labels"), "the token budgets (family budgets apply)"
+    )
+    if table is None:
         return None
-    if split not in read_manifest(data).get("splits", {}):
-        logger.warning("eval: no split %r to size the token budgets by; the family budgets apply", split)
-        return None
+    labels = table.column("labels").combine_chunks()
+    supervised = np.asarray(pc.not_equal(pc.list_flatten(labels), IGNORE_INDEX))
+    counts = np.bincount(np.asarray(pc.list_parent_indices(labels))[supervised], minlength=len(labels))
     longest: dict[str, int] = {}
-    for path in shard_files(data, split):
-        table = pq.read_table(path, columns=["question_type", "labels"])
-        labels = table.column("labels").combine_chunks()
-        supervised = np.asarray(pc.not_equal(pc.list_flatten(labels), IGNORE_INDEX))
-        parents = np.asarray(pc.list_parent_indices(labels))
-        counts = np.bincount(parents[supervised], minlength=len(labels))
-        for question_type, n in zip(table.column("question_type").to_pylist(), counts.tolist(), strict=True):
-            key = str(question_type or "")
-            longest[key] = max(longest.get(key, 0), n)
+    for question_type, n in zip(table.column("question_type").to_pylist(), counts.tolist(), strict=True):
+        key = str(question_type or "")
+        longest[key] = max(longest.get(key, 0), n)
     # The quarter is slack for a held-out answer a little longer than any in training (MeCoVQA-mini's answers are
     # templated: its longest held-out answers fit).
     return {key: math.ceil(1.25 * n) for key, n in sorted(longest.items()) if n}
@@ -468,7 +462,9 @@ def actor_count(cfg: EvalConfig, gpus: bool) -> int:
     return max(1, min(8, int(ray.cluster_resources().get("CPU", 1))))
 
 
-def _worker_kwargs(cfg: EvalConfig, gpus: bool, tracking_uri: str | None) -> dict[str, Any]:
+def _worker_kwargs(
+    cfg: EvalConfig, gpus: bool, tracking_uri: str | None, by_type: dict[str, int] | None
+) -> dict[str, Any]:
     """What an `EvalWorker` is built with, in an actor or in this process."""
     return dict(
         model=cfg.model,
@@ -482,11 +478,11 @@ def _worker_kwargs(cfg: EvalConfig, gpus: bool, tracking_uri: str | None) -> dic
         teacher_forced=cfg.teacher_forced,
         embedding_cache=str(cfg.embedding_cache) if cfg.embedding_cache else None,
         max_new_tokens_by=cfg.max_new_tokens_by,
-        max_new_tokens_by_type=type_budgets(cfg.data, cfg.budget_split),
+        max_new_tokens_by_type=by_type,
     )
 
 
-def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
+def _iter_outputs_ray(cfg: EvalConfig, by_type: dict[str, int] | None) -> Iterator[tuple[str, list[bytes]]]:
     import ray
 
     init_ray()
@@ -517,7 +513,7 @@ def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
     # when there are GPUs; otherwise `cpus_per_actor`, half a CPU, so CPU is left to the read tasks).
     predicted = ds.map_batches(
         EvalWorker,
-        fn_constructor_kwargs=_worker_kwargs(cfg, gpus, tracking_uri),
+        fn_constructor_kwargs=_worker_kwargs(cfg, gpus, tracking_uri, by_type),
         batch_size=call_rows,  # None: a whole block, i.e. one dealt call
         batch_format="pyarrow",
         # One call at a time per actor: a call is minutes of work on a CPU, and an actor that started first took
@@ -534,11 +530,11 @@ def _iter_outputs_ray(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
         yield row["record_json"], list(row["pred_masks_png"] or [])
 
 
-def _iter_outputs_local(cfg: EvalConfig) -> Iterator[tuple[str, list[bytes]]]:
+def _iter_outputs_local(cfg: EvalConfig, by_type: dict[str, int] | None) -> Iterator[tuple[str, list[bytes]]]:
     from medplib.allocator import tune_allocator
 
     tune_allocator()  # this process decodes, as the Ray engine's actors do with the settings from `init_ray`
-    worker = EvalWorker(**_worker_kwargs(cfg, _want_gpus(cfg), cfg.tracking_uri))
+    worker = EvalWorker(**_worker_kwargs(cfg, _want_gpus(cfg), cfg.tracking_uri, by_type))
     for call in _calls(cfg, 1):
         for row in worker(pa.Table.from_pylist(call)).to_pylist():
             yield row["record_json"], row["pred_masks_png"] or []
@@ -691,33 +687,48 @@ def split_metrics(
     }
 
 
-def question_only_baseline(cfg: EvalConfig) -> dict[str, str] | None:
-    """`majority_answers` of `cfg.baseline_split` (None when there is none), read with pyarrow on the driver."""
+def read_split_columns(
+    data: Path, split: str | None, columns: Sequence[str], purpose: str
+) -> pa.Table | None:
+    """Those of `columns` that a prepared split holds, all its shards, read with pyarrow on the driver; None
+    without a split, and with a warning naming `purpose` when the data has no such split."""
     import pyarrow.parquet as pq
 
     from medplib.data.prepared import read_manifest, shard_files
 
-    if cfg.baseline_split is None:
+    if split is None:
         return None
-    if cfg.baseline_split not in read_manifest(cfg.data).get("splits", {}):
-        logger.warning(
-            "eval: no split %r for the question-only baseline; none is reported", cfg.baseline_split
-        )
+    if split not in read_manifest(data).get("splits", {}):
+        logger.warning("eval: no split %r for %s", split, purpose)
         return None
-
-    rows = []
-    for path in shard_files(cfg.data, cfg.baseline_split):
+    tables = []
+    for path in shard_files(data, split):
         names = pq.read_schema(path).names
-        columns = [c for c in ("question_type", "task", "answer_type", "answer") if c in names]
-        for r in pq.read_table(path, columns=columns).to_pylist():
-            rows.append((r.get("question_type"), r["task"], r.get("answer_type"), r.get("answer")))
-    return majority_answers(rows)
+        tables.append(pq.read_table(path, columns=[c for c in columns if c in names]))
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def question_only_baseline(cfg: EvalConfig) -> dict[str, str] | None:
+    """`majority_answers` of `cfg.baseline_split` (None when there is none)."""
+    columns = ("question_type", "task", "answer_type", "answer")
+    table = read_split_columns(
+        cfg.data, cfg.baseline_split, columns, "the question-only baseline (none reported)"
+    )
+    if table is None:
+        return None
+    return majority_answers(
+        (r.get("question_type"), r["task"], r.get("answer_type"), r.get("answer")) for r in table.to_pylist()
+    )
 
 
 def compute_metrics(
-    records: Sequence[dict[str, Any]], cfg: EvalConfig, baseline: dict[str, str] | None = None
+    records: Sequence[dict[str, Any]],
+    cfg: EvalConfig,
+    baseline: dict[str, str] | None = None,
+    by_type: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """`metrics.json`: run description plus `splits: {split: split_metrics}` in the order asked for."""
+    """`metrics.json`: run description plus `splits: {split: split_metrics}` in the order asked for; `by_type`:
+    the token budgets per question type the rows were decoded with (`type_budgets`)."""
     by_split = group_indices(r["split"] for r in records)
     splits = {}
     for split in cfg.splits:
@@ -737,7 +748,7 @@ def compute_metrics(
             "max_new_tokens": cfg.max_new_tokens,
             "max_new_tokens_by": cfg.max_new_tokens_by,
             "budget_split": cfg.budget_split,
-            "max_new_tokens_by_type": type_budgets(cfg.data, cfg.budget_split),
+            "max_new_tokens_by_type": by_type,
             "decoding": "greedy",
             "scale": "fractions in [0, 1] (the report shows x100)",
             "splits": splits,
@@ -806,7 +817,8 @@ def evaluate(config: EvalConfig | None = None, **fields: Any) -> EvalResult:
         )
     cfg.out.mkdir(parents=True, exist_ok=True)
 
-    outputs = _iter_outputs_ray(cfg) if cfg.engine == "ray" else _iter_outputs_local(cfg)
+    by_type = type_budgets(cfg.data, cfg.budget_split)  # read once: the actors' budgets and metrics.json's
+    outputs = (_iter_outputs_ray if cfg.engine == "ray" else _iter_outputs_local)(cfg, by_type)
     records = _write_outputs(cfg, outputs)
     predictions_path = cfg.out / PREDICTIONS_NAME
     with predictions_path.open("w", encoding="utf-8") as f:
@@ -814,7 +826,7 @@ def evaluate(config: EvalConfig | None = None, **fields: Any) -> EvalResult:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     inference_s = time.perf_counter() - began
 
-    metrics = compute_metrics(records, cfg, question_only_baseline(cfg))
+    metrics = compute_metrics(records, cfg, question_only_baseline(cfg), by_type)
     metrics["elapsed_s"] = round(inference_s, 3)
     metrics["rows_per_s"] = round(len(records) / inference_s, 3) if inference_s > 0 else None
     volume_html = ""

@@ -28,6 +28,7 @@ from medplib.model.embedding_cache import EmbeddingCache
 from medplib.model.export import is_model_dir
 from medplib.model.medplib import MedPLIB
 from medplib.model.packaged import medplib_cache_dir
+from medplib.model.packed_linear import pack_linears
 from medplib_client import Prediction
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,8 @@ class Predictor:
             # grad (and outside inference mode, hence `no_grad` in `_inference`); otherwise every decoding step
             # casts all fp32 weights again, a third of a small-preset step on CPU. Nothing here builds a graph.
             model.requires_grad_(True)
+            if model.device.type == "cpu":
+                pack_linears(model)  # `medplib.model.packed_linear`: a decoding step 25-30% faster
         self.embedding_cache: EmbeddingCache | None = None  # `use_embedding_cache`
 
     def use_embedding_cache(self, root: str | Path) -> EmbeddingCache:

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from medplib.data.batch import Encoded, collate
+from medplib.model.packed_linear import pack_linears
 
 # SAM settings that do not change the encoder's output: where the weights came from (the preset names a package,
 # an exported model None; the weights themselves are hashed) and the decoder's. With them in the key, the
@@ -143,6 +144,9 @@ class EmbeddingCache:
         if autocast and model.device.type == "cpu":
             folded = fold_batch_norms(copy.deepcopy(model.sam.image_encoder))
             self.encoder = fuse_conv_gelus(folded).to(torch.bfloat16, memory_format=torch.channels_last)
+            # Its linears read packed weights (`medplib.model.packed_linear`): 0.322 -> 0.311 s an image, the
+            # same outputs (2 threads, 2026-12-01).
+            pack_linears(self.encoder)
         self.dir = Path(root) / encoder_fingerprint(model, autocast, self.encoder is not None)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hits = self.misses = 0

@@ -1,0 +1,94 @@
+"""`medplib.model.packed_linear`: bf16 inference linears on a packed weight give autocast's products bit for bit."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from medplib.data.batch import collate, encode_sample
+from medplib.data.schema import Turn
+from medplib.model.packed_linear import PackedLinear, pack_linears
+
+pytestmark = pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="pack_linears is a no-op without oneDNN bf16"
+)
+
+
+def _layers(bias: bool) -> tuple[nn.Linear, nn.Linear]:
+    torch.manual_seed(0)
+    plain = nn.Linear(48, 80, bias=bias)
+    packed = copy.deepcopy(plain)
+    assert pack_linears(packed) == 1 and type(packed) is PackedLinear
+    return plain, packed
+
+
+def _bf16(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return layer(x)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 48), (16, 48), (3, 7, 48)])
+def test_packed_products_equal_autocast_bit_for_bit(bias, shape):
+    plain, packed = _layers(bias)
+    x = torch.randn(*shape)
+    want, got = _bf16(plain, x), _bf16(packed, x)
+    assert got.dtype == want.dtype == torch.bfloat16 and got.shape == want.shape
+    assert torch.equal(got, want)
+    assert packed._packed is not None  # the packed path ran
+    assert packed.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_other_calls_are_nn_linear_and_a_changed_weight_is_packed_again():
+    plain, packed = _layers(True)
+    x = torch.randn(5, 48)
+    assert torch.equal(packed(x), plain(x))  # fp32, with a gradient to record
+    assert packed._packed is None
+    _bf16(packed, x)
+    with torch.no_grad():
+        for layer in (plain, packed):
+            layer.weight.mul_(-2.0)  # in place, as an optimiser step or load_state_dict
+            layer.bias.add_(1.0)
+    assert torch.equal(_bf16(packed, x), _bf16(plain, x))
+    packed.weight = nn.Parameter(plain.weight.detach().clone() * 3)
+    plain.weight = nn.Parameter(plain.weight.detach().clone() * 3)
+    assert torch.equal(_bf16(packed, x), _bf16(plain, x))
+
+
+def test_a_used_layer_copies_and_pickles_without_its_packed_weight():
+    _, packed = _layers(True)
+    x = torch.randn(4, 48)
+    want = _bf16(packed, x)
+    for again in (copy.deepcopy(packed), pickle.loads(pickle.dumps(packed))):
+        assert again._packed is None
+        assert torch.equal(_bf16(again, x), want)
+
+
+def test_the_predictor_decodes_on_packed_linears_and_answers_the_same(rng_image, tiny_model):
+    from medplib.inference import Predictor
+
+    predictor = Predictor(tiny_model)
+    assert predictor.autocast
+    packed = [m for m in tiny_model.modules() if type(m) is PackedLinear]
+    assert packed and not any(type(m) is nn.Linear for m in tiny_model.llm.modules())
+    cfg = tiny_model.cfg
+    prompts = [
+        encode_sample([Turn(role="human", text=q)], rng_image, tiny_model.tokenizer, cfg, for_generation=True)
+        for q in ("What is this?", "Where is the lesion?", "Describe the image.")
+    ]
+    batch = collate(prompts, cfg, tiny_model.ids.pad)
+    with predictor._inference():
+        got = tiny_model.generate(batch, max_new_tokens=12, segment=True)
+    assert tiny_model.llm.get_output_embeddings()._packed is not None  # the LM head ran packed
+    for m in packed:
+        m.__class__ = nn.Linear
+    with predictor._inference():
+        want = tiny_model.generate(batch, max_new_tokens=12, segment=True)
+    assert [g.token_ids for g in got] == [g.token_ids for g in want]
+    for a, b in zip(got, want, strict=True):
+        assert len(a.mask_logits) == len(b.mask_logits)
+        assert all(torch.equal(x, y) for x, y in zip(a.mask_logits, b.mask_logits, strict=True))

@@ -215,7 +215,10 @@ class Predictor:
             # casts all fp32 weights again, a third of a small-preset step on CPU. Nothing here builds a graph.
             model.requires_grad_(True)
             if model.device.type == "cpu":
-                pack_linears(model)  # `medplib.model.packed_linear`: a decoding step 25-30% faster
+                # The LLM's linears (`medplib.model.packed_linear`): a decoding step 25-30% faster, the same
+                # products. Not the projector's: PyTorch multiplies its input by another kernel than oneDNN's,
+                # so packed it answered in other last bf16 places (2026-12-01).
+                pack_linears(model.llm)
         self.embedding_cache: EmbeddingCache | None = None  # `use_embedding_cache`
 
     def use_embedding_cache(self, root: str | Path) -> EmbeddingCache:

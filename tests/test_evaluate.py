@@ -760,6 +760,52 @@ def test_a_stratified_sample_on_two_actors_answers_as_one_process(
         assert a["text"] == b["text"] and a["tf_seg_counts"] == b["tf_seg_counts"], a["question_id"]
 
 
+def test_evaluations_run_together_on_one_pool_answer_as_each_alone(
+    ray_local, prepared: Path, tmp_path, caplog
+):
+    """`evaluate_all`: two models' evaluations on one actor pool (the pipeline's untrained and trained model)
+    give each one's records as evaluating it alone, and the second compares with the first's folder."""
+    from workflows.eval.evaluate import evaluate_all
+
+    fields = dict(
+        model="tiny",
+        data=prepared,
+        splits=["test"],
+        max_new_tokens=4,
+        sample="stratified",
+        per_kind={"grounding": 2, "vqa": 1},
+    )
+    # Two random-init models (seed 0 and 1) stand for the untrained and the trained one.
+    alone = [evaluate(out=tmp_path / f"alone{seed}", engine="local", seed=seed, **fields) for seed in (0, 1)]
+    configs = [
+        EvalConfig(out=tmp_path / "first", engine="ray", concurrency=2, seed=0, **fields),
+        EvalConfig(
+            out=tmp_path / "second",
+            engine="ray",
+            concurrency=2,
+            seed=1,
+            compare_with=tmp_path / "first",  # written by this same call, before the second's outputs
+            **fields,
+        ),
+    ]
+    with caplog.at_level("INFO", logger="workflows.eval.evaluate"):
+        together = evaluate_all(configs)
+    assert caplog.text.count("eval: 2 actor(s) on CPU") == 1  # one pool for both
+
+    def records(result):
+        return [json.loads(line) for line in result.predictions_path.read_text().splitlines()]
+
+    assert [r.out for r in together] == [tmp_path / "first", tmp_path / "second"]
+    assert records(alone[0]) != records(alone[1])  # the two models answer differently
+    for mine, reference in zip(together, alone, strict=True):
+        assert [(r["question_id"], r["text"], r["tf_seg_counts"]) for r in records(mine)] == [
+            (r["question_id"], r["text"], r["tf_seg_counts"]) for r in records(reference)
+        ]
+    assert together[1].comparison_path is not None and together[1].comparison_path.is_file()
+    with pytest.raises(ValueError, match="concurrency differs"):
+        evaluate_all([configs[0], configs[1].model_copy(update={"concurrency": 1})])
+
+
 def test_vqa_rows_decode_no_masks_for_the_seg_tokens_they_emit(rows, model):
     """Masks are scored on grounding rows only: a VQA answer full of `<SEG>` (a babbling model) decodes none in
     evaluation, while a grounding row still gets one per `<SEG>`; `Predictor.run` decodes them by default."""

@@ -16,8 +16,8 @@ Each step's output is keyed by a fingerprint of its inputs and config (`workflow
   aside to `<dir>.old-<time>`).
 * eval: first the untrained starting model (the first stage's own `init_model/`: the preset at random-init
   heads, `preset_start`) in `<workdir>/eval/before-<fp12>/` on the reported splits (`untrained_splits`),
-  then the trained model in `<workdir>/eval/<fp12>/` on those and the champion split, same rows
-  (`workflows.eval.evaluate`); the trained side's folder
+  then the trained model in `<workdir>/eval/<fp12>/` on those and the champion split, same rows, both on one
+  actor pool (`workflows.eval.evaluate.evaluate_all`); the trained side's folder
   holds `comparison.html`/`.json` (before vs after) and its `report.html` shows both. Both are logged to the
   parent MLflow run. Then `champion` moves to the new `medplib` version only if its score (`champion_score`)
   beats the current champion's.
@@ -36,7 +36,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -44,6 +44,7 @@ from medplib.data.prepared import MANIFEST_NAME, read_manifest
 from medplib.model.export import is_model_dir
 from workflows.common import cluster_gpus, decide_gpu, init_ray, write_json_atomic
 from workflows.data.prepared import RowInfo, read_rows, row_index
+from workflows.eval.config import EvalConfig
 from workflows.tracking import FINGERPRINT_TAG, PIPELINE_TAG, STAGE_TAG, Tracker, latest_alias
 from workflows.train.config import (
     REGISTERED_MODEL,
@@ -53,6 +54,9 @@ from workflows.train.config import (
     fingerprint,
     flatten,
 )
+
+if TYPE_CHECKING:
+    from workflows.eval.evaluate import EvalResult
 
 log = logging.getLogger(__name__)
 
@@ -515,24 +519,21 @@ def _eval_fields(ctx: _Context) -> dict[str, Any]:
     )
 
 
-def _evaluate_before(ctx: _Context) -> Path | None:
-    """Score the untrained starting model (the first stage's `init_model/`, `preset_start`) on the same rows as
-    the trained one, into `<workdir>/eval/before-<fp12>/`; skipped when done for the same fingerprint. Its
-    metrics go to the parent run (prefix `eval_before`)."""
-    from workflows.eval.evaluate import evaluate
-
+def _before_config(ctx: _Context) -> tuple[Path, EvalConfig | None]:
+    """The untrained starting model's evaluation (the first stage's `init_model/`, `preset_start`) on the same
+    rows as the trained one: its folder `<workdir>/eval/before-<fp12>/`, and its config, None when it was done
+    for the same fingerprint. Its metrics go to the parent run (prefix `eval_before`)."""
     cfg = ctx.cfg
     first = cfg.stage_order[0]
     start = cfg.stages[first]
     out = cfg.workdir_path / "eval" / f"before-{ctx.fps['before'][:12]}"
-    done = out / "pipeline_metrics.json"
-    if done.is_file() and (out / "metrics.json").is_file():
+    if (out / "pipeline_metrics.json").is_file() and (out / "metrics.json").is_file():
         log.info(
             "== eval before training: skipped, scored before for fingerprint %s (%s)",
             ctx.fps["before"][:12],
             out,
         )
-        return out
+        return out, None
     fields = _eval_fields(ctx)
     fields["splits"] = untrained_splits(fields["splits"], cfg.data.eval_split)
     log.info(
@@ -541,8 +542,7 @@ def _evaluate_before(ctx: _Context) -> Path | None:
         start.seed,
         ", ".join(fields["splits"]),
     )
-    out.mkdir(parents=True, exist_ok=True)
-    evaluate(
+    return out, EvalConfig(
         # The very model the first stage started from (its `init_model/`, built now if that stage ran elsewhere).
         model=str(_init_model(ctx, first, _stage_dir(ctx, first))),
         out=out,
@@ -552,9 +552,6 @@ def _evaluate_before(ctx: _Context) -> Path | None:
         model_id=f"{start.preset} (untrained)",
         **fields,
     )
-    write_json_atomic(done, {"fingerprint": ctx.fps["before"]})
-    log.info("== eval before training: done (%s)", out)
-    return out
 
 
 def untrained_splits(splits: list[str], champion_split: str) -> list[str]:
@@ -564,20 +561,8 @@ def untrained_splits(splits: list[str], champion_split: str) -> list[str]:
     return [s for s in splits if s != champion_split] or splits
 
 
-def _evaluate(ctx: _Context, moe: StageOutcome, out: Path, before: Path | None = None) -> dict[str, float]:
-    """Score the final model with `workflows.eval.evaluate` (batch inference and report, logged into the moe run),
-    compared with the untrained model's scores when `before` is given."""
-    from workflows.eval.evaluate import evaluate
-
-    result = evaluate(
-        model=str(moe.stage_dir / "export"),
-        out=out,
-        mlflow_run_id=moe.run_id,
-        model_id=f"{REGISTERED_MODEL['moe']}/{moe.version}",
-        compare_with=before,
-        compare_labels=COMPARE_LABELS,
-        **_eval_fields(ctx),
-    )
+def _after_metrics(ctx: _Context, result: EvalResult) -> dict[str, float]:
+    """The trained model's headline metrics for the parent run and the champion score."""
     metrics = {
         k.replace("/", "_"): v
         for k, v in result.flat_metrics("eval").items()
@@ -596,12 +581,17 @@ def _log_comparison(ctx: _Context, out: Path) -> None:
         ctx.tracker.log_file(ctx.parent_id, chart, "eval/plots")
 
 
-def _eval_and_register(
-    ctx: _Context, moe: StageOutcome, before: Path | None = None
-) -> tuple[dict[str, float], bool]:
+def _evaluate_and_register(ctx: _Context, moe: StageOutcome) -> tuple[Path, dict[str, float], bool]:
+    """The untrained start and the trained model scored on one actor pool (`evaluate_all`: its start-up paid
+    once), each skipped when done for the same fingerprint; then the trained model's champion promotion.
+    Returns the untrained side's folder, the trained side's metrics and whether it became the champion."""
+    from workflows.eval.evaluate import evaluate_all
+
     cfg, tracker = ctx.cfg, ctx.tracker
+    before, before_cfg = _before_config(ctx)
     out = cfg.workdir_path / "eval" / ctx.fps["eval"][:12]
     metrics_file = out / "pipeline_metrics.json"
+    after_cfg = None
     if metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text())
         log.info(
@@ -611,8 +601,22 @@ def _eval_and_register(
         )
     else:
         log.info("== eval: scoring models:/%s/%s", REGISTERED_MODEL["moe"], moe.version)
-        out.mkdir(parents=True, exist_ok=True)
-        metrics = _evaluate(ctx, moe, out, before)
+        after_cfg = EvalConfig(
+            model=str(moe.stage_dir / "export"),
+            out=out,
+            mlflow_run_id=moe.run_id,
+            model_id=f"{REGISTERED_MODEL['moe']}/{moe.version}",
+            compare_with=before,
+            compare_labels=COMPARE_LABELS,
+            **_eval_fields(ctx),
+        )
+    pending = [c for c in (before_cfg, after_cfg) if c is not None]
+    results = evaluate_all(pending) if pending else []
+    if before_cfg is not None:
+        write_json_atomic(before / "pipeline_metrics.json", {"fingerprint": ctx.fps["before"]})
+        log.info("== eval before training: done (%s)", before)
+    if after_cfg is not None:
+        metrics = _after_metrics(ctx, results[-1])
         tracker.log_metrics(ctx.parent_id, metrics)
         # The final model's card gains the eval table; the predictions become an MLflow table of its run.
         export = moe.stage_dir / "export"
@@ -650,7 +654,7 @@ def _eval_and_register(
             previous,
             metrics["score"],
         )
-    return metrics, promoted
+    return before, metrics, promoted
 
 
 # ---------------------------------------------------------------------------------------------- the pipeline
@@ -726,8 +730,9 @@ def run_pipeline(
                 continue
             result.stages[name] = _stage_step(ctx, name)
         if only_stage is None:
-            result.before_dir = _evaluate_before(ctx)
-            result.eval, result.champion = _eval_and_register(ctx, result.stages["moe"], result.before_dir)
+            result.before_dir, result.eval, result.champion = _evaluate_and_register(
+                ctx, result.stages["moe"]
+            )
             result.eval_dir = cfg.workdir_path / "eval" / fps["eval"][:12]
         tracker.finish(parent_id)
     except BaseException as err:

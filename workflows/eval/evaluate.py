@@ -2,6 +2,7 @@
 `predictions.jsonl` (the upstream answer record plus task, modality, split, masks and scores), `metrics.json` (per
 split, task, modality and answer type) and the report (`workflows.eval.report`), optionally logged to an MLflow run
 and compared with an earlier eval folder. `engine="local"` runs the same worker in this process, without Ray.
+`evaluate_all` runs several evaluations (the pipeline's untrained and trained model) on one actor pool.
 
     from workflows.eval.evaluate import evaluate
     result = evaluate(model="runs:/ID/model", data="work/prepared", splits=["val"], out="work/eval/after",
@@ -47,8 +48,11 @@ from workflows.eval.sample import kind_of, majority_answers, stratified_ids
 
 logger = logging.getLogger(__name__)
 
-# What one actor returns per row: the JSON record and the predicted masks as PNG bytes (the driver writes them).
-OUTPUT_SCHEMA = pa.schema([("record_json", pa.string()), ("pred_masks_png", pa.list_(pa.binary()))])
+# What one actor returns per row: the evaluation it belongs to (its position in `evaluate_all`'s list), the JSON
+# record and the predicted masks as PNG bytes (the driver writes them).
+OUTPUT_SCHEMA = pa.schema(
+    [("job", pa.int32()), ("record_json", pa.string()), ("pred_masks_png", pa.list_(pa.binary()))]
+)
 
 
 class EvalResult(BaseModel):
@@ -323,67 +327,70 @@ def _row_result(
 
 # ------------------------------------------------------------------------------------------------ the worker
 class EvalWorker:
-    """A Ray Data actor (`map_batches(EvalWorker, compute=ActorPoolStrategy(...))`): builds one model, then predicts
-    batches.
+    """A Ray Data actor (`map_batches(EvalWorker, compute=ActorPoolStrategy(...))`): predicts batches with the
+    model of the evaluation each row names (`job`, a position in `jobs`: `_job_spec`s), built when a call of it
+    first arrives and kept until a call of another evaluation needs the memory.
 
-    Input: an Arrow batch of prepared rows; output: `OUTPUT_SCHEMA` (record JSON + predicted mask PNGs).
+    Input: an Arrow batch of prepared rows with a `job` column; output: `OUTPUT_SCHEMA`.
     """
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        seed: int,
-        dtype: str | None,
-        use_gpu: bool,
-        max_new_tokens: int,
-        model_id: str,
-        batch_size: int,
-        tracking_uri: str | None = None,
-        teacher_forced: bool = False,
-        embedding_cache: str | None = None,
-        max_new_tokens_by: dict[str, int] | None = None,
-        max_new_tokens_by_type: dict[str, int] | None = None,
-    ) -> None:
+    def __init__(self, jobs: list[dict[str, Any]]) -> None:
+        logging.basicConfig(level=logging.INFO)  # a fresh Ray worker has no handler; a no-op elsewhere
+        self.jobs = jobs
+        self.job: int | None = None
+        self.predictor: Any = None
+
+    def _load(self, job: int) -> None:
         import torch
 
         from medplib.inference import Predictor, resolve_model_source
 
-        logging.basicConfig(level=logging.INFO)  # a fresh Ray worker has no handler; a no-op elsewhere
-        device = "cuda" if use_gpu and torch.cuda.is_available() else None
-        source = resolve_model_source(model, tracking_uri)
-        torch.manual_seed(seed)  # a random-init preset builds the same weights in every actor
+        spec = self.jobs[job]
+        self.predictor = None  # the model held so far is freed before the next one is built
+        device = "cuda" if spec["use_gpu"] and torch.cuda.is_available() else None
+        source = resolve_model_source(spec["model"], spec["tracking_uri"])
+        torch.manual_seed(spec["seed"])  # a random-init preset builds the same weights in every actor
         began = time.perf_counter()
-        self.predictor = Predictor.from_pretrained(source, dtype=dtype, device=device)
-        if embedding_cache:
-            self.predictor.use_embedding_cache(embedding_cache)
-        self.teacher_forced = teacher_forced
+        self.predictor = Predictor.from_pretrained(source, dtype=spec["dtype"], device=device)
+        if spec["embedding_cache"]:
+            self.predictor.use_embedding_cache(spec["embedding_cache"])
+        self.job = job
         logger.info(
-            "eval actor: model %s on %s in %.1f s", model, device or "cpu", time.perf_counter() - began
+            "eval actor: model %s on %s in %.1f s",
+            spec["model"],
+            device or "cpu",
+            time.perf_counter() - began,
         )
-        self.max_new_tokens, self.model_id, self.batch_size = max_new_tokens, model_id, batch_size
-        self.max_new_tokens_by, self.max_new_tokens_by_type = max_new_tokens_by, max_new_tokens_by_type
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from medplib.data.rows import png_bytes
 
-        results = predict_rows(
-            self.predictor,
-            batch.to_pylist(),
-            max_new_tokens=self.max_new_tokens,
-            model_id=self.model_id,
-            batch_size=self.batch_size,
-            teacher_forced=self.teacher_forced,
-            max_new_tokens_by=self.max_new_tokens_by,
-            max_new_tokens_by_type=self.max_new_tokens_by_type,
-        )
-        return pa.Table.from_pylist(
-            [
-                {"record_json": json.dumps(r.record), "pred_masks_png": [png_bytes(m) for m in r.masks]}
+        jobs = batch.column("job").to_pylist()
+        rows = batch.drop_columns(["job"]).to_pylist()
+        out = []
+        for job, positions in group_indices(jobs).items():
+            if job != self.job:
+                self._load(job)
+            spec = self.jobs[job]
+            results = predict_rows(
+                self.predictor,
+                [rows[i] for i in positions],
+                max_new_tokens=spec["max_new_tokens"],
+                model_id=spec["model_id"],
+                batch_size=spec["batch_size"],
+                teacher_forced=spec["teacher_forced"],
+                max_new_tokens_by=spec["max_new_tokens_by"],
+                max_new_tokens_by_type=spec["max_new_tokens_by_type"],
+            )
+            out += [
+                {
+                    "job": job,
+                    "record_json": json.dumps(r.record),
+                    "pred_masks_png": [png_bytes(m) for m in r.masks],
+                }
                 for r in results
-            ],
-            schema=OUTPUT_SCHEMA,
-        )
+            ]
+        return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
 
 
 def _want_gpus(cfg: EvalConfig) -> bool:
@@ -462,10 +469,13 @@ def actor_count(cfg: EvalConfig, gpus: bool) -> int:
     return max(1, min(8, int(ray.cluster_resources().get("CPU", 1))))
 
 
-def _worker_kwargs(
-    cfg: EvalConfig, gpus: bool, tracking_uri: str | None, by_type: dict[str, int] | None
-) -> dict[str, Any]:
-    """What an `EvalWorker` is built with, in an actor or in this process."""
+def _job_spec(cfg: EvalConfig, gpus: bool, by_type: dict[str, int] | None) -> dict[str, Any]:
+    """What an `EvalWorker` needs of one evaluation, in an actor or in this process."""
+    tracking_uri = cfg.tracking_uri
+    if tracking_uri is None and cfg.model.startswith(MLFLOW_URI_PREFIXES):
+        import mlflow
+
+        tracking_uri = mlflow.get_tracking_uri()  # what this process uses (set_tracking_uri is not inherited)
     return dict(
         model=cfg.model,
         seed=cfg.seed,
@@ -482,62 +492,81 @@ def _worker_kwargs(
     )
 
 
-def _iter_outputs_ray(cfg: EvalConfig, by_type: dict[str, int] | None) -> Iterator[tuple[str, list[bytes]]]:
+def _tagged(call: list[dict[str, Any]], job: int) -> pa.Table:
+    table = pa.Table.from_pylist(call)
+    return table.append_column("job", pa.array([job] * len(table), pa.int32()))
+
+
+def _iter_outputs_ray(
+    cfgs: Sequence[EvalConfig], by_types: Sequence[dict[str, int] | None]
+) -> Iterator[tuple[int, str, list[bytes]]]:
     import ray
 
     init_ray()
-    gpus = _want_gpus(cfg)
-    tracking_uri = cfg.tracking_uri
-    if tracking_uri is None and cfg.model.startswith(MLFLOW_URI_PREFIXES):
-        import mlflow
-
-        tracking_uri = mlflow.get_tracking_uri()  # what this process uses (set_tracking_uri is not inherited)
-    concurrency = actor_count(cfg, gpus)
-    if cfg.sample == "stratified":
-        # Ray Data touch-point: the sample, dealt by image into one block per actor call. A call is a fixed set of
-        # rows whichever actor takes it, so its generate batches, and their bf16 rounding, are the same every run.
-        calls = [pa.Table.from_pylist(call) for call in _calls(cfg, concurrency)]
+    first = cfgs[0]  # `_check_together`: the settings of the pool are the same in every config
+    gpus = _want_gpus(first)
+    jobs = [_job_spec(cfg, gpus, by_type) for cfg, by_type in zip(cfgs, by_types, strict=True)]
+    concurrency = actor_count(first, gpus)
+    if first.sample == "stratified":
+        # Ray Data touch-point: the samples, dealt by image into one block per actor call, one evaluation's calls
+        # after the other's (an actor builds the next model once). A call is a fixed set of rows whichever actor
+        # takes it, so its generate batches, and their bf16 rounding, are the same every run.
+        calls = [_tagged(call, job) for job, cfg in enumerate(cfgs) for call in _calls(cfg, concurrency)]
         ds, call_rows = ray.data.from_arrow(calls), None
         concurrency = min(concurrency, len(calls))  # no actor, no model load, without a call to make
     else:
         datasets = []
-        for split in cfg.splits:
-            # Ray Data touch-point: the split's Parquet shards, lazily; `limit` stops reading after max_rows.
-            ds = load_prepared(cfg.data, split)
-            datasets.append(ds.limit(cfg.max_rows) if cfg.max_rows else ds)
+        for job, cfg in enumerate(cfgs):
+            for split in cfg.splits:
+                # Ray Data touch-point: the split's Parquet shards, lazily; `limit` stops reading after max_rows.
+                ds = load_prepared(cfg.data, split)
+                ds = ds.limit(cfg.max_rows) if cfg.max_rows else ds
+                datasets.append(
+                    ds.add_column(
+                        "job", lambda b, job=job: pa.array([job] * len(b), pa.int32()), batch_format="pyarrow"
+                    )
+                )
         ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]  # one actor pool
-        call_rows = cfg.call_rows
-        if cfg.max_rows:
-            concurrency = min(concurrency, math.ceil(len(cfg.splits) * cfg.max_rows / call_rows))
+        call_rows = first.call_rows
+        if all(cfg.max_rows for cfg in cfgs):
+            rows = sum(len(cfg.splits) * (cfg.max_rows or 0) for cfg in cfgs)
+            concurrency = min(concurrency, math.ceil(rows / call_rows))
     # Ray Data touch-point: an actor pool of `concurrency` EvalWorkers, each holding one model (one GPU each
     # when there are GPUs; otherwise `cpus_per_actor`, half a CPU, so CPU is left to the read tasks).
     predicted = ds.map_batches(
         EvalWorker,
-        fn_constructor_kwargs=_worker_kwargs(cfg, gpus, tracking_uri, by_type),
+        fn_constructor_kwargs={"jobs": jobs},
         batch_size=call_rows,  # None: a whole block, i.e. one dealt call
         batch_format="pyarrow",
         # One call at a time per actor: a call is minutes of work on a CPU, and an actor that started first took
         # both of two calls while the other sat idle (2026-11-30: 198 s against 118 s).
         compute=ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=1),
         num_gpus=1 if gpus else 0,
-        num_cpus=1 if gpus else cfg.cpus_per_actor,
+        num_cpus=1 if gpus else first.cpus_per_actor,
     )
     logger.info(
-        "eval: %d actor(s) on %s, splits %s", concurrency, "GPU" if gpus else "CPU", ", ".join(cfg.splits)
+        "eval: %d actor(s) on %s, %s",
+        concurrency,
+        "GPU" if gpus else "CPU",
+        "; ".join(f"{cfg.label}: splits {', '.join(cfg.splits)}" for cfg in cfgs),
     )
     # Ray Data touch-point: results stream back to the driver batch by batch (records are small; masks are PNG).
     for row in predicted.iter_rows():
-        yield row["record_json"], list(row["pred_masks_png"] or [])
+        yield row["job"], row["record_json"], list(row["pred_masks_png"] or [])
 
 
-def _iter_outputs_local(cfg: EvalConfig, by_type: dict[str, int] | None) -> Iterator[tuple[str, list[bytes]]]:
+def _iter_outputs_local(
+    cfgs: Sequence[EvalConfig], by_types: Sequence[dict[str, int] | None]
+) -> Iterator[tuple[int, str, list[bytes]]]:
     from medplib.allocator import tune_allocator
 
     tune_allocator()  # this process decodes, as the Ray engine's actors do with the settings from `init_ray`
-    worker = EvalWorker(**_worker_kwargs(cfg, _want_gpus(cfg), cfg.tracking_uri, by_type))
-    for call in _calls(cfg, 1):
-        for row in worker(pa.Table.from_pylist(call)).to_pylist():
-            yield row["record_json"], row["pred_masks_png"] or []
+    gpus = _want_gpus(cfgs[0])
+    worker = EvalWorker([_job_spec(cfg, gpus, by_type) for cfg, by_type in zip(cfgs, by_types, strict=True)])
+    for job, cfg in enumerate(cfgs):
+        for call in _calls(cfg, 1):
+            for row in worker(_tagged(call, job)).to_pylist():
+                yield row["job"], row["record_json"], row["pred_masks_png"] or []
 
 
 # -------------------------------------------------------------------------------------------------- metrics
@@ -781,11 +810,16 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:150]
 
 
-def _write_outputs(cfg: EvalConfig, outputs: Iterable[tuple[str, list[bytes]]]) -> list[dict[str, Any]]:
-    """Mask PNGs to `masks/<split>/`, records collected and sorted (split order asked for, then id)."""
-    records = []
-    for record_json, mask_pngs in outputs:
-        record = json.loads(record_json)
+def _write_outputs(
+    cfgs: Sequence[EvalConfig], outputs: Iterable[tuple[int, str, list[bytes]]], began: float
+) -> tuple[list[list[dict[str, Any]]], list[float]]:
+    """Mask PNGs to each evaluation's `masks/<split>/`, its records collected and sorted (split order asked for,
+    then id); and the seconds from `began` to each evaluation's last row."""
+    records: list[list[dict[str, Any]]] = [[] for _ in cfgs]
+    last = [0.0] * len(cfgs)
+    done = 0
+    for job, record_json, mask_pngs in outputs:
+        cfg, record = cfgs[job], json.loads(record_json)
         for k, data in enumerate(mask_pngs):
             relative = (
                 Path("masks") / _safe_name(record["split"]) / f"{_safe_name(record['question_id'])}_{k}.png"
@@ -793,40 +827,89 @@ def _write_outputs(cfg: EvalConfig, outputs: Iterable[tuple[str, list[bytes]]]) 
             (cfg.out / relative).parent.mkdir(parents=True, exist_ok=True)
             (cfg.out / relative).write_bytes(data)
             record["pred_masks"][k]["png"] = relative.as_posix()
-        records.append(record)
-        if len(records) % 100 == 0:
-            logger.info("eval: %d rows predicted", len(records))
-    order = {split: i for i, split in enumerate(cfg.splits)}
-    records.sort(key=lambda r: (order.get(r["split"], len(order)), r["question_id"]))
-    return records
+        records[job].append(record)
+        last[job] = time.perf_counter() - began
+        done += 1
+        if done % 100 == 0:
+            logger.info("eval: %d rows predicted", done)
+    for cfg, job_records in zip(cfgs, records, strict=True):
+        order = {split: i for i, split in enumerate(cfg.splits)}
+        job_records.sort(key=lambda r: (order.get(r["split"], len(order)), r["question_id"]))
+    return records, last
+
+
+# Settings of the actor pool, which evaluations run together share.
+_POOL_FIELDS = ("engine", "sample", "use_gpu", "concurrency", "cpus_per_actor", "rows_per_call", "batch_size")
+
+
+def _check(cfgs: Sequence[EvalConfig]) -> None:
+    """Before any model is built: the data and splits exist, the pool settings agree, and each `compare_with`
+    is an eval folder or the `out` of an evaluation earlier in the list."""
+    from medplib.data.prepared import read_manifest, shard_files
+
+    if not cfgs:
+        raise ValueError("evaluate_all: no evaluation given")
+    for name in _POOL_FIELDS:
+        values = {repr(getattr(cfg, name)) for cfg in cfgs}
+        if len(values) > 1:
+            raise ValueError(f"evaluations run together share one actor pool: {name} differs ({values})")
+    for k, cfg in enumerate(cfgs):
+        read_manifest(cfg.data)
+        for split in cfg.splits:
+            shard_files(cfg.data, split)  # ValueError naming the prepared splits
+        earlier = {c.out.resolve() for c in cfgs[:k]}
+        compare = cfg.compare_with
+        if (
+            compare is not None
+            and compare.resolve() not in earlier
+            and not (compare / METRICS_NAME).is_file()
+        ):
+            raise FileNotFoundError(
+                f"compare_with: {compare / METRICS_NAME} not found (an eval output folder)"
+            )
 
 
 def evaluate(config: EvalConfig | None = None, **fields: Any) -> EvalResult:
     """Evaluate a model on prepared splits; see the module docstring. Pass an `EvalConfig` or its fields."""
     cfg = config.model_copy(update=fields) if config is not None else EvalConfig(**fields)
-    cfg = EvalConfig.model_validate(cfg.model_dump())
+    return evaluate_all([cfg])[0]
+
+
+def evaluate_all(configs: Sequence[EvalConfig]) -> list[EvalResult]:
+    """Several evaluations on one actor pool (`engine="local"`: one worker): all of the first's calls, then the
+    next's, each actor building the model of the calls it takes, so the pool starts (processes, imports) once
+    and an actor done with one evaluation takes the next one's calls while the others finish. Each evaluation
+    then writes its own folder, in list order, so a later one can compare with an earlier one's."""
+    cfgs = [EvalConfig.model_validate(cfg.model_dump()) for cfg in configs]
+    _check(cfgs)
     began = time.perf_counter()
-    from medplib.data.prepared import read_manifest, shard_files
+    for cfg in cfgs:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+    # Read once per evaluation: the actors' budgets and metrics.json's.
+    by_types = [type_budgets(cfg.data, cfg.budget_split) for cfg in cfgs]
+    outputs = (_iter_outputs_ray if cfgs[0].engine == "ray" else _iter_outputs_local)(cfgs, by_types)
+    records, inference_s = _write_outputs(cfgs, outputs, began)
+    return [
+        _finish(cfg, job_records, by_type, seconds, began)
+        for cfg, job_records, by_type, seconds in zip(cfgs, records, by_types, inference_s, strict=True)
+    ]
 
-    read_manifest(cfg.data)
-    for split in cfg.splits:
-        shard_files(cfg.data, split)  # ValueError naming the prepared splits, before any model is built
-    if cfg.compare_with is not None and not (cfg.compare_with / METRICS_NAME).is_file():
-        raise FileNotFoundError(
-            f"compare_with: {cfg.compare_with / METRICS_NAME} not found (an eval output folder)"
-        )
-    cfg.out.mkdir(parents=True, exist_ok=True)
 
-    by_type = type_budgets(cfg.data, cfg.budget_split)  # read once: the actors' budgets and metrics.json's
-    outputs = (_iter_outputs_ray if cfg.engine == "ray" else _iter_outputs_local)(cfg, by_type)
-    records = _write_outputs(cfg, outputs)
+def _finish(
+    cfg: EvalConfig,
+    records: list[dict[str, Any]],
+    by_type: dict[str, int] | None,
+    inference_s: float,
+    began: float,
+) -> EvalResult:
+    """One evaluation's predictions, metrics, report (and comparison) and MLflow logging."""
     predictions_path = cfg.out / PREDICTIONS_NAME
     with predictions_path.open("w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    inference_s = time.perf_counter() - began
 
     metrics = compute_metrics(records, cfg, question_only_baseline(cfg), by_type)
+    # From the start to this evaluation's last row (evaluations run together share the actors' time).
     metrics["elapsed_s"] = round(inference_s, 3)
     metrics["rows_per_s"] = round(len(records) / inference_s, 3) if inference_s > 0 else None
     volume_html = ""

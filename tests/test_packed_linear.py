@@ -13,9 +13,25 @@ from medplib.data.batch import collate, encode_sample
 from medplib.data.schema import Turn
 from medplib.model.packed_linear import PackedLinear, pack_linears
 
-pytestmark = pytest.mark.skipif(
-    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="pack_linears is a no-op without oneDNN bf16"
+BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+needs_bf16 = pytest.mark.skipif(
+    not BF16,
+    reason="no oneDNN bf16 kernels on this CPU: pack_linears is a no-op here (the first test checks it)",
 )
+
+
+def test_only_a_cpu_with_bf16_kernels_packs_and_only_plain_linears():
+    """On an AVX2-only CPU nothing changes class (oneDNN has no bf16 kernels to pack for, and the Predictor and
+    the encoder's copy run fp32 there); elsewhere every exact `nn.Linear`, none of its subclasses."""
+
+    class Custom(nn.Linear):
+        pass
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), Custom(4, 4), nn.Sequential(nn.Linear(4, 2)))
+    assert pack_linears(net) == (2 if BF16 else 0)
+    assert [type(m).__name__ for m in net.modules() if isinstance(m, nn.Linear)] == (
+        ["PackedLinear", "Custom", "PackedLinear"] if BF16 else ["Linear", "Custom", "Linear"]
+    )
 
 
 def _layers(bias: bool) -> tuple[nn.Linear, nn.Linear]:
@@ -31,6 +47,7 @@ def _bf16(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return layer(x)
 
 
+@needs_bf16
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 48), (16, 48), (3, 7, 48)])
 def test_packed_products_equal_autocast_bit_for_bit(bias, shape):
@@ -43,6 +60,7 @@ def test_packed_products_equal_autocast_bit_for_bit(bias, shape):
     assert packed.state_dict().keys() == plain.state_dict().keys()
 
 
+@needs_bf16
 def test_other_calls_are_nn_linear_and_a_changed_weight_is_packed_again():
     plain, packed = _layers(True)
     x = torch.randn(5, 48)
@@ -59,6 +77,7 @@ def test_other_calls_are_nn_linear_and_a_changed_weight_is_packed_again():
     assert torch.equal(_bf16(packed, x), _bf16(plain, x))
 
 
+@needs_bf16
 def test_a_used_layer_copies_and_pickles_without_its_packed_weight():
     _, packed = _layers(True)
     x = torch.randn(4, 48)
@@ -68,6 +87,7 @@ def test_a_used_layer_copies_and_pickles_without_its_packed_weight():
         assert torch.equal(_bf16(again, x), want)
 
 
+@needs_bf16
 def test_the_predictor_decodes_on_packed_linears_and_answers_the_same(rng_image, tiny_model):
     from medplib.inference import Predictor
 

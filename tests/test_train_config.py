@@ -40,6 +40,7 @@ from workflows.train.stage import (
     parameter_anchor,
     plan_steps,
     repeat_count,
+    resolve_precision,
     save_model_atomic,
     select_rows,
     window_shuffle,
@@ -172,6 +173,22 @@ def test_lr_schedule_and_deepspeed_config() -> None:
         and ds["gradient_accumulation_steps"] == 8
     )
     assert "fp16" not in ds and not deepspeed_config(stage, "fp32", use_gpu=False)["bf16"]["enabled"]
+
+
+def test_auto_precision_follows_the_cpus_bf16_kernels(caplog) -> None:
+    """`auto`: bf16 on a GPU, bf16 autocast on a CPU with oneDNN bf16 kernels, fp32 on one without (AVX2 only,
+    where bf16 runs on PyTorch's slow fallback); an explicit bf16 there is kept, with a warning."""
+    stage = load_stage_config(CONFIGS / "stages" / "tiny" / "vl.yaml")
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolve_precision(stage, use_gpu=True) == "bf16"
+    assert resolve_precision(stage, use_gpu=False) == ("bf16-mixed" if native else "fp32")
+    with caplog.at_level("WARNING", logger="workflows.train.stage"):
+        assert (
+            resolve_precision(stage.model_copy(update={"precision": "bf16-mixed"}), use_gpu=False)
+            == "bf16-mixed"
+        )
+        assert resolve_precision(stage.model_copy(update={"precision": "fp32"}), use_gpu=False) == "fp32"
+    assert ("without bf16 kernels" in caplog.text) == (not native)
 
 
 def test_window_shuffle_is_a_deterministic_permutation_and_resume_skips_exactly() -> None:

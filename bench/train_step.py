@@ -37,6 +37,7 @@ import torch
 
 from bench.common import median_seconds, print_figures
 from medplib.constants import IGNORE_INDEX
+from medplib.cpu import has_bf16_kernels
 from medplib.data.batch import collate, encode_sample
 from medplib.data.image import load_image
 from medplib.data.schema import Turn
@@ -73,7 +74,7 @@ def main() -> None:
     model = MedPLIB(load_model_config("small"))
     lora = LoraSettings(r=8, alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"], layers=8)
     prepare_trainable(model, lora, ["mask_decoder", "text_hidden_fcs"])
-    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    native_bf16 = has_bf16_kernels()
     fast = copy.deepcopy(model) if native_bf16 else model
     if native_bf16:
         frozen_linears_to_bf16(fast)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from medplib import constants as C
+from medplib.cpu import has_bf16_kernels
 from medplib.data.batch import Encoded, collate, encode_sample
 from medplib.data.schema import Box, MaskRef, Point, Turn
 from medplib.model.config import load_model_config
@@ -199,7 +200,7 @@ class AnswerText:
 
 def bf16_autocast_default(model: MedPLIB) -> bool:
     """bf16 autocast where it pays: an fp32 model on a CPU with bf16 matrix instructions (~4x its fp32 matmul)."""
-    cpu_bf16 = model.device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    cpu_bf16 = model.device.type == "cpu" and has_bf16_kernels()
     return cpu_bf16 and model.dtype == torch.float32
 
 

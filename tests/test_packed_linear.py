@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from medplib.cpu import has_bf16_kernels
 from medplib.data.batch import collate, encode_sample
 from medplib.data.schema import Turn
 from medplib.model.packed_linear import PackedLinear, pack_linears
 
-BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+BF16 = has_bf16_kernels()
 needs_bf16 = pytest.mark.skipif(
     not BF16,
     reason="no oneDNN bf16 kernels on this CPU: pack_linears is a no-op here (the first test checks it)",

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from medplib.cpu import has_bf16_kernels
 from medplib.model.config import configs_dir, load_model_config
 from medplib.model.medplib import MedPLIB
 from workflows.data.prepared import RowInfo
@@ -179,7 +180,7 @@ def test_auto_precision_follows_the_cpus_bf16_kernels(caplog) -> None:
     """`auto`: bf16 on a GPU, bf16 autocast on a CPU with oneDNN bf16 kernels, fp32 on one without (AVX2 only,
     where bf16 runs on PyTorch's slow fallback); an explicit bf16 there is kept, with a warning."""
     stage = load_stage_config(CONFIGS / "stages" / "tiny" / "vl.yaml")
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    native = has_bf16_kernels()
     assert resolve_precision(stage, use_gpu=True) == "bf16"
     assert resolve_precision(stage, use_gpu=False) == ("bf16-mixed" if native else "fp32")
     with caplog.at_level("WARNING", logger="workflows.train.stage"):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from medplib.cpu import has_bf16_kernels
 from medplib.data.batch import Encoded, collate
 from medplib.model.packed_linear import pack_linears
 
@@ -140,10 +141,10 @@ class EmbeddingCache:
         # Each convolution that GELU follows then runs with the GELU fused (`fuse_conv_gelus`): 0.42-0.47 ->
         # 0.38-0.40 s an image (2026-11-30, three MRI/CT slices, alternating), mean |error| against the fp32
         # encoder 0.0047 -> 0.0043 (the GELU sees the fp32 accumulator instead of its bf16 rounding).
-        # Only where oneDNN has bf16 kernels (AVX-512 or AVX-NE-CONVERT): elsewhere its bf16 convolutions refuse
-        # to run, and autocast alone runs the fp32 encoder (a stage asked for `bf16-mixed` on such a CPU).
+        # Only where oneDNN has bf16 kernels: elsewhere its bf16 convolutions refuse to run, and autocast alone
+        # runs the fp32 encoder (a stage asked for `bf16-mixed` on such a CPU).
         self.encoder = None
-        if autocast and model.device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if autocast and model.device.type == "cpu" and has_bf16_kernels():
             folded = fold_batch_norms(copy.deepcopy(model.sam.image_encoder))
             self.encoder = fuse_conv_gelus(folded).to(torch.bfloat16, memory_format=torch.channels_last)
             # Its linears read packed weights (`medplib.model.packed_linear`): 0.322 -> 0.311 s an image, the

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from medplib.cpu import has_bf16_kernels
+
 # The row count oneDNN packs for: a hint only (any row count reads the packed weight, with the same results).
 _ROWS_HINT = 16
 
@@ -63,7 +65,7 @@ def _same(held: list, versions: list) -> bool:
 def pack_linears(module: nn.Module) -> int:
     """Make every plain `nn.Linear` in `module` a `PackedLinear`, in place (its class only: parameters, hooks
     and state dict stay); returns how many. A no-op on CPUs without oneDNN bf16 kernels."""
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if not has_bf16_kernels():
         return 0
     count = 0
     for layer in module.modules():

@@ -503,7 +503,7 @@ def _iter_outputs_ray(
     import ray
 
     init_ray()
-    first = cfgs[0]  # `_check_together`: the settings of the pool are the same in every config
+    first = cfgs[0]  # `_check`: the settings of the pool are the same in every config
     gpus = _want_gpus(first)
     jobs = [_job_spec(cfg, gpus, by_type) for cfg, by_type in zip(cfgs, by_types, strict=True)]
     concurrency = actor_count(first, gpus)
@@ -839,7 +839,7 @@ def _write_outputs(
 
 
 # Settings of the actor pool, which evaluations run together share.
-_POOL_FIELDS = ("engine", "sample", "use_gpu", "concurrency", "cpus_per_actor", "rows_per_call", "batch_size")
+_POOL_FIELDS = ("engine", "sample", "use_gpu", "concurrency", "cpus_per_actor", "rows_per_call")
 
 
 def _check(cfgs: Sequence[EvalConfig]) -> None:

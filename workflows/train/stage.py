@@ -154,21 +154,19 @@ def deepspeed_config(stage: StageConfig, precision: str, use_gpu: bool) -> dict[
 
 
 def resolve_precision(stage: StageConfig, use_gpu: bool) -> str:
-    import torch
+    from medplib.cpu import has_bf16_kernels
 
-    native_bf16 = use_gpu or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    native_bf16 = use_gpu or has_bf16_kernels()
     if stage.precision != "auto":
         if stage.precision != "fp32" and not native_bf16:
-            # PyTorch's fallback kernels: one `small` step took over 10 minutes on an AVX2 EPYC (2026-12-01).
             log.warning(
                 "precision %s on a CPU without bf16 kernels (no AVX-512 or AVX-NE-CONVERT) runs far slower "
-                "than fp32; precision: auto picks fp32 here",
+                "than fp32 (`medplib.cpu.has_bf16_kernels`); precision: auto picks fp32 here",
                 stage.precision,
             )
         return stage.precision
     if use_gpu:
         return "bf16"
-    # AVX512-BF16/AMX CPUs run bf16 matmuls ~4x faster than fp32 (stack.md: 838 vs 198 GFLOP/s on 2 threads).
     return "bf16-mixed" if native_bf16 else "fp32"
 
 

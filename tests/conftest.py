@@ -98,3 +98,13 @@ def _restore_mlflow_tracking_uri():
     yield
     if os.environ.get("MLFLOW_TRACKING_URI") != before and "mlflow" in sys.modules:
         sys.modules["mlflow"].set_tracking_uri(before)
+
+
+@pytest.fixture(scope="module")
+def pg_mlflow(tmp_path_factory):
+    """(Postgres, MlflowServer): a PostgreSQL server and `mlflow server` on it, both on 127.0.0.1, for one test
+    module (tests/mlflow_servers.py)."""
+    from mlflow_servers import mlflow_server, postgres_server
+
+    with postgres_server() as pg, mlflow_server(pg.uri, tmp_path_factory.mktemp("mlflow")) as server:
+        yield pg, server

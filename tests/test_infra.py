@@ -2,34 +2,26 @@
 manifests and docs/deploy.md agree with each other and with what KubeRay, Ray and Docker expect; and MLflow runs
 on a real PostgreSQL server.
 
-The slow tests start PostgreSQL from Debian's `postgresql` package (`make install` installs it as root) on
-127.0.0.1 in a temporary directory, put `mlflow server` on top of it, and drive it over HTTP exactly as a Ray
-cluster would.
+The slow test starts PostgreSQL from Debian's `postgresql` package (`make install` installs it as root) on
+127.0.0.1 in a temporary directory, puts `mlflow server` on top of it (tests/mlflow_servers.py), and drives it over
+HTTP exactly as a Ray cluster would; tests/test_submit.py tracks a submitted pipeline into the same setup.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import pwd
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from mlflow_servers import MlflowServer, Postgres, table_count
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -40,210 +32,8 @@ DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 
 
 # --------------------------------------------------------------------------------------------------------------
-# A real PostgreSQL server and an MLflow tracking server on top of it
+# MLflow on a real PostgreSQL server
 # --------------------------------------------------------------------------------------------------------------
-def _postgres_bin() -> Path | None:
-    """The newest `/usr/lib/postgresql/<version>/bin` with initdb and pg_ctl (Debian's layout), else PATH."""
-    candidates = sorted(
-        Path("/usr/lib/postgresql").glob("*/bin"),
-        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
-        reverse=True,
-    )
-    for bin_dir in candidates:
-        if (bin_dir / "initdb").exists() and (bin_dir / "pg_ctl").exists():
-            return bin_dir
-    initdb = shutil.which("initdb")
-    return Path(initdb).parent if initdb and shutil.which("pg_ctl") else None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Postgres:
-    bin_dir: Path
-    root: Path
-    port: int
-    user: str
-    password: str
-    database: str
-    run_as: list[str]
-
-    @property
-    def uri(self) -> str:
-        # The driver is explicit: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which the image lacks.
-        return f"postgresql+psycopg2://{self.user}:{self.password}@127.0.0.1:{self.port}/{self.database}"
-
-    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*self.run_as, str(self.bin_dir / "pg_ctl"), "-D", str(self.root / "data"), *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-
-
-@contextlib.contextmanager
-def postgres_server() -> Iterator[Postgres]:
-    """initdb + pg_ctl start on 127.0.0.1:<free port> in a fresh temporary directory; password auth over TCP,
-    as a remote database would be used. PostgreSQL refuses to run as root, so as root it runs as `postgres`."""
-    bin_dir = _postgres_bin()
-    if bin_dir is None:
-        pytest.skip(
-            "PostgreSQL binaries (initdb, pg_ctl) not found: `apt-get install postgresql` (make install does)"
-        )
-    run_as: list[str] = []
-    owner_uid = os.geteuid()
-    if owner_uid == 0:
-        try:
-            owner_uid = pwd.getpwnam("postgres").pw_uid
-        except KeyError:
-            pytest.skip("running as root and there is no `postgres` user to run the server as")
-        run_as = ["runuser", "-u", "postgres", "--"]
-    root = Path(tempfile.mkdtemp(prefix="medplib-pg-"))  # not pytest's tmp_path: `postgres` must reach it
-    os.chown(root, owner_uid, -1)
-    root.chmod(0o700)
-    pg = Postgres(bin_dir, root, _free_port(), "medplib", f"pw-{os.urandom(6).hex()}", "mlflow", run_as)
-    pwfile = root / "pwfile"
-    pwfile.write_text(pg.password + "\n")
-    os.chown(pwfile, owner_uid, -1)
-    try:
-        init = subprocess.run(
-            [
-                *run_as,
-                str(bin_dir / "initdb"),
-                "-D",
-                str(root / "data"),
-                "-U",
-                pg.user,
-                f"--pwfile={pwfile}",
-                "--auth-local=trust",
-                "--auth-host=scram-sha-256",
-                "--no-locale",
-                "-E",
-                "UTF8",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
-        assert init.returncode == 0, f"initdb failed:\n{init.stdout}\n{init.stderr}"
-        options = f"-c listen_addresses=127.0.0.1 -p {pg.port} -k {root} -c fsync=off"
-        start = pg.ctl("-o", options, "-l", str(root / "postgres.log"), "-w", "-t", "60", "start")
-        log = root / "postgres.log"
-        assert start.returncode == 0, (
-            f"pg_ctl start failed:\n{start.stderr}\n{log.read_text() if log.exists() else ''}"
-        )
-        created = subprocess.run(
-            [str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(pg.port), "-U", pg.user, pg.database],
-            env={**os.environ, "PGPASSWORD": pg.password},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert created.returncode == 0, f"createdb failed: {created.stderr}"
-        yield pg
-    finally:
-        pg.ctl("-m", "fast", "-w", "stop")
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@dataclass
-class MlflowServer:
-    url: str
-    artifacts: Path
-    process: subprocess.Popen[bytes]
-    log: Path
-
-
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(
-                f"mlflow server exited with {process.returncode}:\n{log.read_text()[-4000:]}"
-            )
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        time.sleep(0.5)
-    raise AssertionError(f"mlflow server not healthy after {timeout_s:.0f} s:\n{log.read_text()[-4000:]}")
-
-
-@contextlib.contextmanager
-def mlflow_server(backend_uri: str, workdir: Path) -> Iterator[MlflowServer]:
-    """`mlflow server` as infra/mlflow runs it (database backend, proxied artifact store), on loopback, with the
-    job runner off (it saves about 1.3 GB and 10 s)."""
-    port = _free_port()
-    artifacts = workdir / "artifacts"
-    log = workdir / "mlflow-server.log"
-    mlflow_cli = Path(sys.executable).with_name("mlflow")
-    # Configured the way infra/mlflow/mlflow.yaml and compose.yaml do it: the store locations and allowed hosts as
-    # MLFLOW_* variables (the password stays out of the arguments), the rest as flags.
-    command = [
-        str(mlflow_cli) if mlflow_cli.exists() else "mlflow",
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    env = {
-        **os.environ,
-        "MLFLOW_BACKEND_STORE_URI": backend_uri,
-        "MLFLOW_ARTIFACTS_DESTINATION": str(artifacts),
-        "MLFLOW_SERVER_ALLOWED_HOSTS": "mlflow*,localhost*,127.0.0.1*",
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, process, log, timeout_s=180)
-        yield MlflowServer(url, artifacts, process, log)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def pg_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Postgres, MlflowServer]]:
-    with postgres_server() as pg, mlflow_server(pg.uri, tmp_path_factory.mktemp("mlflow")) as server:
-        yield pg, server
-
-
-def _table_count(pg: Postgres, table: str) -> int:
-    import psycopg2
-
-    with (
-        contextlib.closing(
-            psycopg2.connect(
-                host="127.0.0.1", port=pg.port, user=pg.user, password=pg.password, dbname=pg.database
-            )
-        ) as conn,
-        conn.cursor() as cursor,
-    ):
-        cursor.execute(f"SELECT count(*) FROM {table}")  # table names are literals of this file
-        return int(cursor.fetchone()[0])
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_mlflow_server_on_postgres_round_trip(
@@ -287,93 +77,10 @@ def test_mlflow_server_on_postgres_round_trip(
     assert (local / "config.json").read_text() == '{"preset": "tiny"}'
 
     # The rows are in PostgreSQL, the file in the artifact store behind the server.
-    assert _table_count(pg, "runs") >= 1
-    assert _table_count(pg, "registered_models") >= 1
-    assert _table_count(pg, "model_versions") >= 1
+    assert table_count(pg, "runs") >= 1
+    assert table_count(pg, "registered_models") >= 1
+    assert table_count(pg, "model_versions") >= 1
     assert list(server.artifacts.rglob("config.json")), "artifact not in the server's --artifacts-destination"
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1800)
-def test_tiny_pipeline_against_postgres_mlflow(
-    pg_mlflow: tuple[Postgres, MlflowServer], tmp_path: Path
-) -> None:
-    """`medplib pipeline run` (the `tiny` pipeline) tracks into the PostgreSQL-backed server over HTTP; its runs,
-    registered models and the champion's files come back through the MLflow client."""
-    pytest.importorskip(
-        "workflows.pipeline", reason="workflows/pipeline.py (`medplib pipeline run`) not present"
-    )
-    from mlflow import MlflowClient
-
-    pg, server = pg_mlflow
-    medplib_cli = Path(sys.executable).with_name("medplib")
-    env = {
-        **os.environ,
-        "RAY_ADDRESS": "local",  # a Ray of its own, never another user's cluster on this machine
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "MLFLOW_TRACKING_URI": server.url,
-    }
-    # tiny.yaml as it is, but on the toy prepared rows that tests/test_pipeline.py trains on (seconds to write,
-    # no Ray Data prepare step): this test is about where the runs go, not about the data.
-    from medplib_datasets.toy import write_toy_prepared
-
-    prepared = write_toy_prepared(tmp_path / "prepared", "tiny", {"train": 24, "val": 6})
-    config = yaml.safe_load((ROOT / "configs" / "pipeline" / "tiny.yaml").read_text())
-    config["data"].update(prepared=str(prepared), input=None)
-    config_path = tmp_path / "tiny.yaml"  # its stage files resolve under configs/ (configs_dir)
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    run = subprocess.run(
-        [
-            str(medplib_cli),
-            "pipeline",
-            "run",
-            "--config",
-            str(config_path),
-            "--workdir",
-            str(tmp_path / "pipeline"),
-            "--tracking-uri",
-            server.url,
-            "--max-steps",
-            "2",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-        check=False,
-    )
-    assert run.returncode == 0, f"pipeline failed:\n{run.stdout[-4000:]}\n{run.stderr[-6000:]}"
-
-    client = MlflowClient(tracking_uri=server.url, registry_uri=server.url)
-    experiment = client.get_experiment_by_name("medplib")
-    assert experiment is not None, "the pipeline did not create the `medplib` experiment on the server"
-    runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) >= 4, f"expected a parent run and one per stage, got {[r.info.run_name for r in runs]}"
-    assert {r.info.status for r in runs} == {"FINISHED"}, [(r.info.run_name, r.info.status) for r in runs]
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1, [r.info.run_name for r in parents]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(children) >= 3, [r.info.run_name for r in children]
-    assert any(r.data.metrics for r in children), "no stage logged a metric"
-
-    registered = {m.name: m for m in client.search_registered_models()}
-    assert {"medplib-vl", "medplib-grounding", "medplib"} <= set(registered), sorted(registered)
-    champion = client.get_model_version_by_alias("medplib", "champion")
-    assert champion.run_id in {r.info.run_id for r in runs}
-    import mlflow
-
-    mlflow.set_tracking_uri(server.url)
-    local = Path(
-        mlflow.artifacts.download_artifacts("models:/medplib@champion", dst_path=str(tmp_path / "dl"))
-    )
-    assert any(local.rglob("*.safetensors")), (
-        f"no weights under {local}: {sorted(p.name for p in local.rglob('*'))}"
-    )
-    # All of it lives in PostgreSQL, not in a sqlite file beside the workdir.
-    assert _table_count(pg, "runs") >= len(runs)
-    assert _table_count(pg, "model_versions") >= 3
-    assert not list((tmp_path / "pipeline").rglob("mlflow.db"))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,13 +1,13 @@
-"""`medplib submit` against a `ray start --head` cluster (token authentication on, Ray's default) runs the tiny
-pipeline to SUCCEEDED. The head uses free ports (other Ray clusters may run on the machine) and is stopped by
-interrupting its own `ray start --block` process (never `ray stop`, which stops every cluster of the user).
-About 3-4 minutes."""
+"""The deployment path end to end: `medplib submit` sends the tiny pipeline to a `ray start --head` cluster (token
+authentication on, Ray's default) as a Ray job, and the job tracks into an MLflow server on PostgreSQL
+(tests/mlflow_servers.py), as a cluster's jobs would. The head uses free ports (other Ray clusters may run on the
+machine) and is stopped by interrupting its own `ray start --block` process (never `ray stop`, which stops every
+cluster of the user). About 3-5 minutes on 2 cores."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow_servers import MlflowServer, Postgres, free_port, table_count
 
 pytestmark = pytest.mark.slow
 
@@ -25,18 +26,12 @@ from medplib_datasets.toy import write_toy_prepared  # noqa: E402
 from workflows.cli import main  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     bin_dir = Path(sys.executable).parent
     log = (tmp_path_factory.mktemp("head") / "ray_start.log").open("w")
     ports = {
-        name: _free_port()
+        name: free_port()
         for name in (
             "port",
             "dashboard-port",
@@ -86,7 +81,15 @@ def head(tmp_path_factory):
         current.unlink()
 
 
-def test_submit_runs_the_tiny_pipeline(head: str, tmp_path: Path) -> None:
+def test_submitted_pipeline_tracks_into_postgres_mlflow(
+    head: str, pg_mlflow: tuple[Postgres, MlflowServer], tmp_path: Path
+) -> None:
+    """The job runs `medplib pipeline run --tracking-uri <server>` to SUCCEEDED; its runs, registered models and
+    the champion's files come back through the MLflow client, and all of it lives in PostgreSQL and the server's
+    artifact store, none in a sqlite file beside the workdir."""
+    pg, server = pg_mlflow
+    # The toy prepared rows (seconds to write, no Ray Data prepare step): this test is about where the job runs
+    # and where its runs go, not about the data.
     prepared = write_toy_prepared(tmp_path / "prepared", "tiny", {"train": 24, "val": 6})
     pipeline = yaml.safe_load((configs_dir() / "pipeline" / "tiny.yaml").read_text())
     # Absolute paths: the job runs in an uploaded copy of the repository.
@@ -107,6 +110,8 @@ def test_submit_runs_the_tiny_pipeline(head: str, tmp_path: Path) -> None:
             "run",
             "--config",
             str(config),
+            "--tracking-uri",
+            server.url,
         ]
     )
 
@@ -115,11 +120,32 @@ def test_submit_runs_the_tiny_pipeline(head: str, tmp_path: Path) -> None:
 
     jobs = JobSubmissionClient(head).list_jobs()
     assert [str(j.status.value) for j in jobs] == ["SUCCEEDED"]
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("medplib").experiment_id])
+    client = mlflow.MlflowClient(tracking_uri=server.url, registry_uri=server.url)
+    experiment = client.get_experiment_by_name("medplib")
+    assert experiment is not None, "the job did not create the `medplib` experiment on the server"
+    runs = client.search_runs([experiment.experiment_id])
     assert {r.info.run_name: r.info.status for r in runs} == {
         "pipeline-tiny": "FINISHED",
         "vl": "FINISHED",
         "grounding": "FINISHED",
         "moe": "FINISHED",
     }
+    parent = next(r for r in runs if r.info.run_name == "pipeline-tiny")
+    children = [r for r in runs if r is not parent]
+    assert {r.data.tags.get("mlflow.parentRunId") for r in children} == {parent.info.run_id}
+    assert all(r.data.metrics for r in children), "a stage logged no metric"
+
+    registered = {m.name for m in client.search_registered_models()}
+    assert {"medplib-vl", "medplib-grounding", "medplib"} <= registered, sorted(registered)
+    champion = client.get_model_version_by_alias("medplib", "champion")
+    assert champion.run_id in {r.info.run_id for r in runs}
+    mlflow.set_tracking_uri(server.url)  # the autouse fixture puts the previous one back
+    local = Path(
+        mlflow.artifacts.download_artifacts("models:/medplib@champion", dst_path=str(tmp_path / "dl"))
+    )
+    assert any(local.rglob("*.safetensors")), (
+        f"no weights under {local}: {sorted(p.name for p in local.rglob('*'))}"
+    )
+    assert table_count(pg, "runs") >= len(runs)
+    assert table_count(pg, "model_versions") >= 3
+    assert not list((tmp_path / "run").rglob("mlflow.db"))

@@ -1,6 +1,7 @@
 """The training pipeline end to end on the `tiny` preset, on one local Ray cluster (2 CPUs), checked through the
 MLflow client: a full run, a rerun that trains nothing, a failure injected in `moe` (test hook
-MEDPLIB_TEST_FAIL="moe:<steps>") and the rerun that starts at `moe`, and a training worker killed mid-stage.
+MEDPLIB_TEST_FAIL="moe:<steps>") and the rerun that starts at `moe`, in which a training worker is killed
+mid-stage.
 
 About 5 minutes on 2 shared cores (each stage is one Ray Train run of ~30-60 s, mostly worker start-up).
 """
@@ -287,11 +288,18 @@ def test_rerun_of_a_finished_pipeline_trains_nothing(base_cfg: PipelineConfig, f
     assert (again.before_dir / "pipeline_metrics.json").stat().st_mtime < started_wall
 
 
-def test_failure_in_moe_leaves_earlier_stages_and_rerun_starts_at_moe(
+def test_failed_moe_reruns_from_its_checkpoint_and_survives_a_killed_worker(
     base_cfg: PipelineConfig, first_run, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A failure in moe (the test hook) marks the stage and the pipeline FAILED and leaves vl and grounding as they
+    were; the rerun continues the same MLflow run from the checkpoint written before the failure, and when a
+    training worker is SIGKILLed mid-stage, Ray Train restarts the worker group from the last committed
+    checkpoint. One moe run covers both recoveries (each costs a stage start-up, ~45 s on 2 cores)."""
     result, _ = first_run
-    cfg = _with_moe(base_cfg, seed=7).model_copy(update={"max_failures": 0})  # a new moe fingerprint
+    # A new moe fingerprint, and a longer moe (8 epochs of 6 steps, capped at 40) so that the kill lands mid-stage.
+    cfg = _with_moe(base_cfg, seed=7, epochs=8, checkpoint_every_steps=4).model_copy(
+        update={"max_steps": 40, "max_failures": 0}
+    )
     monkeypatch.setenv("MEDPLIB_TEST_FAIL", "moe:2")
     with pytest.raises(Exception, match="fails on purpose|MEDPLIB_TEST_FAIL|Training"):
         run_pipeline(cfg)
@@ -304,26 +312,8 @@ def test_failure_in_moe_leaves_earlier_stages_and_rerun_starts_at_moe(
     for stage, name in (("vl", "medplib-vl"), ("grounding", "medplib-grounding")):
         assert str(client.get_registered_model(name).aliases["latest-tiny"]) == result.stages[stage].version
         assert client.get_run(result.stages[stage].run_id).info.status == "FINISHED"
-
     monkeypatch.delenv("MEDPLIB_TEST_FAIL")
-    again = run_pipeline(cfg.model_copy(update={"max_failures": 2}))
-    assert again.stages["vl"].status == "skipped" and again.stages["grounding"].status == "skipped"
-    moe = again.stages["moe"]
-    assert moe.status == "trained" and moe.run_id == failed_moe[0].info.run_id  # the same run, continued
-    run = client.get_run(moe.run_id)
-    assert (
-        run.info.status == "FINISHED" and "error" not in run.data.tags and "previous_error" in run.data.tags
-    )
-    progress = json.loads((moe.stage_dir / "progress" / "rank0.json").read_text())
-    assert progress["resumed_from"] == 2  # resumed from the checkpoint written before the failure
-    assert client.get_run(again.parent_run_id).info.status == "FINISHED"
 
-
-def test_killed_worker_resumes_from_its_checkpoint(base_cfg: PipelineConfig, first_run) -> None:
-    # A longer moe run (8 epochs of 6 steps, capped at 40) so the kill lands mid-stage.
-    cfg = _with_moe(base_cfg, seed=11, epochs=8, checkpoint_every_steps=4).model_copy(
-        update={"max_steps": 40}
-    )
     killed: dict[str, int] = {}
     stop = threading.Event()
     started = time.time()
@@ -337,16 +327,16 @@ def test_killed_worker_resumes_from_its_checkpoint(base_cfg: PipelineConfig, fir
             return 0
 
     def killer() -> None:
-        # Watch this run's progress files (newer than the test); SIGKILL rank 1 once it has gone past a
-        # committed checkpoint.
+        # Watch the rerun's progress files (newer than the rerun); SIGKILL rank 1 of the worker group that resumed
+        # from the failure's checkpoint (step 2) once it has gone past a later committed checkpoint.
         while not stop.is_set():
             for path in Path(cfg.workdir_path / "stages").glob("moe-*/progress/rank1.json"):
                 try:
                     info = json.loads(path.read_text())
                 except (OSError, ValueError):
                     continue
-                fresh = info["time"] > started and info["resumed_from"] == 0
-                if fresh and 0 < committed_step(path.parent.parent) < info["step"] < 40:
+                fresh = info["time"] > started and info["resumed_from"] == 2
+                if fresh and 2 < committed_step(path.parent.parent) < info["step"] < 40:
                     try:
                         os.kill(info["pid"], signal.SIGKILL)
                     except ProcessLookupError:
@@ -358,28 +348,35 @@ def test_killed_worker_resumes_from_its_checkpoint(base_cfg: PipelineConfig, fir
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     try:
-        result = run_pipeline(cfg)
+        again = run_pipeline(cfg.model_copy(update={"max_failures": 2}))
     finally:
         stop.set()
         thread.join()
-    assert killed, "the worker was never killed (the stage finished before the watcher saw step 5)"
-    moe = result.stages["moe"]
-    client = _client(cfg)
+    # The killer only fires on a worker group that resumed from step 2, the checkpoint before the failure.
+    assert killed, "no rerun worker resumed from step 2 and passed a later checkpoint before step 40"
+    assert again.stages["vl"].status == "skipped" and again.stages["grounding"].status == "skipped"
+    moe = again.stages["moe"]
+    assert moe.status == "trained" and moe.run_id == failed_moe[0].info.run_id  # the same run, continued
+    run = client.get_run(moe.run_id)
+    assert (
+        run.info.status == "FINISHED" and "error" not in run.data.tags and "previous_error" in run.data.tags
+    )
+    assert run.data.tags["final_step"] == "40"
     runs = [
         r
-        for r in child_runs(client, _experiment(cfg), result.parent_run_id)
+        for r in child_runs(client, _experiment(cfg), again.parent_run_id)
         if r.data.tags[STAGE_TAG] == "moe"
     ]
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [r.info.run_id for r in runs] == [moe.run_id]
     progress = json.loads((moe.stage_dir / "progress" / "rank1.json").read_text())
     assert progress["pid"] != killed["pid"] and progress["step"] == 40
-    assert 4 <= progress["resumed_from"] <= killed["step"]  # the last checkpoint, not step 0
+    assert 4 <= progress["resumed_from"] <= killed["step"]  # the last checkpoint, not the failure's step 2
     history = client.get_metric_history(moe.run_id, "loss")
     steps = [m.step for m in history]
     assert max(steps) == 40 and len(set(steps)) == 40
     # Only the steps between the last checkpoint and the kill ran (and were logged) twice.
     assert len(steps) <= 40 + killed["step"] + 1 - progress["resumed_from"]
-    assert runs[0].data.tags["final_step"] == "40"
+    assert client.get_run(again.parent_run_id).info.status == "FINISHED"
 
 
 def test_from_stage_redoes_that_stage_and_the_eval_of_its_model(base_cfg: PipelineConfig, first_run) -> None:

@@ -11,9 +11,10 @@ stage's two experts), so the figures are about speed and numerics, not answers. 
 * batched greedy generation of the same rows' questions: rows/s at batch 8 / batch 1 (goal >= 3) and the share
   of identical answers, on a GPU in fp32 as well (bf16 rounding differs with the batch's shapes and can flip
   near-ties, which a random model is full of; fp32 tells a batching bug from that, as `bench.eval_throughput`);
-* training steps at the stage's micro-batch (its YAML, or --batch): seconds a step, rows/s, tokens/s, MFU
-  against a bf16 matmul peak measured in the same process (the FLOPs the stages count, `FlopsModel`), the peak
-  device memory of the steps; the frozen encoders' outputs come from an `EmbeddingCache`, as in the pipeline;
+* training steps at the stage's micro-batch (its YAML, or --batch): seconds a step, rows/s, tokens/s, MFU (the
+  FLOPs the stages count, `FlopsModel`) against a matmul peak measured in the same process in the stage's dtype
+  (bf16; fp32 on a CPU without bf16 kernels), the peak device memory of the steps; the frozen encoders'
+  outputs come from an `EmbeddingCache`, as in the pipeline;
 * the stage's checkpoint (its ZeRO shard without frozen weights) saved, one more step taken, and loaded back:
   the loss of a fixed batch afterwards equals the loss at the save (goal: relative difference < 1e-3).
 
@@ -44,7 +45,7 @@ from medplib.model.config import dense, load_model_config
 from medplib.model.embedding_cache import EmbeddingCache
 from medplib.model.medplib import MedPLIB
 from workflows.train.config import load_stage_config
-from workflows.train.flops import FlopsModel, measure_matmul_peak
+from workflows.train.flops import FlopsModel, matmul_dtype, measure_matmul_peak
 from workflows.train.stage import DS_TAG, resolve_precision, setup_training, train_micro_batch
 
 
@@ -214,7 +215,11 @@ def main() -> None:
     flops = FlopsModel.of(model).step_flops(
         seq_lens, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), int(batch["has_image"].sum()), 0
     )
-    peak = measure_matmul_peak(device, torch.bfloat16)
+    # In the dtype the stage computes in: a CPU without bf16 kernels trains in fp32, and its bf16 matmul (a
+    # fallback at ~1 GFLOP/s on an AVX2 EPYC) took 80 s to time and is no one's peak.
+    peak_dtype = matmul_dtype(precision)
+    peak = measure_matmul_peak(device, peak_dtype)
+    peak_name = str(peak_dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32")
 
     ckpt = Path(tempfile.mkdtemp(prefix="gpu-stage-ckpt-"))
     engine.eval()
@@ -251,7 +256,8 @@ def main() -> None:
     )
     print(f"generation of {len(questions)} rows: {one_s:.2f} s one a call, {many_s:.2f} s in one call")
     print(
-        f"bf16 matmul peak {peak / 1e12:.1f} TFLOP/s; " + ", ".join(f"{k} {v:.1f}" for k, v in times.items())
+        f"{peak_name} matmul peak {peak / 1e12:.2f} TFLOP/s; "
+        + ", ".join(f"{k} {v:.1f}" for k, v in times.items())
     )
     memory = (
         [
@@ -270,7 +276,7 @@ def main() -> None:
             {"name": f"gpu_stage_rows_per_s[{name}]", "value": round(mb / step, 2), "goal": None},
             {"name": f"gpu_stage_tokens_per_s[{name}]", "value": round(sum(seq_lens) / step), "goal": None},
             {
-                "name": f"gpu_stage_mfu_bf16_peak[{name}]",
+                "name": f"gpu_stage_mfu_{peak_name}_peak[{name}]",
                 "value": round(flops / step / peak, 4),
                 "goal": None,
             },

@@ -111,6 +111,13 @@ class FlopsModel:
         return sum(seq_lens) * per_token + attention + head + images
 
 
+def matmul_dtype(precision: str):
+    """The dtype a stage's matmuls run in at `precision` (`resolve_precision`): the peak its MFU is set against."""
+    import torch
+
+    return torch.float32 if precision == "fp32" else torch.bfloat16
+
+
 def measure_matmul_peak(device, dtype, n: int | None = None, reps: int = 6, trials: int = 5) -> float:
     """Achieved FLOP/s of a square matmul on this worker (the MFU denominator): the best of `trials` timings, as
     a worker measures it while Ray Data starts reading beside it (one timing there gave 145 GFLOP/s where the

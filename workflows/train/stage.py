@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict
 from workflows.common import write_json_atomic
 from workflows.data.prepared import RowInfo
 from workflows.train.config import StageConfig
-from workflows.train.flops import FlopsModel, measure_matmul_peak
+from workflows.train.flops import FlopsModel, matmul_dtype, measure_matmul_peak
 
 log = logging.getLogger(__name__)
 
@@ -393,8 +393,7 @@ def train_loop_per_worker(config: dict) -> None:
     engine, scheduler, groups, counts = setup.engine, setup.scheduler, setup.groups, setup.counts
     deepspeed_s = time.perf_counter() - began - model_s
     flops_model = FlopsModel.of(model)
-    dtype = torch.bfloat16 if plan.precision != "fp32" else torch.float32
-    peak = measure_matmul_peak(device, dtype)
+    peak = measure_matmul_peak(device, matmul_dtype(plan.precision))
     cache = None
     if plan.embedding_cache:
         from medplib.model.embedding_cache import EmbeddingCache

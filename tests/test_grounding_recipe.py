@@ -145,8 +145,9 @@ def test_folding_tinyvits_batch_norms_keeps_its_embedding():
 
 def test_fusing_tinyvits_conv_gelus_keeps_its_bf16_embedding():
     """The copy's convolutions that GELU follows run fused (`fuse_conv_gelus`): every such pair is fused, none
-    other; in fp32 the fused copy gives the unfused one's embedding, and in bf16 (on a CPU with bf16 kernels,
-    the only place `EmbeddingCache` builds the copy) it is as close to the fp32 encoder as the unfused copy."""
+    other; in fp32 the fused copy, channels-last too (what `EmbeddingCache` encodes with where autocast is off),
+    gives the encoder's embedding, and in bf16 (on a CPU with bf16 kernels, where `EmbeddingCache` builds a bf16
+    copy under autocast) it is as close to the fp32 encoder as the unfused copy."""
     import copy
 
     from medplib.model.embedding_cache import ConvGELU, fold_batch_norms, fuse_conv_gelus
@@ -175,6 +176,9 @@ def test_fusing_tinyvits_conv_gelus_keeps_its_bf16_embedding():
     with torch.no_grad():
         reference = encoder(pixels)
         torch.testing.assert_close(fused(pixels), folded(pixels), rtol=1e-4, atol=1e-4)
+        last = copy.deepcopy(fused).to(memory_format=torch.channels_last)
+        out = last(pixels.to(memory_format=torch.channels_last))
+        torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
         if not has_bf16_kernels():
             return  # oneDNN's bf16 convolutions refuse to run here (no AVX-512 or AVX-NE-CONVERT)
         errors = {}

@@ -397,6 +397,31 @@ def test_the_cache_encodes_with_a_bf16_copy_close_to_autocast(tmp_path, rng_imag
     assert cache.misses == 2 and len(list(cache.dir.glob("*.npy"))) == 2
 
 
+def test_without_autocast_the_cache_encodes_with_an_fp32_copy(tmp_path, rng_image, tiny_model):
+    """Without autocast (fp32 training, e.g. on a CPU without bf16 kernels) the cache encodes with an fp32 copy of
+    the encoder in channels-last layout (BatchNorms folded and GELUs fused where it has them, as LiteMedSAM's
+    TinyViT does: tests/test_grounding_recipe.py): the encoder's own embedding up to fp32 rounding and the fp16
+    the cache stores; kept apart from autocast's outputs."""
+    from medplib.data.batch import collate, encode_sample
+    from medplib.model.embedding_cache import EmbeddingCache
+
+    tiny_model.eval()
+    items = [
+        encode_sample([Turn(role="human", text="What is this?")], img, tiny_model.tokenizer, tiny_model.cfg)
+        for img in (rng_image, 255 - rng_image)
+    ]
+    with torch.no_grad():
+        reference = tiny_model.sam_embeddings(collate(items, tiny_model.cfg, tiny_model.ids.pad), [0, 1])
+    cache = EmbeddingCache(tmp_path, tiny_model, autocast=False)
+    assert cache.copy_dtype == torch.float32 and next(cache.encoder.parameters()).dtype == torch.float32
+    assert cache.encoder is not tiny_model.sam.image_encoder
+    assert cache.encoder.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
+    cache.fill(items)
+    got = torch.from_numpy(np.stack([item.sam_embedding for item in items]))
+    torch.testing.assert_close(got, reference, atol=1e-3, rtol=1e-3)
+    assert cache.dir != EmbeddingCache(tmp_path, tiny_model, autocast=True).dir
+
+
 def test_lora_merge_matches_unmerged_outputs(all_tasks, tiny_model, make_batch):
     prepare_trainable(
         tiny_model, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]), []

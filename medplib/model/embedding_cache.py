@@ -36,13 +36,12 @@ _NOT_ENCODER = {
 }
 
 
-def encoder_fingerprint(model, autocast: bool, bf16_copy: bool = False) -> str:
+def encoder_fingerprint(model, autocast: bool, copy_dtype: torch.dtype | None = None) -> str:
     """What determines the encoder's output: its settings and weights, the model dtype, whether bf16 autocast
-    runs it and whether a bf16 copy does (`EmbeddingCache`)."""
+    runs it and in which dtype a folded and fused copy does (`EmbeddingCache`), if one does."""
     settings = model.cfg.sam.model_dump_json(exclude=_NOT_ENCODER)
-    digest = hashlib.sha256(
-        f"{settings}|{model.dtype}|{autocast}|{'bf16-copy-bn-folded-gelu-fused' * bf16_copy}".encode()
-    )
+    copy_ = f"{copy_dtype}-copy-bn-folded-gelu-fused" if copy_dtype is not None else ""
+    digest = hashlib.sha256(f"{settings}|{model.dtype}|{autocast}|{copy_}".encode())
     for name, tensor in sorted(model.sam.image_encoder.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -143,14 +142,22 @@ class EmbeddingCache:
         # encoder 0.0047 -> 0.0043 (the GELU sees the fp32 accumulator instead of its bf16 rounding).
         # Only where oneDNN has bf16 kernels: elsewhere its bf16 convolutions refuse to run, and autocast alone
         # runs the fp32 encoder (a stage asked for `bf16-mixed` on such a CPU).
-        self.encoder = None
-        if autocast and model.device.type == "cpu" and has_bf16_kernels():
+        # Without autocast (fp32, e.g. a CPU without bf16 kernels) the same folded, fused, channels-last copy in
+        # fp32: on an AVX2-only EPYC, 2026-12-01, LiteMedSAM's TinyViT took 2.38 -> 1.71 s an image on 2 threads
+        # (folding 2.25, fusing 2.05, channels-last the rest) and 3.75 -> 2.96 s on 1, within 3e-6 of the
+        # encoder's own outputs.
+        # The fused convolutions are oneDNN's (`ConvGELU`).
+        self.encoder = self.copy_dtype = None
+        cpu_copy = model.device.type == "cpu" and torch.backends.mkldnn.is_available()
+        if cpu_copy and (not autocast or has_bf16_kernels()):
+            self.copy_dtype = torch.bfloat16 if autocast else torch.float32
             folded = fold_batch_norms(copy.deepcopy(model.sam.image_encoder))
-            self.encoder = fuse_conv_gelus(folded).to(torch.bfloat16, memory_format=torch.channels_last)
-            # Its linears read packed weights (`medplib.model.packed_linear`): 0.322 -> 0.311 s an image, the
-            # same outputs (2 threads, 2026-12-01).
-            pack_linears(self.encoder)
-        self.dir = Path(root) / encoder_fingerprint(model, autocast, self.encoder is not None)
+            self.encoder = fuse_conv_gelus(folded).to(self.copy_dtype, memory_format=torch.channels_last)
+            if autocast:
+                # Its linears read packed weights (`medplib.model.packed_linear`): 0.322 -> 0.311 s an image,
+                # the same outputs (2 threads, 2026-12-01).
+                pack_linears(self.encoder)
+        self.dir = Path(root) / encoder_fingerprint(model, autocast, self.copy_dtype)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hits = self.misses = 0
 
@@ -178,7 +185,7 @@ class EmbeddingCache:
             device = "cuda" if self.model.device.type == "cuda" else "cpu"
             with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=self.autocast):
                 if self.encoder is not None:
-                    pixels = batch["sam_pixel_values"].to(torch.bfloat16, memory_format=torch.channels_last)
+                    pixels = batch["sam_pixel_values"].to(self.copy_dtype, memory_format=torch.channels_last)
                     embeddings = self.encoder(pixels).float().numpy()
                 else:
                     embeddings = (

@@ -60,7 +60,9 @@ class MoEFeedForward(nn.Module):
         x = hidden.reshape(-1, shape[-1])
         n, e, k = x.shape[0], len(self.experts), self.cfg.top_k
         # The router runs in fp32 whatever the model dtype, as upstream's gate does.
-        self.router_logp = torch.log_softmax(nn.functional.linear(x.float(), self.router.weight.float()), dim=-1)
+        self.router_logp = torch.log_softmax(
+            nn.functional.linear(x.float(), self.router.weight.float()), dim=-1
+        )
         probs = self.router_logp.exp()
         if k == 1:  # max, not topk: on a tie (a zero-initialised router) torch.max returns the first expert
             top_p, top_i = probs.max(dim=-1, keepdim=True)

@@ -219,7 +219,7 @@ def main() -> None:
     # fallback at ~1 GFLOP/s on an AVX2 EPYC) took 80 s to time and is no one's peak.
     peak_dtype = matmul_dtype(precision)
     peak = measure_matmul_peak(device, peak_dtype)
-    peak_name = str(peak_dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32")
+    peak_name = "fp32" if peak_dtype == torch.float32 else "bf16"
 
     ckpt = Path(tempfile.mkdtemp(prefix="gpu-stage-ckpt-"))
     engine.eval()

@@ -93,7 +93,7 @@ def test_submitted_pipeline_tracks_into_postgres_mlflow(
     prepared = write_toy_prepared(tmp_path / "prepared", "tiny", {"train": 24, "val": 6})
     pipeline = yaml.safe_load((configs_dir() / "pipeline" / "tiny.yaml").read_text())
     # Absolute paths: the job runs in an uploaded copy of the repository.
-    pipeline.update(workdir=str(tmp_path / "run"), data={"prepared": str(prepared)}, max_steps=2)
+    pipeline["data"] = {"prepared": str(prepared)}
     pipeline["stages"] = {k: str(configs_dir() / v) for k, v in pipeline["stages"].items()}
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump(pipeline))
@@ -110,8 +110,12 @@ def test_submitted_pipeline_tracks_into_postgres_mlflow(
             "run",
             "--config",
             str(config),
+            "--workdir",
+            str(tmp_path / "run"),
             "--tracking-uri",
             server.url,
+            "--max-steps",
+            "2",
         ]
     )
 

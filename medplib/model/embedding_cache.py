@@ -142,11 +142,10 @@ class EmbeddingCache:
         # encoder 0.0047 -> 0.0043 (the GELU sees the fp32 accumulator instead of its bf16 rounding).
         # Only where oneDNN has bf16 kernels: elsewhere its bf16 convolutions refuse to run, and autocast alone
         # runs the fp32 encoder (a stage asked for `bf16-mixed` on such a CPU).
-        # Without autocast (fp32, e.g. a CPU without bf16 kernels) the same folded, fused, channels-last copy in
-        # fp32: on an AVX2-only EPYC, 2026-12-01, LiteMedSAM's TinyViT took 2.38 -> 1.71 s an image on 2 threads
-        # (folding 2.25, fusing 2.05, channels-last the rest) and 3.75 -> 2.96 s on 1, within 3e-6 of the
-        # encoder's own outputs.
-        # The fused convolutions are oneDNN's (`ConvGELU`).
+        # Without autocast (fp32, e.g. a CPU without bf16 kernels) the same copy in fp32: on an AVX2-only EPYC,
+        # 2026-12-01, LiteMedSAM's TinyViT took 2.38 -> 1.71 s an image on 2 threads (folding 2.25, fusing 2.05,
+        # channels-last the rest) and 3.75 -> 2.96 s on 1, within 3e-6 of the encoder's own outputs.
+        # Either copy needs oneDNN, whose kernel `ConvGELU` calls.
         self.encoder = self.copy_dtype = None
         cpu_copy = model.device.type == "cpu" and torch.backends.mkldnn.is_available()
         if cpu_copy and (not autocast or has_bf16_kernels()):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from medplib.constants import SPECIAL_TOKENS
+from medplib.constants import SEG_TOKEN, SPECIAL_TOKENS
 from medplib.cpu import has_bf16_kernels
 from medplib.data.schema import Box, Point, Sample, Turn
 from medplib.data.transforms import Geometry, region_cells, unpad_mask_logits
@@ -419,6 +419,44 @@ def test_without_autocast_the_cache_encodes_with_an_fp32_copy(tmp_path, rng_imag
     got = torch.from_numpy(np.stack([item.sam_embedding for item in items]))
     torch.testing.assert_close(got, reference, atol=1e-3, rtol=1e-3)
     assert cache.dir != EmbeddingCache(tmp_path, tiny_model, autocast=True).dir
+
+
+def test_the_predictor_encodes_an_image_once_for_the_calls_about_it(rng_image, tiny_model):
+    """Without a cache folder a `Predictor` keeps recent encoder outputs in memory: a grounding row's
+    generation and its teacher-forced pass, or two questions about one image, encode it once; what it keeps is
+    bounded (`memory_bytes`, least recently used out)."""
+    from medplib.data.batch import encode_sample
+    from medplib.inference import Predictor
+    from medplib.model.embedding_cache import EmbeddingCache
+
+    predictor = Predictor(tiny_model, autocast=False)
+    cache = predictor.embedding_cache
+    assert cache.dir is None and cache.copy_dtype == torch.float32
+    calls = []
+    cache.encoder.register_forward_hook(lambda _module, inputs, _out: calls.append(inputs[0].shape[0]))
+    for question in ("Segment the lesion.", "Where is it?"):
+        predictor.predict(rng_image, question, max_new_tokens=2, segment=True)
+    forced = encode_sample(
+        [Turn(role="human", text="Segment the lesion."), Turn(role="gpt", text=f"It is {SEG_TOKEN}.")],
+        rng_image,
+        tiny_model.tokenizer,
+        tiny_model.cfg,
+        target_masks=[np.ones(rng_image.shape[:2], bool)],
+    )
+    (pred,) = predictor.teacher_forced([forced])
+    assert calls == [1] and cache.misses == 1 and cache.hits == 2 and len(pred.masks) == 1
+    predictor.predict(255 - rng_image, "Where is it?", max_new_tokens=2)
+    assert calls == [1, 1] and len(cache.memory) == 2
+
+    one_image = cache.memory.nbytes // 2
+    small = EmbeddingCache(None, tiny_model, memory_bytes=one_image)
+    items = [
+        encode_sample([Turn(role="human", text="What is this?")], img, tiny_model.tokenizer, tiny_model.cfg)
+        for img in (rng_image, 255 - rng_image, rng_image)
+    ]
+    small.fill(items)
+    assert small.misses == 2 and len(small.memory) == 1 and small.memory.nbytes == one_image
+    assert items[2].sam_embedding is items[0].sam_embedding  # one image, encoded once within the call
 
 
 def test_lora_merge_matches_unmerged_outputs(all_tasks, tiny_model, make_batch):

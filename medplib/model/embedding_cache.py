@@ -1,10 +1,13 @@
-"""Frozen SAM image-encoder outputs kept on disk, one file per distinct image view.
+"""Frozen SAM image-encoder outputs kept on disk, one file per distinct image view, or in memory.
 
 The image encoder is frozen in every stage, and MeCoVQA rows share images (~38 rows per image in
 MeCoVQA-mini), so a training step or an eval batch need not run it again for an image it has seen: on the `small`
 preset the encoder costs ~1 s an image on a CPU core, the LLM step on a row ~0.3 s. Files live under
 `<root>/<encoder fingerprint>/`, so a changed encoder (other weights, other precision) never reads stale outputs,
-and are keyed by the SHA-1 of the view's pixels, so any reader that builds the same view finds them.
+and are keyed by the SHA-1 of the view's pixels, so any reader that builds the same view finds them. Without a
+root the outputs stay in the process's memory, least recently used first out (`medplib.inference.Predictor`'s
+default: a grounding row's image is encoded once for its generation and its teacher-forced pass, and a served
+image once for every question asked about it).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from medplib.cpu import has_bf16_kernels
 from medplib.data.batch import Encoded, collate
+from medplib.data.lru import BoundedCache
 from medplib.model.packed_linear import pack_linears
 
 # SAM settings that do not change the encoder's output: where the weights came from (the preset names a package,
@@ -120,14 +124,28 @@ def fuse_conv_gelus(module: nn.Module) -> nn.Module:
     return module
 
 
+# In-memory outputs kept at most: 32 images of LiteMedSAM's 256 x 64 x 64 fp32 embedding (4 MiB), ~500 of
+# SAM-Med2D's at 256 px; an eval batch or a conversation about a few images needs far fewer.
+MEMORY_BYTES = 128 << 20
+
+
 def view_key(view: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(view).tobytes()).hexdigest()
 
 
 class EmbeddingCache:
-    """`fill(items)` sets `Encoded.sam_embedding` on every item with an image, computing only what is missing."""
+    """`fill(items)` sets `Encoded.sam_embedding` on every item with an image, computing only what is missing.
+    `root` None keeps the outputs in memory (at most `memory_bytes`, as computed, fp32) instead of on disk (fp16)."""
 
-    def __init__(self, root: str | Path, model, *, autocast: bool = False, batch_size: int | None = None):
+    def __init__(
+        self,
+        root: str | Path | None,
+        model,
+        *,
+        autocast: bool = False,
+        batch_size: int | None = None,
+        memory_bytes: int = MEMORY_BYTES,
+    ):
         # Images per encoder call: 4 on a GPU; 1 on a CPU, where TinyViT's 256 x 256 first stage is bound by memory
         # traffic and a batch only spills the caches (2 threads, 2026-11-29: 0.57 s an image alone, 0.65 in fours).
         self.batch_size = batch_size or (4 if model.device.type == "cuda" else 1)
@@ -156,31 +174,56 @@ class EmbeddingCache:
                 # Its linears read packed weights (`medplib.model.packed_linear`): 0.322 -> 0.311 s an image,
                 # the same outputs (2 threads, 2026-12-01).
                 pack_linears(self.encoder)
-        self.dir = Path(root) / encoder_fingerprint(model, autocast, self.copy_dtype)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir: Path | None = None
+        self.memory: BoundedCache[np.ndarray] | None = None
+        if root is None:
+            self.memory = BoundedCache(memory_bytes)
+        else:
+            self.dir = Path(root) / encoder_fingerprint(model, autocast, self.copy_dtype)
+            self.dir.mkdir(parents=True, exist_ok=True)
         self.hits = self.misses = 0
 
     def _path(self, key: str) -> Path:
+        assert self.dir is not None
         return self.dir / f"{key}.npy"
 
+    def _load(self, key: str) -> np.ndarray | None:
+        if self.memory is not None:
+            return self.memory.get(key)
+        path = self._path(key)
+        return np.load(path).astype(np.float32) if path.exists() else None
+
+    def _store(self, key: str, embedding: np.ndarray) -> np.ndarray:
+        """Keep `embedding`; returns it as a later `_load` gives it back."""
+        if self.memory is not None:
+            embedding = embedding.copy()  # not a view that would keep its whole batch alive
+            self.memory.put(key, embedding, embedding.nbytes)
+            return embedding
+        # fp16 on disk: half the bytes, and the embedding (LayerNorm output, |x| < ~20) fits its range.
+        stored = embedding.astype(np.float16)
+        tmp = self._path(f".{key}.{os.getpid()}.tmp")
+        np.save(tmp, stored)
+        os.replace(tmp, self._path(key))  # atomic: concurrent readers never see half a file
+        return stored.astype(np.float32)
+
     def fill(self, items: list[Encoded]) -> None:
-        missing: dict[str, Encoded] = {}
+        missing: dict[str, list[Encoded]] = {}
         for item in items:
             if item.sam_view is None or item.sam_embedding is not None:
                 continue
             key = view_key(item.sam_view)
-            path = self._path(key)
-            if path.exists():
-                item.sam_embedding = np.load(path).astype(np.float32)
+            if key not in missing:
+                item.sam_embedding = self._load(key)
+            if item.sam_embedding is not None:
                 self.hits += 1
             else:
-                missing.setdefault(key, item)
+                missing.setdefault(key, []).append(item)
         if not missing:
             return
         keys = list(missing)
         for start in range(0, len(keys), self.batch_size):
             chunk = keys[start : start + self.batch_size]
-            batch = collate([missing[k] for k in chunk], self.model.cfg, self.model.ids.pad)
+            batch = collate([missing[k][0] for k in chunk], self.model.cfg, self.model.ids.pad)
             device = "cuda" if self.model.device.type == "cuda" else "cpu"
             with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=self.autocast):
                 if self.encoder is not None:
@@ -191,12 +234,7 @@ class EmbeddingCache:
                         self.model.sam_embeddings(batch, list(range(len(chunk)))).float().cpu().numpy()
                     )
             for key, embedding in zip(chunk, embeddings, strict=True):
-                # fp16 on disk: half the bytes, and the embedding (LayerNorm output, |x| < ~20) fits its range.
-                tmp = self.dir / f".{key}.{os.getpid()}.tmp.npy"
-                np.save(tmp, embedding.astype(np.float16))
-                os.replace(tmp, self._path(key))  # atomic: concurrent readers never see half a file
-                missing[key].sam_embedding = embedding.astype(np.float16).astype(np.float32)
+                kept = self._store(key, embedding)
+                for item in missing[key]:  # the rows that share this image
+                    item.sam_embedding = kept
         self.misses += len(missing)
-        for item in items:  # rows that share an image with a computed one
-            if item.sam_view is not None and item.sam_embedding is None:
-                item.sam_embedding = np.load(self._path(view_key(item.sam_view))).astype(np.float32)

@@ -27,7 +27,7 @@ from medplib.data.schema import Box, MaskRef, Point, Turn
 from medplib.model.config import load_model_config
 from medplib.model.embedding_cache import EmbeddingCache
 from medplib.model.export import is_model_dir
-from medplib.model.medplib import MedPLIB
+from medplib.model.medplib import Generation, MedPLIB
 from medplib.model.packaged import medplib_cache_dir
 from medplib.model.packed_linear import pack_linears
 from medplib_client import Prediction
@@ -348,6 +348,52 @@ class Predictor:
         at the first of its `stop` strings (not included in the text). `on_text(row, delta)` streams each row's
         answer while it is generated; the deltas add up to the prediction's text. `masks=False`: text only, no
         mask decoded (see `MedPLIB.generate`)."""
+        return self._run(
+            encoded,
+            None,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            segment=segment,
+            masks=masks,
+            on_text=on_text,
+        )[0]
+
+    def run_with_answers(
+        self, encoded: list[Encoded], answers: list[list[int] | None], **run_options: Any
+    ) -> list[tuple[Prediction, Prediction]]:
+        """`run`, and in the same pass each row's ground-truth answer (token ids up to its end of turn, None for
+        none) teacher-forced after its prompt (`MedPLIB.generate`'s `answers`): per row the prediction and the
+        masks of its answer's `<SEG>`s (`text` empty), as `teacher_forced` gives them for a single-turn row
+        without running the prompt again."""
+        preds, gens = self._run(encoded, answers, **run_options)
+        forced = [
+            Prediction(
+                text="",
+                masks=[self.model.binarize(m) for m in gen.forced_mask_logits],
+                scores=list(gen.forced_mask_scores),
+                timings=dict(pred.timings),
+            )
+            for pred, gen in zip(preds, gens, strict=True)
+        ]
+        return list(zip(preds, forced, strict=True))
+
+    def _run(
+        self,
+        encoded: list[Encoded],
+        answers: list[list[int] | None] | None,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        segment: bool = False,
+        masks: bool = True,
+        on_text: Callable[[int, str], None] | None = None,
+    ) -> tuple[list[Prediction], list[Generation]]:
         t0 = time.perf_counter()
         self.embedding_cache.fill(encoded)
         batch = collate(encoded, self.cfg, self.model.ids.pad)
@@ -383,6 +429,7 @@ class Predictor:
                 generator=generator,
                 # The batched path without streaming or stop strings decodes each answer once, at the end.
                 on_step=on_step if on_text is not None or stop else None,
+                answers=answers,
             )
         t2 = time.perf_counter()
         preds = []
@@ -408,7 +455,7 @@ class Predictor:
                     finish_reason="stop" if stopped else "length",
                 )
             )
-        return preds
+        return preds, gens
 
     def teacher_forced(self, encoded: list[Encoded]) -> list[Prediction]:
         """Masks from the `<SEG>` positions of rows that hold their answer (prepared training rows), as

@@ -511,6 +511,64 @@ def test_generation_uses_the_kv_cache_and_matches_full_recompute(rng_image, tiny
             ids = ids + [tok]
 
 
+def test_answers_teacher_forced_on_the_kv_cache_give_the_forward_passes_masks(rng_image, tiny_model):
+    """`generate(answers=...)` runs each answer after its prompt on the prompt's KV cache: the hidden states that
+    prompt the mask decoder for its `<SEG>`s (one opening the answer, one inside it) are the teacher-forced
+    forward pass's over prompt and answer, for prompts of different lengths in one batch, and so are the masks;
+    the generation itself is unchanged (the cache is cropped back to the prompt)."""
+    from medplib.data.batch import collate, encode_sample
+
+    tiny_model.eval()
+    cfg, tok = tiny_model.cfg, tiny_model.tokenizer
+    answers = [f"{SEG_TOKEN} and then {SEG_TOKEN}.", f"It is {SEG_TOKEN}."]
+    questions = ["Segment both lesions.", "Where is the liver in this abdominal slice, please?"]
+    target = np.ones(rng_image.shape[:2], bool)
+    full = [
+        encode_sample(
+            [Turn(role="human", text=q), Turn(role="gpt", text=a)],
+            rng_image,
+            tok,
+            cfg,
+            target_masks=[target] * a.count(SEG_TOKEN),
+        )
+        for q, a in zip(questions, answers, strict=True)
+    ]
+    prompts = [
+        encode_sample([Turn(role="human", text=q)], rng_image, tok, cfg, for_generation=True)
+        for q in questions
+    ]
+    answer_ids = []
+    for enc, prompt in zip(full, prompts, strict=True):
+        assert enc.input_ids[: len(prompt.input_ids)] == prompt.input_ids
+        rest = enc.input_ids[len(prompt.input_ids) :]
+        answer_ids.append(rest[: rest.index(tiny_model.ids.eos)])
+    assert answer_ids[0][0] == tiny_model.ids.seg and answer_ids[1][0] != tiny_model.ids.seg
+    prompted: list[torch.Tensor] = []  # the hidden states each mask decoder call is given
+    segment = tiny_model.segment
+    tiny_model.segment = lambda batch, rows, hidden: prompted.append(hidden) or segment(batch, rows, hidden)
+    try:
+        with torch.no_grad():
+            seg = tiny_model(collate(full, cfg, tiny_model.ids.pad))["segmentation"]
+            plain = tiny_model.generate(
+                collate(prompts, cfg, tiny_model.ids.pad), max_new_tokens=4, segment=True
+            )
+            gens = tiny_model.generate(
+                collate(prompts, cfg, tiny_model.ids.pad), max_new_tokens=4, segment=True, answers=answer_ids
+            )
+    finally:
+        del tiny_model.segment
+    teacher, generated, both = prompted
+    assert [g.token_ids for g in gens] == [g.token_ids for g in plain] and not any(
+        g.token_ids == a for g, a in zip(gens, answer_ids, strict=True)
+    )
+    torch.testing.assert_close(both[: len(generated)], generated)
+    torch.testing.assert_close(both[len(generated) :], teacher, atol=1e-5, rtol=1e-4)
+    assert [len(g.forced_mask_logits) for g in gens] == [2, 1] and seg.rows == [0, 0, 1]
+    forced = [m for g in gens for m in g.forced_mask_logits]
+    for got, expected in zip(forced, seg.logits, strict=True):
+        torch.testing.assert_close(got, expected.float(), atol=1e-4, rtol=1e-4)
+
+
 def test_generation_attention_is_the_fused_kernels_in_fp32():
     """A decoding step's attention (one query, grouped KV heads, a padded row) agrees with PyTorch's fused kernel
     to fp32 rounding, in fp32 and under bf16 autocast; a pass over many queries is the fused kernel's own."""

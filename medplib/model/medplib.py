@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +76,9 @@ class Generation:
     text: str
     mask_logits: list[torch.Tensor] = field(default_factory=list)  # (H, W) float each
     mask_scores: list[float] = field(default_factory=list)  # SAM's IoU prediction per mask
+    # A mask per `<SEG>` of the row's teacher-forced answer (`MedPLIB.generate`'s `answers`), and their scores.
+    forced_mask_logits: list[torch.Tensor] = field(default_factory=list)
+    forced_mask_scores: list[float] = field(default_factory=list)
 
 
 def llama_config(cfg: MedPLIBConfig, vocab_size: int) -> LlamaConfig:
@@ -443,6 +446,7 @@ class MedPLIB(nn.Module):
         masks: bool = True,
         generator: torch.Generator | None = None,
         on_step: Callable[[list[int | None]], Iterable[int] | None] | None = None,
+        answers: Sequence[Sequence[int] | None] | None = None,
     ) -> list[Generation]:
         """Greedy (temperature 0) or sampled decoding with a KV cache, then one mask per generated `<SEG>`.
 
@@ -453,6 +457,12 @@ class MedPLIB(nn.Module):
         model that babbles `<SEG>` emits dozens per answer). `on_step`, when given, is
         called after every decoding step with each row's new token (None for a finished row) and may return rows
         to finish there (a stop sequence): the hook streaming and `stop` use.
+
+        `answers` gives rows a ground-truth answer (token ids up to its end of turn; None for a row without one).
+        Each is also teacher-forced after its prompt, on the prompt's own KV cache, and the masks of its `<SEG>`s
+        come back in `forced_mask_logits` / `forced_mask_scores` (with any `masks`): the evaluation's teacher-forced
+        masks without a second pass over the prompt. A row that generated exactly its answer was conditioned as
+        teacher forcing conditions it, so its own masks are those.
         """
         # With a KV cache `eager` expands the grouped KV heads again at every step: decoding was 30% slower; the
         # fused kernel is slow on a step's single query (`medplib.model.attention`).
@@ -475,7 +485,8 @@ class MedPLIB(nn.Module):
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         decoding = torch.arange(b, device=self.device)  # the input row of each row of the batch
         step_emb, step_pos = emb, positions
-        for _ in range(max_new_tokens):
+        forced_hidden: list[list[torch.Tensor]] = [[] for _ in range(b)]
+        for step_number in range(max_new_tokens):
             h = decoder(
                 inputs_embeds=step_emb,
                 attention_mask=am,
@@ -483,6 +494,8 @@ class MedPLIB(nn.Module):
                 use_cache=True,
                 **{_CACHE_KW: cache},
             ).last_hidden_state[:, -1]
+            if step_number == 0 and answers is not None:
+                forced_hidden = self._forced_seg_hidden(cache, am, positions, h, answers)
             logits = head(h).float()
             nxt = self._pick(logits, temperature, top_p, generator)
             step: list[int | None] = [None] * b
@@ -515,20 +528,63 @@ class MedPLIB(nn.Module):
             am = torch.cat([am, live.long()[:, None]], dim=1)
             step_pos = step_pos[:, -1:] + 1
         results = [Generation(t, self.tokenizer.decode(t, skip_special_tokens=False)) for t in tokens]
-        if not masks:
-            return results
-        rows, hiddens = [], []
-        for i in range(b):
+        # One mask decoder call for every mask asked for: (row, teacher-forced?) per hidden state.
+        rows: list[tuple[int, bool]] = []
+        hiddens: list[torch.Tensor] = []
+        for i in range(b) if masks else ():
             if not seg_hidden[i] and segment and last_hidden[i] is not None:
                 seg_hidden[i].append(last_hidden[i])
-            rows += [i] * len(seg_hidden[i])
+            rows += [(i, False)] * len(seg_hidden[i])
             hiddens += seg_hidden[i]
-        if rows and batch["has_image"][rows].all():
-            seg = self.segment(batch, rows, torch.stack(hiddens))
-            for k, r in enumerate(rows):
-                results[r].mask_logits.append(seg.logits[k].float().cpu())
-                results[r].mask_scores.append(float(seg.iou[k]))
+        reused = [bool(masks and forced_hidden[i] and tokens[i] == list(answers[i] or ())) for i in range(b)]
+        for i in range(b):
+            if not reused[i]:
+                rows += [(i, True)] * len(forced_hidden[i])
+                hiddens += forced_hidden[i]
+        image_rows = [r for r, _ in rows]
+        if rows and batch["has_image"][image_rows].all():
+            seg = self.segment(batch, image_rows, torch.stack(hiddens))
+            for k, (r, forced) in enumerate(rows):
+                out = results[r]
+                (out.forced_mask_logits if forced else out.mask_logits).append(seg.logits[k].float().cpu())
+                (out.forced_mask_scores if forced else out.mask_scores).append(float(seg.iou[k]))
+        for out, reuse in zip(results, reused, strict=True):
+            if reuse:
+                out.forced_mask_logits, out.forced_mask_scores = list(out.mask_logits), list(out.mask_scores)
         return results
+
+    def _forced_seg_hidden(
+        self,
+        cache: DynamicCache,
+        am: torch.Tensor,
+        positions: torch.Tensor,
+        last_hidden: torch.Tensor,
+        answers: Sequence[Sequence[int] | None],
+    ) -> list[list[torch.Tensor]]:
+        """Per row, the hidden states that predict each `<SEG>` of its answer when the answer follows the prompt:
+        the prompt's last one (`last_hidden`) for an answer that opens with `<SEG>`, else the one of the answer
+        token before, from the answer's tokens up to its last `<SEG>` run on the prompt's KV cache (left-aligned
+        prompts: `am`, `positions`), which is then cropped back to the prompt."""
+        seg_at = [[j for j, t in enumerate(a or ()) if t == self.ids.seg] for a in answers]
+        fed = [max(js, default=0) for js in seg_at]  # answer tokens to run: those before the last <SEG>
+        width = max(fed, default=0)
+        hidden = None
+        if width:
+            ids = torch.full((len(answers), width), self.ids.pad, dtype=torch.long)
+            for i, n in enumerate(fed):
+                ids[i, :n] = torch.tensor(list(answers[i] or ())[:n], dtype=torch.long)
+            if bool(((ids == self.ids.image) | (ids == self.ids.region_feature)).any()):
+                raise ValueError("a teacher-forced answer holds an image or region placeholder token")
+            ran = (torch.arange(width)[None] < torch.tensor(fed)[:, None]).to(self.device, am.dtype)
+            hidden = self.llm.get_decoder()(
+                inputs_embeds=self.llm.get_input_embeddings()(ids.to(self.device)),
+                attention_mask=torch.cat([am, ran], dim=1),
+                position_ids=positions[:, -1:] + 1 + torch.arange(width, device=self.device),
+                use_cache=True,
+                **{_CACHE_KW: cache},
+            ).last_hidden_state
+            cache.crop(-width)
+        return [[last_hidden[i] if j == 0 else hidden[i, j - 1] for j in js] for i, js in enumerate(seg_at)]
 
     @staticmethod
     def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow_servers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -174,14 +175,6 @@ def test_moe_experts_are_the_grounding_and_vl_ffns(base_cfg: PipelineConfig, fir
     )
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_registered_model_is_an_mlflow_pyfunc_model_with_card_and_dataset(
     base_cfg: PipelineConfig, first_run, monkeypatch, tmp_path: Path
 ) -> None:
@@ -236,7 +229,7 @@ def test_registered_model_is_an_mlflow_pyfunc_model_with_card_and_dataset(
     ):
         assert needle in shown.stdout, needle
 
-    port = _free_port()
+    port = free_port()
     # As in an activated venv: `mlflow models serve` starts `uvicorn` from PATH.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     server = subprocess.Popen(

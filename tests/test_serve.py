@@ -12,7 +12,6 @@ import io
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
+from mlflow_servers import free_port
 from PIL import Image
 
 from medplib_client.masks import (
@@ -729,19 +729,13 @@ def test_medplib_client_command_against_the_api(local_http, image, tmp_path, mon
 
 
 # --- the Serve application on a local Ray cluster -----------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster(ray_local):
     """Serve on the session's Ray, on a free loopback port, for the whole module; replicas at fractional CPUs
     get the API key through their runtime env."""
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     base = ServeConfig.from_yaml(DEFAULT_CONFIG).override(
         {
             "http.port": port,

@@ -329,46 +329,19 @@ class Predictor:
         except ValueError as err:  # the prompt does not fit max_length (PromptTooLong)
             raise InvalidRequest("question", str(err)) from err
 
-    def run(
-        self,
-        encoded: list[Encoded],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: list[str] | None = None,
-        segment: bool = False,
-        masks: bool = True,
-        on_text: Callable[[int, str], None] | None = None,
-    ) -> list[Prediction]:
-        """Encoded requests in one generation pass (one `generate` call); predictions in input order.
-
-        `top_p` is nucleus sampling (with temperature > 0), `seed` seeds the sampler, and generation of a row stops
-        at the first of its `stop` strings (not included in the text). `on_text(row, delta)` streams each row's
-        answer while it is generated; the deltas add up to the prediction's text. `masks=False`: text only, no
-        mask decoded (see `MedPLIB.generate`)."""
-        return self._run(
-            encoded,
-            None,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            segment=segment,
-            masks=masks,
-            on_text=on_text,
-        )[0]
+    def run(self, encoded: list[Encoded], **options: Any) -> list[Prediction]:
+        """Encoded requests in one generation pass; predictions in input order (`options` as `generate` takes
+        them: max_new_tokens, temperature, top_p, seed, stop, segment, masks, on_text)."""
+        return self.generate(encoded, **options)[0]
 
     def run_with_answers(
-        self, encoded: list[Encoded], answers: list[list[int] | None], **run_options: Any
+        self, encoded: list[Encoded], answers: list[list[int] | None], **options: Any
     ) -> list[tuple[Prediction, Prediction]]:
         """`run`, and in the same pass each row's ground-truth answer (token ids up to its end of turn, None for
         none) teacher-forced after its prompt (`MedPLIB.generate`'s `answers`): per row the prediction and the
         masks of its answer's `<SEG>`s (`text` empty), as `teacher_forced` gives them for a single-turn row
         without running the prompt again."""
-        preds, gens = self._run(encoded, answers, **run_options)
+        preds, gens = self.generate(encoded, answers=answers, **options)
         forced = [
             Prediction(
                 text="",
@@ -380,10 +353,9 @@ class Predictor:
         ]
         return list(zip(preds, forced, strict=True))
 
-    def _run(
+    def generate(
         self,
         encoded: list[Encoded],
-        answers: list[list[int] | None] | None,
         *,
         max_new_tokens: int = 64,
         temperature: float = 0.0,
@@ -393,7 +365,15 @@ class Predictor:
         segment: bool = False,
         masks: bool = True,
         on_text: Callable[[int, str], None] | None = None,
+        answers: list[list[int] | None] | None = None,
     ) -> tuple[list[Prediction], list[Generation]]:
+        """Encoded requests in one `MedPLIB.generate` call: the predictions in input order and the model's own
+        generations (with any teacher-forced `answers`' masks).
+
+        `top_p` is nucleus sampling (with temperature > 0), `seed` seeds the sampler, and generation of a row stops
+        at the first of its `stop` strings (not included in the text). `on_text(row, delta)` streams each row's
+        answer while it is generated; the deltas add up to the prediction's text. `masks=False`: text only, no
+        mask decoded (see `MedPLIB.generate`)."""
         t0 = time.perf_counter()
         self.embedding_cache.fill(encoded)
         batch = collate(encoded, self.cfg, self.model.ids.pad)

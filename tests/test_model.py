@@ -424,7 +424,7 @@ def test_without_autocast_the_cache_encodes_with_an_fp32_copy(tmp_path, rng_imag
 def test_the_predictor_encodes_an_image_once_for_the_calls_about_it(rng_image, tiny_model):
     """Without a cache folder a `Predictor` keeps recent encoder outputs in memory: a grounding row's
     generation and its teacher-forced pass, or two questions about one image, encode it once; what it keeps is
-    bounded (`memory_bytes`, least recently used out)."""
+    bounded (`memory_bytes`, least recently used out). The encoder copy it runs is built when first needed."""
     from medplib.data.batch import encode_sample
     from medplib.inference import Predictor
     from medplib.model.embedding_cache import EmbeddingCache
@@ -432,6 +432,7 @@ def test_the_predictor_encodes_an_image_once_for_the_calls_about_it(rng_image, t
     predictor = Predictor(tiny_model, autocast=False)
     cache = predictor.embedding_cache
     assert cache.dir is None and cache.copy_dtype == torch.float32
+    assert cache._encoder is None  # the copy is built at the first image, not with every predictor
     calls = []
     cache.encoder.register_forward_hook(lambda _module, inputs, _out: calls.append(inputs[0].shape[0]))
     for question in ("Segment the lesion.", "Where is it?"):

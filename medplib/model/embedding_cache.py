@@ -164,16 +164,13 @@ class EmbeddingCache:
         # 2026-12-01, LiteMedSAM's TinyViT took 2.38 -> 1.71 s an image on 2 threads (folding 2.25, fusing 2.05,
         # channels-last the rest) and 3.75 -> 2.96 s on 1, within 3e-6 of the encoder's own outputs.
         # Either copy needs oneDNN, whose kernel `ConvGELU` calls.
-        self.encoder = self.copy_dtype = None
+        # The copy is built at the first image to encode (0.09 s for `small`, 2026-12-01): a predictor that
+        # switches to a folder (`use_embedding_cache`) or reads only cached outputs never builds one.
+        self._encoder: nn.Module | None = None
+        self.copy_dtype = None
         cpu_copy = model.device.type == "cpu" and torch.backends.mkldnn.is_available()
         if cpu_copy and (not autocast or has_bf16_kernels()):
             self.copy_dtype = torch.bfloat16 if autocast else torch.float32
-            folded = fold_batch_norms(copy.deepcopy(model.sam.image_encoder))
-            self.encoder = fuse_conv_gelus(folded).to(self.copy_dtype, memory_format=torch.channels_last)
-            if autocast:
-                # Its linears read packed weights (`medplib.model.packed_linear`): 0.322 -> 0.311 s an image,
-                # the same outputs (2 threads, 2026-12-01).
-                pack_linears(self.encoder)
         self.dir: Path | None = None
         self.memory: BoundedCache[np.ndarray] | None = None
         if root is None:
@@ -182,6 +179,18 @@ class EmbeddingCache:
             self.dir = Path(root) / encoder_fingerprint(model, autocast, self.copy_dtype)
             self.dir.mkdir(parents=True, exist_ok=True)
         self.hits = self.misses = 0
+
+    @property
+    def encoder(self) -> nn.Module | None:
+        """The folded and fused copy of the frozen encoder this cache runs, None where it runs the model's own."""
+        if self._encoder is None and self.copy_dtype is not None:
+            folded = fold_batch_norms(copy.deepcopy(self.model.sam.image_encoder))
+            self._encoder = fuse_conv_gelus(folded).to(self.copy_dtype, memory_format=torch.channels_last)
+            if self.autocast:
+                # Its linears read packed weights (`medplib.model.packed_linear`): 0.322 -> 0.311 s an image,
+                # the same outputs (2 threads, 2026-12-01).
+                pack_linears(self._encoder)
+        return self._encoder
 
     def _path(self, key: str) -> Path:
         assert self.dir is not None
@@ -226,9 +235,9 @@ class EmbeddingCache:
             batch = collate([missing[k][0] for k in chunk], self.model.cfg, self.model.ids.pad)
             device = "cuda" if self.model.device.type == "cuda" else "cpu"
             with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=self.autocast):
-                if self.encoder is not None:
+                if (encoder := self.encoder) is not None:
                     pixels = batch["sam_pixel_values"].to(self.copy_dtype, memory_format=torch.channels_last)
-                    embeddings = self.encoder(pixels).float().numpy()
+                    embeddings = encoder(pixels).float().numpy()
                 else:
                     embeddings = (
                         self.model.sam_embeddings(batch, list(range(len(chunk)))).float().cpu().numpy()

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from medplib import constants as C
-from medplib.data.conversation import AnswerTruncated, PromptTooLong, expand_image, tokenize_conversation
+from medplib.data.conversation import (
+    AnswerTruncated,
+    PromptTooLong,
+    expand_image,
+    token_ids,
+    tokenize_conversation,
+)
 from medplib.data.schema import Turn
 from medplib.tokenizer import SpecialIds, build_tokenizer
 
@@ -109,3 +115,13 @@ def test_unknown_template_is_named(tok):
 def test_special_tokens_are_single_tokens(tok):
     for token in C.SPECIAL_TOKENS:
         assert len(tok(token, add_special_tokens=False).input_ids) == 1, token
+
+
+def test_token_ids_are_the_tokenizers_own(tok):
+    """`token_ids` calls a fast tokenizer's encoder directly; the ids are those of the tokenizer's call, also
+    when the encoder was left set to truncate (then the call, which undoes that, runs)."""
+    texts = ["<image>\nWhat is <region><region_feat></region>?", "Sure, <SEG>.</s>", "  ünïcode\t", ""]
+    want = tok(texts, add_special_tokens=False).input_ids
+    assert token_ids(tok, texts) == want and want[0]
+    tok.backend_tokenizer.enable_truncation(2)
+    assert token_ids(tok, texts) == want

@@ -595,3 +595,45 @@ def test_bounded_cache_keeps_the_recently_used_within_its_budget() -> None:
     assert (cache.get("a"), cache.get("b"), cache.get("c")) == ("A", None, "C") and cache.nbytes == 8
     cache.put("big", "X", 11)  # larger than the whole budget: not kept, nothing evicted for it
     assert cache.get("big") is None and len(cache) == 2
+
+
+def test_a_model_whose_views_are_alike_makes_stores_and_reads_one_view() -> None:
+    """Where the vision tower reads the SAM view (the `small` preset), an image's two views are one array, one
+    PNG in the row, decoded once; otherwise (`tiny`) two, each as `to_square` makes it."""
+    from medplib.data.batch import image_views
+    from medplib.data.rows import StoredViews, row_to_encoded
+    from medplib.data.transforms import to_square
+    from medplib.model.config import load_model_config
+
+    tiny = load_model_config("tiny")
+    s = tiny.sam
+    alike = tiny.model_copy(
+        update={
+            "vision": tiny.vision.model_copy(
+                update={"image_size_px": s.image_size_px, "pad_mode": s.pad_mode, "pad_value": (0, 0, 0)}
+            )
+        }
+    )
+    image = np.random.default_rng(0).integers(0, 256, (40, 52, 3), dtype=np.uint8)
+    for cfg, one in ((alike, True), (tiny, False)):
+        vision, sam, geo = image_views(image, cfg)
+        v = cfg.vision
+        assert np.array_equal(vision, to_square(image, v.image_size_px, v.pad_mode, v.pad_value)[0])
+        assert np.array_equal(sam, to_square(image, s.image_size_px, s.pad_mode, 0)[0])
+        assert (vision is sam) == one
+        views = StoredViews.of(vision, sam, geo)
+        assert (views.vision_view_png == views.sam_view_png) == one
+        row = {
+            "sample_id": "x",
+            "input_ids": [1],
+            "labels": [1],
+            "vision_view_png": views.vision_view_png,
+            "sam_view_png": views.sam_view_png,
+            "sam_geometry": views.sam_geometry,
+            "num_regions": 0,
+            "region_masks_png": None,
+            "target_masks_png": [],
+        }
+        enc = row_to_encoded(row, v.image_size_px)
+        assert np.array_equal(enc.vision_view, vision) and np.array_equal(enc.sam_view, sam)
+        assert (enc.vision_view is enc.sam_view) == one

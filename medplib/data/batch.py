@@ -48,9 +48,13 @@ def encode_regions(
 
 
 def image_views(image: np.ndarray, cfg: MedPLIBConfig) -> tuple[np.ndarray, np.ndarray, Geometry]:
-    """The vision-tower view, the SAM view and where the image sits in the SAM view (uint8 squares)."""
-    vision_view, _ = to_square(image, cfg.vision.image_size_px, cfg.vision.pad_mode, cfg.vision.pad_value)
+    """The vision-tower view, the SAM view and where the image sits in the SAM view (uint8 squares). Where the
+    two are made alike (the `small` preset's tower reads the SAM view) they are one array."""
     sam_view, geo = to_square(image, cfg.sam.image_size_px, cfg.sam.pad_mode, 0)
+    v = cfg.vision
+    if (v.image_size_px, v.pad_mode, set(v.pad_value)) == (cfg.sam.image_size_px, cfg.sam.pad_mode, {0}):
+        return sam_view, sam_view, geo
+    vision_view, _ = to_square(image, v.image_size_px, v.pad_mode, v.pad_value)
     return vision_view, sam_view, geo
 
 

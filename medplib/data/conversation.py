@@ -137,6 +137,16 @@ def _segments(
     return pieces
 
 
+def token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """`tokenizer(texts, add_special_tokens=False).input_ids`. A fast tokenizer's own encoder is called directly
+    where it neither truncates nor pads (what the call would set up): the call's Python around it was two thirds
+    of tokenising a MeCoVQA-mini row."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False).input_ids
+
+
 def tokenize_conversation(
     turns: list[Turn],
     tokenizer: PreTrainedTokenizerBase,
@@ -161,9 +171,7 @@ def tokenize_conversation(
     # One call for all pieces, each still tokenised on its own: on texts this short the per-call overhead
     # dominates (measured on 2,000 MeCoVQA-mini rows: 0.32 ms a row with a call per piece, 0.23 with one).
     texts = [expand_regions(text) for text, _ in segments]
-    for piece, (_, supervised) in zip(
-        tokenizer(texts, add_special_tokens=False).input_ids, segments, strict=True
-    ):
+    for piece, (_, supervised) in zip(token_ids(tokenizer, texts), segments, strict=True):
         piece = expand_image(piece, ids, num_image_tokens)
         input_ids += piece
         labels += piece if supervised else [C.IGNORE_INDEX] * len(piece)

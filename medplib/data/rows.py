@@ -74,9 +74,9 @@ class StoredViews:
 
     @classmethod
     def of(cls, vision_view: np.ndarray, sam_view: np.ndarray, geometry: Geometry) -> StoredViews:
-        return cls(
-            png_bytes(vision_view), png_bytes(sam_view), np.asarray(dataclasses.astuple(geometry), np.int32)
-        )
+        vision_png = png_bytes(vision_view)
+        sam_png = vision_png if sam_view is vision_view else png_bytes(sam_view)  # one view (`image_views`)
+        return cls(vision_png, sam_png, np.asarray(dataclasses.astuple(geometry), np.int32))
 
 
 def encoded_to_row(enc: Encoded, meta: dict, views: StoredViews | None = None) -> dict:
@@ -110,11 +110,14 @@ def row_to_encoded(row: dict, vision_size: int) -> Encoded:
         else np.zeros((0, vision_size, vision_size), dtype=bool)
     )
     geometry = row.get("sam_geometry")
+    vision_png, sam_png = row["vision_view_png"], row["sam_view_png"]
+    vision_view = None if vision_png is None else png_array(vision_png)
     return Encoded(
         input_ids=[int(t) for t in row["input_ids"]],
         labels=[int(t) for t in row["labels"]],
-        vision_view=None if row["vision_view_png"] is None else png_array(row["vision_view_png"]),
-        sam_view=None if row["sam_view_png"] is None else png_array(row["sam_view_png"]),
+        vision_view=vision_view,
+        # One view where the model makes both alike (`batch.image_views`): decoded once.
+        sam_view=vision_view if sam_png == vision_png else None if sam_png is None else png_array(sam_png),
         sam_geometry=None if geometry is None else Geometry(*[int(v) for v in geometry]),
         region_masks=regions,
         target_masks=[png_array(m, as_mask=True) for m in (row["target_masks_png"] or [])],

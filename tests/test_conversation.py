@@ -117,9 +117,10 @@ def test_special_tokens_are_single_tokens(tok):
         assert len(tok(token, add_special_tokens=False).input_ids) == 1, token
 
 
-def test_token_ids_are_the_tokenizers_own(tok):
+def test_token_ids_are_the_tokenizers_own():
     """`token_ids` calls a fast tokenizer's encoder directly; the ids are those of the tokenizer's call, also
     when the encoder was left set to truncate (then the call, which undoes that, runs)."""
+    tok = build_tokenizer("byte")  # its own: this test sets the encoder to truncate
     texts = ["<image>\nWhat is <region><region_feat></region>?", "Sure, <SEG>.</s>", "  ünïcode\t", ""]
     want = tok(texts, add_special_tokens=False).input_ids
     assert token_ids(tok, texts) == want and want[0]

@@ -584,6 +584,44 @@ def test_load_mask(data_root: Path, tmp_path: Path) -> None:
         load_mask(data_root / "masks/corrupt.png")
 
 
+def test_load_mask_checks_its_limits_before_decoding_and_on_reuse(data_root: Path) -> None:
+    from medplib.data.image import DecodedFiles, ReadLimits, reusing
+
+    with pytest.raises(ImageReadError, match="max_pixels"):
+        load_mask(data_root / "images/huge.png")  # 144 M pixels declared: refused from its header
+    path, small = data_root / "masks/organ.png", ReadLimits(max_pixels=H * W - 1)
+    with pytest.raises(ImageReadError, match="max_pixels") as err:
+        load_mask(path, limits=small)
+    assert err.value.problem == "too_large"
+    files = DecodedFiles(2**20)
+    with reusing(files):
+        assert load_mask(path).shape == (H, W)
+        with pytest.raises(ImageReadError, match="max_pixels"):
+            load_mask(path, limits=small)  # decoded under looser limits: these still refuse it
+        assert load_mask(path).sum() == 12 * 20
+    assert files.masks_decoded == 1
+
+
+def test_png_bytes_are_pngs_any_reader_decodes_to_the_same_pixels() -> None:
+    import io
+
+    from medplib.data.rows import png_array, png_bytes
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (7, 5), (7, 5, 3), (7, 5, 4), (1, 9, 3), (33, 2)]:
+        array = rng.integers(0, 256, shape, dtype=np.uint8)
+        data = png_bytes(array)
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()  # chunk CRCs and structure
+        assert np.array_equal(png_array(data), array), shape
+    mask = rng.random((6, 11)) > 0.5
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png_bytes(mask)))), mask.astype(np.uint8) * 255)
+    assert np.array_equal(png_array(png_bytes(mask), as_mask=True), mask)
+    for bad in (np.zeros((3, 3), np.float32), np.zeros((3, 3, 2), np.uint8), np.zeros((0, 3), np.uint8)):
+        with pytest.raises(ValueError, match="png_bytes takes"):
+            png_bytes(bad)
+
+
 def test_bounded_cache_keeps_the_recently_used_within_its_budget() -> None:
     from medplib.data.lru import BoundedCache
 

@@ -29,7 +29,7 @@ HTTP status without parsing text.
 
 Inside `with reusing(files)`, `load_mask` and `image_size` look a file up in `files` (a `DecodedFiles`) by path,
 size and modification time before reading it: preprocessing validates a mask, then loads it as a target or a
-region prompt, and several rows share one mask, yet each is decoded once per process.
+region prompt, and several rows share one mask, yet each is opened and decoded once per process.
 """
 
 from __future__ import annotations
@@ -174,8 +174,9 @@ def _pil_to_rgb(image: Image.Image, name: str) -> np.ndarray:
     return _array_to_rgb(np.asarray(image), name)
 
 
-def _open_pil(source: Path | io.BytesIO, name: str | Path, *, decode: bool = True) -> Image.Image:
-    """Open a Pillow-readable file (fully decoded unless `decode=False`), mapping failures to ImageReadError."""
+def _open_pil(source: Path | io.BytesIO, name: str | Path) -> Image.Image:
+    """Open a Pillow-readable file, its header only (`_decode_pil` reads the pixels), mapping failures to
+    ImageReadError."""
     try:
         image = Image.open(source)
     except UnidentifiedImageError as err:
@@ -186,23 +187,20 @@ def _open_pil(source: Path | io.BytesIO, name: str | Path, *, decode: bool = Tru
         raise ImageReadError(name, "too_large", f"image too large ({err})") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(name, "unreadable", f"corrupt image header ({err})") from err
-    if not decode:
-        return image
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt pixel data
-        image.close()
-        raise ImageReadError(name, "unreadable", f"corrupt image data ({err})") from err
     return image
 
 
+def _decode_pil(image: Image.Image, name: str | Path) -> None:
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt pixel data
+        raise ImageReadError(name, "unreadable", f"corrupt image data ({err})") from err
+
+
 def _read_pillow(source: Path | io.BytesIO, name: str | Path, limits: ReadLimits) -> np.ndarray:
-    with _open_pil(source, name, decode=False) as image:
+    with _open_pil(source, name) as image:
         check_plane(name, image.height, image.width, limits)  # from the header: refused before decoding
-        try:
-            image.load()
-        except (OSError, SyntaxError, ValueError) as err:
-            raise ImageReadError(name, "unreadable", f"corrupt image data ({err})") from err
+        _decode_pil(image, name)
         return _pil_to_rgb(image, str(name))
 
 
@@ -319,28 +317,30 @@ def file_key(path: Path) -> tuple[str, int, int] | None:
     return str(path), stat.st_size, stat.st_mtime_ns
 
 
-def load_mask(path: str | Path) -> np.ndarray:
+def load_mask(path: str | Path, *, limits: ReadLimits | None = None) -> np.ndarray:
     """Load a mask image as bool (H, W): foreground wherever any colour channel is >= 1 (MeCoVQA convention).
 
     Palette images are judged by their palette colours; an alpha channel is ignored. Only Pillow formats are
-    supported (MeCoVQA and SA-Med2D-20M masks are PNG).
+    supported (MeCoVQA and SA-Med2D-20M masks are PNG). The header is checked against `limits` before decoding.
     """
     path = Path(path)
+    limits = limits or ReadLimits()
     files = _REUSING.get()
     key = None if files is None else file_key(path)
     if key is None:
-        return _read_mask(path)
+        return _read_mask(path, limits)
     if (hit := files.entries.get(("mask", *key))) is not None:
         packed, shape = hit
+        check_plane(path, *shape, limits)  # decoded under looser limits maybe: checked against these
         return np.unpackbits(packed, count=shape[0] * shape[1]).reshape(shape).view(bool)
-    mask = _read_mask(path)
+    mask = _read_mask(path, limits)
     files.masks_decoded += 1
     packed = np.packbits(mask)  # 1 bit a pixel: the same budget holds 8x more masks than bool arrays would
     files.entries.put(("mask", *key), (packed, mask.shape), packed.nbytes)
     return mask
 
 
-def _read_mask(path: Path) -> np.ndarray:
+def _read_mask(path: Path, limits: ReadLimits) -> np.ndarray:
     _check_file(path)
     kind = _file_format(path)
     if kind != "pillow":
@@ -350,6 +350,8 @@ def _read_mask(path: Path) -> np.ndarray:
     with _open_pil(path, path) as image:
         if image.width == 0 or image.height == 0:
             raise ImageReadError(path, "empty", f"mask has zero size {image.height}x{image.width}")
+        check_plane(path, image.height, image.width, limits)
+        _decode_pil(image, path)
         if image.mode in ("P", "PA"):
             image = image.convert("RGB")
         elif image.mode in ("LA", "La"):
@@ -396,7 +398,7 @@ def _read_image_size(path: Path, axis: int | None, limits: ReadLimits) -> tuple[
     elif kind == "volume":
         height, width = load_image(path, axis=axis, limits=limits).shape[:2]
     else:
-        with _open_pil(path, path, decode=False) as image:
+        with _open_pil(path, path) as image:
             width, height = image.size
     check_plane(path, height, width, limits)
     return height, width

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import struct
+import zlib
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -45,11 +47,42 @@ COLUMNS = (
 )
 
 
+_PNG_COLOR_TYPE = {1: 0, 3: 2, 4: 6}  # channels -> PNG colour type: grey, RGB, RGBA
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def png_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    img = Image.fromarray(array.astype(np.uint8) * 255 if array.dtype == bool else array)
-    img.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    """A PNG of a uint8 (H, W), (H, W, 3) or (H, W, 4) array, or of a bool mask (stored as 0/255 grey).
+
+    Written here rather than by Pillow, which tries five row filters on every row: one filter ("Up") and zlib
+    level 1 encode a 256x256 MeCoVQA-mini view ~2x faster and a mask ~4x faster, in about the same bytes
+    (2026-12-01: views 25.2 kB against Pillow's 24.8 kB at its level 1). Any PNG reader decodes them."""
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    channels = 1 if array.ndim == 2 else array.shape[-1] if array.ndim == 3 else 0
+    if array.dtype != np.uint8 or channels not in _PNG_COLOR_TYPE or 0 in array.shape[:2]:
+        raise ValueError(
+            f"png_bytes takes a non-empty uint8 (H, W), (H, W, 3) or (H, W, 4) array or a bool mask, got "
+            f"{array.dtype} {array.shape}"
+        )
+    height, width = array.shape[:2]
+    rows = array.reshape(height, width * channels)
+    # Each scanline: filter type 2 ("Up", the difference from the row above), then its bytes.
+    scanlines = np.full((height, 1 + width * channels), 2, np.uint8)
+    scanlines[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=scanlines[1:, 1:])
+    header = struct.pack(">IIBBBBB", width, height, 8, _PNG_COLOR_TYPE[channels], 0, 0, 0)
+    return b"".join(
+        (
+            b"\x89PNG\r\n\x1a\n",
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"IDAT", zlib.compress(scanlines.data, 1)),
+            _png_chunk(b"IEND", b""),
+        )
+    )
 
 
 def png_array(data: bytes, as_mask: bool = False) -> np.ndarray:

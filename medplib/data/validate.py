@@ -262,17 +262,16 @@ def _check_mask(
         raise _Reject(Reason.MASK_MISSING, f"{field} {rel!r}: file not found under {root}")
     rel, full = located
     try:
-        # The header first: a mask of another size is refused before its pixels are decoded.
-        mask_hw = image_size(full, limits=ReadLimits(max_pixels=limits.max_image_pixels))
-        if mask_hw != image_hw:
-            raise _Reject(
-                Reason.MASK_SIZE_MISMATCH,
-                f"{field} {rel!r} is {mask_hw[0]}x{mask_hw[1]} (HxW) but the image is {image_hw[0]}x{image_hw[1]}",
-            )
-        mask = load_mask(full)
+        # One read: the header against the pixel limit, then the pixels (rows go on to use the mask).
+        mask = load_mask(full, limits=ReadLimits(max_pixels=limits.max_image_pixels))
     except ImageReadError as err:
         reason = Reason.MASK_MISSING if err.problem == "missing" else Reason.MASK_UNREADABLE
         raise _Reject(reason, f"{field}: {err}") from err
+    if mask.shape != image_hw:
+        raise _Reject(
+            Reason.MASK_SIZE_MISMATCH,
+            f"{field} {rel!r} is {mask.shape[0]}x{mask.shape[1]} (HxW) but the image is {image_hw[0]}x{image_hw[1]}",
+        )
     if not mask.any():
         raise _Reject(Reason.MASK_EMPTY, f"{field} {rel!r} has no foreground pixel (all values are 0)")
     return rel

@@ -2,17 +2,24 @@
 authentication on, Ray's default) as a Ray job, and the job tracks into an MLflow server on PostgreSQL
 (tests/mlflow_servers.py), as a cluster's jobs would. The head uses free ports (other Ray clusters may run on the
 machine) and is stopped by interrupting its own `ray start --block` process (never `ray stop`, which stops every
-cluster of the user). About 3-5 minutes on 2 cores."""
+cluster of the user). About 3-5 minutes on 2 cores.
+
+The head and `medplib submit` run as their own processes with the cluster's token in their environment
+(RAY_AUTH_MODE, RAY_AUTH_TOKEN), as a user's shell would have them: Ray reads its authentication mode once per
+process, so setting it in the test process would change it for every later test's local cluster there (a
+failure here once cascaded into 24 errors that way)."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from mlflow_servers import MlflowServer, Postgres, free_port, table_count
@@ -23,11 +30,11 @@ mlflow = pytest.importorskip("mlflow")
 
 from medplib.model.config import configs_dir  # noqa: E402
 from medplib_datasets.toy import write_toy_prepared  # noqa: E402
-from workflows.cli import main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
+    """(dashboard address, environment of a client of this cluster)."""
     bin_dir = Path(sys.executable).parent
     log = (tmp_path_factory.mktemp("head") / "ray_start.log").open("w")
     ports = {
@@ -42,7 +49,14 @@ def head(tmp_path_factory):
             "metrics-export-port",
         )
     }
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+    token = secrets.token_hex(32)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+    }
     cmd = [
         str(bin_dir / "ray"),
         "start",
@@ -56,20 +70,13 @@ def head(tmp_path_factory):
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    from ray.job_submission import JobSubmissionClient
-
     deadline = time.time() + 120
-    while True:
-        try:
-            JobSubmissionClient(address).list_jobs()
-            break
-        except Exception:  # noqa: BLE001 - not up yet
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError(f"ray start --head did not come up; see {log.name}") from None
-            time.sleep(2)
-    yield address
+    while _jobs(address, token) is None:
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise RuntimeError(f"ray start --head did not come up; see {log.name}")
+        time.sleep(2)
+    yield address, env
     proc.send_signal(signal.SIGINT)  # `ray start --block` stops what it started
     try:
         proc.wait(60)
@@ -81,8 +88,17 @@ def head(tmp_path_factory):
         current.unlink()
 
 
+def _jobs(address: str, token: str) -> list[dict] | None:
+    """The cluster's jobs from its REST API (the token as a bearer), None while it does not answer."""
+    try:
+        response = httpx.get(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    except httpx.HTTPError:
+        return None
+    return response.json() if response.status_code == 200 else None
+
+
 def test_submitted_pipeline_tracks_into_postgres_mlflow(
-    head: str, pg_mlflow: tuple[Postgres, MlflowServer], tmp_path: Path
+    head: tuple[str, dict[str, str]], pg_mlflow: tuple[Postgres, MlflowServer], tmp_path: Path
 ) -> None:
     """The job runs `medplib pipeline run --tracking-uri <server>` to SUCCEEDED; its runs, registered models and
     the champion's files come back through the MLflow client, and all of it lives in PostgreSQL and the server's
@@ -98,11 +114,13 @@ def test_submitted_pipeline_tracks_into_postgres_mlflow(
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump(pipeline))
 
-    rc = main(
+    address, env = head
+    submit = subprocess.run(
         [
+            str(Path(sys.executable).parent / "medplib"),
             "submit",
             "--address",
-            head,
+            address,
             "--working-dir",
             str(Path(__file__).parents[1]),
             "--",
@@ -116,14 +134,15 @@ def test_submitted_pipeline_tracks_into_postgres_mlflow(
             server.url,
             "--max-steps",
             "2",
-        ]
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
-    assert rc == 0
-    from ray.job_submission import JobSubmissionClient
-
-    jobs = JobSubmissionClient(head).list_jobs()
-    assert [str(j.status.value) for j in jobs] == ["SUCCEEDED"]
+    assert submit.returncode == 0, submit.stdout[-4000:]
+    assert [j["status"] for j in _jobs(address, env["RAY_AUTH_TOKEN"])] == ["SUCCEEDED"]
     client = mlflow.MlflowClient(tracking_uri=server.url, registry_uri=server.url)
     experiment = client.get_experiment_by_name("medplib")
     assert experiment is not None, "the job did not create the `medplib` experiment on the server"

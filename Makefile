@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 WORKDIR ?= work
 STAMP := $(VENV)/.installed
 # `make test` on two pytest-xdist workers, each test module on one of them (module fixtures run once): on 2 cores
-# the suite took 22.5-23.9 minutes against 26.0 in one process, with both cores ~97% busy (2026-12-01, the
+# the suite took 22.5-23.9 minutes against 26.0 in one process, with both cores 93-97% busy (2026-12-01, the
 # AVX2-only machine). PARALLEL= runs it in one process.
 PARALLEL ?= -n 2 --dist loadfile
 

@@ -321,7 +321,7 @@ def load_mask(path: str | Path, *, limits: ReadLimits | None = None) -> np.ndarr
     """Load a mask image as bool (H, W): foreground wherever any colour channel is >= 1 (MeCoVQA convention).
 
     Palette images are judged by their palette colours; an alpha channel is ignored. Only Pillow formats are
-    supported (MeCoVQA and SA-Med2D-20M masks are PNG). The header is checked against `limits` before decoding.
+    supported (MeCoVQA and SA-Med2D-20M masks are PNG). A read checks the header against `limits` before decoding.
     """
     path = Path(path)
     limits = limits or ReadLimits()
@@ -330,8 +330,9 @@ def load_mask(path: str | Path, *, limits: ReadLimits | None = None) -> np.ndarr
     if key is None:
         return _read_mask(path, limits)
     if (hit := files.entries.get(("mask", *key))) is not None:
+        # Limits bound what a read decodes: a mask decoded already (validation reads it under the data's own
+        # `max_image_pixels`) is given to later callers, e.g. the encoder's region prompts, as it is.
         packed, shape = hit
-        check_plane(path, *shape, limits)  # decoded under looser limits maybe: checked against these
         return np.unpackbits(packed, count=shape[0] * shape[1]).reshape(shape).view(bool)
     mask = _read_mask(path, limits)
     files.masks_decoded += 1

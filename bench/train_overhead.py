@@ -4,8 +4,9 @@ the same starting model, the same trainable parameters, the same rows in the sam
 
 A step is one optimiser step of `micro_batch_size x grad_accum` rows; its time is the wall time from the end of
 the previous step (so the Ray side pays for its data iterator, its metric logging and its progress file). Both
-sides use one worker/process with the same number of torch threads; the first `--warmup` steps are left out and
-the medians are compared. Goal: Ray Train / plain <= 1.10.
+sides use one worker/process with the same number of torch threads; the plain loop runs before and after the Ray
+side, the first `--warmup` steps of each run are left out, and the medians are compared. Goal: Ray Train / plain
+<= 1.10.
 
     .venv/bin/python -m bench.train_overhead [--preset tiny] [--stage vl] [--steps 30] [--threads 1]
     .venv/bin/python -m bench.train_overhead --preset small --steps 8 --warmup 2 --micro-batch-size 1 --grad-accum 1
@@ -119,10 +120,8 @@ def main() -> None:
     # -- plain PyTorch, this process, with the allocator settings the Ray side's worker starts with
     tune_allocator()
     torch.set_num_threads(args.threads)
-    rows = read_rows(prepared, "train", set(stage.tasks), 10**9)
-    plain = plain_loop(init, stage, rows, args.steps)
-    plain_s = statistics.median(plain[args.warmup :])
-    log.info("plain PyTorch: median step %.4f s", plain_s)
+    plain_rows = read_rows(prepared, "train", set(stage.tasks), 10**9)
+    plain = plain_loop(init, stage, plain_rows, args.steps)[args.warmup :]
 
     # -- Ray Train: the real stage loop, one worker with `threads` CPUs (plus CPU left for Ray Data)
     init_ray("local", num_cpus=args.threads + 1)
@@ -158,6 +157,11 @@ def main() -> None:
     ray_s = statistics.median(ray_times[args.warmup :])
     ray.shutdown()
     log.info("Ray Train: median step %.4f s over %d steps", ray_s, len(ray_times))
+    # The plain loop again after the Ray side, so that a drift of the machine's speed over the run (a shared
+    # box's neighbours) weighs on both sides alike: one loop before, one after, their steps pooled.
+    plain += plain_loop(init, stage, plain_rows, args.steps)[args.warmup :]
+    plain_s = statistics.median(plain)
+    log.info("plain PyTorch: median step %.4f s over %d steps before and after", plain_s, len(plain))
     ratio = ray_s / plain_s
     print(
         f"{args.preset}/{args.stage}: Ray Train step {ray_s * 1e3:.1f} ms, plain PyTorch step {plain_s * 1e3:.1f} "

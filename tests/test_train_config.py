@@ -173,7 +173,13 @@ def test_lr_schedule_and_deepspeed_config() -> None:
         and ds["bf16"]["enabled"]
         and ds["gradient_accumulation_steps"] == 8
     )
-    assert "fp16" not in ds and not deepspeed_config(stage, "fp32", use_gpu=False)["bf16"]["enabled"]
+    cpu = deepspeed_config(stage, "fp32", use_gpu=False)
+    assert "fp16" not in ds and not cpu["bf16"]["enabled"]
+    # the contiguous gradient buffer (and the comm overlap) only where a GPU's allocator gains from them
+    assert (
+        ds["zero_optimization"]["contiguous_gradients"]
+        and not cpu["zero_optimization"]["contiguous_gradients"]
+    )
 
 
 def test_auto_precision_follows_the_cpus_bf16_kernels(caplog) -> None:

@@ -23,6 +23,7 @@ from medplib.data.validate import (
     Limits,
     Reason,
     Rejection,
+    RootPaths,
     count_reasons,
     read_and_validate,
     summarize,
@@ -582,6 +583,38 @@ def test_load_mask(data_root: Path, tmp_path: Path) -> None:
     assert not load_mask(tmp_path / "alpha.png").any()  # alpha is not foreground
     with pytest.raises(ImageReadError, match="corrupt.png"):
         load_mask(data_root / "masks/corrupt.png")
+
+
+def test_rows_sharing_root_paths_get_the_verdict_each_gets_alone(data_root: Path, tmp_path: Path) -> None:
+    """A prepare chunk checks its rows' paths with one `RootPaths`, which resolves each directory once: a linked
+    directory that leaves the root, a link as the last component, a name with a NUL byte and a linked directory
+    inside the root are each judged as a row alone judges them, whatever row came first."""
+    outside = tmp_path / "outside"
+    (data_root / "leaves").symlink_to(outside, target_is_directory=True)
+    (data_root / "stays").symlink_to(data_root / "masks", target_is_directory=True)
+    rows = [
+        _row("in-dir", "Segment.", "<SEG><mask>stays/organ.png</mask>"),
+        _row("out-dir", "Segment.", "<SEG><mask>leaves/secret.png</mask>"),
+        _row("plain", "Segment.", "<SEG><mask>masks/organ.png</mask>"),
+        _row("out-file", "Segment.", "<SEG><mask>masks/link.png</mask>"),
+        _row("nul", "Segment.", "<SEG><mask>masks/or\u0000gan.png</mask>"),
+    ]
+    expected = {"in-dir": None, "out-dir": "path_escapes_root", "plain": None}
+    expected |= {"out-file": "path_escapes_root", "nul": "invalid_field"}
+
+    def verdict(result: Accepted | Rejection) -> str | None:
+        return result.reason.value if isinstance(result, Rejection) else None
+
+    alone = {row["id"]: verdict(validate_row(row, "a.jsonl", 1, data_root)) for row in rows}
+    assert alone == expected
+    for order in (rows, rows[::-1]):
+        paths = RootPaths(data_root)
+        shared = {
+            row["id"]: verdict(validate_row(row, "a.jsonl", 1, data_root, paths=paths)) for row in order
+        }
+        assert shared == expected
+    with pytest.raises(ValueError, match="data root"):
+        validate_row(rows[0], "a.jsonl", 1, tmp_path, paths=RootPaths(data_root))
 
 
 def test_load_mask_checks_its_limits_before_decoding_and_reuses_what_it_decoded(data_root: Path) -> None:

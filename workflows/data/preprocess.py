@@ -90,6 +90,7 @@ from medplib.data.validate import (
     Limits,
     Reason,
     Rejection,
+    RootPaths,
     annotation_files,
     image_reason,
     is_json_array,
@@ -415,7 +416,7 @@ class ChunkProcessor:
         return Rejection(source=file.source, line=line, reason=reason, message=message, raw=raw)
 
     def process_line(
-        self, file: InputFile, line_no: int, raw_bytes: bytes, split: str
+        self, file: InputFile, line_no: int, raw_bytes: bytes, split: str, paths: RootPaths
     ) -> dict[str, Any] | Rejection:
         """One non-blank line of `split` (the scan picked it) -> an encoded row dict (with `_fixed_suffix`) or a
         Rejection."""
@@ -453,7 +454,7 @@ class ChunkProcessor:
         rid = row_id(obj, file.source, line)
         winner = self.job.duplicate_winners.get(rid) if rid is not None else None
         seen = {rid} if winner is not None and winner < (file.index, line) else set()
-        result = validate_row(raw, file.source, line, self.root, self.job.limits, seen_ids=seen)
+        result = validate_row(raw, file.source, line, self.root, self.job.limits, seen_ids=seen, paths=paths)
         if isinstance(result, Rejection):
             return result
         sample = result.sample
@@ -516,9 +517,10 @@ class ChunkProcessor:
         rejections: list[tuple[int, Rejection]] = []
         stats = _new_stats()
         images_before, masks_before = self.images_decoded, self.decoded.masks_decoded
+        paths = RootPaths(self.root)  # a chunk's rows share their images' directories
         with reusing(self.decoded):
             outs = [
-                (file, self.process_line(file, line_no, raw, chunk.split))
+                (file, self.process_line(file, line_no, raw, chunk.split, paths))
                 for file, line_no, raw in _read_lines(self.files, chunk.lines)
             ]
         stats["images_decoded"] = self.images_decoded - images_before

@@ -126,3 +126,25 @@ def test_token_ids_are_the_tokenizers_own():
     assert token_ids(tok, texts) == want and want[0]
     tok.backend_tokenizer.enable_truncation(2)
     assert token_ids(tok, texts) == want
+
+
+def test_token_ids_reuses_a_texts_ids_until_the_vocabulary_grows():
+    """Texts tokenised already are served from the memo (rows repeat their system prompt, questions and short
+    answers), the caller may change the lists it gets, and a token added to the vocabulary afterwards is seen."""
+    from medplib.data import conversation
+
+    tok = build_tokenizer("byte")  # its own: this test adds a token
+    texts = ["Segment the left putamen.", "Segment the left putamen.", "Yes."]
+    want = tok(texts, add_special_tokens=False).input_ids
+    first = token_ids(tok, texts)
+    assert first == want
+    first[0].append(-1)  # a caller's list, not the memo's
+    assert token_ids(tok, texts) == want
+    memo = conversation._MEMOS[tok][1]
+    assert set(memo) == {"Segment the left putamen.", "Yes."}
+    memo["Yes."] = (7,)
+    assert token_ids(tok, ["Yes."]) == [[7]]  # looked up, not tokenised
+    tok.add_tokens(["putamen"])
+    grown = token_ids(tok, texts)
+    assert grown == tok(texts, add_special_tokens=False).input_ids != want
+    assert tok.convert_tokens_to_ids("putamen") in grown[0]

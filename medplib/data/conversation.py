@@ -11,6 +11,7 @@ assistant prefix): one too long raises `PromptTooLong`.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -137,14 +138,35 @@ def _segments(
     return pieces
 
 
+# Token ids of the texts a tokenizer has tokenised, per tokenizer (at most _MEMO_TEXTS texts, then started anew).
+_MEMOS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, tuple[int, dict[str, tuple[int, ...]]]] = (
+    weakref.WeakKeyDictionary()
+)
+_MEMO_TEXTS = 8192
+
+
 def token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     """`tokenizer(texts, add_special_tokens=False).input_ids`. A fast tokenizer's own encoder is called directly
-    where it neither truncates nor pads (what the call would set up): the call's Python around it was two thirds
-    of tokenising a MeCoVQA-mini row."""
+    where it neither truncates nor pads (what the call would set up: two thirds of tokenising a MeCoVQA-mini row),
+    one text at a time (its batch call hands a row's few short texts to a thread pool: more CPU than it saves, and
+    a prepare's processes keep every core busy already), and a text tokenised already is not tokenised again:
+    rows repeat the system prompt, the templated questions and the short answers. A text is tokenised on its own
+    either way, so its ids do not depend on the other texts; the memo starts anew when the vocabulary grows."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and backend.truncation is None and backend.padding is None:
-        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
-    return tokenizer(texts, add_special_tokens=False).input_ids
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return tokenizer(texts, add_special_tokens=False).input_ids
+    vocab = len(tokenizer)
+    memo = _MEMOS.get(tokenizer)
+    if memo is None or memo[0] != vocab or len(memo[1]) > _MEMO_TEXTS:
+        memo = _MEMOS[tokenizer] = (vocab, {})
+    known = memo[1]
+    out = []
+    for text in texts:
+        ids = known.get(text)
+        if ids is None:
+            ids = known[text] = tuple(backend.encode(text, add_special_tokens=False).ids)
+        out.append(list(ids))
+    return out
 
 
 def tokenize_conversation(

@@ -144,6 +144,8 @@ def test_token_ids_reuses_a_texts_ids_until_the_vocabulary_grows():
     assert set(memo) == {"Segment the left putamen.", "Yes."}
     memo["Yes."] = (7,)
     assert token_ids(tok, ["Yes."]) == [[7]]  # looked up, not tokenised
+    long = "a description " * 100
+    assert token_ids(tok, [long]) == tok([long], add_special_tokens=False).input_ids and long not in memo
     tok.add_tokens(["putamen"])
     grown = token_ids(tok, texts)
     assert grown == tok(texts, add_special_tokens=False).input_ids != want

@@ -138,11 +138,13 @@ def _segments(
     return pieces
 
 
-# Token ids of the texts a tokenizer has tokenised, per tokenizer (at most _MEMO_TEXTS texts, then started anew).
+# Token ids of the texts a tokenizer has tokenised, per tokenizer: at most _MEMO_TEXTS texts (then started anew) of
+# at most _MEMO_CHARS characters each (a long text seldom repeats), so a serving process's memo stays a few MB.
 _MEMOS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, tuple[int, dict[str, tuple[int, ...]]]] = (
     weakref.WeakKeyDictionary()
 )
 _MEMO_TEXTS = 8192
+_MEMO_CHARS = 1000
 
 
 def token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
@@ -164,7 +166,9 @@ def token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list
     for text in texts:
         ids = known.get(text)
         if ids is None:
-            ids = known[text] = tuple(backend.encode(text, add_special_tokens=False).ids)
+            ids = tuple(backend.encode(text, add_special_tokens=False).ids)
+            if len(text) <= _MEMO_CHARS:
+                known[text] = ids
         out.append(list(ids))
     return out
 

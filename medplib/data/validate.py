@@ -180,7 +180,7 @@ class _Reject(Exception):
         super().__init__(message)
 
 
-@functools.lru_cache(maxsize=64)  # a syscall pair per path otherwise
+@functools.lru_cache(maxsize=64)  # a syscall pair per RootPaths otherwise, i.e. per row validated alone
 def _name_limits(root: Path) -> tuple[int, int]:
     """(longest path, longest file name) in bytes that the file system under `root` takes."""
     try:

@@ -213,7 +213,11 @@ def main() -> None:
     train_peak_gb = torch.cuda.max_memory_allocated() / 1e9 if use_gpu else None
     seq_lens = batch["attention_mask"].sum(1).tolist()
     flops = FlopsModel.of(model).step_flops(
-        seq_lens, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), int(batch["has_image"].sum()), 0
+        seq_lens,
+        int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
+        int(batch["has_image"].sum()),
+        0,
+        int(out["shared_tokens"]),
     )
     # In the dtype the stage computes in: a CPU without bf16 kernels trains in fp32, and its bf16 matmul (a
     # fallback at ~1 GFLOP/s on an AVX2 EPYC) took 80 s to time and is no one's peak.

@@ -94,6 +94,7 @@ def main() -> None:
         del variants["after"]
         print("no bf16 instructions on this CPU: the stages train in fp32, so fp32 is the after variant")
     losses: dict[str, float] = {}
+    shared: dict[str, int] = {}
 
     def step(name: str) -> None:
         net, key, checkpointing, autocast = variants[name]
@@ -110,6 +111,7 @@ def main() -> None:
             out = net(batch)
         out["loss"].backward()
         losses[name] = float(out["loss"])
+        shared[name] = int(out["shared_tokens"])
         # No optimiser update: every variant sees the same weights, so the losses compare on the same batch.
 
     seconds = {name: [] for name in variants}
@@ -125,6 +127,7 @@ def main() -> None:
         int((cached_batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
         int(cached_batch["has_image"].sum()),
         0,
+        shared["fp32"],
     )
     after = "after" if native_bf16 else "fp32"
     dtype = torch.bfloat16 if native_bf16 else torch.float32

@@ -36,3 +36,8 @@ def test_step_flops_grow_with_what_the_step_runs(tiny_model):
     assert f.step_flops([20, 30], 6, 2, 0) - base == 4 * f.head_weights + 2 * f.head_trainable
     assert f.step_flops([20, 30], 5, 2, 1) - base == f.sam_flops  # a cache miss runs the encoder
     assert f.step_flops([20, 31], 5, 2, 0) > base
+    # Positions another row ran for them (a shared prompt) pass no layer.
+    per_token = (
+        2 * sum(f.layer_weights) + 2 * sum(f.layer_weights[f.backward_floor :]) + 2 * sum(f.layer_trainable)
+    )
+    assert base - f.step_flops([20, 30], 5, 2, 0, shared=7) == 7 * per_token

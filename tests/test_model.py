@@ -512,6 +512,142 @@ def test_generation_uses_the_kv_cache_and_matches_full_recompute(rng_image, tiny
             ids = ids + [tok]
 
 
+def test_rows_group_by_the_prefix_that_saves_the_most_positions():
+    from medplib.model.medplib import MIN_SHARED_POSITIONS, shared_prefixes
+
+    assert MIN_SHARED_POSITIONS == 128  # the figures below are set around it
+    emb = torch.randn(5, 300, 4)
+    emb[:, :40] = emb[0, :40]  # a prompt every row opens with: 4 * 40 positions saved
+    emb[2, :100] = emb[0, :100]  # rows 0 and 2 show one image, 1 and 3 another: 2 * 100
+    emb[3, 40:100] = emb[1, 40:100]
+    am = torch.ones(5, 300, dtype=torch.long)
+    length, group, first = shared_prefixes(emb, am)
+    assert length == 100 and group[0] == group[2] != group[1] == group[3] and len(set(group.tolist())) == 3
+    assert first[group].tolist() == [0, 1, 0, 1, 4]
+    emb[2, 99, 1] += 1e-6
+    assert shared_prefixes(emb, am)[0] == 99
+    am[4, 60:] = 0  # the shortest row keeps its last token: images up to 59 save 2 * 59, the prompt 4 * 40
+    length, group, first = shared_prefixes(emb, am)
+    assert length == 40 and group.tolist() == [0] * 5 and first.tolist() == [0]
+    assert shared_prefixes(emb[:1], am[:1]) is None  # one row shares nothing
+    assert shared_prefixes(emb[:, :30], am[:, :30]) is None  # 4 * 29 positions are not worth a call
+
+
+def _without_shared_prefix(monkeypatch):
+    import medplib.model.medplib as core
+
+    monkeypatch.setattr(core, "shared_prefixes", lambda emb, am: None)
+
+
+def test_rows_about_one_image_run_it_once_and_train_as_the_whole_batch(
+    all_tasks, tiny_model, make_batch, monkeypatch
+):
+    """Rows about one image run their prompt and image once, and the rest of each row on that prefix's KV cache:
+    the same losses, teacher-forced masks and gradients (LoRA, projector, mask decoder) as
+    running every row whole."""
+    import copy
+
+    prepare_trainable(
+        tiny_model,
+        LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "gate_proj"]),
+        ["mask_decoder", "text_hidden_fcs", "region_fea_adapter", "mm_projector"],
+    )
+    for p in tiny_model.parameters():  # LoRA's B starts at zero, which would hide a wrong A gradient
+        if p.requires_grad:
+            p.data.add_(torch.randn_like(p) * 0.02)
+    whole = copy.deepcopy(tiny_model)
+    image, mask = all_tasks["ground_one"][1:3]
+    other = np.ascontiguousarray(image[::-1])
+    # Two images, each asked one question thrice: with `tiny`'s byte tokens only prompt, image and question
+    # together save more than the ~165-position system prompt of every row.
+    items = [(_sample("What modality is this?", a), image, []) for a in ("MRI.", "An MRI.", "T1 MRI.")]
+    items += [
+        (_sample("Segment the brain.", a), other, mask)
+        for a in ("Sure, it is <SEG>.", "It is <SEG>.", "<SEG>")
+    ]
+    batch = make_batch(tiny_model, items)
+    shared = tiny_model(batch)
+    with monkeypatch.context() as m:
+        _without_shared_prefix(m)
+        plain = whole(batch)
+    image_end = int((batch["input_ids"][0] == tiny_model.ids.image).nonzero().max())
+    saved = int(shared["shared_tokens"])  # (6 rows - 2 prefixes) x a prefix past the image
+    assert saved % 4 == 0 and saved // 4 > image_end + 1 and int(plain["shared_tokens"]) == 0
+    for name in ("loss", "ce", "bce", "dice", "focal", "iou", "box"):
+        torch.testing.assert_close(shared[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)
+    for got, expected in zip(shared["segmentation"].logits, plain["segmentation"].logits, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    shared["loss"].backward()
+    plain["loss"].backward()
+    for (name, p), q in zip(tiny_model.named_parameters(), whole.parameters(), strict=True):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-3, msg=name)
+    # Checkpointed layers would drop the prefix's cache: the batch then runs whole.
+    whole.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = whole(batch)
+    assert int(checkpointed["shared_tokens"]) == 0
+    torch.testing.assert_close(checkpointed["loss"], plain["loss"])
+
+
+def test_moe_layers_run_a_loss_pass_whole_and_share_a_prompt_only_without_dropping(
+    tiny_cfg, all_tasks, make_batch
+):
+    """Routers keep their last call's outputs for the routing losses, and a capacity counts a call's tokens."""
+    from medplib.data.batch import collate, encode_sample
+    from medplib.model.medplib import MedPLIB
+
+    model = init_experts_from_stages(
+        MedPLIB(tiny_cfg), MedPLIB(tiny_cfg), MoEConfig(num_experts=2, drop_tokens=False), ("vl", "grounding")
+    ).eval()
+    assert int(model(make_batch(model, [all_tasks["vqa"], all_tasks["ground_one"]]))["shared_tokens"]) == 0
+    prompts = [
+        encode_sample(
+            [Turn(role="human", text=q)], all_tasks["vqa"][1], model.tokenizer, model.cfg, for_generation=True
+        )
+        for q in ("What is this?", "Hi")
+    ]
+    batch = collate(prompts, model.cfg, model.ids.pad)
+    calls: list[int] = []
+    decoder = model.llm.get_decoder()
+    hook = decoder.register_forward_pre_hook(
+        lambda _, args, kw: calls.append(kw["inputs_embeds"].shape[0]), with_kwargs=True
+    )
+    with torch.no_grad():
+        model.generate(batch, max_new_tokens=1)
+        for m in moe_layers(model):
+            m.cfg = m.cfg.model_copy(update={"drop_tokens": True})
+        model.generate(batch, max_new_tokens=1)
+    hook.remove()
+    assert calls == [
+        1,
+        2,
+        2,
+    ]  # the prompt's prefix as a batch of one, then the rows; dropping: the rows whole
+
+
+def test_generation_on_a_shared_prompt_decodes_what_whole_prompts_decode(rng_image, tiny_model, monkeypatch):
+    from medplib.data.batch import collate, encode_sample
+
+    tiny_model.eval()
+    cfg = tiny_model.cfg
+    questions = ["What is this?", "Hi", "Where is the lesion? Please output the segmentation mask."]
+    prompts = [
+        encode_sample([Turn(role="human", text=q)], rng_image, tiny_model.tokenizer, cfg, for_generation=True)
+        for q in questions
+    ]
+    batch = collate(prompts, cfg, tiny_model.ids.pad)
+    with torch.no_grad():
+        shared = tiny_model.generate(batch, max_new_tokens=6, segment=True)
+        with monkeypatch.context() as m:
+            _without_shared_prefix(m)
+            whole = tiny_model.generate(batch, max_new_tokens=6, segment=True)
+    assert [g.token_ids for g in shared] == [g.token_ids for g in whole]
+    for a, b in zip(shared, whole, strict=True):
+        torch.testing.assert_close(
+            torch.stack(a.mask_logits), torch.stack(b.mask_logits), atol=1e-4, rtol=1e-4
+        )
+
+
 def test_answers_teacher_forced_on_the_kv_cache_give_the_forward_passes_masks(rng_image, tiny_model):
     """`generate(answers=...)` runs each answer after its prompt on the prompt's KV cache: the hidden states that
     prompt the mask decoder for its `<SEG>`s (one opening the answer, one inside it) are the teacher-forced
@@ -671,7 +807,8 @@ def test_generation_drops_finished_rows_and_the_others_decode_the_same(rng_image
         return [0, 1, 2] if len(steps) == 1 else []
 
     cut = tiny_model.generate(batch, max_new_tokens=8, segment=True, on_step=finish_three)
-    assert kept == [[3]]  # the batch shrank to the one row still decoding
+    # The shared prompt's cache handed to the 4 rows, then the batch shrank to the one row still decoding.
+    assert kept == [[0, 0, 0, 0], [3]]
     assert [len(g.token_ids) for g in cut[:3]] == [1, 1, 1]
     assert all(step[:3] == [None, None, None] for step in steps[1:])
     assert cut[3].token_ids == whole[3].token_ids and cut[3].text == whole[3].text

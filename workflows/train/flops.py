@@ -99,16 +99,20 @@ class FlopsModel:
             sam_flops=forward_flops(model.sam.image_encoder, (1, 3, sam_px, sam_px)),
         )
 
-    def step_flops(self, seq_lens: list[int], supervised: int, image_rows: int, encoded_images: int) -> float:
+    def step_flops(
+        self, seq_lens: list[int], supervised: int, image_rows: int, encoded_images: int, shared: int = 0
+    ) -> float:
         """FLOPs of a step over sequences of these lengths with `supervised` predicted tokens, `image_rows` rows
-        with an image and `encoded_images` images run through the SAM encoder (cache misses)."""
+        with an image and `encoded_images` images run through the SAM encoder (cache misses); `shared` positions
+        did not run because another row ran the same prefix (`MedPLIB.forward`'s `shared_tokens`; their
+        attention scores, under 1% of the step, are still counted)."""
         reached = self.layer_weights[self.backward_floor :]
         per_token = 2 * sum(self.layer_weights) + 2 * sum(reached) + 2 * sum(self.layer_trainable)
         layers, backward_layers = len(self.layer_weights), len(reached)
         attention = sum(4 * self.hidden * t * t * (layers + 2 * backward_layers) for t in seq_lens)
         head = supervised * (4 * self.head_weights + 2 * self.head_trainable)
         images = image_rows * self.tower_flops + encoded_images * self.sam_flops
-        return sum(seq_lens) * per_token + attention + head + images
+        return (sum(seq_lens) - shared) * per_token + attention + head + images
 
 
 def matmul_dtype(precision: str):

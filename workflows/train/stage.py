@@ -508,7 +508,7 @@ def train_loop_per_worker(config: dict) -> None:
         pending: list[dict] = []
         sums = dict.fromkeys(LOSS_TERMS, 0.0)
         seq_lens: list[int] = []
-        image_rows = encoded_images = supervised = 0
+        image_rows = encoded_images = supervised = shared = 0
         step_started = time.perf_counter()
         for index, row in enumerate(rows):
             if index < skip_rows:
@@ -526,6 +526,7 @@ def train_loop_per_worker(config: dict) -> None:
             supervised += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             pending = []
             out = train_micro_batch(setup, batch, stage.loss_weights)
+            shared += int(out["shared_tokens"])
             for k in sums:
                 sums[k] += float(out[k].detach())
             seq_lens += batch["attention_mask"].sum(1).tolist()
@@ -547,7 +548,7 @@ def train_loop_per_worker(config: dict) -> None:
             dist.all_reduce(stats)  # mean losses, total tokens and samples over the workers
             values = stats.tolist()
             metrics = {k: values[i] / world for i, k in enumerate(sums)}
-            flops = flops_model.step_flops(seq_lens, supervised, image_rows, encoded_images)
+            flops = flops_model.step_flops(seq_lens, supervised, image_rows, encoded_images, shared)
             grad_norm = engine.get_global_grad_norm()
             metrics.update(
                 lr=scheduler.get_last_lr()[-1],  # the default group's (LoRA); each group's below
@@ -590,7 +591,7 @@ def train_loop_per_worker(config: dict) -> None:
             if hook:
                 raise RuntimeError(f"{FAIL_HOOK_ENV}: {stage.stage} fails on purpose after step {state.step}")
             sums = dict.fromkeys(sums, 0.0)
-            seq_lens, image_rows, encoded_images, supervised = [], 0, 0, 0
+            seq_lens, image_rows, encoded_images, supervised, shared = [], 0, 0, 0, 0
             if last:
                 break
         if (

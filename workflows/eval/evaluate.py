@@ -184,7 +184,7 @@ def predict_rows(
     that serves; results in input order.
 
     Grounding rows and the rest are decoded in separate `run` calls (segment=True resp. False), at most
-    `batch_size` rows each, by question type, each row with its own token budget (`token_budget`: the family's
+    `batch_size` rows each, by image and then question type, each row with its own token budget (`token_budget`: the family's
     `max_new_tokens_by`, the question type's `max_new_tokens_by_type`) and each batch of rows of one budget.
     Grounding masks are paired with the row's targets in
     order; a target without a predicted mask is scored against an empty mask. No Ray here: `EvalWorker` and
@@ -197,9 +197,13 @@ def predict_rows(
     limits = [token_budget(row, max_new_tokens, max_new_tokens_by, max_new_tokens_by_type) for row in rows]
     groups = group_indices((answer_family(row), limit) for row, limit in zip(rows, limits, strict=True))
     for (family, limit), positions in groups.items():
-        # Rows of one question type decode to similar lengths: together, one babbled 112-token description keeps
+        # Rows about one image together: a batch runs their prompt and image once (`MedPLIB.generate`). Then by
+        # question type, whose rows decode to similar lengths: together, one babbled 112-token description keeps
         # one batch decoding rather than four (2026-11-29: 4 batches of 15 s where the rest took 2 s each).
-        positions = sorted(positions, key=lambda i: str(rows[i].get("question_type") or ""))
+        positions = sorted(
+            positions,
+            key=lambda i: (str(rows[i].get("image_path") or ""), str(rows[i].get("question_type") or "")),
+        )
         grounding = family == "grounding"
         step = batch_size or len(positions)
         for start in range(0, len(positions), step):

@@ -618,11 +618,8 @@ def test_moe_layers_run_a_loss_pass_whole_and_share_a_prompt_only_without_droppi
             m.cfg = m.cfg.model_copy(update={"drop_tokens": True})
         model.generate(batch, max_new_tokens=1)
     hook.remove()
-    assert calls == [
-        1,
-        2,
-        2,
-    ]  # the prompt's prefix as a batch of one, then the rows; dropping: the rows whole
+    # The prompt's prefix as a batch of one, then the rows; with dropping, the rows whole.
+    assert calls == [1, 2, 2]
 
 
 def test_generation_on_a_shared_prompt_decodes_what_whole_prompts_decode(rng_image, tiny_model, monkeypatch):

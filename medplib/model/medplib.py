@@ -131,27 +131,25 @@ def shared_prefixes(
     shortest = int(attention_mask.sum(1).min()) - 1
     if b < 2 or shortest < 1:
         return None
-    # A number per position (a projection of its embedding in float64): equal embeddings, equal numbers; rows
-    # then group by their prefixes of numbers, and the groups are checked on the embeddings themselves below.
+    # A number per position (a projection of its embedding in float64): equal embeddings, equal numbers; the
+    # groups found on the numbers are checked on the embeddings themselves below.
     direction = torch.linspace(1.0, 2.0, emb.shape[-1], dtype=torch.float64, device=emb.device)
     numbers = emb[:, :shortest].detach().double() @ direction
-    group = torch.zeros(b, dtype=torch.long, device=emb.device)
-    best, best_len, best_group = 0, 0, group
-    for length in range(1, shortest + 1):
-        pairs = torch.stack([group.double(), numbers[:, length - 1]], dim=1)
-        group = torch.unique(pairs, dim=0, return_inverse=True)[1]
-        saved = (b - int(group.max()) - 1) * length
-        if saved > best:
-            best, best_len, best_group = saved, length, group
-        if int(group.max()) == b - 1:
-            break  # every row is on its own from here
-    if best < MIN_SHARED_POSITIONS:
+    common = (numbers[:, None] == numbers[None]).long().cumprod(-1).sum(-1)  # (b, b) common prefix lengths
+    rows = torch.arange(b, device=emb.device)
+    best = (0, 0, rows)
+    for length in common.unique().tolist():  # the saving only changes where two rows part
+        leader = (common >= length).long().argmax(1)  # each row's first row with the same `length` prefix
+        saved = (b - int((leader == rows).sum())) * length
+        if saved > best[0]:
+            best = (saved, length, leader)
+    saved, length, leader = best
+    if saved < MIN_SHARED_POSITIONS:
         return None
-    first = torch.zeros(int(best_group.max()) + 1, dtype=torch.long, device=emb.device)
-    first.scatter_reduce_(0, best_group, torch.arange(b, device=emb.device), "amin", include_self=False)
-    if not torch.equal(emb[first[best_group], :best_len], emb[:, :best_len]):
+    if not torch.equal(emb[leader, :length], emb[:, :length]):
         return None
-    return best_len, best_group, first
+    first = rows[leader == rows]
+    return length, torch.searchsorted(first, leader), first
 
 
 class MedPLIB(nn.Module):

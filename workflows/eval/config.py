@@ -86,9 +86,10 @@ class EvalConfig(BaseModel):
     rows_per_call: int = Field(
         256,
         ge=1,
-        description="rows an actor takes at a time; it decodes each answer family of them by image and question type in "
-        "`batch_size` chunks, so batches fill and hold answers of similar length (8-row calls of a stratified "
-        "sample held 3.5 rows of a family on average, 2026-11-29); with many actors, lower it so each gets work",
+        description="rows an actor takes at a time; it decodes each answer family of them by image and question "
+        "type in `batch_size` chunks, so batches fill and hold answers of similar length (8-row calls of a "
+        "stratified sample held 3.5 rows of a family on average, 2026-11-29); with many actors, lower it so each "
+        "gets work",
     )
     concurrency: int | None = Field(
         None,

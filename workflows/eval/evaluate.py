@@ -184,8 +184,9 @@ def predict_rows(
     that serves; results in input order.
 
     Grounding rows and the rest are decoded in separate `run` calls (segment=True resp. False), at most
-    `batch_size` rows each, by image and then question type, each row with its own token budget (`token_budget`: the family's
-    `max_new_tokens_by`, the question type's `max_new_tokens_by_type`) and each batch of rows of one budget.
+    `batch_size` rows each, by image and then question type, each row with its own token budget
+    (`token_budget`: the family's `max_new_tokens_by`, the question type's `max_new_tokens_by_type`) and each
+    batch of rows of one budget.
     Grounding masks are paired with the row's targets in
     order; a target without a predicted mask is scored against an empty mask. No Ray here: `EvalWorker` and
     `engine="local"` call it.

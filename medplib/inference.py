@@ -215,11 +215,13 @@ class Predictor:
             # grad (and outside inference mode, hence `no_grad` in `_inference`); otherwise every decoding step
             # casts all fp32 weights again, a third of a small-preset step on CPU. Nothing here builds a graph.
             model.requires_grad_(True)
-            if model.device.type == "cpu":
-                # The LLM's linears (`medplib.model.packed_linear`): a decoding step 25-30% faster, the same
-                # products. Not the projector's: PyTorch multiplies its input by another kernel than oneDNN's,
-                # so packed it answered in other last bf16 places (2026-12-01).
-                pack_linears(model.llm)
+        if model.device.type == "cpu" and model.dtype == torch.float32:
+            # The LLM's linears (`medplib.model.packed_linear`). Under bf16 autocast a decoding step 25-30%
+            # faster, the same products. Not the projector's: PyTorch multiplies its input by another kernel
+            # than oneDNN's, so packed it answered in other last bf16 places (2026-12-01). In fp32 (a CPU
+            # without bf16 kernels) oneDNN in place of MKL's sgemm, whose few-row products are slow there and
+            # change with the batch's row count.
+            pack_linears(model.llm)
         # The frozen encoder's outputs of recent images, so an image is encoded once for all the calls that ask
         # about it (a grounding row's generation and teacher-forced pass, a conversation's turns), on CPU by the
         # cache's folded and fused copy (`EmbeddingCache`). `medplib eval` of the untrained small model on 48

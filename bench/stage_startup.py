@@ -27,17 +27,14 @@ from bench.common import print_figures
 log = logging.getLogger("bench.stage_startup")
 
 
-def fill_embedding_cache(
-    init_dir: Path, prepared: Path, root: Path, tasks: list[str], autocast: bool
-) -> None:
-    """The frozen encoder's outputs for the images of the stage's rows, in `root`, as the stage computes them."""
+def fill_embedding_cache(model, prepared: Path, root: Path, tasks: list[str], autocast: bool) -> None:
+    """The frozen encoder's outputs for the images of the stage's rows, in `root`, as the stage computes them
+    (the encoder's fingerprint leaves out where its weights came from, so the saved model finds them)."""
     from medplib.data.rows import row_to_encoded
     from medplib.model.embedding_cache import EmbeddingCache
-    from medplib.model.medplib import MedPLIB
     from workflows.data.prepared import read_rows
     from workflows.train.stage import plain_row
 
-    model = MedPLIB.from_pretrained(init_dir)
     rows = read_rows(prepared, "train", set(tasks), 10**9)
     size = model.cfg.vision.image_size_px
     EmbeddingCache(root, model, autocast=autocast).fill([row_to_encoded(plain_row(r), size) for r in rows])
@@ -76,9 +73,13 @@ def main() -> None:
     stage = stage.model_copy(update={"balance_by": None, "checkpoint_every_steps": 10**6})
     prepared = write_toy_prepared(work / "prepared", "small", {"train": 64})
     torch.manual_seed(stage.seed)
-    init = save_model_atomic(MedPLIB(load_model_config("small")), work / "init_model")
+    model = MedPLIB(load_model_config("small"))
+    init = save_model_atomic(model, work / "init_model")
     precision = resolve_precision(stage, False)
-    fill_embedding_cache(init, prepared, work / "embeddings", stage.tasks, autocast=precision == "bf16-mixed")
+    fill_embedding_cache(
+        model, prepared, work / "embeddings", stage.tasks, autocast=precision == "bf16-mixed"
+    )
+    del model  # the stages load their own from `init`
     # A cluster of its own (not $RAY_ADDRESS), with the allocator settings the pipeline's workers start with.
     init_ray("local", num_cpus=max(2, args.threads))
     rows = row_index(prepared, "train")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
+@functools.cache  # a property of the machine, asked on hot paths (`packed_linear`)
 def has_bf16_kernels() -> bool:
     """Whether oneDNN has bf16 kernels here (AVX-512 BW/VL/DQ or AVX-NE-CONVERT), so bf16 matrix products run
     ~4x faster than fp32 (stack.md: 838 vs 198 GFLOP/s on 2 threads). Without them (AVX2 only, e.g. an AMD EPYC

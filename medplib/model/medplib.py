@@ -545,16 +545,13 @@ class MedPLIB(nn.Module):
         cache = cache if cache is not None else DynamicCache()
         # Right padding -> left padding after the shared prefix: roll the rest of each row so that its last prompt
         # token is at the end (the padding then sits between the prefix and the row's own tokens, masked out).
-        rest, rest_am = emb[:, p:], am[:, p:]
-        shifts = (rest_am.shape[1] - rest_am.sum(1)).tolist()
-        emb = torch.stack([torch.roll(e, s, dims=0) for e, s in zip(rest, shifts, strict=True)])
-        am = torch.cat(
-            [
-                am[:, :p],
-                torch.stack([torch.roll(m, s, dims=0) for m, s in zip(rest_am, shifts, strict=True)]),
-            ],
-            dim=1,
-        )
+        shifts = (am.shape[1] - am.sum(1)).tolist()
+
+        def roll(t: torch.Tensor) -> torch.Tensor:
+            return torch.stack([torch.roll(row, s, dims=0) for row, s in zip(t, shifts, strict=True)])
+
+        emb = roll(emb[:, p:])
+        am = torch.cat([am[:, :p], roll(am[:, p:])], dim=1)
         positions = (am.cumsum(1) - 1).clamp_min(0)
         decoder, head = self.llm.get_decoder(), self.llm.get_output_embeddings()
         b = emb.shape[0]

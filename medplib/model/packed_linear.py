@@ -18,8 +18,6 @@ bit for bit at any row count (MKL's change below 8 rows).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
@@ -32,21 +30,18 @@ _ROWS_HINT = 16
 _FP32_MIN_OUTPUTS = 4096
 
 
-@functools.cache
-def _bf16_kernels() -> bool:
-    return has_bf16_kernels()
-
-
 def packed_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     """The dtype a `PackedLinear` call multiplies in on a packed weight, None where it is `nn.Linear`'s call: a
-    gradient to record, a tensor off the CPU, autocast to another dtype or on a CPU without bf16 kernels, or
-    fp32 without autocast on anything but fp32 tensors."""
+    gradient to record, a tensor off the CPU, autocast to another dtype or on a CPU without bf16 kernels, fp32
+    without autocast on anything but fp32 tensors, or an fp32 product of under `_FP32_MIN_OUTPUTS` outputs."""
     if torch.is_grad_enabled() or x.device.type != "cpu":
         return None
     if torch.is_autocast_enabled("cpu"):
-        bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and _bf16_kernels()
+        bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and has_bf16_kernels()
         return torch.bfloat16 if bf16 else None
-    return torch.float32 if x.dtype == weight.dtype == torch.float32 else None
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return None
+    return torch.float32 if x.numel() // x.shape[-1] * weight.shape[0] >= _FP32_MIN_OUTPUTS else None
 
 
 class PackedLinear(nn.Linear):
@@ -57,9 +52,7 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = packed_dtype(x, self.weight)
-        if dtype is None or (
-            dtype == torch.float32 and x.numel() // x.shape[-1] * self.out_features < _FP32_MIN_OUTPUTS
-        ):
+        if dtype is None:
             return super().forward(x)
         weight, bias = self.weight, self.bias
         # A tensor and its in-place version name its values: a copy_ into it (load_state_dict, an optimiser

@@ -5,7 +5,7 @@ grounding rows (a real ICBM152 slice, a question, a `<SEG>` answer and its targe
 grounding stage trains, read from its config (`configs/stages/small/grounding.yaml`: FFN LoRA of the last 8
 layers without dropout, the added tokens' embedding rows, the `<SEG>` head, the mask decoder). Before
 2026-12-02 the bench trained LoRA with peft's default dropout 0.05, which no stage draws: its fp32 step took 2.07
-s against 1.64 s without (a Zen 4 instance), so bf16 / fp32 read 2.29 where the stages see 1.72-1.84. Measured
+s against 1.64 s without (a Zen 4 instance), so bf16 / fp32 read 2.29 where the stages see 1.61-1.84. Measured
 in one process, alternating, so a noisy machine hits every variant:
 
 * before: fp32, gradient checkpointing, the frozen image encoder run in every step (the recipe before the

@@ -26,3 +26,11 @@ def print_figures(figures: list[dict]) -> None:
         json.dumps([{"name": f["name"], "value": f["value"], "goal": f.get("goal")} for f in figures]),
         flush=True,
     )
+
+
+def stage_config(preset: str, stage: str):
+    """A stage as the preset's pipeline runs it: `configs/stages/<preset>/<stage>.yaml`, validated."""
+    from medplib.model.config import configs_dir
+    from workflows.train.config import load_stage_config
+
+    return load_stage_config(configs_dir() / "stages" / preset / f"{stage}.yaml")

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import print_figures
+from bench.common import print_figures, stage_config
 
 log = logging.getLogger("bench.stage_startup")
 
@@ -52,12 +52,12 @@ def main() -> None:
     import mlflow
     import torch
 
-    from medplib.model.config import configs_dir, load_model_config
+    from medplib.model.config import load_model_config
     from medplib.model.medplib import MedPLIB
     from medplib_datasets.toy import write_toy_prepared
     from workflows.common import init_ray
     from workflows.data.prepared import row_index
-    from workflows.train.config import fingerprint, load_stage_config
+    from workflows.train.config import fingerprint
     from workflows.train.stage import (
         StagePlan,
         export_stage_model,
@@ -69,7 +69,7 @@ def main() -> None:
     )
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="stage-startup-"))
-    stage = load_stage_config(configs_dir() / "stages" / "small" / f"{args.stage}.yaml")
+    stage = stage_config("small", args.stage)
     stage = stage.model_copy(update={"balance_by": None, "checkpoint_every_steps": 10**6})
     prepared = write_toy_prepared(work / "prepared", "small", {"train": 64})
     torch.manual_seed(stage.seed)

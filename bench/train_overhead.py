@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import print_figures
+from bench.common import print_figures, stage_config
 
 log = logging.getLogger("bench.train_overhead")
 
@@ -98,16 +98,16 @@ def main() -> None:
     import torch
 
     from medplib.allocator import tune_allocator
-    from medplib.model.config import configs_dir, load_model_config
+    from medplib.model.config import load_model_config
     from medplib.model.medplib import MedPLIB
     from medplib_datasets.toy import write_toy_prepared
     from workflows.common import init_ray
     from workflows.data.prepared import read_rows, row_index
-    from workflows.train.config import fingerprint, load_stage_config
+    from workflows.train.config import fingerprint
     from workflows.train.stage import StagePlan, fit_stage, plan_steps, save_model_atomic, select_rows
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="train-overhead-"))
-    stage = load_stage_config(configs_dir() / "stages" / args.preset / f"{args.stage}.yaml")
+    stage = stage_config(args.preset, args.stage)
     if args.stage == "moe":
         raise SystemExit("--stage moe needs the vl and grounding outputs; bench vl or grounding")
     overrides = {"micro_batch_size": args.micro_batch_size, "grad_accum": args.grad_accum}

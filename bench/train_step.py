@@ -9,7 +9,7 @@ s against 1.64 s without (a Zen 4 instance), so bf16 / fp32 read 2.29 where the 
 in one process, alternating, so a noisy machine hits every variant:
 
 * before: fp32, gradient checkpointing, the frozen image encoder run in every step (the recipe before the
-  speed work);
+  speed work, but with the stage's LoRA as it is now: without the dropout that recipe drew);
 * fp32: fp32 without checkpointing, encoder outputs cached (what `EmbeddingCache` gives the stages);
 * after: the same with bf16 autocast and the frozen LLM linears stored in bf16 (the stages' `precision: auto`
   on a CPU with bf16 instructions; a copy of the model, so the fp32 variants keep fp32 weights).
@@ -38,18 +38,17 @@ from pathlib import Path
 
 import torch
 
-from bench.common import median_seconds, print_figures
+from bench.common import median_seconds, print_figures, stage_config
 from medplib.allocator import tune_allocator
 from medplib.constants import IGNORE_INDEX
 from medplib.cpu import has_bf16_kernels
 from medplib.data.batch import collate, encode_sample
 from medplib.data.image import load_image
 from medplib.data.schema import Turn
-from medplib.model.config import configs_dir, load_model_config
+from medplib.model.config import load_model_config
 from medplib.model.embedding_cache import EmbeddingCache
 from medplib.model.lora import frozen_linears_to_bf16, prepare_trainable
 from medplib.model.medplib import MedPLIB
-from workflows.train.config import load_stage_config
 from workflows.train.flops import FlopsModel, measure_matmul_peak
 
 
@@ -78,7 +77,7 @@ def main() -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     model = MedPLIB(load_model_config("small"))
-    stage = load_stage_config(configs_dir() / "stages" / "small" / "grounding.yaml")
+    stage = stage_config("small", "grounding")
     prepare_trainable(model, stage.lora, stage.sft_modules)
     native_bf16 = has_bf16_kernels()
     fast = copy.deepcopy(model) if native_bf16 else model

@@ -974,3 +974,47 @@ def test_frozen_linears_in_bf16_give_the_autocast_loss(all_tasks, tiny_model, ma
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         after = tiny_model(batch)["loss"]
     torch.testing.assert_close(after, before, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_added_token_rows_give_pefts_loss_and_gradients(all_tasks, tiny_cfg, make_batch, tied):
+    """`AddedTokenRows` leaves the vocabulary matrix alone; the loss and every gradient are peft's (fp32)."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    from medplib.model.lora import AddedTokenRows
+    from medplib.model.medplib import MedPLIB
+
+    torch.manual_seed(0)
+    model = MedPLIB(
+        tiny_cfg.model_copy(update={"llm": tiny_cfg.llm.model_copy(update={"tie_word_embeddings": tied})})
+    )
+    lora = LoraSettings(
+        r=4, alpha=8, dropout=0.0, target_modules=["down_proj"], layers=1, new_token_rows=True
+    )
+    prepare_trainable(model, lora, [])
+    layers = [m for m in model.llm.modules() if isinstance(m, TrainableTokensLayer)]
+    assert {type(m) for m in layers} == {AddedTokenRows}
+    assert {type(m.base_layer).__name__ for m in layers} == (
+        {"Embedding", "Linear"} if tied else {"Embedding"}
+    )
+    with torch.no_grad():  # rows unlike the originals, so a wrong row shows
+        for m in layers:
+            for delta in m.trainable_tokens_delta.values():
+                delta.add_(torch.randn_like(delta))
+    batch = make_batch(model, list(all_tasks.values()))
+    assert any(int(i) in layers[0].token_indices["default"] for i in batch["input_ids"].flatten())
+
+    def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = model(dict(batch, sam_embeddings={}))["loss"]
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    got_loss, got = step()
+    for m in layers:
+        m.__class__ = TrainableTokensLayer
+    want_loss, want = step()
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    assert got.keys() == want.keys() and any("trainable_tokens_delta" in n for n in got)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)

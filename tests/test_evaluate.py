@@ -857,3 +857,49 @@ def test_stage_samples_decode_within_the_eval_budgets_and_fill_the_encoder_cache
     # the random model babbles on an open question, and stops at the grounding budget on a grounding one
     assert tokens[0] <= 1 < tokens[1]
     assert list(cache.rglob("*.npy"))
+
+
+def test_prefetch_encodes_the_images_an_eval_actor_would_and_the_evaluation_reads_them(
+    prepared: Path, tmp_path
+):
+    """`workflows.eval.prefetch`: the sample's images go into the embedding cache, each as a one-thread eval actor
+    encodes it (the same bytes), and the evaluation then encodes none; with no idle core it encodes nothing and
+    stops when told."""
+    from workflows.eval.evaluate import _calls
+    from workflows.eval.prefetch import start_prefetch, stop_prefetch
+
+    fields = dict(
+        model="tiny",
+        data=prepared,
+        splits=["test", "test_xsubject"],
+        max_new_tokens=2,
+        sample="stratified",
+        per_kind={"grounding": 2, "vqa": 1},
+        engine="local",
+    )
+    images = {r["image_path"] for call in _calls(EvalConfig(**fields), 1) for r in call}
+    assert len(images) > 1
+
+    busy = tmp_path / "busy"
+    handle = start_prefetch(EvalConfig(embedding_cache=busy, **fields), min_idle_cores=1e9)
+    assert handle is not None and handle[2].wait(60)  # its model is loaded: now it waits for an idle core
+    stop_prefetch(handle, timeout_s=60)
+    assert handle[0].exitcode == 0 and not list(busy.rglob("*.npy"))  # it stopped by itself, before any image
+
+    prefetched = tmp_path / "prefetched"
+    handle = start_prefetch(EvalConfig(embedding_cache=prefetched, **fields), min_idle_cores=0.0)
+    handle[0].join(120)  # it ends by itself once every image is encoded
+    assert handle[0].exitcode == 0
+    files = {f.name: f.read_bytes() for f in prefetched.rglob("*.npy")}
+    assert len(files) == len(images)
+    written = {f.name: f.stat().st_mtime_ns for f in prefetched.rglob("*.npy")}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as an eval actor encodes
+    try:
+        evaluate(EvalConfig(embedding_cache=tmp_path / "own", out=tmp_path / "own-eval", **fields))
+        evaluate(EvalConfig(embedding_cache=prefetched, out=tmp_path / "eval", **fields))
+    finally:
+        torch.set_num_threads(threads)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "own").rglob("*.npy")} == files
+    assert {f.name: f.stat().st_mtime_ns for f in prefetched.rglob("*.npy")} == written  # none encoded again

@@ -19,8 +19,9 @@ Each step's output is keyed by a fingerprint of its inputs and config (`workflow
   then the trained model in `<workdir>/eval/<fp12>/` on those and the champion split, same rows, both on one
   actor pool (`workflows.eval.evaluate.evaluate_all`); the trained side's folder
   holds `comparison.html`/`.json` (before vs after) and its `report.html` shows both. Both are logged to the
-  parent MLflow run. Then `champion` moves to the new `medplib` version only if its score (`champion_score`)
-  beats the current champion's.
+  parent MLflow run. On a CPU-only cluster the images of that sample are encoded while the stages train, on a
+  core they leave idle (`workflows.eval.prefetch`; `eval.prefetch: false` turns it off). Then `champion`
+  moves to the new `medplib` version only if its score (`champion_score`) beats the current champion's.
 
 A failing step marks its MLflow run and the parent run FAILED (error tag + error.txt) and re-raises; earlier
 steps stay done and registered, so the next run starts at the failed step.
@@ -45,6 +46,7 @@ from medplib.model.export import is_model_dir
 from workflows.common import cluster_gpus, decide_gpu, init_ray, write_json_atomic
 from workflows.data.prepared import RowInfo, read_rows, row_index
 from workflows.eval.config import EvalConfig
+from workflows.eval.prefetch import start_prefetch, stop_prefetch
 from workflows.tracking import FINGERPRINT_TAG, PIPELINE_TAG, STAGE_TAG, Tracker, latest_alias
 from workflows.train.config import (
     REGISTERED_MODEL,
@@ -519,6 +521,16 @@ def _eval_fields(ctx: _Context) -> dict[str, Any]:
     )
 
 
+def _start_prefetch(ctx: _Context) -> Any:
+    """`workflows.eval.prefetch`: the evaluation's images encoded on an idle core while the stages train (CPU-only
+    clusters; on GPUs the eval actors encode on their GPU, into another cache)."""
+    if not ctx.cfg.eval.prefetch or ctx.use_gpu:
+        return None
+    first = ctx.cfg.stage_order[0]
+    init = _init_model(ctx, first, _stage_dir(ctx, first))  # the untrained start, built now or by its stage
+    return start_prefetch(EvalConfig(model=str(init), **_eval_fields(ctx)))
+
+
 def _before_config(ctx: _Context) -> tuple[Path, EvalConfig | None]:
     """The untrained starting model's evaluation (the first stage's `init_model/`, `preset_start`) on the same
     rows as the trained one: its folder `<workdir>/eval/before-<fp12>/`, and its config, None when it was done
@@ -725,10 +737,14 @@ def run_pipeline(
                     aside = folder.with_name(f"{folder.name}.old-{int(time.time())}")
                     log.info("== %s: --from-stage %s: moving %s aside to %s", name, from_stage, folder, aside)
                     os.replace(folder, aside)
-        for name in cfg.stage_order:
-            if only_stage is not None and name != only_stage:
-                continue
-            result.stages[name] = _stage_step(ctx, name)
+        prefetch = _start_prefetch(ctx) if only_stage is None else None
+        try:
+            for name in cfg.stage_order:
+                if only_stage is not None and name != only_stage:
+                    continue
+                result.stages[name] = _stage_step(ctx, name)
+        finally:
+            stop_prefetch(prefetch)  # the evaluation encodes what is left, on every core
         if only_stage is None:
             result.before_dir, result.eval, result.champion = _evaluate_and_register(
                 ctx, result.stages["moe"]

@@ -207,6 +207,9 @@ class EvalSettings(_Strict):
     """Rows per generate call (default: `EvalConfig.batch_size`'s, where the measurement behind it is)."""
     sample_predictions: int = Field(4, ge=0)
     """Rows rendered as PNG mask overlays + answers into each stage's MLflow run."""
+    prefetch: bool = True
+    """On a CPU-only cluster, encode the evaluation's images with the frozen encoder while the stages train, on
+    a core they leave idle (`workflows.eval.prefetch`), so the evaluation finds them in the embedding cache."""
 
 
 class PipelineConfig(_Strict):

@@ -1,0 +1,119 @@
+"""The held-out images' frozen-encoder outputs, computed while the training stages leave a CPU core idle.
+
+On a CPU-only machine the pipeline's evaluation encodes every image of its sample (`small`: 133 images of 267
+rows, ~0.66 s each on one core, 2026-12-02), and a stage's start-up and end (worker imports, model load, the
+export, MLflow) run on one core of two for ~25 s a stage. `start_prefetch` spawns a process that encodes those
+images into the shared embedding cache (`EmbeddingCache`, the folder the eval actors read) one at a time, only
+while at least `IDLE_CORES` of the machine's cores sat idle, and at the lowest scheduling priority
+(`SCHED_IDLE`), so the training steps, which keep every core busy, do not wait for it. It builds the predictor
+the eval actors build (`EvalWorker`, one thread), so the outputs are the ones an actor computes; the pipeline
+stops it before its evaluation starts, whatever it has left is encoded there as before.
+
+    proc = start_prefetch(eval_cfg)   # the untrained start's EvalConfig: its model, rows and cache
+    ...                               # training stages
+    stop_prefetch(proc)
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import time
+from typing import Any
+
+from workflows.eval.config import EvalConfig
+
+logger = logging.getLogger(__name__)
+
+IDLE_CORES = 0.8  # idle cores (averaged over `PROBE_S`) before an image is encoded: one core free of two
+PROBE_S = 0.25  # how long the machine is watched before each image
+WAIT_S = 0.5  # pause between probes while every core is busy
+
+
+def idle_cores(seconds: float = PROBE_S) -> float:
+    """Cores idle (or waiting for I/O) over the next `seconds`, from /proc/stat."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    total = total1 - total0
+    return (os.cpu_count() or 1) * (idle1 - idle0) / total if total else 0.0
+
+
+def _prefetch(cfg: EvalConfig, stop: Any, ready: Any, min_idle_cores: float) -> None:
+    """The child process: the images of `cfg`'s rows into `cfg.embedding_cache`, each when the machine idles."""
+    if hasattr(os, "sched_setscheduler"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # before the imports: they idle too
+    import torch
+
+    from medplib.allocator import tune_allocator
+    from medplib.data.rows import row_to_encoded
+    from workflows.eval.evaluate import EvalWorker, _calls, _job_spec
+
+    logging.basicConfig(level=logging.INFO)
+    tune_allocator()  # as `init_ray` sets up the eval actors
+    torch.set_num_threads(1)  # as an eval actor decodes and encodes
+    began = time.perf_counter()
+    worker = EvalWorker([_job_spec(cfg, False, None)])
+    worker._load(0)
+    predictor = worker.predictor
+    size = predictor.cfg.vision.image_size_px
+    first: dict[str, dict] = {}  # image path -> one row about it, in the order the evaluation reaches them
+    for call in _calls(cfg, 1):
+        for row in call:
+            if row.get("image_path"):
+                first.setdefault(str(row["image_path"]), row)
+    cache = predictor.embedding_cache
+    ready.set()  # from here on it stops at the next image when told
+    encoded = 0
+    for row in first.values():
+        while not stop.is_set() and idle_cores() < min_idle_cores:
+            stop.wait(WAIT_S)
+        if stop.is_set():
+            break
+        misses = cache.misses
+        cache.fill([row_to_encoded(row, size)])
+        encoded += cache.misses - misses
+    logger.info(
+        "prefetch: %d of %d held-out images encoded in %.0f s (%d found cached)%s",
+        encoded,
+        len(first),
+        time.perf_counter() - began,
+        cache.hits,
+        ", stopped" if stop.is_set() else "",
+    )
+
+
+def start_prefetch(cfg: EvalConfig, min_idle_cores: float = IDLE_CORES) -> tuple[Any, Any, Any] | None:
+    """Start encoding `cfg`'s images in a background process, each once `min_idle_cores` cores idle (see the
+    module docstring); None without a cache folder or off Linux (no /proc/stat). The process ends by itself
+    when every image is in the cache; pass what this returns to `stop_prefetch`."""
+    if cfg.embedding_cache is None or not os.path.exists("/proc/stat"):
+        return None
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of the driver's Ray or MLflow
+    stop, ready = ctx.Event(), ctx.Event()
+    proc = ctx.Process(
+        target=_prefetch, args=(cfg, stop, ready, min_idle_cores), name="medplib-eval-prefetch", daemon=True
+    )
+    proc.start()
+    return proc, stop, ready
+
+
+def stop_prefetch(handle: tuple[Any, Any, Any] | None, timeout_s: float = 5.0) -> None:
+    """Stop the prefetch after the image it is encoding; one still loading its model (nothing written yet) or
+    not stopping within `timeout_s` is killed."""
+    if handle is None:
+        return
+    proc, stop, ready = handle
+    stop.set()
+    if ready.is_set():
+        proc.join(timeout_s)
+    if proc.is_alive():
+        proc.terminate()
+        proc.join()

@@ -7,10 +7,7 @@ same); `sft_modules` are name substrings of parameters trained in full (`mm_proj
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 from torch import nn
 
 from medplib.constants import SPECIAL_TOKENS
@@ -42,9 +39,6 @@ def prepare_trainable(model: nn.Module, lora: LoraSettings | None, sft_modules: 
             trainable_token_indices=added_token_ids(model.tokenizer) if lora.new_token_rows else None,
         )
         model.llm = get_peft_model(model.llm, config)  # marks only the adapters trainable
-        for module in model.llm.modules():
-            if type(module) is TrainableTokensLayer:
-                module.__class__ = AddedTokenRows
     # Added-token rows train through the output side only when the adapters sit on the top layers.
     model.input_token_grad = not (lora is not None and lora.new_token_rows and lora.layers is not None)
     unknown = [m for m in sft_modules if not any(m in name for name, _ in model.named_parameters())]
@@ -59,33 +53,6 @@ def prepare_trainable(model: nn.Module, lora: LoraSettings | None, sft_modules: 
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}
-
-
-class AddedTokenRows(TrainableTokensLayer):
-    """peft's trainable token rows (`LoraSettings.new_token_rows`), the same parameters and merge, with a forward
-    pass that leaves the vocabulary matrix alone: the frozen layer's own output with the added tokens' rows put
-    in (embedding) or their logits put in (tied LM head), where peft copies the whole matrix with the rows
-    replaced at every call and the LM head's backward pass then computes the gradient of every row. `small`
-    (49,159 x 576), `bench.train_step`'s bf16 grounding step, alternating in one process (2026-12-02): four
-    113 MB copies a step less, 893 -> 858 ms (median of 8); the same loss, the rows' gradient within bf16
-    rounding (0.8%) of peft's. Anything else (several adapters, merged, a scaled embedding, a biased head) is
-    peft's forward."""
-
-    def forward_adapters(self, x: torch.Tensor, active_adapters, *args, **kwargs) -> torch.Tensor:
-        base = self.base_layer
-        plain = isinstance(base, nn.Embedding) and self._get_embed_scale() is None
-        plain = plain or (isinstance(base, nn.Linear) and base.bias is None)
-        if self.disable_adapters or self.merged or len(active_adapters) != 1 or not plain or args or kwargs:
-            return super().forward_adapters(x, active_adapters, *args, **kwargs)
-        rows = self.trainable_tokens_delta[active_adapters[0]]
-        index = torch.tensor(self.token_indices[active_adapters[0]], device=rows.device)
-        out = base(x)
-        if isinstance(base, nn.Linear):
-            return out.index_copy(-1, index, F.linear(x, rows).to(out.dtype))
-        slot = torch.full((base.num_embeddings,), -1, dtype=torch.long, device=x.device)
-        slot[index] = torch.arange(len(index), device=x.device)
-        slot = slot[x]
-        return torch.where((slot >= 0)[..., None], rows.to(out.dtype)[slot.clamp(min=0)], out)
 
 
 def merge_lora(model: nn.Module) -> None:
@@ -103,6 +70,7 @@ def frozen_linears_to_bf16(model: nn.Module) -> int:
     grounding steps of the pipeline's models, so the gain depends on the step). Trainable layers and a
     linear that shares its weight with another module (a tied lm_head, the embedding) stay fp32. The stage's
     export starts again from the fp32 starting model, so nothing here reaches a saved model."""
+    import torch
 
     uses: dict[int, int] = {}
     for _, param in model.llm.named_parameters(remove_duplicate=False):

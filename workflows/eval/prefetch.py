@@ -9,9 +9,9 @@ while at least `IDLE_CORES` of the machine's cores sat idle, and at the lowest s
 the eval actors build (`EvalWorker`, one thread), so the outputs are the ones an actor computes; the pipeline
 stops it before its evaluation starts, whatever it has left is encoded there as before.
 
-    proc = start_prefetch(eval_cfg)   # the untrained start's EvalConfig: its model, rows and cache
-    ...                               # training stages
-    stop_prefetch(proc)
+    handle = start_prefetch(eval_cfg)  # an EvalConfig: the model whose encoder, the rows, the cache
+    ...                                # training stages
+    stop_prefetch(handle)
 """
 
 from __future__ import annotations

@@ -96,6 +96,20 @@ def local_eval(prepared: Path, tmp_path_factory):
     )
 
 
+def _stratified(prepared: Path, *splits: str, **fields) -> dict:
+    """The fields of a small stratified evaluation of the random-init `tiny` model (2 grounding rows, 1 VQA row
+    a question type) on `splits` (default: test)."""
+    return dict(
+        model="tiny",
+        data=prepared,
+        splits=list(splits or ["test"]),
+        max_new_tokens=4,
+        sample="stratified",
+        per_kind={"grounding": 2, "vqa": 1},
+        **fields,
+    )
+
+
 def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
     cmd = [
         CHROMIUM,
@@ -675,17 +689,7 @@ def test_closed_answers_per_kind_report_the_models_most_common_answer_and_its_sh
 
 
 def test_stratified_eval_scores_teacher_forced_masks_and_a_baseline(prepared: Path, tmp_path):
-    result = evaluate(
-        model="tiny",
-        data=prepared,
-        splits=["test"],
-        out=tmp_path,
-        engine="local",
-        max_new_tokens=4,
-        sample="stratified",
-        per_kind={"grounding": 2, "vqa": 1},
-        baseline_split="test",
-    )
+    result = evaluate(**_stratified(prepared, out=tmp_path, engine="local", baseline_split="test"))
     records = [json.loads(line) for line in result.predictions_path.read_text().splitlines()]
     grounding = [r for r in records if r["task"] == "grounding"]
     assert grounding and all(r["tf_seg_counts"] and r["tf_dice"] is not None for r in grounding)
@@ -706,16 +710,7 @@ def test_stratified_eval_scores_teacher_forced_masks_and_a_baseline(prepared: Pa
     if vqa and vqa["n_closed"]:
         assert 0.0 <= vqa["baseline_closed_accuracy"] <= 1.0 and vqa["closed_by_kind"]
     # The same call scores the same rows.
-    again = evaluate(
-        model="tiny",
-        data=prepared,
-        splits=["test"],
-        out=tmp_path / "again",
-        engine="local",
-        max_new_tokens=4,
-        sample="stratified",
-        per_kind={"grounding": 2, "vqa": 1},
-    )
+    again = evaluate(**_stratified(prepared, out=tmp_path / "again", engine="local"))
     again_ids = sorted(
         json.loads(line)["question_id"] for line in again.predictions_path.read_text().splitlines()
     )
@@ -742,14 +737,7 @@ def test_rows_are_dealt_to_actors_by_image_and_evenly():
 def test_a_stratified_sample_on_two_actors_answers_as_one_process(
     ray_local, prepared: Path, tmp_path, caplog
 ):
-    fields = dict(
-        model="tiny",
-        data=prepared,
-        splits=["test", "test_xsubject"],
-        max_new_tokens=4,
-        sample="stratified",
-        per_kind={"grounding": 2, "vqa": 1},
-    )
+    fields = _stratified(prepared, "test", "test_xsubject")
     local = evaluate(out=tmp_path / "local", engine="local", **fields)
     with caplog.at_level("INFO", logger="workflows.eval.evaluate"):
         pool = evaluate(out=tmp_path / "pool", engine="ray", concurrency=2, **fields)
@@ -772,14 +760,7 @@ def test_evaluations_run_together_on_one_pool_answer_as_each_alone(
     give each one's records as evaluating it alone, and the second compares with the first's folder."""
     from workflows.eval.evaluate import evaluate_all
 
-    fields = dict(
-        model="tiny",
-        data=prepared,
-        splits=["test"],
-        max_new_tokens=4,
-        sample="stratified",
-        per_kind={"grounding": 2, "vqa": 1},
-    )
+    fields = _stratified(prepared)
     # Two random-init models (seed 0 and 1) stand for the untrained and the trained one.
     alone = [evaluate(out=tmp_path / f"alone{seed}", engine="local", seed=seed, **fields) for seed in (0, 1)]
     configs = [
@@ -865,31 +846,25 @@ def test_prefetch_encodes_the_images_an_eval_actor_would_and_the_evaluation_read
     """`workflows.eval.prefetch`: the sample's images go into the embedding cache, each as a one-thread eval actor
     encodes it (the same bytes), and the evaluation then encodes none; with no idle core it encodes nothing and
     stops when told."""
-    from workflows.eval.evaluate import _calls
+    from workflows.eval.evaluate import evaluation_rows
     from workflows.eval.prefetch import start_prefetch, stop_prefetch
 
-    fields = dict(
-        model="tiny",
-        data=prepared,
-        splits=["test", "test_xsubject"],
-        max_new_tokens=2,
-        sample="stratified",
-        per_kind={"grounding": 2, "vqa": 1},
-        engine="local",
-    )
-    images = {r["image_path"] for call in _calls(EvalConfig(**fields), 1) for r in call}
+    fields = _stratified(prepared, "test", "test_xsubject", engine="local")
+    images = {r["image_path"] for r in evaluation_rows(EvalConfig(**fields))}
     assert len(images) > 1
 
     busy = tmp_path / "busy"
-    handle = start_prefetch(EvalConfig(embedding_cache=busy, **fields), min_idle_cores=1e9)
-    assert handle is not None and handle[2].wait(60)  # its model is loaded: now it waits for an idle core
-    stop_prefetch(handle, timeout_s=60)
-    assert handle[0].exitcode == 0 and not list(busy.rglob("*.npy"))  # it stopped by itself, before any image
+    prefetch = start_prefetch(EvalConfig(embedding_cache=busy, **fields), min_idle_cores=1e9)
+    assert prefetch is not None and prefetch.ready.wait(60)  # its model is loaded: it waits for an idle core
+    stop_prefetch(prefetch, timeout_s=60)
+    assert prefetch.process.exitcode == 0  # it stopped by itself, not killed
+    assert not list(busy.rglob("*.npy"))
 
     prefetched = tmp_path / "prefetched"
-    handle = start_prefetch(EvalConfig(embedding_cache=prefetched, **fields), min_idle_cores=0.0)
-    handle[0].join(120)  # it ends by itself once every image is encoded
-    assert handle[0].exitcode == 0
+    prefetch = start_prefetch(EvalConfig(embedding_cache=prefetched, **fields), min_idle_cores=0.0)
+    assert prefetch is not None
+    prefetch.process.join(120)  # it ends by itself once every image is encoded
+    assert prefetch.process.exitcode == 0
     files = {f.name: f.read_bytes() for f in prefetched.rglob("*.npy")}
     assert len(files) == len(images)
     written = {f.name: f.stat().st_mtime_ns for f in prefetched.rglob("*.npy")}

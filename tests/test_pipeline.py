@@ -146,6 +146,24 @@ def test_the_untrained_start_skips_the_champion_split_unless_it_is_the_only_one(
     assert untrained_splits(["val"], "val") == ["val"]  # what the first_run above scores on both sides
 
 
+def test_turning_the_prefetch_off_keeps_the_evaluations_fingerprints(base_cfg: PipelineConfig) -> None:
+    """`eval.prefetch` moves when the evaluation's images are encoded, not what it scores: a run with it off
+    finds the evaluations a run with it on did; a setting that changes the scores does not."""
+    from workflows.data.prepared import row_index
+    from workflows.pipeline import stage_fingerprints
+
+    rows = row_index(base_cfg.data.prepared, base_cfg.data.train_split)
+
+    def fps(**update) -> dict[str, str]:
+        cfg = base_cfg.model_copy(update={"eval": base_cfg.eval.model_copy(update=update)})
+        return stage_fingerprints(cfg, "data", rows)
+
+    on = fps(prefetch=True)
+    assert fps(prefetch=False) == on
+    other = fps(max_new_tokens=base_cfg.eval.max_new_tokens + 1)
+    assert other["eval"] != on["eval"] and other["before"] != on["before"]
+
+
 def test_moe_experts_are_the_grounding_and_vl_ffns(base_cfg: PipelineConfig, first_run) -> None:
     result, _ = first_run
     uri = base_cfg.resolved_tracking_uri()

@@ -46,7 +46,7 @@ from medplib.model.export import is_model_dir
 from workflows.common import cluster_gpus, decide_gpu, init_ray, write_json_atomic
 from workflows.data.prepared import RowInfo, read_rows, row_index
 from workflows.eval.config import EvalConfig
-from workflows.eval.prefetch import start_prefetch, stop_prefetch
+from workflows.eval.prefetch import Prefetch, start_prefetch, stop_prefetch
 from workflows.tracking import FINGERPRINT_TAG, PIPELINE_TAG, STAGE_TAG, Tracker, latest_alias
 from workflows.train.config import (
     REGISTERED_MODEL,
@@ -157,7 +157,9 @@ def stage_fingerprints(cfg: PipelineConfig, data_fp: str, rows: list[RowInfo]) -
             cfg.num_workers,
             steps,
         )
-    fps["eval"] = fingerprint("eval", fps["moe"], cfg.eval, cfg.data.eval_split, data_fp)
+    # `prefetch` only moves when the evaluation's images are encoded, not what it scores.
+    scored = cfg.eval.model_dump(mode="json", exclude={"prefetch"})
+    fps["eval"] = fingerprint("eval", fps["moe"], scored, cfg.data.eval_split, data_fp)
     # The untrained side: what the first stage starts from (the preset, torch seeded with its seed), same rows.
     first = cfg.stages[cfg.stage_order[0]]
     fps["before"] = fingerprint(
@@ -165,7 +167,7 @@ def stage_fingerprints(cfg: PipelineConfig, data_fp: str, rows: list[RowInfo]) -
         model_fp,
         first.preset,
         first.seed,
-        cfg.eval,
+        scored,
         cfg.data.eval_split,
         data_fp,
     )
@@ -176,6 +178,11 @@ def embedding_cache_dir(cfg: PipelineConfig) -> Path:
     """The frozen image encoder's outputs, shared by every stage and eval of this workdir (keyed inside by the
     encoder's fingerprint, so a different encoder never reads them)."""
     return cfg.workdir_path / "embeddings"
+
+
+def _eval_dir(cfg: PipelineConfig, fps: dict[str, str]) -> Path:
+    """The trained model's evaluation folder."""
+    return cfg.workdir_path / "eval" / fps["eval"][:12]
 
 
 def _stage_dir(ctx: _Context, name: str) -> Path:
@@ -521,11 +528,13 @@ def _eval_fields(ctx: _Context) -> dict[str, Any]:
     )
 
 
-def _start_prefetch(ctx: _Context) -> Any:
+def _start_prefetch(ctx: _Context) -> Prefetch | None:
     """`workflows.eval.prefetch`: the evaluation's images encoded on an idle core while the stages train (CPU-only
     clusters; on GPUs the eval actors encode on their GPU, into another cache)."""
     if not ctx.cfg.eval.prefetch or ctx.use_gpu:
         return None
+    if (_eval_dir(ctx.cfg, ctx.fps) / "pipeline_metrics.json").is_file():
+        return None  # evaluated before: nothing will be encoded
     first = ctx.cfg.stage_order[0]
     init = _init_model(ctx, first, _stage_dir(ctx, first))  # the untrained start, built now or by its stage
     return start_prefetch(EvalConfig(model=str(init), **_eval_fields(ctx)))
@@ -601,7 +610,7 @@ def _evaluate_and_register(ctx: _Context, moe: StageOutcome) -> tuple[Path, dict
 
     cfg, tracker = ctx.cfg, ctx.tracker
     before, before_cfg = _before_config(ctx)
-    out = cfg.workdir_path / "eval" / ctx.fps["eval"][:12]
+    out = _eval_dir(cfg, ctx.fps)
     metrics_file = out / "pipeline_metrics.json"
     after_cfg = None
     if metrics_file.is_file():
@@ -732,7 +741,7 @@ def run_pipeline(
             redo = [
                 (name, _stage_dir(ctx, name)) for name in cfg.stage_order[cfg.stage_order.index(from_stage) :]
             ]
-            for name, folder in [*redo, ("eval", cfg.workdir_path / "eval" / fps["eval"][:12])]:
+            for name, folder in [*redo, ("eval", _eval_dir(cfg, fps))]:
                 if folder.exists():
                     aside = folder.with_name(f"{folder.name}.old-{int(time.time())}")
                     log.info("== %s: --from-stage %s: moving %s aside to %s", name, from_stage, folder, aside)
@@ -749,7 +758,7 @@ def run_pipeline(
             result.before_dir, result.eval, result.champion = _evaluate_and_register(
                 ctx, result.stages["moe"]
             )
-            result.eval_dir = cfg.workdir_path / "eval" / fps["eval"][:12]
+            result.eval_dir = _eval_dir(cfg, fps)
         tracker.finish(parent_id)
     except BaseException as err:
         tracker.fail(parent_id, err)

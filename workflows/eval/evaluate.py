@@ -466,6 +466,19 @@ def _calls(cfg: EvalConfig, parts: int) -> Iterator[list[dict[str, Any]]]:
             yield from chunks(taken(split))
 
 
+def evaluation_rows(cfg: EvalConfig) -> Iterator[dict[str, Any]]:
+    """The rows `cfg` scores, in the order one actor (or `engine="local"`) takes them."""
+    for call in _calls(cfg, 1):
+        yield from call
+
+
+def cpu_predictor(cfg: EvalConfig) -> Any:
+    """The predictor an eval actor on a CPU builds for `cfg` (model, dtype, seed, embedding cache)."""
+    worker = EvalWorker([_job_spec(cfg, False, None)])
+    worker._load(0)
+    return worker.predictor
+
+
 def actor_count(cfg: EvalConfig, gpus: bool) -> int:
     """`concurrency`, else one actor per GPU, or on a CPU-only cluster one per CPU core (at most 8: each holds a
     model), each decoding on one thread: on 2 cores two 1-thread actors, each with half of the untrained `small`

@@ -6,12 +6,12 @@ export, MLflow) run on one core of two for ~25 s a stage. `start_prefetch` spawn
 images into the shared embedding cache (`EmbeddingCache`, the folder the eval actors read) one at a time, only
 while at least `IDLE_CORES` of the machine's cores sat idle, and at the lowest scheduling priority
 (`SCHED_IDLE`), so the training steps, which keep every core busy, do not wait for it. It builds the predictor
-the eval actors build (`EvalWorker`, one thread), so the outputs are the ones an actor computes; the pipeline
+the eval actors build (`cpu_predictor`, one thread), so the outputs are the ones an actor computes; the pipeline
 stops it before its evaluation starts, whatever it has left is encoded there as before.
 
-    handle = start_prefetch(eval_cfg)  # an EvalConfig: the model whose encoder, the rows, the cache
-    ...                                # training stages
-    stop_prefetch(handle)
+    prefetch = start_prefetch(eval_cfg)  # an EvalConfig: the model whose encoder, the rows, the cache
+    ...                                  # training stages
+    stop_prefetch(prefetch)
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from workflows.eval.config import EvalConfig
@@ -54,21 +55,18 @@ def _prefetch(cfg: EvalConfig, stop: Any, ready: Any, min_idle_cores: float) -> 
 
     from medplib.allocator import tune_allocator
     from medplib.data.rows import row_to_encoded
-    from workflows.eval.evaluate import EvalWorker, _calls, _job_spec
+    from workflows.eval.evaluate import cpu_predictor, evaluation_rows
 
     logging.basicConfig(level=logging.INFO)
     tune_allocator()  # as `init_ray` sets up the eval actors
     torch.set_num_threads(1)  # as an eval actor decodes and encodes
     began = time.perf_counter()
-    worker = EvalWorker([_job_spec(cfg, False, None)])
-    worker._load(0)
-    predictor = worker.predictor
+    predictor = cpu_predictor(cfg)
     size = predictor.cfg.vision.image_size_px
     first: dict[str, dict] = {}  # image path -> one row about it, in the order the evaluation reaches them
-    for call in _calls(cfg, 1):
-        for row in call:
-            if row.get("image_path"):
-                first.setdefault(str(row["image_path"]), row)
+    for row in evaluation_rows(cfg):
+        if row.get("image_path"):
+            first.setdefault(str(row["image_path"]), row)
     cache = predictor.embedding_cache
     ready.set()  # from here on it stops at the next image when told
     encoded = 0
@@ -90,7 +88,16 @@ def _prefetch(cfg: EvalConfig, stop: Any, ready: Any, min_idle_cores: float) -> 
     )
 
 
-def start_prefetch(cfg: EvalConfig, min_idle_cores: float = IDLE_CORES) -> tuple[Any, Any, Any] | None:
+@dataclass
+class Prefetch:
+    """A running prefetch: its process and the two events it shares with the pipeline."""
+
+    process: Any
+    stop: Any  # set by `stop_prefetch`: the process ends after the image it is encoding
+    ready: Any  # set by the process once its model is loaded and its images are listed
+
+
+def start_prefetch(cfg: EvalConfig, min_idle_cores: float = IDLE_CORES) -> Prefetch | None:
     """Start encoding `cfg`'s images in a background process, each once `min_idle_cores` cores idle (see the
     module docstring); None without a cache folder or off Linux (no /proc/stat). The process ends by itself
     when every image is in the cache; pass what this returns to `stop_prefetch`."""
@@ -102,18 +109,17 @@ def start_prefetch(cfg: EvalConfig, min_idle_cores: float = IDLE_CORES) -> tuple
         target=_prefetch, args=(cfg, stop, ready, min_idle_cores), name="medplib-eval-prefetch", daemon=True
     )
     proc.start()
-    return proc, stop, ready
+    return Prefetch(proc, stop, ready)
 
 
-def stop_prefetch(handle: tuple[Any, Any, Any] | None, timeout_s: float = 5.0) -> None:
+def stop_prefetch(prefetch: Prefetch | None, timeout_s: float = 5.0) -> None:
     """Stop the prefetch after the image it is encoding; one still loading its model (nothing written yet) or
     not stopping within `timeout_s` is killed."""
-    if handle is None:
+    if prefetch is None:
         return
-    proc, stop, ready = handle
-    stop.set()
-    if ready.is_set():
-        proc.join(timeout_s)
-    if proc.is_alive():
-        proc.terminate()
-        proc.join()
+    prefetch.stop.set()
+    if prefetch.ready.is_set():
+        prefetch.process.join(timeout_s)
+    if prefetch.process.is_alive():
+        prefetch.process.terminate()
+        prefetch.process.join()

@@ -107,7 +107,13 @@ class MedPLIBDeployment:
     def __init__(self, args: dict[str, Any]) -> None:
         self.args = AppArgs.model_validate(args)
         num_cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        self.service = MedPLIBService(self.args, num_cpus=num_cpus)
+        # One thread runs the model, so the event loop stays free to queue the next batch and answer /healthz.
+        # It also loads and probes it: torch's OpenMP keeps a thread pool per thread that ran a parallel op, and
+        # with more pool threads than CPUs libgomp stops spinning between ops, so a model loaded on this thread
+        # and run on that one generated up to 1.7x slower at 2 torch threads (README, Serving). A volume job still
+        # runs its slices on a thread of its own (`MedPLIBService.start_volume_job`).
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medplib-model")
+        self.service = self._model_thread.submit(MedPLIBService, self.args, num_cpus=num_cpus).result()
         # Ray: get_if_exists makes every replica share the first one's actor; detached, so it outlives the
         # replica that created it (a scale-down must not lose the jobs of the others).
         app_name = serve.get_replica_context().app_name
@@ -118,11 +124,10 @@ class MedPLIBDeployment:
         self.api_key = os.environ.get(self.args.api_key_env or "", "") or None
         self.arriving = 0  # maintained by the API: requests being parsed
         self.metrics = ServeMetrics()
-        # One thread runs the model, so the event loop stays free to queue the next batch and answer /healthz.
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medplib-model")
         # Ray: batch size and wait come from the config at run time.
         self._generate_batch.set_max_batch_size(self.args.batching.max_batch_size)
-        self.service.probe()  # fail fast (replica restart) if the model cannot run; also warms up
+        # Fail fast (replica restart) if the model cannot run; also warms up.
+        self._model_thread.submit(self.service.probe).result()
         logger.info(
             "replica ready: %s, batch size %d, API key %s",
             self.service.name,

@@ -16,8 +16,8 @@ Ray touch-points, each marked `# Ray:` below:
   the model cannot run: after a failed model call, or when no request succeeded for `health_probe_interval_s`, it
   runs a one-token probe.
 * a named, detached actor (`VolumeJobStoreActor`) holds the states of volume jobs: the replica that took the
-  POST runs the job in a thread (its batches share the model lock with request batches) and reports progress to the
-  actor, and a poll on any replica reads it there.
+  POST runs the job in a thread (its batches take turns with request batches on the model thread) and reports
+  progress to the actor, and a poll on any replica reads it there.
 * `ray.serve.metrics`: counters and a latency histogram, tagged with deployment/replica by Serve, on Ray's
   Prometheus endpoint (names start with `ray_medplib_`).
 """
@@ -30,7 +30,6 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
@@ -107,13 +106,7 @@ class MedPLIBDeployment:
     def __init__(self, args: dict[str, Any]) -> None:
         self.args = AppArgs.model_validate(args)
         num_cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        # One thread runs the model, so the event loop stays free to queue the next batch and answer /healthz.
-        # It also loads and probes it: torch's OpenMP keeps a thread pool per thread that ran a parallel op, and
-        # with more pool threads than CPUs libgomp stops spinning between ops, so a model loaded on this thread
-        # and run on that one generated up to 1.7x slower at 2 torch threads (README, Serving). A volume job still
-        # runs its slices on a thread of its own (`MedPLIBService.start_volume_job`).
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medplib-model")
-        self.service = self._model_thread.submit(MedPLIBService, self.args, num_cpus=num_cpus).result()
+        self.service = MedPLIBService(self.args, num_cpus=num_cpus)
         # Ray: get_if_exists makes every replica share the first one's actor; detached, so it outlives the
         # replica that created it (a scale-down must not lose the jobs of the others).
         app_name = serve.get_replica_context().app_name
@@ -126,8 +119,7 @@ class MedPLIBDeployment:
         self.metrics = ServeMetrics()
         # Ray: batch size and wait come from the config at run time.
         self._generate_batch.set_max_batch_size(self.args.batching.max_batch_size)
-        # Fail fast (replica restart) if the model cannot run; also warms up.
-        self._model_thread.submit(self.service.probe).result()
+        self.service.probe()  # fail fast (replica restart) if the model cannot run; also warms up
         logger.info(
             "replica ready: %s, batch size %d, API key %s",
             self.service.name,
@@ -143,7 +135,7 @@ class MedPLIBDeployment:
         # Ray: `jobs` are the requests that arrived together; one list in, one result per job out.
         self.metrics.batch_size.observe(len(jobs))
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._model_thread, self.service.run_batch, jobs)
+        return await loop.run_in_executor(self.service.model_thread, self.service.run_batch, jobs)
 
     async def generate(self, job: Job) -> JobResult:
         # Ray: a batch waits `batch_wait_timeout_s` for company only when more requests are already being parsed;
@@ -156,7 +148,7 @@ class MedPLIBDeployment:
         # The streaming path, beside the batched one: the job runs alone on the model thread, and each piece of
         # its answer reaches the response while later tokens are still being generated.
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._model_thread, self.service.run_stream, job, on_text)
+        return await loop.run_in_executor(self.service.model_thread, self.service.run_stream, job, on_text)
 
     async def check_health(self) -> None:
         # Ray: raising here marks the replica unhealthy; Serve replaces it.
@@ -164,7 +156,7 @@ class MedPLIBDeployment:
             return
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._model_thread, self.service.probe)
+            await loop.run_in_executor(self.service.model_thread, self.service.probe)
         except Exception as err:
             logger.error("health probe failed: %s: %s", type(err).__name__, err)
             raise RuntimeError(f"model cannot run: {type(err).__name__}: {err}") from err

@@ -15,7 +15,8 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -240,15 +241,21 @@ class MedPLIBService:
         from medplib.inference import Predictor, resolve_model_source
 
         self.args = args
+        # Every model call, the load included, runs on this one thread (`on_model_thread`): one call at a time per
+        # replica, and one OpenMP pool. torch keeps a pool per thread that ran a parallel op, and with more pool
+        # threads than CPUs libgomp stops spinning between ops: a model loaded on one thread and run on another
+        # generated up to 1.7x slower at 2 torch threads (README, Serving).
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medplib-model")
+        self._model_ident = self.model_thread.submit(threading.get_ident).result()
         threads = args.torch_threads or max(1, int(num_cpus))
-        torch.set_num_threads(threads)
+        self.on_model_thread(torch.set_num_threads, threads)
         if predictor is None:
             device = args.device
             if device == "auto":
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             t0 = time.perf_counter()
-            predictor = Predictor.from_pretrained(
-                resolve_model_source(args.model), dtype=args.dtype, device=device
+            predictor = self.on_model_thread(
+                Predictor.from_pretrained, resolve_model_source(args.model), dtype=args.dtype, device=device
             )
             logger.info(
                 "loaded %s on %s in %.1f s (%d torch threads)",
@@ -262,7 +269,6 @@ class MedPLIBService:
         self.name = args.served_name()
         self.created = int(time.time())
         self.max_regions = min(args.limits.max_regions or 10**9, self.model_cfg.region.max_regions)
-        self._lock = threading.Lock()
         self.last_success_s: float | None = None  # time.monotonic() of the last model call that worked
         self.last_failure: BaseException | None = None
         from medplib.data.schema import Box
@@ -555,7 +561,7 @@ class MedPLIBService:
 
         try:
             pred = predict_volume(
-                _LockedPredictor(self.predictor, self._lock),
+                _ModelThreadPredictor(self),
                 volume,
                 req.question,
                 axis=req.axis,
@@ -629,53 +635,54 @@ class MedPLIBService:
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, job in enumerate(jobs):
             groups[job.batch_key].append(i)
-        with self._lock:  # one model call at a time per replica (the probe shares the model)
-            for idx in groups.values():
-                encoded = [jobs[i].encoded for i in idx]
-                started = time.perf_counter()
-                kwargs = jobs[idx[0]].run_options
-                try:
-                    preds = self.predictor.run(encoded, **kwargs)
-                except ValueError:
-                    # A client problem the checks missed: run one by one so it fails alone.
-                    preds = []
-                    for one in encoded:
-                        try:
-                            preds.append(self.predictor.run([one], **kwargs)[0])
-                        except ValueError as err:
-                            preds.append(APIError(400, str(err)))
-                        except Exception as err:  # noqa: BLE001 - reported per job, as a 500
-                            self.last_failure = err
-                            preds.append(err)
-                except Exception as err:  # noqa: BLE001 - the model cannot run: every job of the group fails
-                    self.last_failure = err
-                    preds = [err] * len(idx)
-                for i, pred in zip(idx, preds, strict=True):
-                    if isinstance(pred, BaseException):
-                        results[i] = JobResult(error=pred, batch_size=len(idx), started_s=started)
-                    else:
-                        self.last_success_s = time.monotonic()
-                        self.last_failure = None
-                        results[i] = JobResult(pred, batch_size=len(idx), started_s=started)
+        for idx in groups.values():
+            encoded = [jobs[i].encoded for i in idx]
+            started = time.perf_counter()
+            kwargs = jobs[idx[0]].run_options
+            try:
+                preds = self.on_model_thread(self.predictor.run, encoded, **kwargs)
+            except ValueError:
+                # A client problem the checks missed: run one by one so it fails alone.
+                preds = []
+                for one in encoded:
+                    try:
+                        preds.append(self.on_model_thread(self.predictor.run, [one], **kwargs)[0])
+                    except ValueError as err:
+                        preds.append(APIError(400, str(err)))
+                    except Exception as err:  # noqa: BLE001 - reported per job, as a 500
+                        self.last_failure = err
+                        preds.append(err)
+            except Exception as err:  # noqa: BLE001 - the model cannot run: every job of the group fails
+                self.last_failure = err
+                preds = [err] * len(idx)
+            for i, pred in zip(idx, preds, strict=True):
+                if isinstance(pred, BaseException):
+                    results[i] = JobResult(error=pred, batch_size=len(idx), started_s=started)
+                else:
+                    self.last_success_s = time.monotonic()
+                    self.last_failure = None
+                    results[i] = JobResult(pred, batch_size=len(idx), started_s=started)
         return [r if r is not None else JobResult(error=RuntimeError("job not run")) for r in results]
 
     def run_stream(self, job: Job, on_text: Any) -> JobResult:
         """One job alone, its answer handed to `on_text(delta)` while it is generated (the streaming path beside
         `run_batch`); errors come back in the result, as there."""
-        with self._lock:
-            started = time.perf_counter()
-            try:
-                (pred,) = self.predictor.run(
-                    [job.encoded], on_text=lambda _row, delta: on_text(delta), **job.run_options
-                )
-            except ValueError as err:
-                return JobResult(error=APIError(400, str(err)), started_s=started)
-            except Exception as err:  # noqa: BLE001 - reported to the client as a 500 with an error id
-                self.last_failure = err
-                return JobResult(error=err, started_s=started)
-            self.last_success_s = time.monotonic()
-            self.last_failure = None
-            return JobResult(pred, batch_size=1, started_s=started)
+        started = time.perf_counter()
+        try:
+            (pred,) = self.on_model_thread(
+                self.predictor.run,
+                [job.encoded],
+                on_text=lambda _row, delta: on_text(delta),
+                **job.run_options,
+            )
+        except ValueError as err:
+            return JobResult(error=APIError(400, str(err)), started_s=started)
+        except Exception as err:  # noqa: BLE001 - reported to the client as a 500 with an error id
+            self.last_failure = err
+            return JobResult(error=err, started_s=started)
+        self.last_success_s = time.monotonic()
+        self.last_failure = None
+        return JobResult(pred, batch_size=1, started_s=started)
 
     def preview(self, req: PreviewRequest) -> PreviewResponse:
         """The slice of an image file the model would see, as PNG, with the file's slice count."""
@@ -700,10 +707,15 @@ class MedPLIBService:
 
     def probe(self) -> None:
         """A one-token prediction with a box prompt on an image encoded once; raises when the model cannot run."""
-        with self._lock:
-            self.predictor.run([self._probe], max_new_tokens=1, segment=True)
-            self.last_success_s = time.monotonic()
-            self.last_failure = None
+        self.on_model_thread(self.predictor.run, [self._probe], max_new_tokens=1, segment=True)
+        self.last_success_s = time.monotonic()
+        self.last_failure = None
+
+    def on_model_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)` on the model thread, the caller waiting for it (called there, it just runs)."""
+        if threading.get_ident() == self._model_ident:
+            return fn(*args, **kwargs)
+        return self.model_thread.submit(fn, *args, **kwargs).result()
 
     def needs_probe(self) -> bool:
         recent = (
@@ -851,16 +863,15 @@ class LocalJobStore:
             return self._jobs.get(job_id)
 
 
-class _LockedPredictor:
-    """The replica's predictor for a volume job: each `run` (one batch of slices) takes the model lock, so the job
-    interleaves with request batches instead of holding the model for the whole volume."""
+class _ModelThreadPredictor:
+    """The replica's predictor for a volume job: each `run` (one batch of slices) is one call on the model thread,
+    so the job interleaves with request batches instead of holding the model for the whole volume."""
 
-    def __init__(self, predictor: Any, lock: threading.Lock) -> None:
-        self.predictor, self.lock = predictor, lock
+    def __init__(self, service: MedPLIBService) -> None:
+        self.service = service
 
     def encode(self, *args: Any, **kwargs: Any) -> Any:
-        return self.predictor.encode(*args, **kwargs)
+        return self.service.predictor.encode(*args, **kwargs)
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
-        with self.lock:
-            return self.predictor.run(*args, **kwargs)
+        return self.service.on_model_thread(self.service.predictor.run, *args, **kwargs)

@@ -73,6 +73,60 @@ def test_volume_job_returns_the_mask_with_the_inputs_affine(local_api, tmp_path:
     assert local_api.get("/v1/volumes/vol-nope").status_code == 404
 
 
+def test_every_model_call_runs_on_the_services_model_thread(tmp_path: Path, monkeypatch) -> None:
+    """The load, request batches (the local API hands them to other threads), a stream and a volume job's slices:
+    one thread runs the model, so torch keeps one OpenMP pool (`MedPLIBService.on_model_thread`)."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from medplib.inference import Predictor
+    from serve.api import LocalBackend, create_api
+    from serve.config import AppArgs
+    from serve.service import MedPLIBService
+
+    threads: list[int] = []
+    load = Predictor.from_pretrained.__func__
+
+    def recorded_load(cls, *args, **kwargs):
+        threads.append(threading.get_ident())
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "from_pretrained", classmethod(recorded_load))
+    service = MedPLIBService(AppArgs(model="tiny", batching={"max_batch_size": 8}))
+    run = service.predictor.run
+
+    def recorded_run(*args, **kwargs):
+        threads.append(threading.get_ident())
+        return run(*args, **kwargs)
+
+    service.predictor.run = recorded_run
+    image = base64.b64encode(small_brain(tmp_path).read_bytes()).decode()
+    asked = {"image": image, "question": "What is this?", "max_new_tokens": 2}
+    with TestClient(create_api(LocalBackend(service)), headers={"Authorization": "Bearer x"}) as client:
+        assert client.post("/v1/predict", json=asked).status_code == 200
+        chat = {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is this?"},
+                        {"type": "image_url", "image_url": {"url": f"data:application/gzip;base64,{image}"}},
+                    ],
+                }
+            ],
+            "max_tokens": 2,
+            "stream": True,
+        }
+        streamed = client.post("/v1/chat/completions", json=chat)
+        assert streamed.status_code == 200 and "data: [DONE]" in streamed.text and "error" not in streamed.text
+        r = client.post("/v1/volumes", json={**asked, "max_new_tokens": 1, "axis": "coronal"})
+        assert r.status_code == 202, r.text
+        assert _poll(client, r.json()["id"])["status"] == "done"
+    model_thread = service.model_thread.submit(threading.get_ident).result()
+    assert len(threads) > 3 and set(threads) == {model_thread}, threads
+
+
 def test_view_picks_slice_axis_and_window_in_both_routes(local_api, tmp_path: Path) -> None:
     path = small_brain(tmp_path)
     data = base64.b64encode(path.read_bytes()).decode()

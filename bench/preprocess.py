@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 from bench.common import print_figures
+from medplib.cpu import cpu_ticks
 from medplib.data.image import load_image, load_mask
 from medplib.data.parse import parse_row
 from medplib.data.schema import MaskRef
@@ -90,13 +91,11 @@ class PeakRSS:
 
 def machine_busy_s() -> float:
     """CPU seconds all processes of the machine have spent busy since boot (/proc/stat), 0 without procfs."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:9]]
-    except OSError:
+    ticks = cpu_ticks()
+    if ticks is None:
         return 0.0
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+    total, idle = ticks
+    return (total - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def own_cpu_s() -> float:

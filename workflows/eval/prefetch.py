@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from medplib.cpu import cpu_ticks
 from workflows.eval.config import EvalConfig
 
 logger = logging.getLogger(__name__)
@@ -33,16 +34,11 @@ WAIT_S = 0.5  # pause between probes while every core is busy
 
 
 def idle_cores(seconds: float = PROBE_S) -> float:
-    """Cores idle (or waiting for I/O) over the next `seconds`, from /proc/stat."""
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-        return sum(ticks), ticks[3] + ticks[4]
-
-    total0, idle0 = sample()
+    """Cores idle (or waiting for I/O) over the next `seconds` (`medplib.cpu.cpu_ticks`; start_prefetch checked
+    that there is a /proc/stat)."""
+    total0, idle0 = cpu_ticks()
     time.sleep(seconds)
-    total1, idle1 = sample()
+    total1, idle1 = cpu_ticks()
     total = total1 - total0
     return (os.cpu_count() or 1) * (idle1 - idle0) / total if total else 0.0
 
@@ -101,7 +97,7 @@ def start_prefetch(cfg: EvalConfig, min_idle_cores: float = IDLE_CORES) -> Prefe
     """Start encoding `cfg`'s images in a background process, each once `min_idle_cores` cores idle (see the
     module docstring); None without a cache folder or off Linux (no /proc/stat). The process ends by itself
     when every image is in the cache; pass what this returns to `stop_prefetch`."""
-    if cfg.embedding_cache is None or not os.path.exists("/proc/stat"):
+    if cfg.embedding_cache is None or cpu_ticks() is None:
         return None
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of the driver's Ray or MLflow
     stop, ready = ctx.Event(), ctx.Event()

@@ -48,6 +48,43 @@ def test_sharded_safetensors_roundtrip_and_model_type(sharded_export):
         MedPLIB.from_pretrained(single)
 
 
+def test_own_safetensors_writer_is_read_by_safetensors(tmp_path):
+    """`write_safetensors` writes what safetensors reads back bit for bit (every dtype a model holds, a 0-dim, an
+    empty and a non-contiguous tensor, a bool of odd length before wider ones), each tensor's data aligned to its
+    element size, the metadata kept; a dtype the format cannot hold is refused by name."""
+    from safetensors import safe_open
+
+    from medplib.model.export import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "flags": torch.tensor([True, False, True]),
+        "half": torch.randn(3, 5, generator=g).half(),
+        "weight": torch.randn(7, 9, generator=g),
+        "brain": torch.randn(4, 6, generator=g).bfloat16(),
+        "ids": torch.arange(5, dtype=torch.int64),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "column": torch.randn(6, 6, generator=g)[:, 2],
+        "small": torch.tensor([1, -2, 3], dtype=torch.int8),
+    }
+    path = tmp_path / "w.safetensors"
+    write_safetensors(tensors, path, {"format": "pt"})
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"} and set(f.keys()) == set(tensors)
+        for name, t in tensors.items():
+            got = f.get_tensor(name)
+            assert got.dtype == t.dtype and torch.equal(got, t), name
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    assert size % 8 == 0
+    for name, t in tensors.items():
+        assert header[name]["data_offsets"][0] % t.element_size() == 0, name
+    with pytest.raises(ValueError, match="tensor z has dtype torch.complex64"):
+        write_safetensors({"z": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "z.safetensors", {})
+
+
 def _training_prompt(preset: str, tokenizer) -> tuple[list[int], list[dict]]:
     cfg = load_model_config(preset)
     image = np.zeros((32, 40, 3), np.uint8)

@@ -119,7 +119,9 @@ def test_every_model_call_runs_on_the_services_model_thread(tmp_path: Path, monk
             "stream": True,
         }
         streamed = client.post("/v1/chat/completions", json=chat)
-        assert streamed.status_code == 200 and "data: [DONE]" in streamed.text and "error" not in streamed.text
+        assert (
+            streamed.status_code == 200 and "data: [DONE]" in streamed.text and "error" not in streamed.text
+        )
         r = client.post("/v1/volumes", json={**asked, "max_new_tokens": 1, "axis": "coronal"})
         assert r.status_code == 202, r.text
         assert _poll(client, r.json()["id"])["status"] == "done"

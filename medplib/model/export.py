@@ -12,10 +12,11 @@
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from medplib.model.config import MedPLIBConfig
@@ -62,6 +63,47 @@ def _unique_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+# safetensors' dtype names (https://github.com/huggingface/safetensors, the format's README).
+_DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """One safetensors file (an 8-byte header length, the JSON header, then each tensor's bytes), written straight
+    from the tensors' memory: `safetensors.torch.save_file` first copies every tensor into one bytes object, ~3 s
+    of a moe export's 900 MB on 2 cores against ~0.6 s here, and a pipeline writes five such models. Tensors go
+    largest element first, so every tensor's data starts at a multiple of its element size (as save_file lays
+    them out); the header is padded to 8 bytes."""
+    order = sorted(tensors, key=lambda n: -tensors[n].element_size())  # stable: names keep their order
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"{path}: tensor {name} has dtype {t.dtype}, which safetensors cannot hold")
+        end = offset + t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in order:
+            data = tensors[name].detach().cpu().contiguous().reshape(-1)
+            f.write(data.view(torch.uint8).numpy().data)  # little-endian, as the format and every host we run
+
+
 def save_weights(module: nn.Module, path: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
     """`model.safetensors`, or shards of at most `max_shard_bytes` (a larger tensor gets a shard of its own) plus
     the index; returns the files written."""
@@ -77,12 +119,12 @@ def save_weights(module: nn.Module, path: Path, max_shard_bytes: int = MAX_SHARD
         size += nbytes
     metadata = {"format": "pt", "medplib": "1"}
     if len(shards) == 1:
-        save_file(shards[0], str(path / SINGLE_FILE), metadata=metadata)
+        write_safetensors(shards[0], path / SINGLE_FILE, metadata)
         return [path / SINGLE_FILE]
     files, weight_map = [], {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / name), metadata=metadata)
+        write_safetensors(shard, path / name, metadata)
         files.append(path / name)
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(t.numel() * t.element_size() for t in tensors.values())

@@ -91,13 +91,16 @@ def find_model_dir(path: Path, max_depth: int = 3) -> Path:
 
 def _download_registered(uri: str, tracking_uri: str | None) -> Path:
     """`models:/NAME@ALIAS` or `models:/NAME/VERSION` -> a local copy, downloaded once per registry, name and
-    version into `<medplib cache>/mlflow-models/` (a restart or a second replica reuses it)."""
+    version into `<medplib cache>/mlflow-models/` (a restart or a second replica reuses it; from a local store the
+    weights are links, `medplib.artifact_files`)."""
     import hashlib
     import os
     import shutil
 
     import mlflow
     from mlflow import MlflowClient
+
+    from medplib.artifact_files import download_artifacts
 
     registry = tracking_uri or mlflow.get_registry_uri()
     client = MlflowClient(tracking_uri, registry_uri=registry)
@@ -115,10 +118,8 @@ def _download_registered(uri: str, tracking_uri: str | None) -> Path:
         tmp = dst.with_name(f".{dst.name}.download-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=version.source, dst_path=str(tmp), tracking_uri=tracking_uri
-        )
-        (Path(local) / ".complete").write_text(uri + "\n")
+        local = download_artifacts(version.source, tmp, tracking_uri)
+        (local / ".complete").write_text(uri + "\n")
         shutil.rmtree(dst, ignore_errors=True)
         os.replace(local, dst)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,12 +1,15 @@
-"""The tracker's artifact moves on a local MLflow store: weights hard-linked into the store and out of it by alias,
-small files copied, and any other store left to MLflow."""
+"""Model files on a local MLflow store (`medplib.artifact_files`): weights hard-linked into the store by the tracker
+and out of it, by alias for the next stage and into the medplib cache for a `models:/` URI; small files copied; any
+other store left to MLflow."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from workflows.tracking import FINGERPRINT_TAG, LINK_MIN_BYTES, Tracker, local_artifact_dir
+from medplib.artifact_files import LINK_MIN_BYTES, local_artifact_dir
+from medplib.inference import resolve_model_source
+from workflows.tracking import FINGERPRINT_TAG, Tracker
 
 
 def _model(folder: Path) -> Path:
@@ -19,7 +22,7 @@ def _model(folder: Path) -> Path:
     return export
 
 
-def test_weights_are_linked_into_a_local_store_and_out_of_it_by_alias(tmp_path: Path) -> None:
+def test_weights_are_linked_into_a_local_store_and_out_of_it(tmp_path: Path, monkeypatch) -> None:
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
     run_id = tracker.client.create_run(tracker.experiment_id("t")).info.run_id
     export = _model(tmp_path / "mlflow_model")
@@ -48,6 +51,12 @@ def test_weights_are_linked_into_a_local_store_and_out_of_it_by_alias(tmp_path: 
     assert (got / "model.safetensors").stat().st_ino == (store / "model.safetensors").stat().st_ino
     assert (got / "README.md").read_text() == "card v1"
     assert not list((tmp_path / "inputs").glob(".*download*"))  # the staging folder is gone
+
+    # A served `models:/` URI: the medplib cache holds the same weights.
+    monkeypatch.setenv("MEDPLIB_CACHE", str(tmp_path / "cache"))
+    served = Path(resolve_model_source("models:/m@latest-t", tracker.uri))
+    assert served.is_relative_to(tmp_path / "cache") and (served / "README.md").read_text() == "card v1"
+    assert (served / "model.safetensors").stat().st_ino == (store / "model.safetensors").stat().st_ino
 
 
 def test_only_file_uris_and_plain_paths_are_local(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@
   experiment; MLflow 3.17 would otherwise use ./mlruns relative to the driver's cwd). Any tracking URI works,
   e.g. an `mlflow server` (then Train workers on other nodes can reach it too; a SQLite file only works on one
   node). With artifacts on a local filesystem, the weights are hard-linked into the store and out of it
-  (`link_or_copy_tree`), not copied: three models logged and three downloaded a pipeline, 0.6-0.9 GB each.
+  (`medplib.artifact_files`), not copied.
 """
 
 from __future__ import annotations
@@ -30,11 +30,10 @@ import os
 import shutil
 import time
 import traceback
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+from medplib.artifact_files import download_artifacts, link_or_copy_tree, local_artifact_dir
 from workflows.common import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -45,38 +44,6 @@ PIPELINE_TAG = "medplib.pipeline"
 FINGERPRINT_TAG = "fingerprint"
 RUN_ID_FILE = "mlflow_run.json"
 CHAMPION = "champion"
-# Files this large are weights, written once into a new file (`save_model_atomic`) and never rewritten in place, so
-# a store on the same filesystem may hold a hard link to them. Smaller files (the card, configs) are copied: the
-# card is rewritten in place after the eval, which must not reach a model already logged.
-LINK_MIN_BYTES = 1 << 20
-
-
-def local_artifact_dir(uri: str) -> Path | None:
-    """The local directory of an artifact URI (`file:` or a plain path); None for a remote store."""
-    parsed = urllib.parse.urlparse(uri)
-    if parsed.scheme == "file":
-        return Path(urllib.request.url2pathname(parsed.path))
-    return Path(uri) if parsed.scheme == "" else None
-
-
-def link_or_copy_tree(src: Path, dst: Path) -> None:
-    """`src`'s files into `dst` (created; files there with the same names replaced): weights as hard links,
-    copied where a link cannot be made (another filesystem), the rest copied. Copies took 12.6 s of a
-    `make run` on 2 cores (2026-12-02: 5.8 s logging the three models, 6.8 s downloading them)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for path in sorted(src.rglob("*")):
-        target = dst / path.relative_to(src)
-        if path.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-            continue
-        target.unlink(missing_ok=True)
-        if path.stat().st_size >= LINK_MIN_BYTES:
-            try:
-                os.link(path, target)
-                continue
-            except OSError:
-                pass
-        shutil.copy2(path, target)
 
 
 def latest_alias(pipeline: str) -> str:
@@ -301,7 +268,6 @@ class Tracker:
         self, model_name: str, alias: str, dst: Path, expect_fingerprint: str | None
     ) -> Path:
         """Download `models:/<name>@<alias>` into `dst` (atomically) after checking its fingerprint tag."""
-        import mlflow
         from mlflow.exceptions import MlflowException
 
         from medplib.inference import find_model_dir
@@ -323,18 +289,9 @@ class Tracker:
         tmp = dst.with_name(f".{dst.name}.download-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        source = local_artifact_dir(version.source)
-        if source is not None:
-            local = tmp / source.name
-            link_or_copy_tree(source, local)
-        else:
-            # The alias is resolved above with this tracker's client; MLflow's own `models:/` resolution would use
-            # the process-wide registry URI instead (download_artifacts ignores its registry_uri argument for them).
-            local = Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=version.source, dst_path=str(tmp), tracking_uri=self.uri
-                )
-            )
+        # The alias is resolved above with this tracker's client; MLflow's own `models:/` resolution would use the
+        # process-wide registry URI instead (download_artifacts ignores its registry_uri argument for them).
+        local = download_artifacts(version.source, tmp, self.uri)
         if dst.exists():
             shutil.rmtree(dst)
         # A registered version is an MLflow pyfunc model; the stage needs the export inside it.

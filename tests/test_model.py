@@ -691,7 +691,10 @@ def test_answers_teacher_forced_on_the_kv_cache_give_the_forward_passes_masks(rn
             )
     finally:
         del tiny_model.segment
-    teacher, generated, both = prompted
+    teacher, generated, *both = (
+        prompted  # the last generation's masks take two decoder calls (MASKS_PER_DECODE)
+    )
+    both = torch.cat(both)
     assert [g.token_ids for g in gens] == [g.token_ids for g in plain] and not any(
         g.token_ids == a for g, a in zip(gens, answer_ids, strict=True)
     )
@@ -701,6 +704,41 @@ def test_answers_teacher_forced_on_the_kv_cache_give_the_forward_passes_masks(rn
     forced = [m for g in gens for m in g.forced_mask_logits]
     for got, expected in zip(forced, seg.logits, strict=True):
         torch.testing.assert_close(got, expected.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_generation_decodes_masks_a_few_at_a_time_with_one_calls_masks(rng_image, tiny_model, monkeypatch):
+    """A batch's masks go to the mask decoder `MASKS_PER_DECODE` at a time (its 4,096 image tokens a mask made one
+    call over a whole batch a few hundred MB of fresh memory), and they are the masks one call gives."""
+    from medplib.data.batch import collate, encode_sample
+    from medplib.model import medplib as medplib_module
+
+    tiny_model.eval()
+    cfg = tiny_model.cfg
+    questions = [f"Segment region {k}." for k in range(7)]
+    prompts = [
+        encode_sample([Turn(role="human", text=q)], rng_image, tiny_model.tokenizer, cfg, for_generation=True)
+        for q in questions
+    ]
+    batch = collate(prompts, cfg, tiny_model.ids.pad)
+    answers = [[tiny_model.ids.seg]] * len(prompts)  # a teacher-forced mask per row beside the generated one
+    per_call = medplib_module.MASKS_PER_DECODE
+    sizes: list[int] = []
+    decode = tiny_model.sam.decode
+    monkeypatch.setattr(
+        tiny_model.sam, "decode", lambda emb, sparse: sizes.append(len(sparse)) or decode(emb, sparse)
+    )
+    with torch.no_grad():
+        few = tiny_model.generate(batch, max_new_tokens=3, segment=True, answers=answers)
+        chunked = list(sizes)
+        sizes.clear()
+        monkeypatch.setattr(medplib_module, "MASKS_PER_DECODE", 1000)
+        one = tiny_model.generate(batch, max_new_tokens=3, segment=True, answers=answers)
+    masks = sum(len(g.mask_logits) + len(g.forced_mask_logits) for g in few)
+    assert masks == sum(chunked) > per_call and max(chunked) == per_call and sizes == [masks]
+    for a, b in zip(few, one, strict=True):
+        assert a.token_ids == b.token_ids
+        got, want = a.mask_logits + a.forced_mask_logits, b.mask_logits + b.forced_mask_logits
+        torch.testing.assert_close(torch.stack(got), torch.stack(want), atol=1e-5, rtol=1e-5)
 
 
 def test_generation_attention_is_the_fused_kernels_in_fp32():

@@ -33,11 +33,13 @@ not a DeepSpeed-config optimiser, so no fused/cpu Adam op is built; `zero_allow_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -294,6 +296,27 @@ def _without_cpu_shm_comm() -> None:
     deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
 
 
+# DeepSpeed's ZeRO check imports its Muon optimiser to add it to the supported list, and that module runs
+# `torch.compile` on its kernels at import, which loads TorchDynamo and Inductor: 2.1 s of a `small` stage's
+# 3.5-s DeepSpeed set-up on 2 CPU cores (2026-12-02), in every stage. The stages train AdamW, listed anyway.
+_MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+@contextlib.contextmanager
+def _without_muon_import():
+    """While DeepSpeed sets up, importing its Muon optimiser raises ImportError (a None in `sys.modules`), which
+    DeepSpeed's check takes as "Muon not installed"; afterwards the module imports as usual."""
+    if _MUON_MODULE in sys.modules:
+        yield
+        return
+    sys.modules[_MUON_MODULE] = None
+    try:
+        yield
+    finally:
+        if sys.modules.get(_MUON_MODULE, False) is None:
+            del sys.modules[_MUON_MODULE]
+
+
 @dataclass
 class TrainingSetup:
     """A stage's model made trainable and wrapped in its DeepSpeed engine (`setup_training`)."""
@@ -337,12 +360,13 @@ def setup_training(
     scheduler = LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup_steps))
     if not use_gpu:
         _without_cpu_shm_comm()
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(stage, precision, use_gpu),
-    )
+    with _without_muon_import():
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(stage, precision, use_gpu),
+        )
     return TrainingSetup(engine, scheduler, groups, params, counts, autocast=precision == "bf16-mixed")
 
 

@@ -691,10 +691,7 @@ def test_answers_teacher_forced_on_the_kv_cache_give_the_forward_passes_masks(rn
             )
     finally:
         del tiny_model.segment
-    teacher, generated, *both = (
-        prompted  # the last generation's masks take two decoder calls (MASKS_PER_DECODE)
-    )
-    both = torch.cat(both)
+    teacher, generated, both = prompted
     assert [g.token_ids for g in gens] == [g.token_ids for g in plain] and not any(
         g.token_ids == a for g, a in zip(gens, answer_ids, strict=True)
     )
@@ -706,20 +703,34 @@ def test_answers_teacher_forced_on_the_kv_cache_give_the_forward_passes_masks(rn
         torch.testing.assert_close(got, expected.float(), atol=1e-4, rtol=1e-4)
 
 
-def test_generation_decodes_masks_a_few_at_a_time_with_one_calls_masks(rng_image, tiny_model, monkeypatch):
-    """A batch's masks go to the mask decoder `MASKS_PER_DECODE` at a time (its 4,096 image tokens a mask made one
-    call over a whole batch a few hundred MB of fresh memory), and they are the masks one call gives."""
+def test_masks_without_a_graph_are_decoded_a_few_a_call_as_one_call_decodes_them(
+    rng_image, tiny_model, monkeypatch
+):
+    """Without autograd (generation, a teacher-forced pass at inference) the mask decoder gets `MASKS_PER_DECODE`
+    masks a call: its 4,096 image tokens a mask made one call over a batch a few hundred MB of fresh memory. The
+    masks are one call's; with a graph (training) all go in one call, so training is unchanged."""
     from medplib.data.batch import collate, encode_sample
     from medplib.model import medplib as medplib_module
 
     tiny_model.eval()
-    cfg = tiny_model.cfg
+    cfg, tok = tiny_model.cfg, tiny_model.tokenizer
     questions = [f"Segment region {k}." for k in range(7)]
     prompts = [
-        encode_sample([Turn(role="human", text=q)], rng_image, tiny_model.tokenizer, cfg, for_generation=True)
+        encode_sample([Turn(role="human", text=q)], rng_image, tok, cfg, for_generation=True)
         for q in questions
     ]
-    batch = collate(prompts, cfg, tiny_model.ids.pad)
+    target = np.ones(rng_image.shape[:2], bool)
+    full = [
+        encode_sample(
+            [Turn(role="human", text=q), Turn(role="gpt", text=f"It is {SEG_TOKEN}.")],
+            rng_image,
+            tok,
+            cfg,
+            target_masks=[target],
+        )
+        for q in questions
+    ]
+    batch, full_batch = collate(prompts, cfg, tiny_model.ids.pad), collate(full, cfg, tiny_model.ids.pad)
     answers = [[tiny_model.ids.seg]] * len(prompts)  # a teacher-forced mask per row beside the generated one
     per_call = medplib_module.MASKS_PER_DECODE
     sizes: list[int] = []
@@ -727,14 +738,24 @@ def test_generation_decodes_masks_a_few_at_a_time_with_one_calls_masks(rng_image
     monkeypatch.setattr(
         tiny_model.sam, "decode", lambda emb, sparse: sizes.append(len(sparse)) or decode(emb, sparse)
     )
-    with torch.no_grad():
-        few = tiny_model.generate(batch, max_new_tokens=3, segment=True, answers=answers)
-        chunked = list(sizes)
+
+    def run() -> tuple[list, torch.Tensor, list[int], list[int]]:
         sizes.clear()
-        monkeypatch.setattr(medplib_module, "MASKS_PER_DECODE", 1000)
-        one = tiny_model.generate(batch, max_new_tokens=3, segment=True, answers=answers)
+        with torch.no_grad():
+            gens = tiny_model.generate(batch, max_new_tokens=3, segment=True, answers=answers)
+            forced = tiny_model(dict(full_batch, sam_embeddings={}))["segmentation"].logits
+        calls = list(sizes)
+        sizes.clear()
+        tiny_model(dict(full_batch, sam_embeddings={}))  # with a graph
+        return gens, torch.stack(forced), calls, list(sizes)
+
+    few, few_forced, calls, graph_calls = run()
+    monkeypatch.setattr(medplib_module, "MASKS_PER_DECODE", 1000)
+    one, one_forced, one_calls, _ = run()
     masks = sum(len(g.mask_logits) + len(g.forced_mask_logits) for g in few)
-    assert masks == sum(chunked) > per_call and max(chunked) == per_call and sizes == [masks]
+    assert sum(calls) == masks + len(full) and max(calls) == per_call
+    assert one_calls == [masks, len(full)] and graph_calls == [len(full)]
+    torch.testing.assert_close(few_forced, one_forced, atol=1e-5, rtol=1e-5)
     for a, b in zip(few, one, strict=True):
         assert a.token_ids == b.token_ids
         got, want = a.mask_logits + a.forced_mask_logits, b.mask_logits + b.forced_mask_logits

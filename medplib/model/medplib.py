@@ -114,11 +114,12 @@ def _init_added_rows(weight: torch.Tensor, base_rows: int) -> None:
         weight[base_rows:] = (old.mean(0) + noise).to(weight.dtype)
 
 
-# Masks a mask decoder call decodes at generation. Each carries the 4,096 x 256 image tokens through the two-way
-# transformer, so a batch's 64 masks in one call made ~270 MB tensors that the heap met fresh each time: 21% of an
-# evaluation actor's perf samples were the kernel zeroing new pages (2026-12-02). `small`, bf16 autocast, 1 CPU
-# thread: 33-34 ms a mask by 2, 4 or 8, 40-47 by 64, 39 one at a time, the same logits to the bit; `medplib eval`
-# of 120 `test` rows 46.0 -> 41.5 s with the same records.
+# Masks a mask decoder call decodes without autograd (`segment` at generation or a teacher-forced pass at
+# inference). Each carries the 4,096 x 256 image tokens through the two-way transformer, so a batch's 64 masks in
+# one call made ~270 MB tensors that the heap met fresh each time: 21% of an evaluation actor's perf samples were
+# the kernel zeroing new pages (2026-12-02). `small`, bf16 autocast, 1 CPU thread: 33-34 ms a mask by 2, 4 or 8,
+# 40-47 by 64, 39 one at a time, the same logits to the bit; `medplib eval` of 120 `test` rows 46.0 -> 41.5 s
+# with the same records. Training keeps one call: a graph holds every mask's activations anyway.
 MASKS_PER_DECODE = 4
 
 
@@ -508,7 +509,15 @@ class MedPLIB(nn.Module):
         emb = self.sam_embeddings(batch, unique)
         index = torch.tensor([unique.index(r) for r in rows], device=self.device)
         sparse, boxes = self.seg_prompts(hidden, geos)
-        low_res, iou = self.sam.decode(emb.index_select(0, index).to(self.dtype), sparse.to(self.dtype))
+        # Without a graph to keep, `MASKS_PER_DECODE` masks a decoder call; with one (training) all in one call.
+        step = max(len(rows), 1) if torch.is_grad_enabled() else MASKS_PER_DECODE
+        parts = [
+            self.sam.decode(
+                emb.index_select(0, index[s : s + step]).to(self.dtype), sparse[s : s + step].to(self.dtype)
+            )
+            for s in range(0, len(rows), step)
+        ]
+        low_res, iou = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         masks = [unpad_mask_logits(low_res[k], geo) for k, geo in enumerate(geos)]
         return Segmentation(masks, iou, boxes)
 
@@ -612,7 +621,7 @@ class MedPLIB(nn.Module):
             am = torch.cat([am, live.long()[:, None]], dim=1)
             step_pos = step_pos[:, -1:] + 1
         results = [Generation(t, self.tokenizer.decode(t, skip_special_tokens=False)) for t in tokens]
-        # The masks asked for, `MASKS_PER_DECODE` a mask decoder call: (row, teacher-forced?) per hidden state.
+        # One mask decoder call for every mask asked for: (row, teacher-forced?) per hidden state.
         rows: list[tuple[int, bool]] = []
         hiddens: list[torch.Tensor] = []
         for i in range(b) if masks else ():
@@ -627,15 +636,11 @@ class MedPLIB(nn.Module):
                 hiddens += forced_hidden[i]
         image_rows = [r for r, _ in rows]
         if rows and batch["has_image"][image_rows].all():
-            for start in range(0, len(rows), MASKS_PER_DECODE):
-                part = slice(start, start + MASKS_PER_DECODE)
-                seg = self.segment(batch, image_rows[part], torch.stack(hiddens[part]))
-                for k, (r, forced) in enumerate(rows[part]):
-                    out = results[r]
-                    (out.forced_mask_logits if forced else out.mask_logits).append(
-                        seg.logits[k].float().cpu()
-                    )
-                    (out.forced_mask_scores if forced else out.mask_scores).append(float(seg.iou[k]))
+            seg = self.segment(batch, image_rows, torch.stack(hiddens))
+            for k, (r, forced) in enumerate(rows):
+                out = results[r]
+                (out.forced_mask_logits if forced else out.mask_logits).append(seg.logits[k].float().cpu())
+                (out.forced_mask_scores if forced else out.mask_scores).append(float(seg.iou[k]))
         for out, reuse in zip(results, reused, strict=True):
             if reuse:
                 out.forced_mask_logits, out.forced_mask_scores = list(out.mask_logits), list(out.mask_scores)

@@ -46,7 +46,8 @@ system-deps:
 # preset (SmolLM2-135M + LiteMedSAM, offline) with a local Ray cluster and MLflow in $(WORKDIR)/pipeline-small.
 run: install
 	$(BIN)/medplib data build-mini --output $(WORKDIR)/mecovqa-mini
-	$(BIN)/medplib pipeline run --config configs/pipeline/small.yaml --workdir $(WORKDIR)/pipeline-small
+	$(BIN)/medplib pipeline run --config configs/pipeline/small.yaml --input $(WORKDIR)/mecovqa-mini \
+	  --workdir $(WORKDIR)/pipeline-small
 
 test: install
 	$(BIN)/python -m pytest -q $(PARALLEL)

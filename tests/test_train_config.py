@@ -121,6 +121,28 @@ def test_pipeline_configs_load() -> None:
         assert cfg.resolved_tracking_uri().startswith("sqlite:////tmp/x/mlflow.db") or cfg.tracking_uri
 
 
+def test_command_line_input_replaces_the_configs_rows() -> None:
+    """`make run WORKDIR=...` builds MeCoVQA-mini under that folder and hands it to the pipeline with --input."""
+    from workflows.cli import build_parser
+    from workflows.cli.train import _load
+
+    args = build_parser().parse_args(
+        [
+            "pipeline",
+            "run",
+            "--config",
+            "configs/pipeline/small.yaml",
+            "--input",
+            "/tmp/rows",
+            "--workdir",
+            "/tmp/x",
+        ]
+    )
+    cfg = _load(args)
+    assert (cfg.data.input, cfg.data.prepared, cfg.workdir) == ("/tmp/rows", None, "/tmp/x")
+    assert load_pipeline_config(CONFIGS / "pipeline" / "small.yaml").data.input == "work/mecovqa-mini"
+
+
 def test_errors_name_the_file_and_field(tmp_path: Path) -> None:
     bad = tmp_path / "vl.yaml"
     bad.write_text((CONFIGS / "stages" / "tiny" / "vl.yaml").read_text().replace("lr: 1.0e-3", "lr: -1"))

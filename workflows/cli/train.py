@@ -25,6 +25,11 @@ def add_pipeline(commands: argparse._SubParsersAction, verb: str) -> None:
     )
     run.add_argument("--workdir", help="override the config's workdir")
     run.add_argument(
+        "--input",
+        help="override the config's data.input: a MeCoVQA-format file or folder to prepare "
+        "(e.g. the output of `medplib data build-mini`)",
+    )
+    run.add_argument(
         "--tracking-uri",
         help="MLflow tracking URI (default sqlite:///<workdir>/mlflow.db, or MLFLOW_TRACKING_URI)",
     )
@@ -50,6 +55,7 @@ def add_train(commands: argparse._SubParsersAction, verb: str) -> None:
         "--config", required=True, type=find_config, help="pipeline YAML (its stages.<stage> entry is used)"
     )
     train.add_argument("--workdir", help="override the config's workdir")
+    train.add_argument("--input", help="override the config's data.input (MeCoVQA rows to prepare)")
     train.add_argument("--tracking-uri", help="MLflow tracking URI")
     train.add_argument("--max-steps", type=int, help="override max_steps")
     train.set_defaults(handler=_train)
@@ -72,7 +78,11 @@ def _load(args: argparse.Namespace):
     from workflows.train.config import load_pipeline_config
 
     return load_pipeline_config(
-        args.config, workdir=args.workdir, tracking_uri=args.tracking_uri, max_steps=args.max_steps
+        args.config,
+        data_input=args.input,
+        workdir=args.workdir,
+        tracking_uri=args.tracking_uri,
+        max_steps=args.max_steps,
     )
 
 

@@ -327,11 +327,14 @@ def _stage_path(ref: str, pipeline_file: Path) -> Path:
     )
 
 
-def load_pipeline_config(path: str | Path, **overrides: Any) -> PipelineConfig:
+def load_pipeline_config(path: str | Path, data_input: str | None = None, **overrides: Any) -> PipelineConfig:
     """Read a pipeline YAML; stage entries that are paths are read too. `overrides` replace top-level fields
-    (None values are ignored), e.g. `workdir=...` from the command line."""
+    (None values are ignored), e.g. `workdir=...` from the command line; `data_input` replaces `data.input` (and
+    drops `data.prepared`, so those rows are prepared)."""
     path = Path(path)
     data = _read_yaml(path)
+    if data_input is not None:
+        data["data"] = {**(data.get("data") or {}), "input": data_input, "prepared": None}
     stages = data.get("stages") or {}
     if not isinstance(stages, dict):
         raise ValueError(f"{path}: stages: expected a mapping of vl/grounding/moe to files or mappings")

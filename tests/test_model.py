@@ -1033,3 +1033,93 @@ def test_frozen_linears_in_bf16_give_the_autocast_loss(all_tasks, tiny_model, ma
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         after = tiny_model(batch)["loss"]
     torch.testing.assert_close(after, before, rtol=1e-3, atol=1e-3)
+
+
+class _VocabularyTensors:
+    """Counts the vocabulary-sized matrices (`rows` rows) that PyTorch's operators make inside the block."""
+
+    def __init__(self, rows: int):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                outs = out if isinstance(out, (tuple, list)) else [out]
+                counter.made += sum(
+                    isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == rows for t in outs
+                )
+                return out
+
+        self.made, self.mode = 0, Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize(
+    "autocast",
+    [
+        False,
+        pytest.param(True, marks=pytest.mark.skipif(not has_bf16_kernels(), reason="no bf16 kernels")),
+    ],
+)
+@pytest.mark.parametrize("layers", [None, 1], ids=["input-and-output-rows", "output-rows-only"])
+def test_added_token_rows_train_as_peft_trains_them_to_the_bit_without_copying_the_vocabulary(
+    tiny_cfg, all_tasks, make_batch, autocast, layers
+):
+    """The stages' `new_token_rows` run through `_token_rows_forward`: peft's losses and gradients to the bit over
+    two steps (the second after an update of the rows), making fewer vocabulary-sized matrices a step."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    from medplib.model.medplib import MedPLIB
+
+    cfg = tiny_cfg.model_copy(update={"llm": tiny_cfg.llm.model_copy(update={"tie_word_embeddings": True})})
+    lora = LoraSettings(
+        r=4, alpha=8, dropout=0.0, target_modules=["down_proj"], layers=layers, new_token_rows=True
+    )
+    models = {}
+    for way in ("ours", "peft"):
+        torch.manual_seed(0)
+        models[way] = MedPLIB(cfg)
+        prepare_trainable(models[way], lora, ["mm_projector"])
+        wrapped = [m for m in models[way].llm.modules() if isinstance(m, TrainableTokensLayer)]
+        assert len(wrapped) == 2  # the embedding and the tied lm_head
+        if way == "peft":
+            for module in wrapped:
+                del module.forward  # the class's own forward again
+    batch = make_batch(models["ours"], list(all_tasks.values()))
+    vocab = models["ours"].llm.get_input_embeddings().weight.shape[0]
+    # Two threads add some fp32 gradients in no fixed order (peft against peft differed now and then at layer 0),
+    # so PyTorch's deterministic algorithms here: with them peft against peft is equal to the bit every time.
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(2):
+            made, grads = {}, {}
+            for way, model in models.items():
+                model.zero_grad(set_to_none=True)
+                with _VocabularyTensors(vocab) as counter:
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                        loss = model(batch)["loss"]
+                    loss.backward()
+                made[way] = counter.made
+                grads[way] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+                grads[way]["loss"] = loss.detach()
+            assert grads["ours"].keys() == grads["peft"].keys()
+            assert any("trainable_tokens_delta" in name for name in grads["ours"])
+            for name, grad in grads["ours"].items():
+                assert grad is not None and torch.equal(grad, grads["peft"][name]), name
+            assert made["ours"] < made["peft"]
+            with torch.no_grad():
+                for model in models.values():
+                    for p in model.parameters():
+                        if p.grad is not None:
+                            p -= 0.1 * p.grad
+    finally:
+        torch.use_deterministic_algorithms(deterministic)

@@ -7,7 +7,12 @@ same); `sft_modules` are name substrings of parameters trained in full (`mm_proj
 
 from __future__ import annotations
 
+import types
+
+import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 from torch import nn
 
 from medplib.constants import SPECIAL_TOKENS
@@ -39,6 +44,9 @@ def prepare_trainable(model: nn.Module, lora: LoraSettings | None, sft_modules: 
             trainable_token_indices=added_token_ids(model.tokenizer) if lora.new_token_rows else None,
         )
         model.llm = get_peft_model(model.llm, config)  # marks only the adapters trainable
+        for module in model.llm.modules():
+            if isinstance(module, TrainableTokensLayer):
+                module.forward = types.MethodType(_token_rows_forward, module)
     # Added-token rows train through the output side only when the adapters sit on the top layers.
     model.input_token_grad = not (lora is not None and lora.new_token_rows and lora.layers is not None)
     unknown = [m for m in sft_modules if not any(m in name for name, _ in model.named_parameters())]
@@ -53,6 +61,55 @@ def prepare_trainable(model: nn.Module, lora: LoraSettings | None, sft_modules: 
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}
+
+
+def _token_rows_forward(layer: TrainableTokensLayer, x: torch.Tensor) -> torch.Tensor:
+    """peft's trainable-token forward without its copies of the whole vocabulary matrix, the same numbers to the
+    bit (`tests/test_model.py`). peft writes the trainable rows into a copy of the 49k-row matrix at every call;
+    then autocast rounds that copy to bf16 for the tied lm_head, and the backward turns its bf16 gradient back
+    into an fp32 matrix and builds the embedding's dense fp32 gradient, to read a few rows of each. Here the
+    embedding looks up a table of just the rows the batch uses (a row's gradient sums its positions in the same
+    order whatever the table's size), and the lm_head puts the rows, rounded, into a bf16 copy of the frozen
+    matrix kept between calls: rounding and writing rows commute, so the product is peft's. Earlier tries that
+    changed the products themselves (e1ecf3b, 832090d) moved training onto another path under bf16. A `small`
+    bf16 step, alternating in one process (2026-12-03, median of 15): vl 1767 -> 1704 ms, grounding 1169 ->
+    1147 ms (PyTorch's profiler: peft's four whole-matrix copies a step and the gradient's fill are gone)."""
+    base = layer.base_layer
+    adapters = layer.active_adapters
+    simple_embedding = isinstance(base, nn.Embedding) and (
+        base.max_norm is None
+        and not base.sparse
+        and not base.scale_grad_by_freq
+        and getattr(layer, "_get_embed_scale", lambda: None)() is None  # Gemma-style scaling: peft's way
+    )
+    if (
+        layer.disable_adapters
+        or layer.merged
+        or len(adapters) != 1
+        or base.weight.requires_grad  # a matrix trained in full (sft) takes peft's way
+        or not (simple_embedding or type(base) is nn.Linear)
+    ):
+        return TrainableTokensLayer.forward(layer, x)
+    delta = layer.trainable_tokens_delta[adapters[0]]
+    weight = base.weight
+    index = torch.tensor(layer.token_indices[adapters[0]], device=weight.device)
+    if simple_embedding:
+        ids, where = torch.unique(torch.cat([x.flatten(), index]), return_inverse=True)
+        table = weight[ids].index_copy(0, where[x.numel() :], delta.to(weight))
+        pad = None
+        if base.padding_idx is not None and bool((ids == base.padding_idx).any()):
+            pad = int(torch.searchsorted(ids, base.padding_idx))
+        return F.embedding(where[: x.numel()].view_as(x), table, padding_idx=pad)
+    kind = x.device.type
+    if not torch.is_autocast_enabled(kind) or weight.dtype != torch.float32:
+        return F.linear(x, weight.index_copy(0, index, delta.to(weight)))
+    dtype = torch.get_autocast_dtype(kind)
+    key = (weight.data_ptr(), weight._version, dtype)
+    cached = getattr(layer, "_rounded_weight", None)
+    if cached is None or cached[0] != key:
+        cached = (key, weight.detach().to(dtype))
+        layer._rounded_weight = cached
+    return F.linear(x, cached[1].index_copy(0, index, delta.to(dtype)))
 
 
 def merge_lora(model: nn.Module) -> None:

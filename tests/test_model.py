@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from medplib.constants import SEG_TOKEN, SPECIAL_TOKENS
 from medplib.cpu import has_bf16_kernels
@@ -1035,31 +1036,20 @@ def test_frozen_linears_in_bf16_give_the_autocast_loss(all_tasks, tiny_model, ma
     torch.testing.assert_close(after, before, rtol=1e-3, atol=1e-3)
 
 
-class _VocabularyTensors:
+class _VocabularyTensors(TorchDispatchMode):
     """Counts the vocabulary-sized matrices (`rows` rows) that PyTorch's operators make inside the block."""
 
     def __init__(self, rows: int):
-        from torch.utils._python_dispatch import TorchDispatchMode
+        super().__init__()
+        self.rows, self.made = rows, 0
 
-        counter = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                outs = out if isinstance(out, (tuple, list)) else [out]
-                counter.made += sum(
-                    isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == rows for t in outs
-                )
-                return out
-
-        self.made, self.mode = 0, Mode()
-
-    def __enter__(self):
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.mode.__exit__(*exc)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        self.made += sum(
+            isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == self.rows for t in outs
+        )
+        return out
 
 
 @pytest.mark.parametrize(
@@ -1070,11 +1060,13 @@ class _VocabularyTensors:
     ],
 )
 @pytest.mark.parametrize("layers", [None, 1], ids=["input-and-output-rows", "output-rows-only"])
+@pytest.mark.parametrize("padding", [False, True], ids=["no-padding-idx", "padding-idx"])
 def test_added_token_rows_train_as_peft_trains_them_to_the_bit_without_copying_the_vocabulary(
-    tiny_cfg, all_tasks, make_batch, autocast, layers
+    tiny_cfg, all_tasks, make_batch, autocast, layers, padding
 ):
     """The stages' `new_token_rows` run through `_token_rows_forward`: peft's losses and gradients to the bit over
-    two steps (the second after an update of the rows), making fewer vocabulary-sized matrices a step."""
+    two steps (the second after an update of the rows), making fewer vocabulary-sized matrices a step. With
+    `padding` the embedding has a padding_idx, as a model loaded from an export (the later stages') has."""
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
     from medplib.model.medplib import MedPLIB
@@ -1087,6 +1079,8 @@ def test_added_token_rows_train_as_peft_trains_them_to_the_bit_without_copying_t
     for way in ("ours", "peft"):
         torch.manual_seed(0)
         models[way] = MedPLIB(cfg)
+        if padding:  # an added token's row, so its gradient from the embedding side has to come out zero
+            models[way].llm.get_input_embeddings().padding_idx = models[way].ids.seg
         prepare_trainable(models[way], lora, ["mm_projector"])
         wrapped = [m for m in models[way].llm.modules() if isinstance(m, TrainableTokensLayer)]
         assert len(wrapped) == 2  # the embedding and the tied lm_head
@@ -1101,7 +1095,7 @@ def test_added_token_rows_train_as_peft_trains_them_to_the_bit_without_copying_t
     torch.use_deterministic_algorithms(True)
     try:
         for _ in range(2):
-            made, grads = {}, {}
+            made, losses, grads = {}, {}, {}
             for way, model in models.items():
                 model.zero_grad(set_to_none=True)
                 with _VocabularyTensors(vocab) as counter:
@@ -1109,8 +1103,9 @@ def test_added_token_rows_train_as_peft_trains_them_to_the_bit_without_copying_t
                         loss = model(batch)["loss"]
                     loss.backward()
                 made[way] = counter.made
+                losses[way] = loss.detach()
                 grads[way] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-                grads[way]["loss"] = loss.detach()
+            assert torch.equal(losses["ours"], losses["peft"])
             assert grads["ours"].keys() == grads["peft"].keys()
             assert any("trainable_tokens_delta" in name for name in grads["ours"])
             for name, grad in grads["ours"].items():

@@ -94,12 +94,13 @@ def _token_rows_forward(layer: TrainableTokensLayer, x: torch.Tensor) -> torch.T
     weight = base.weight
     index = torch.tensor(layer.token_indices[adapters[0]], device=weight.device)
     if simple_embedding:
-        ids, where = torch.unique(torch.cat([x.flatten(), index]), return_inverse=True)
-        table = weight[ids].index_copy(0, where[x.numel() :], delta.to(weight))
-        pad = None
-        if base.padding_idx is not None and bool((ids == base.padding_idx).any()):
-            pad = int(torch.searchsorted(ids, base.padding_idx))
-        return F.embedding(where[: x.numel()].view_as(x), table, padding_idx=pad)
+        # An export carries the pad id, so the stages after the first have an embedding with a padding_idx,
+        # whose row gets no gradient: it goes into the table last, so its place there is known.
+        pad = [] if base.padding_idx is None else [base.padding_idx]
+        ids, where = torch.unique(torch.cat([x.flatten(), index, index.new_tensor(pad)]), return_inverse=True)
+        n = x.numel()
+        table = weight[ids].index_copy(0, where[n : n + len(index)], delta.to(weight))
+        return F.embedding(where[:n].view_as(x), table, padding_idx=int(where[-1]) if pad else None)
     kind = x.device.type
     if not torch.is_autocast_enabled(kind) or weight.dtype != torch.float32:
         return F.linear(x, weight.index_copy(0, index, delta.to(weight)))

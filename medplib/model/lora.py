@@ -95,7 +95,7 @@ def _token_rows_forward(layer: TrainableTokensLayer, x: torch.Tensor) -> torch.T
     index = torch.tensor(layer.token_indices[adapters[0]], device=weight.device)
     if simple_embedding:
         # An export carries the pad id, so the stages after the first have an embedding with a padding_idx,
-        # whose row gets no gradient: it goes into the table last, so its place there is known.
+        # whose row gets no gradient: the pad id goes last into unique's input, so where[-1] is its table row.
         pad = [] if base.padding_idx is None else [base.padding_idx]
         ids, where = torch.unique(torch.cat([x.flatten(), index, index.new_tensor(pad)]), return_inverse=True)
         n = x.numel()

@@ -11,6 +11,7 @@ import torch
 
 from medplib.data.batch import collate, encode_sample
 from medplib.model.config import load_model_config
+from workflows.common import use_local_cluster_settings
 
 
 @pytest.fixture(scope="session")
@@ -84,6 +85,7 @@ def ray_local():
     machine is shared), and "local" so that no other cluster on this machine is ever joined."""
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    use_local_cluster_settings()
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray

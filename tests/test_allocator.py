@@ -95,24 +95,6 @@ def test_a_setting_the_user_made_is_kept() -> None:
     assert mine["child_env"] == {**ALLOCATOR_ENV, "MALLOC_MMAP_MAX_": "65536"}
 
 
-@linux_only
-def test_a_local_ray_cluster_started_by_init_ray_hands_the_settings_to_its_workers() -> None:
-    code = (
-        "import json, os, ray\n"
-        "from workflows.common import init_ray\n"
-        "init_ray()\n"
-        f"env = ray.get(ray.remote(lambda keys: {{k: os.environ.get(k) for k in keys}}).remote({list(ALLOCATOR_ENV)}))\n"
-        "ray.shutdown()\n"
-        "print(json.dumps(env))\n"
-    )
-    clean = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV and k != "RAY_ADDRESS"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=ROOT, env=clean
-    )
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout.splitlines()[-1]) == ALLOCATOR_ENV
-
-
 IN_PROCESS = {
     # `medplib predict --model`: the model runs in the CLI's own process.
     "predict": "from workflows.predict import local_predictor\nlocal_predictor('tiny')\n",

@@ -24,6 +24,21 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
+# Ray Train's settings for a one-node cluster of this machine: no node of it is ever drained, so the preemption
+# watcher (an actor a stage, ~2 CPU-s to start, an ERROR line in the log about its constructor arguments) only
+# costs; and the controller polls its workers every 2 s, which a stage waits out at each change of state (a
+# 1-step `small` stage 3-5 s shorter at 0.5 s, interleaved runs on 2 cores, 2026-12-03). Ray Train hands these
+# from the driver's environment to its controller and workers.
+LOCAL_CLUSTER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+def use_local_cluster_settings() -> None:
+    """Set `LOCAL_CLUSTER_ENV` in this process's environment, before it starts a local cluster; a variable the user
+    set is kept."""
+    for key, value in LOCAL_CLUSTER_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def init_ray(address: str | None = None, *, include_dashboard: bool | None = False, **options: Any) -> None:
     """Connect this process to Ray, once: `address`, else the cluster in $RAY_ADDRESS (a Ray Job's driver gets
     it), else a new local cluster on this machine's CPUs. `options` go to `ray.init`: sizes such as `num_cpus`
@@ -37,8 +52,11 @@ def init_ray(address: str | None = None, *, include_dashboard: bool | None = Fal
 
     tune_allocator()  # before a local cluster starts: its raylet and workers inherit the settings
     # "local", not None: a plain ray.init() would join any `ray start` cluster recorded in /tmp/ray.
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        use_local_cluster_settings()
     ray.init(
-        address=address or os.environ.get("RAY_ADDRESS") or "local",
+        address=address,
         include_dashboard=include_dashboard,
         **options,
     )

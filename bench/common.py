@@ -1,11 +1,15 @@
-"""Helpers every bench script shares: a timing loop and the closing JSON line(s)."""
+"""Helpers every bench script shares: a timing loop, its files' folder and the closing JSON line(s)."""
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -17,6 +21,17 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def work_dir(keep: str | None, prefix: str) -> Path:
+    """`keep` where the user named a folder (the files stay), else a temp folder removed when the bench exits
+    (a stage bench writes ~2.6 GB: models, checkpoints, exports)."""
+    if keep:
+        return Path(keep)
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    # Registered before Ray starts, so it runs after Ray's own exit handler has stopped the workers using it.
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def print_figures(figures: list[dict]) -> None:

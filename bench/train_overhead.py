@@ -26,11 +26,10 @@ import argparse
 import logging
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
-from bench.common import print_figures, stage_config
+from bench.common import print_figures, stage_config, work_dir
 
 log = logging.getLogger("bench.train_overhead")
 
@@ -106,7 +105,7 @@ def main() -> None:
     from workflows.train.config import fingerprint
     from workflows.train.stage import StagePlan, fit_stage, plan_steps, save_model_atomic, select_rows
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="train-overhead-"))
+    work = work_dir(args.workdir, "train-overhead-")
     stage = stage_config(args.preset, args.stage)
     if args.stage == "moe":
         raise SystemExit("--stage moe needs the vl and grounding outputs; bench vl or grounding")

@@ -33,12 +33,11 @@ import contextlib
 import copy
 import dataclasses
 import importlib.util
-import tempfile
 from pathlib import Path
 
 import torch
 
-from bench.common import median_seconds, print_figures, stage_config
+from bench.common import median_seconds, print_figures, stage_config, work_dir
 from medplib.allocator import tune_allocator
 from medplib.constants import IGNORE_INDEX
 from medplib.cpu import has_bf16_kernels
@@ -85,7 +84,7 @@ def main() -> None:
         frozen_linears_to_bf16(fast)
     rows = mri_rows(model, args.batch)
     cached = [dataclasses.replace(r) for r in rows]
-    EmbeddingCache(tempfile.mkdtemp(prefix="bench-emb-"), model, autocast=native_bf16).fill(cached)
+    EmbeddingCache(work_dir(None, "bench-emb-"), model, autocast=native_bf16).fill(cached)
     batches = {
         "uncached": collate(rows, model.cfg, model.ids.pad),
         "cached": collate(cached, model.cfg, model.ids.pad),

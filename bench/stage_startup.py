@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -83,7 +84,6 @@ def main() -> None:
     init_ray("local", num_cpus=max(2, args.threads))
     rows = row_index(prepared, "train")
     seconds: dict[int, list[float]] = {1: [], 5: []}
-    first = None
     # The first fit on a fresh cluster pays once what later stages do not (its processes' first imports: 5 s
     # more than a 5-step fit after it, 2026-12-03), so it is reported apart; then 1, 5, 5, 1 steps, whose means
     # cancel a drift of the machine's speed over the run.
@@ -112,11 +112,9 @@ def main() -> None:
         export = export_stage_model(plan, run.checkpoint_dir, work / f"export-{n}")
         took = time.perf_counter() - began
         log.info("%d step(s): %.1f s (fit + export)", steps, took)
-        if n == 0:
-            first = took
-        else:
-            seconds[steps].append(took)
-    one, five = (sum(seconds[k]) / len(seconds[k]) for k in (1, 5))
+        seconds[steps].append(took)
+    first = seconds[1].pop(0)
+    one, five = (statistics.mean(seconds[k]) for k in (1, 5))
     per_step = (five - one) / 4
     startup = one - per_step
     client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
@@ -126,9 +124,10 @@ def main() -> None:
     client.log_artifacts(run_id, str(export), "model")
     register_s = time.perf_counter() - t0
     print(
-        f"small/{args.stage}: first fit on the cluster {first:.1f} s; then 1 step {[round(t, 1) for t in seconds[1]]}, "
-        f"5 steps {[round(t, 1) for t in seconds[5]]} s -> {per_step:.2f} s a step, fixed start-up {startup:.1f} s; logging the export to MLflow "
-        f"{register_s:.1f} s; load {os.getloadavg()}"
+        f"small/{args.stage}: first fit on the cluster {first:.1f} s; then 1 step "
+        f"{[round(t, 1) for t in seconds[1]]} s, 5 steps {[round(t, 1) for t in seconds[5]]} s -> {per_step:.2f} s "
+        f"a step, fixed start-up {startup:.1f} s; logging the export to MLflow {register_s:.1f} s; "
+        f"load {os.getloadavg()}"
     )
     print_figures(
         [

@@ -27,8 +27,8 @@ def write_json_atomic(path: Path, data: Any) -> None:
 # Ray Train's settings for a one-node cluster of this machine: no node of it is ever drained, so the preemption
 # watcher (an actor a stage, ~2 CPU-s to start, an ERROR line in the log about its constructor arguments) only
 # costs; and the controller polls its workers every 2 s, which a stage waits out at each change of state (a
-# 1-step `small` stage 3-5 s shorter at 0.5 s, interleaved runs on 2 cores, 2026-12-03). Ray Train hands these
-# from the driver's environment to its controller and workers.
+# 1-step `small` stage shorter at 0.5 s in each of 6 interleaved pairs, typically by 2-5 s, 2 cores, 2026-12-03).
+# Ray Train hands both from the driver's environment to its controller and workers.
 LOCAL_CLUSTER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 

@@ -98,7 +98,7 @@ def network_cut(monkeypatch):
 def test_presets_validate():
     small, big = load_model_config("small"), load_model_config("7b")
     assert small.llm.weights == "pkg:smollm2" and small.sam.weights == "pkg:lite_medsam"
-    assert small.vision.kind == "sam_encoder" and small.vision.grid == 8 and small.sam.embedding_size == 64
+    assert small.vision.kind == "sam_encoder" and small.vision.grid == 4 and small.sam.embedding_size == 64
     assert small.conv_template == "chatml" and small.sam.pad_mode == "corner"
     assert big.vision.grid == 24 and big.sam.embedding_size == 16 and big.moe.enabled
     assert big.llm.vocab_size == 32000 + 7

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import print_figures
+from bench.common import print_figures, work_dir
 from medplib.allocator import tune_allocator
 from medplib.data.image import load_image
 from medplib.inference import Predictor
@@ -63,8 +62,7 @@ def main() -> None:
         for i in range(args.rows)
     ]
     kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": 0.0}
-    cache_dir = tempfile.TemporaryDirectory(prefix="medplib-bench-")
-    predictor.use_embedding_cache(cache_dir.name).fill(encoded)
+    predictor.use_embedding_cache(work_dir(None, "medplib-bench-")).fill(encoded)
     predictor.run(encoded[:1], **kwargs)  # warm-up (allocator, kernels)
 
     t0 = time.perf_counter()

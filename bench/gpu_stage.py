@@ -28,15 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import print_figures
+from bench.common import print_figures, work_dir
 from medplib.constants import IGNORE_INDEX
 from medplib.data.batch import Encoded, collate, encode_sample
 from medplib.data.image import load_image, load_mask
@@ -194,7 +192,7 @@ def main() -> None:
     setup = setup_training(model, stage, precision, use_gpu, total_steps, warmup_steps=0)
     sync(device)
     times["setup_s"] = time.perf_counter() - began
-    cache_dir = Path(tempfile.mkdtemp(prefix="gpu-stage-emb-"))
+    cache_dir = work_dir(None, "gpu-stage-emb-")
     EmbeddingCache(cache_dir, model, autocast=setup.autocast).fill(rows)
     batch = collate(rows, model.cfg, model.ids.pad)
     engine = setup.engine
@@ -225,7 +223,7 @@ def main() -> None:
     peak = measure_matmul_peak(device, peak_dtype)
     peak_name = "fp32" if peak_dtype == torch.float32 else "bf16"
 
-    ckpt = Path(tempfile.mkdtemp(prefix="gpu-stage-ckpt-"))
+    ckpt = work_dir(None, "gpu-stage-ckpt-")
     engine.eval()
     saved_loss = batch_loss(engine.module, fixed, stage.loss_weights, device, setup.autocast)
     sync(device)
@@ -243,8 +241,6 @@ def main() -> None:
     sync(device)
     times["load_s"] = time.perf_counter() - t0
     loaded_loss = batch_loss(engine.module, fixed, stage.loss_weights, device, setup.autocast)
-    shutil.rmtree(ckpt, ignore_errors=True)
-    shutil.rmtree(cache_dir, ignore_errors=True)
 
     name = f"{stage.preset}/{stage.stage}"
     print(

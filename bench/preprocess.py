@@ -34,13 +34,11 @@ import json
 import logging
 import os
 import resource
-import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-from bench.common import print_figures
+from bench.common import print_figures, work_dir
 from medplib.cpu import cpu_ticks
 from medplib.data.image import load_image, load_mask
 from medplib.data.parse import parse_row
@@ -172,7 +170,7 @@ def main() -> None:
 
     import ray
 
-    work = Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
+    work = work_dir(None, "bench-preprocess-")
     if args.data is None:
         from medplib_datasets.mini.build import build_mini
 
@@ -255,7 +253,6 @@ def main() -> None:
             )
     finally:
         ray.shutdown()
-        shutil.rmtree(work, ignore_errors=True)
 
     figures = [
         {"name": "preprocess_decode_limit_rows_per_s", "value": round(limit_rps, 1), "goal": None},

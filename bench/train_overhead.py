@@ -17,7 +17,7 @@ tiny/vl  (random-init toy, 22 ms steps)              28.9 ms vs 22.4 ms per step
   dominate a toy step (DeepSpeed's engine alone adds ~4 ms; Ray Data iteration, the stats all-reduce and the
   progress file the rest), so judge the goal on `small` or larger.
 2026-12-01 on the AVX2-only machine, tiny/vl, 200 steps, the plain loop before and after: 1.183 and 1.120; the
-  rest of the gap is DeepSpeed's backward (its per-parameter hooks and reduce epilogue, README's bench table).
+  rest of the gap is DeepSpeed's backward (its per-parameter hooks and reduce epilogue, bench/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -124,8 +124,9 @@ def main() -> None:
     plain_rows = read_rows(prepared, "train", set(stage.tasks), 10**9)
     plain = plain_loop(init, stage, plain_rows, args.steps)[args.warmup :]
 
-    # -- Ray Train: the real stage loop, one worker with `threads` CPUs (plus CPU left for Ray Data)
-    init_ray("local", num_cpus=args.threads + 1)
+    # -- Ray Train: the real stage loop, one worker with `threads` CPUs (plus CPU left for Ray Data), on a cluster
+    # started as the pipeline's is (its dashboard included: Ray Train's placement-group cleaner polls its State API)
+    init_ray("local", num_cpus=args.threads + 1, include_dashboard=None)
     uri = f"sqlite:///{work / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     exp = client.create_experiment("bench", artifact_location=(work / "mlartifacts").as_uri())

@@ -43,7 +43,10 @@ def init_ray(address: str | None = None, *, include_dashboard: bool | None = Fal
     """Connect this process to Ray, once: `address`, else the cluster in $RAY_ADDRESS (a Ray Job's driver gets
     it), else a new local cluster on this machine's CPUs. `options` go to `ray.init`: sizes such as `num_cpus`
     apply to a new local cluster only, so a caller that passes them also passes `address="local"` (Ray refuses
-    them when it connects to a running cluster)."""
+    them when it connects to a running cluster). `include_dashboard`: False by default (a job of tasks and actors
+    does without it); None, Ray's default (the dashboard where installed), for a cluster that runs Ray Train,
+    whose placement-group cleaner polls the dashboard's State API and logs a failed query every few seconds
+    without it."""
     import ray
 
     if ray.is_initialized():

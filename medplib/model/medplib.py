@@ -412,8 +412,8 @@ class MedPLIB(nn.Module):
         and the answer: where a task shows) of any other row to the vl expert. The tokens up to the image are
         alike in every task (the system prompt is identical), so another row's are left to the router. Each
         group is averaged apart: a grounding row's image tokens (64 on `small` then) would outweigh its text,
-        and then the router learnt "image to the grounding expert, text to the vl expert" and moved grounding answers,
-        `<SEG>` included, to the vl expert (2026-11-29)."""
+        and then the router learnt "image to the grounding expert, text to the vl expert" and moved grounding
+        answers, `<SEG>` included, to the vl expert (2026-11-29)."""
         expert_of = self.cfg.moe.expert_of
         layers = [m for m in moe if m.router_logp is not None]
         if not layers or set(expert_of) != {"grounding", "vl"}:

@@ -45,7 +45,8 @@ def build_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
 
 
 def add_special_tokens(tok: PreTrainedTokenizerBase) -> None:
-    missing = [t for t in C.SPECIAL_TOKENS if t not in tok.get_vocab()]
+    vocab = tok.get_vocab()  # a new dict of the whole vocabulary each call: ~18 ms for SmolLM2's 49k tokens
+    missing = [t for t in C.SPECIAL_TOKENS if t not in vocab]
     if missing:
         tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     if tok.pad_token is None:

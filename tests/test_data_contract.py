@@ -653,6 +653,49 @@ def test_png_bytes_are_pngs_any_reader_decodes_to_the_same_pixels() -> None:
             png_bytes(bad)
 
 
+def test_row_masks_are_one_bit_pngs_that_read_back_as_the_same_mask() -> None:
+    import io
+
+    from medplib.data.rows import mask_png_bytes, png_array, png_bytes
+
+    rng = np.random.default_rng(0)
+    # widths around a byte's 8 pixels: the last byte of a row is padded
+    for shape in [(1, 1), (1, 8), (3, 9), (7, 15), (16, 16), (40, 33)]:
+        mask = rng.random(shape) > 0.5
+        data = mask_png_bytes(mask)
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.mode == "1" and image.size == shape[::-1]
+        back = png_array(data, as_mask=True)
+        assert back.dtype == bool and np.array_equal(back, mask), shape
+        assert np.array_equal(
+            png_array(png_bytes(mask), as_mask=True), mask
+        )  # rows prepared before: 0/255 grey
+    block = np.zeros((256, 256), bool)
+    block[60:140, 30:200] = True
+    assert len(mask_png_bytes(block)) < len(png_bytes(block))
+    for bad in (np.zeros((3, 3), np.uint8), np.zeros((3, 3, 1), bool), np.zeros((0, 3), bool)):
+        with pytest.raises(ValueError, match="mask_png_bytes takes"):
+            mask_png_bytes(bad)
+
+
+def test_file_key_stats_a_path_once_within_a_reusing_block(tmp_path: Path) -> None:
+    from medplib.data.image import DecodedFiles, file_key, reusing
+
+    path = tmp_path / "m.png"
+    path.write_bytes(b"1")
+    files = DecodedFiles(2**20)
+    with reusing(files):
+        first = file_key(path)
+        path.write_bytes(b"12")  # the block keeps what it saw first
+        assert file_key(path) == first and first[1] == 1
+        assert file_key(tmp_path / "missing.png") is None
+    assert file_key(path)[1] == 2  # outside a block: the file as it is now
+    with reusing(files):
+        assert file_key(path)[1] == 2  # a new block looks again
+
+
 def test_bounded_cache_keeps_the_recently_used_within_its_budget() -> None:
     from medplib.data.lru import BoundedCache
 

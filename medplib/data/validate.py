@@ -41,7 +41,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from medplib.data.image import ImageReadError, ReadLimits, image_size, load_image, load_mask
+from medplib.data.image import ImageReadError, ReadLimits, file_key, image_size, load_image, load_mask
 from medplib.data.parse import ParseError, parse_row
 from medplib.data.schema import Box, MaskRef, Point, Sample
 
@@ -267,12 +267,12 @@ def _locate(
     """(possibly repaired relative path, full path) of an existing file, or None if it does not exist. `rel`
     itself was checked to stay inside the root already (`_check_sample` checks every path first)."""
     full = paths.root / rel
-    if full.exists():
+    if file_key(full) is not None:  # it exists; stat'ed once for the later reads of a `reusing` block
         return rel, full
     if limits.fix_missing_suffix and not rel.lower().endswith(".png"):
         repaired = rel + ".png"
         full_png = paths.inside(repaired, field)
-        if full_png.exists():
+        if file_key(full_png) is not None:
             fixed.append(rel)
             return repaired, full_png
     return None

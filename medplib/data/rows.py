@@ -75,8 +75,8 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 def mask_png_bytes(mask: np.ndarray) -> bytes:
     """A 1-bit grey PNG of a bool (H, W) mask, what prepared rows store: 8x fewer bytes to filter and compress
-    than `png_bytes`' 0/255 grey, so a MeCoVQA-mini prepare encodes its ~14,000 row masks in a fraction of the
-    time. `png_array(..., as_mask=True)` reads either."""
+    than `png_bytes`' 0/255 grey (a 256x256 block mask: 33 us to write instead of 115, 149 us to read instead
+    of 180, 188 bytes instead of 697; 2026-12-04). `png_array(..., as_mask=True)` reads either."""
     if mask.dtype != bool or mask.ndim != 2 or 0 in mask.shape:
         raise ValueError(f"mask_png_bytes takes a non-empty bool (H, W) mask, got {mask.dtype} {mask.shape}")
     return _png(np.packbits(mask, axis=1), mask.shape[1], 1, 0)  # PNG packs pixels high bit first, as numpy

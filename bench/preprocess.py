@@ -189,7 +189,6 @@ def main() -> None:
     init_ray(  # a cluster of its own (not $RAY_ADDRESS), with the allocator settings `prepare` runs with
         "local",
         num_cpus=args.cpus,
-        include_dashboard=False,
         log_to_driver=False,
         _system_config={"worker_niceness": 0},
     )

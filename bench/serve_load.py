@@ -140,7 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(
         "local",
         num_cpus=max(2, math.ceil(2 * args.num_cpus)),
-        include_dashboard=False,
         log_to_driver=False,
     )
     base = ServeConfig.from_yaml(DEFAULT_CONFIG).override(

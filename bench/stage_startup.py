@@ -80,9 +80,8 @@ def main() -> None:
         model, prepared, work / "embeddings", stage.tasks, autocast=precision == "bf16-mixed"
     )
     del model  # the stages load their own from `init`
-    # A cluster of its own (not $RAY_ADDRESS), started as the pipeline's is (`init_ray`: allocator settings, and
-    # the dashboard a cluster that runs Ray Train gets).
-    init_ray("local", num_cpus=max(2, args.threads), include_dashboard=None)
+    # A cluster of its own (not $RAY_ADDRESS), started as the pipeline's is.
+    init_ray("local", num_cpus=max(2, args.threads), ray_train=True)
     rows = row_index(prepared, "train")
     seconds: dict[int, list[float]] = {1: [], 5: []}
     # The first fit on a fresh cluster pays once what later stages do not (its processes' first imports: 5 s

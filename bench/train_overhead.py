@@ -125,8 +125,8 @@ def main() -> None:
     plain = plain_loop(init, stage, plain_rows, args.steps)[args.warmup :]
 
     # -- Ray Train: the real stage loop, one worker with `threads` CPUs (plus CPU left for Ray Data), on a cluster
-    # started as the pipeline's is (`init_ray`: the dashboard a cluster that runs Ray Train gets)
-    init_ray("local", num_cpus=args.threads + 1, include_dashboard=None)
+    # started as the pipeline's is
+    init_ray("local", num_cpus=args.threads + 1, ray_train=True)
     uri = f"sqlite:///{work / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     exp = client.create_experiment("bench", artifact_location=(work / "mlartifacts").as_uri())

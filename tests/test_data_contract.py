@@ -669,9 +669,8 @@ def test_row_masks_are_one_bit_pngs_that_read_back_as_the_same_mask() -> None:
             assert image.mode == "1" and image.size == shape[::-1]
         back = png_array(data, as_mask=True)
         assert back.dtype == bool and np.array_equal(back, mask), shape
-        assert np.array_equal(
-            png_array(png_bytes(mask), as_mask=True), mask
-        )  # rows prepared before: 0/255 grey
+        # what `png_bytes` writes (prediction files): 0/255 grey
+        assert np.array_equal(png_array(png_bytes(mask), as_mask=True), mask)
     block = np.zeros((256, 256), bool)
     block[60:140, 30:200] = True
     assert len(mask_png_bytes(block)) < len(png_bytes(block))

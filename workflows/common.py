@@ -39,14 +39,13 @@ def use_local_cluster_settings() -> None:
         os.environ.setdefault(key, value)
 
 
-def init_ray(address: str | None = None, *, include_dashboard: bool | None = False, **options: Any) -> None:
+def init_ray(address: str | None = None, *, ray_train: bool = False, **options: Any) -> None:
     """Connect this process to Ray, once: `address`, else the cluster in $RAY_ADDRESS (a Ray Job's driver gets
     it), else a new local cluster on this machine's CPUs. `options` go to `ray.init`: sizes such as `num_cpus`
     apply to a new local cluster only, so a caller that passes them also passes `address="local"` (Ray refuses
-    them when it connects to a running cluster). `include_dashboard`: False by default (a job of tasks and actors
-    does without it); None, Ray's default (the dashboard where installed), for a cluster that runs Ray Train,
-    whose placement-group cleaner polls the dashboard's State API and logs a failed query every few seconds
-    without it."""
+    them when it connects to a running cluster). `ray_train`: the caller runs Ray Train, so a new local cluster
+    gets the dashboard (where installed): Ray Train's placement-group cleaner polls its State API and logs a
+    failed query every few seconds without it. A job of tasks and actors does without the dashboard."""
     import ray
 
     if ray.is_initialized():
@@ -60,7 +59,7 @@ def init_ray(address: str | None = None, *, include_dashboard: bool | None = Fal
         use_local_cluster_settings()
     ray.init(
         address=address,
-        include_dashboard=include_dashboard,
+        include_dashboard=None if ray_train else False,  # None: Ray's default, the dashboard where installed
         **options,
     )
     log.debug("Ray: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")})

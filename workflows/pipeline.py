@@ -696,8 +696,7 @@ def run_pipeline(
     # 1.5-2.5 s less than one after the other on 2 cores (2026-11-30).
     with ThreadPoolExecutor(1, thread_name_prefix="mlflow-store") as pool:
         opening = pool.submit(_open_tracker, cfg)
-        # include_dashboard None: the dashboard Ray Train wants (`init_ray`)
-        init_ray(cfg.ray_address, include_dashboard=None)
+        init_ray(cfg.ray_address, ray_train=True)
         tracker, experiment_id = opening.result()
     use_gpu = decide_gpu(cfg.use_gpu, cluster_gpus())
     log.info(

@@ -312,7 +312,6 @@ def reusing(files: DecodedFiles) -> Iterator[DecodedFiles]:
         yield files
     finally:
         _REUSING.reset(token)
-        files.keys = {}
 
 
 def file_key(path: Path) -> tuple[str, int, int] | None:

@@ -267,7 +267,7 @@ def run_sweep(cfg: SweepConfig, workdir: str | None = None) -> dict[str, Any]:
     ]
     for example in examples:  # every combination is a valid stage config, before anything starts
         apply_overrides(base, example)
-    init_ray(pipe.ray_address, include_dashboard=None)
+    init_ray(pipe.ray_address, ray_train=True)
     use_gpu = decide_gpu(pipe.use_gpu, cluster_gpus())
     tracker = Tracker(pipe.resolved_tracking_uri(), pipe.workdir_path)
     experiment_id = tracker.experiment_id(pipe.experiment)

@@ -8,13 +8,14 @@ import re
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from medplib.constants import SEG_TOKEN, SPECIAL_TOKENS
 from medplib.cpu import has_bf16_kernels
 from medplib.data.schema import Box, Point, Sample, Turn
 from medplib.data.transforms import Geometry, region_cells, unpad_mask_logits
-from medplib.model.config import LoraSettings, LossWeights, MoEConfig, load_model_config
+from medplib.model.config import LoraSettings, LossWeights, MoEConfig, configs_dir, load_model_config
 from medplib.model.lora import merge_lora, prepare_trainable
 from medplib.model.moe import MoEFeedForward, init_experts_from_stages, moe_layers
 
@@ -311,6 +312,33 @@ def test_routing_loss_sends_each_task_to_its_expert(tiny_cfg, all_tasks, make_ba
     choice = moe_layers(model)[-1].router_logp.argmax(-1)
     assert float((choice[grounding.flatten()] == 1).float().mean()) > 0.85
     assert float((choice[vqa_text.flatten()] == 0).float().mean()) > 0.85
+
+
+def test_the_small_moe_stage_moves_its_routers_and_nothing_else(tiny_cfg, all_tasks, make_batch):
+    """`configs/stages/small/moe.yaml` trains the router alone: a step with all of its loss terms on a mixed batch
+    changes every layer's router and not one other weight (experts, attention, added-token rows, region adapter,
+    grounding head), so each expert stays the model its stage made."""
+    from medplib.model.medplib import MedPLIB
+
+    stage = yaml.safe_load((configs_dir() / "stages" / "small" / "moe.yaml").read_text())
+    assert stage["lora"] is None
+    torch.manual_seed(3)
+    model = init_experts_from_stages(
+        MedPLIB(tiny_cfg), MedPLIB(tiny_cfg), MoEConfig(**stage["moe"]), stage["expert_sources"]
+    )
+    prepare_trainable(model, None, stage["sft_modules"])
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert len(trainable) == tiny_cfg.llm.num_layers and all(
+        n.endswith("mlp.router.weight") for n in trainable
+    )
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=stage["lr_groups"]["router"]
+    )
+    batch = make_batch(model, [all_tasks[k] for k in ("vqa", "region_box", "ground_one")])
+    model(batch, LossWeights(**stage["loss_weights"]))["loss"].backward()
+    opt.step()
+    assert {name for name, p in model.named_parameters() if not torch.equal(p, before[name])} == trainable
 
 
 # ---------------------------------------------------------------- persistence and LoRA

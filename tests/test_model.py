@@ -8,7 +8,6 @@ import re
 import numpy as np
 import pytest
 import torch
-import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from medplib.constants import SEG_TOKEN, SPECIAL_TOKENS
@@ -315,28 +314,26 @@ def test_routing_loss_sends_each_task_to_its_expert(tiny_cfg, all_tasks, make_ba
 
 
 def test_the_small_moe_stage_moves_its_routers_and_nothing_else(tiny_cfg, all_tasks, make_batch):
-    """`configs/stages/small/moe.yaml` trains the router alone: a step with all of its loss terms on a mixed batch
-    changes every layer's router and not one other weight (experts, attention, added-token rows, region adapter,
-    grounding head), so each expert stays the model its stage made."""
+    """`configs/stages/small/moe.yaml` trains the router alone: one optimiser step as the stage takes it (its
+    trainable set, its AdamW groups, all of its loss terms) on a mixed batch changes every layer's router and not
+    one other weight (experts, attention, added-token rows, region adapter, grounding head)."""
     from medplib.model.medplib import MedPLIB
+    from workflows.train.config import load_stage_config
+    from workflows.train.stage import param_groups
 
-    stage = yaml.safe_load((configs_dir() / "stages" / "small" / "moe.yaml").read_text())
-    assert stage["lora"] is None
+    stage = load_stage_config(configs_dir() / "stages" / "small" / "moe.yaml")
     torch.manual_seed(3)
-    model = init_experts_from_stages(
-        MedPLIB(tiny_cfg), MedPLIB(tiny_cfg), MoEConfig(**stage["moe"]), stage["expert_sources"]
-    )
-    prepare_trainable(model, None, stage["sft_modules"])
+    model = init_experts_from_stages(MedPLIB(tiny_cfg), MedPLIB(tiny_cfg), stage.moe, stage.expert_sources)
+    prepare_trainable(model, stage.lora, stage.sft_modules)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert len(trainable) == tiny_cfg.llm.num_layers and all(
-        n.endswith("mlp.router.weight") for n in trainable
-    )
+    assert len(trainable) == tiny_cfg.llm.num_layers
+    assert all(name.endswith("mlp.router.weight") for name in trainable)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=stage["lr_groups"]["router"]
+        param_groups(model, stage), betas=tuple(stage.betas), weight_decay=stage.weight_decay
     )
     batch = make_batch(model, [all_tasks[k] for k in ("vqa", "region_box", "ground_one")])
-    model(batch, LossWeights(**stage["loss_weights"]))["loss"].backward()
+    model(batch, stage.loss_weights)["loss"].backward()
     opt.step()
     assert {name for name, p in model.named_parameters() if not torch.equal(p, before[name])} == trainable
 

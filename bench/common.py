@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import shutil
+import socket
 import statistics
 import tempfile
 import time
@@ -49,3 +51,17 @@ def stage_config(preset: str, stage: str):
     from workflows.train.config import load_stage_config
 
     return load_stage_config(configs_dir() / "stages" / preset / f"{stage}.yaml")
+
+
+def start_process_group(device_type: str = "cpu") -> None:
+    """A one-process torch.distributed group on 127.0.0.1, for a DeepSpeed engine outside Ray Train (a Ray Train
+    worker gets its group from Ray)."""
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=0, world_size=1)

@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import print_figures, work_dir
+from bench.common import print_figures, start_process_group, work_dir
 from medplib.constants import IGNORE_INDEX
 from medplib.data.batch import Encoded, collate, encode_sample
 from medplib.data.image import load_image, load_mask
@@ -80,19 +78,6 @@ def encode(samples: list, model: MedPLIB, root: Path, for_generation: bool = Fal
             )
         )
     return out
-
-
-def start_process_group(device: torch.device) -> None:
-    """A one-process group on 127.0.0.1 (a Ray Train worker gets its group from Ray)."""
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(
-        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
 def sync(device: torch.device) -> None:
@@ -153,7 +138,7 @@ def main() -> None:
     if use_gpu:
         # The fp32 sides of the checks are fp32, not TF32.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    start_process_group(device)
+    start_process_group(device.type)
     times: dict[str, float] = {}
     began = time.perf_counter()
     torch.manual_seed(stage.seed)

@@ -8,6 +8,11 @@ sides use one worker/process with the same number of torch threads; the plain lo
 side, the first `--warmup` steps of each run are left out, and the medians are compared. Goal: Ray Train / plain
 <= 1.10.
 
+A third side splits the gap: the stage's own step (`setup_training` and `train_micro_batch`: its DeepSpeed engine
+on a one-process gloo group, the parameter anchor) in this process without Ray, run beside each plain loop. Its
+ratio to plain is what DeepSpeed costs; Ray Train over it is what Ray Train, Ray Data, the cluster's processes
+and the per-step logging add.
+
     .venv/bin/python -m bench.train_overhead [--preset tiny] [--stage vl] [--steps 30] [--threads 1]
     .venv/bin/python -m bench.train_overhead --preset small --steps 8 --warmup 2 --micro-batch-size 1 --grad-accum 1
 
@@ -29,9 +34,37 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.common import print_figures, stage_config, work_dir
+from bench.common import print_figures, stage_config, start_process_group, work_dir
 
 log = logging.getLogger("bench.train_overhead")
+
+
+def _batches(model, stage, rows: list[dict]):
+    """The micro-batches both in-process loops train on, built when asked for (a step pays for its collate, as
+    the stage's does): `micro_batch_size` rows at a time, round the rows."""
+    from medplib.data.batch import collate
+    from medplib.data.rows import row_to_encoded
+    from workflows.train.stage import plain_row
+
+    i = 0
+    while True:
+        chunk = [rows[(i + k) % len(rows)] for k in range(stage.micro_batch_size)]
+        i += stage.micro_batch_size
+        yield collate(
+            [row_to_encoded(plain_row(r), model.cfg.vision.image_size_px) for r in chunk],
+            model.cfg,
+            model.ids.pad,
+        )
+
+
+def _timed_steps(step, steps: int) -> list[float]:
+    times, t0 = [], time.perf_counter()
+    for _ in range(steps):
+        step()
+        now = time.perf_counter()
+        times.append(now - t0)
+        t0 = now
+    return times
 
 
 def plain_loop(init_dir: Path, stage, rows: list[dict], steps: int) -> list[float]:
@@ -39,11 +72,9 @@ def plain_loop(init_dir: Path, stage, rows: list[dict], steps: int) -> list[floa
     import torch
     from torch.optim.lr_scheduler import LambdaLR
 
-    from medplib.data.batch import collate
-    from medplib.data.rows import row_to_encoded
     from medplib.model.lora import prepare_trainable
     from medplib.model.medplib import MedPLIB
-    from workflows.train.stage import lr_factor, plain_row
+    from workflows.train.stage import lr_factor
 
     torch.manual_seed(stage.seed)
     model = MedPLIB.from_pretrained(init_dir)
@@ -53,27 +84,40 @@ def plain_loop(init_dir: Path, stage, rows: list[dict], steps: int) -> list[floa
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=stage.lr, betas=stage.betas, weight_decay=stage.weight_decay)
     sched = LambdaLR(opt, lambda s: lr_factor(s, steps, 0))
-    mb, ga = stage.micro_batch_size, stage.grad_accum
-    times, t0, i = [], time.perf_counter(), 0
-    for _ in range(steps):
-        for _ in range(ga):
-            chunk = [rows[(i + k) % len(rows)] for k in range(mb)]
-            i += mb
-            batch = collate(
-                [row_to_encoded(plain_row(r), model.cfg.vision.image_size_px) for r in chunk],
-                model.cfg,
-                model.ids.pad,
-            )
-            out = model(batch, stage.loss_weights)
-            (out["loss"] / ga).backward()
+    batches = _batches(model, stage, rows)
+
+    def step() -> None:
+        for _ in range(stage.grad_accum):
+            out = model(next(batches), stage.loss_weights)
+            (out["loss"] / stage.grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        now = time.perf_counter()
-        times.append(now - t0)
-        t0 = now
-    return times
+
+    return _timed_steps(step, steps)
+
+
+def deepspeed_loop(init_dir: Path, stage, rows: list[dict], steps: int) -> list[float]:
+    """The stage's own training step (`setup_training`: its DeepSpeed engine, ZeRO config and parameter anchor;
+    `train_micro_batch`) in this process, without Ray: what the stage costs before Ray Train, Ray Data and the
+    per-step logging add theirs. Needs the process group (`start_process_group`)."""
+    import torch
+
+    from medplib.model.medplib import MedPLIB
+    from workflows.train.stage import setup_training, train_micro_batch
+
+    torch.manual_seed(stage.seed)
+    model = MedPLIB.from_pretrained(init_dir)
+    setup = setup_training(model, stage, "fp32", False, steps, 0)
+    setup.engine.train()
+    batches = _batches(model, stage, rows)
+
+    def step() -> None:
+        for _ in range(stage.grad_accum):
+            train_micro_batch(setup, next(batches), stage.loss_weights)
+
+    return _timed_steps(step, steps)
 
 
 def main() -> None:
@@ -123,6 +167,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     plain_rows = read_rows(prepared, "train", set(stage.tasks), 10**9)
     plain = plain_loop(init, stage, plain_rows, args.steps)[args.warmup :]
+    # -- the stage's DeepSpeed step in this process: the part of the gap that is DeepSpeed's, not Ray's
+    start_process_group()
+    in_process = deepspeed_loop(init, stage, plain_rows, args.steps)[args.warmup :]
 
     # -- Ray Train: the real stage loop, one worker with `threads` CPUs (plus CPU left for Ray Data), on a cluster
     # started as the pipeline's is
@@ -162,12 +209,16 @@ def main() -> None:
     # The plain loop again after the Ray side, so that a drift of the machine's speed over the run (a shared
     # box's neighbours) weighs on both sides alike: one loop before, one after, their steps pooled.
     plain += plain_loop(init, stage, plain_rows, args.steps)[args.warmup :]
-    plain_s = statistics.median(plain)
+    in_process += deepspeed_loop(init, stage, plain_rows, args.steps)[args.warmup :]
+    torch.distributed.destroy_process_group()
+    plain_s, deepspeed_s = statistics.median(plain), statistics.median(in_process)
     log.info("plain PyTorch: median step %.4f s over %d steps before and after", plain_s, len(plain))
     ratio = ray_s / plain_s
     print(
         f"{args.preset}/{args.stage}: Ray Train step {ray_s * 1e3:.1f} ms, plain PyTorch step {plain_s * 1e3:.1f} "
-        f"ms, ratio {ratio:.3f} (goal <= 1.10), {args.threads} thread(s), {args.steps} steps"
+        f"ms, ratio {ratio:.3f} (goal <= 1.10), {args.threads} thread(s), {args.steps} steps; the stage's "
+        f"DeepSpeed step without Ray {deepspeed_s * 1e3:.1f} ms ({deepspeed_s / plain_s:.3f} of plain, Ray "
+        f"{ray_s / deepspeed_s:.3f} of that)"
     )
     print_figures(
         [
@@ -182,6 +233,11 @@ def main() -> None:
                 "goal": None,
             },
             {"name": "train_ray_over_plain_step_time_ratio", "value": round(ratio, 3), "goal": "<= 1.10"},
+            {
+                "name": "train_deepspeed_in_process_over_plain_step_time_ratio",
+                "value": round(deepspeed_s / plain_s, 3),
+                "goal": None,
+            },
         ]
     )
 

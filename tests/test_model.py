@@ -255,7 +255,8 @@ def test_experts_equal_their_source_ffns(tiny_cfg, all_tasks, make_batch):
     moe_model = init_experts_from_stages(vl, grounding, MoEConfig(num_experts=2, top_k=1, layers="dense"))
     layers = moe_layers(moe_model)
     assert len(layers) == tiny_cfg.llm.num_layers
-    assert moe_model.moe_ffns == layers  # the forward's quick lookup finds what a walk of the whole model does
+    # The forward's quick lookup finds what a walk of the whole model does.
+    assert moe_model.moe_ffns == layers
     for i, layer in enumerate(moe_model.decoder_layers):
         for k, v in layer.mlp.experts[0].state_dict().items():
             assert torch.equal(v, g_ffn[i][k])

@@ -55,7 +55,9 @@ def stage_config(preset: str, stage: str):
 
 def start_process_group(device_type: str = "cpu") -> None:
     """A one-process torch.distributed group on 127.0.0.1, for a DeepSpeed engine outside Ray Train (a Ray Train
-    worker gets its group from Ray)."""
+    worker gets its group from Ray), and the launcher's variables DeepSpeed reads. Start it once a process: DeepSpeed
+    keeps the group it first sees, so a group destroyed and started again fails its next engine ("not
+    registered"). A Ray cluster started later inherits the variables; Ray Train sets its own in its workers."""
     import torch.distributed as dist
 
     with socket.socket() as s:

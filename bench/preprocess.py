@@ -11,8 +11,9 @@ a decode-limit probe, side by side in one run; and the Ray driver's peak memory 
 From those the bench prints what the 0.5 goal leaves a row: its wall time less Ray's fixed cost, times the CPUs,
 less the decoding, per row; beside the CPU a row costs the single process past its decoding.
 
-All three see the same rows (`--data`, default: MeCoVQA-mini built with seed 0 into a temporary folder) and the
-same model preset (`small`, what `make run` prepares for). Runs are interleaved (probe, ray, local, probe, ...)
+All see the same rows (`--data`, default: MeCoVQA-mini built with seed 0 into a temporary folder; the fixed-cost
+run its first 64) and the same model preset (`small`, what `make run` prepares for). Runs are interleaved (probe,
+ray, local, fixed, probe, ...)
 and the best of `--repeats` is kept for each, since the machine is shared; each run prints the CPU it used (this
 process and its Ray cluster, via psutil) and the cores other processes kept busy meanwhile (/proc/stat), and the
 load average goes beside the figures. Before timing, a warm-up run lets each Ray worker import torch and

@@ -16,7 +16,7 @@ from medplib.data.schema import Box, Point, Sample, Turn
 from medplib.data.transforms import Geometry, region_cells, unpad_mask_logits
 from medplib.model.config import LoraSettings, LossWeights, MoEConfig, configs_dir, load_model_config
 from medplib.model.lora import merge_lora, prepare_trainable
-from medplib.model.moe import MoEFeedForward, init_experts_from_stages, moe_layers
+from medplib.model.moe import MoEFeedForward, init_experts_from_stages
 
 
 def _sample(question: str, answer: str, image: bool = True, regions=()) -> Sample:
@@ -253,10 +253,9 @@ def test_experts_equal_their_source_ffns(tiny_cfg, all_tasks, make_batch):
     g_ffn = [layer.mlp.state_dict() for layer in grounding.decoder_layers]
     vl_embed = vl.llm.get_input_embeddings().weight.detach().clone()
     moe_model = init_experts_from_stages(vl, grounding, MoEConfig(num_experts=2, top_k=1, layers="dense"))
-    layers = moe_layers(moe_model)
-    assert len(layers) == tiny_cfg.llm.num_layers
-    # The forward's quick lookup finds what a walk of the whole model does.
-    assert moe_model.moe_ffns == layers
+    # The forward's lookup at the decoder layers finds every MoE FFN a walk of the whole model does.
+    layers = [m for m in moe_model.modules() if isinstance(m, MoEFeedForward)]
+    assert len(layers) == tiny_cfg.llm.num_layers and moe_model.moe_ffns == layers
     for i, layer in enumerate(moe_model.decoder_layers):
         for k, v in layer.mlp.experts[0].state_dict().items():
             assert torch.equal(v, g_ffn[i][k])
@@ -298,7 +297,7 @@ def test_routing_loss_sends_each_task_to_its_expert(tiny_cfg, all_tasks, make_ba
         torch.arange(image.numel()) > int(image.nonzero().max())
     )
     only_route = LossWeights(ce=0.0, bce=0.0, dice=0.0, moe_route=1.0)
-    opt = torch.optim.SGD([m.router.weight for m in moe_layers(model)], lr=0.5)
+    opt = torch.optim.SGD([m.router.weight for m in model.moe_ffns], lr=0.5)
     start = None
     for _ in range(60):
         opt.zero_grad()
@@ -310,7 +309,7 @@ def test_routing_loss_sends_each_task_to_its_expert(tiny_cfg, all_tasks, make_ba
         assert float(model(batch, only_route)["moe_route"]) < 0.7 * start
     # A linear router on a random 2-layer model: the first layer sees little more than the token embeddings; the
     # second separates the tasks' tokens.
-    choice = moe_layers(model)[-1].router_logp.argmax(-1)
+    choice = model.moe_ffns[-1].router_logp.argmax(-1)
     assert float((choice[grounding.flatten()] == 1).float().mean()) > 0.85
     assert float((choice[vqa_text.flatten()] == 0).float().mean()) > 0.85
 
@@ -642,7 +641,7 @@ def test_moe_layers_run_a_loss_pass_whole_and_share_a_prompt_only_without_droppi
     )
     with torch.no_grad():
         model.generate(batch, max_new_tokens=1)
-        for m in moe_layers(model):
+        for m in model.moe_ffns:
             m.cfg = m.cfg.model_copy(update={"drop_tokens": True})
         model.generate(batch, max_new_tokens=1)
     hook.remove()

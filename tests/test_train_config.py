@@ -510,18 +510,17 @@ def test_the_first_stage_starts_dense_from_a_preset_that_enables_moe(tmp_path):
     """`7b` enables MoE (the released checkpoint has it), but vl and grounding train dense FFNs: the moe stage
     builds its experts from theirs and refuses a model that already has MoE layers (`build_moe_init`). The first
     stage's starting model, which the untrained evaluation also scores, is the preset without them, seeded."""
-    from medplib.model.moe import moe_layers
     from workflows.pipeline import preset_start
 
     cfg = load_model_config("tiny").model_dump(mode="json")
     cfg["moe"]["enabled"] = True
     preset = tmp_path / "tiny-moe.yaml"
     preset.write_text(yaml.safe_dump(cfg))
-    assert moe_layers(MedPLIB(load_model_config(preset)))  # the preset itself has them
+    assert MedPLIB(load_model_config(preset)).moe_ffns  # the preset itself has them
     stage = load_stage_config(configs_dir() / "stages" / "tiny" / "vl.yaml").model_copy(
         update={"preset": str(preset)}
     )
     first, again = preset_start(stage), preset_start(stage)
-    assert not moe_layers(first)
+    assert not first.moe_ffns
     same = zip(first.state_dict().values(), again.state_dict().values(), strict=True)
     assert all(torch.equal(a, b) for a, b in same)

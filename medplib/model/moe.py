@@ -112,10 +112,6 @@ def convert_to_moe(decoder_layers: nn.ModuleList, hidden_size: int, cfg: MoEConf
     return indexes
 
 
-def moe_layers(module: nn.Module) -> list[MoEFeedForward]:
-    return [m for m in module.modules() if isinstance(m, MoEFeedForward)]
-
-
 def init_experts_from_stages(
     vl_model: nn.Module,
     grounding_model: nn.Module,
